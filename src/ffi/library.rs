@@ -1,0 +1,205 @@
+//! Library-wide functions: version, errors, pool, logging, entity ids.
+
+use super::{boundary, fail_code, ref_arg, str_arg, to_code, UserData};
+use crate::eid::Eid;
+use crate::error::{self, Error};
+use crate::log::{self, Level};
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::error::{SB_E_DEADLOCK, SB_E_DECLINED, SB_E_INVAL, SB_E_NOMEM, SB_E_STATE, SB_OK};
+
+/// Log levels passed to an `sb_log_fn`.
+pub const SB_LOG_ERROR: c_int = 1;
+pub const SB_LOG_WARNING: c_int = 2;
+pub const SB_LOG_NOTICE: c_int = 3;
+pub const SB_LOG_DEBUG: c_int = 4;
+
+const _: () = assert!(
+    SB_LOG_ERROR == Level::Error as c_int
+        && SB_LOG_WARNING == Level::Warning as c_int
+        && SB_LOG_NOTICE == Level::Notice as c_int
+        && SB_LOG_DEBUG == Level::Debug as c_int
+);
+
+/// An entity id: which node of a cluster a message comes from.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct sb_eid {
+    pub bytes: [u8; 6],
+}
+
+const _: () = assert!(std::mem::size_of::<sb_eid>() == std::mem::size_of::<Eid>());
+
+impl From<Eid> for sb_eid {
+    fn from(e: Eid) -> sb_eid {
+        sb_eid { bytes: e.bytes }
+    }
+}
+impl From<&sb_eid> for Eid {
+    fn from(e: &sb_eid) -> Eid {
+        Eid { bytes: e.bytes }
+    }
+}
+
+/// Receives every log line of the library (warnings such as congestion, errors such as
+/// a panicking callback). Called on whichever thread logs; must not block for long.
+pub type sb_log_fn =
+    Option<unsafe extern "C" fn(data: *mut c_void, level: c_int, text: *const c_char)>;
+
+/// The library version, e.g. "0.1.0". Static string.
+#[no_mangle]
+pub extern "C" fn sb_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Why the last failing call on this thread failed. Never NULL; valid until the next
+/// failing call on this thread.
+#[no_mangle]
+pub extern "C" fn sb_last_error() -> *const c_char {
+    boundary(error::last_error_ptr)
+}
+
+/// Static name of an `SB_*` code. Never NULL.
+#[no_mangle]
+pub extern "C" fn sb_strerror(code: c_int) -> *const c_char {
+    error::strerror(code).as_ptr()
+}
+
+/// Configures the shared worker pool: at least `min_threads` kept alive, at most
+/// `max_threads` running callbacks (workers blocked in a join don't count), idle workers
+/// above the minimum exit after `idle_timeout_ms`. Defaults: 1, CPUs (>= 2), 20000.
+/// Returns SB_OK, or SB_E_INVAL when max_threads is 0 or below min_threads.
+#[no_mangle]
+pub extern "C" fn sb_pool_configure(
+    min_threads: c_uint,
+    max_threads: c_uint,
+    idle_timeout_ms: c_uint,
+) -> c_int {
+    boundary(|| {
+        to_code(crate::pool::configure(
+            min_threads as usize,
+            max_threads as usize,
+            Duration::from_millis(u64::from(idle_timeout_ms)),
+        ))
+    })
+}
+
+/// Frees a string the library returned (e.g. by `sb_message_to_json`). NULL-safe.
+/// Such strings are malloc()'d, so free() works as well.
+#[no_mangle]
+pub extern "C" fn sb_string_free(s: *mut c_char) {
+    boundary(|| {
+        // SAFETY: the library returns malloc()'d strings; free(NULL) is a no-op.
+        unsafe { libc::free(s.cast()) }
+    })
+}
+
+/// Routes the library's log lines to `fn` (NULL: back to stderr). `data` is passed back
+/// untouched.
+#[no_mangle]
+pub extern "C" fn sb_set_log_handler(handler: sb_log_fn, data: *mut c_void) {
+    boundary(|| match handler {
+        None => log::set_handler(None),
+        Some(f) => {
+            let data = UserData(data);
+            log::set_handler(Some(Arc::new(move |level: Level, text: &str| {
+                let text = std::ffi::CString::new(text.replace('\0', "?")).unwrap_or_default();
+                let data = data;
+                // SAFETY: the host installed `f` for exactly this call.
+                unsafe { f(data.0, level as c_int, text.as_ptr()) }
+            })));
+        }
+    })
+}
+
+/// Number of warnings the library has logged since the process started.
+#[no_mangle]
+pub extern "C" fn sb_warning_count() -> u64 {
+    boundary(log::warning_count)
+}
+
+/// This node's entity id (set by `sb_eid_set_default`, else derived from the host).
+#[no_mangle]
+pub extern "C" fn sb_eid_default() -> sb_eid {
+    match std::panic::catch_unwind(Eid::default_eid) {
+        Ok(e) => e.into(),
+        Err(_) => sb_eid { bytes: [0; 6] },
+    }
+}
+
+/// Sets this node's entity id. SB_E_INVAL when `eid` is NULL.
+#[no_mangle]
+pub extern "C" fn sb_eid_set_default(eid: *const sb_eid) -> c_int {
+    boundary(|| match ref_arg("eid", eid) {
+        Ok(e) => {
+            Eid::set_default(e.into());
+            SB_OK
+        }
+        Err(e) => fail_code(e),
+    })
+}
+
+/// Writes "aa:bb:cc:dd:ee:ff" and a NUL into `buf` (needs len >= 18).
+#[no_mangle]
+pub extern "C" fn sb_eid_to_str(eid: *const sb_eid, buf: *mut c_char, len: usize) -> c_int {
+    boundary(|| {
+        let e = match ref_arg("eid", eid) {
+            Ok(e) => Eid::from(e),
+            Err(e) => return fail_code(e),
+        };
+        if buf.is_null() {
+            return fail_code(Error::invalid("buf is NULL"));
+        }
+        let text = e.to_string();
+        if len < text.len() + 1 {
+            return fail_code(Error::invalid(format!(
+                "buffer of {len} bytes is too small for an eid (need {})",
+                text.len() + 1
+            )));
+        }
+        // SAFETY: buf has room for len >= text.len() + 1 bytes, checked above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), text.len());
+            *buf.add(text.len()) = 0;
+        }
+        SB_OK
+    })
+}
+
+/// Parses "aa:bb:cc:dd:ee:ff" into `*out`.
+#[no_mangle]
+pub extern "C" fn sb_eid_from_str(s: *const c_char, out: *mut sb_eid) -> c_int {
+    boundary(|| {
+        let text = match str_arg("eid text", s) {
+            Ok(t) => t,
+            Err(e) => return fail_code(e),
+        };
+        if out.is_null() {
+            return fail_code(Error::invalid("out is NULL"));
+        }
+        match Eid::parse(text) {
+            Ok(e) => {
+                // SAFETY: out is non-null and the caller promises it is writable.
+                unsafe { *out = e.into() };
+                SB_OK
+            }
+            Err(e) => fail_code(e),
+        }
+    })
+}
+
+/// Compares two eids like memcmp (<0, 0, >0). NULL sorts first.
+#[no_mangle]
+pub extern "C" fn sb_eid_cmp(a: *const sb_eid, b: *const sb_eid) -> c_int {
+    boundary(|| {
+        let a = ref_arg("a", a).ok().map(|e| e.bytes);
+        let b = ref_arg("b", b).ok().map(|e| e.bytes);
+        match a.cmp(&b) {
+            std::cmp::Ordering::Less => -1,
+            std::cmp::Ordering::Equal => 0,
+            std::cmp::Ordering::Greater => 1,
+        }
+    })
+}

@@ -1,0 +1,347 @@
+//! Subscriptions.
+
+use super::message::{sb_message, sb_message_type};
+use super::topic::sb_topic;
+use super::{boundary, fail_code, fail_null, to_code, Handle, UserData};
+use crate::error::{set_last_error, Error};
+use crate::filter::{FILTER_NONE, FILTER_SELECTIVE};
+use crate::mailbox::Kind;
+use crate::subscription::{change_type, ChangeView, Subscription};
+use std::ffi::{c_char, c_int, c_long, c_uint, c_void};
+
+/// A subscription (opaque, refcounted).
+pub struct sb_subscription {
+    _opaque: [u8; 0],
+}
+
+impl Handle for sb_subscription {
+    type Rust = Subscription;
+    const WHAT: &'static str = "sb_subscription";
+    fn magic_ok(r: &Subscription) -> bool {
+        r.magic_ok()
+    }
+}
+
+/// A subscription callback. `msg` and `sub` are borrowed for the call; invocations of
+/// one subscription never overlap.
+pub type sb_subscription_cb = Option<
+    unsafe extern "C" fn(data: *mut c_void, sub: *mut sb_subscription, msg: *mut sb_message),
+>;
+
+/// Filter modes (an unsigned int, so any value C passes is checked, never UB).
+pub type sb_subscription_filter = c_uint;
+/// Deliver every type (except declined ones).
+pub const SB_FILTER_NONE: sb_subscription_filter = 0;
+/// Deliver accepted types only.
+pub const SB_FILTER_SELECTIVE: sb_subscription_filter = 1;
+
+const _: () = assert!(SB_FILTER_NONE == FILTER_NONE && SB_FILTER_SELECTIVE == FILTER_SELECTIVE);
+
+/// Data of a subscription change message (type `sb_subscription_change_type()`).
+#[repr(C)]
+pub struct sb_subscription_change {
+    pub topic: *mut sb_topic,
+    pub uniqueid: *const c_char,
+    /// "Subscribe" or "Unsubscribe".
+    pub description: *const c_char,
+}
+
+const _: () =
+    assert!(std::mem::size_of::<sb_subscription_change>() == std::mem::size_of::<ChangeView>());
+
+fn subscribe(
+    topic: *mut sb_topic,
+    cb: sb_subscription_cb,
+    data: *mut c_void,
+    kind: Kind,
+) -> *mut sb_subscription {
+    boundary(|| {
+        let t = match sb_topic::borrow(topic) {
+            Ok(t) => t,
+            Err(e) => return fail_null(e),
+        };
+        let Some(cb) = cb else {
+            return fail_null(Error::invalid("callback is NULL"));
+        };
+        let data = UserData(data);
+        let callback = Box::new(
+            move |sub: &std::sync::Arc<Subscription>, msg: &std::sync::Arc<crate::Message>| {
+                let data = data;
+                // SAFETY: the callback and data the module registered, with borrowed handles
+                // that stay alive for the call.
+                unsafe {
+                    cb(
+                        data.0,
+                        sb_subscription::as_ptr(sub),
+                        sb_message::as_ptr(msg),
+                    )
+                }
+            },
+        );
+        match Subscription::subscribe(&t, kind, callback) {
+            Ok(s) => sb_subscription::into_raw(s),
+            Err(e) => fail_null(e),
+        }
+    })
+}
+
+/// Subscribes `cb` on a thread of its own. Returns a new reference, released by
+/// sb_unsubscribe / sb_unsubscribe_and_join. The first message is the Subscribe change.
+#[no_mangle]
+pub extern "C" fn sb_subscribe(
+    topic: *mut sb_topic,
+    cb: sb_subscription_cb,
+    data: *mut c_void,
+) -> *mut sb_subscription {
+    subscribe(topic, cb, data, Kind::Dedicated)
+}
+
+/// As sb_subscribe, run by the shared worker pool.
+#[no_mangle]
+pub extern "C" fn sb_subscribe_pool(
+    topic: *mut sb_topic,
+    cb: sb_subscription_cb,
+    data: *mut c_void,
+) -> *mut sb_subscription {
+    subscribe(topic, cb, data, Kind::Pool)
+}
+
+/// As sb_subscribe, run on the publisher's thread inside sb_publish (serialized: a
+/// publisher on another thread waits its turn; a nested publish from the callback is
+/// delivered after the callback returns).
+#[no_mangle]
+pub extern "C" fn sb_subscribe_synchronous(
+    topic: *mut sb_topic,
+    cb: sb_subscription_cb,
+    data: *mut c_void,
+) -> *mut sb_subscription {
+    subscribe(topic, cb, data, Kind::Synchronous)
+}
+
+/// Unsubscribes and releases the caller's reference; returns at once. The final message
+/// (Unsubscribe change) is delivered last. Returns NULL.
+#[no_mangle]
+pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscription {
+    boundary(|| {
+        match sb_subscription::borrow(sub) {
+            Ok(s) => {
+                if let Err(e) = s.unsubscribe() {
+                    set_last_error(&e);
+                }
+                let _ = sb_subscription::release(sub);
+            }
+            Err(e) => set_last_error(&e),
+        }
+        std::ptr::null_mut()
+    })
+}
+
+/// Unsubscribes, waits until the final message was handled, and releases the caller's
+/// reference. From the subscription's own callback it does not wait (last error
+/// SB_E_DEADLOCK). Returns NULL.
+#[no_mangle]
+pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_subscription {
+    boundary(|| {
+        match sb_subscription::borrow(sub) {
+            Ok(s) => {
+                let unsub = s.unsubscribe();
+                // Join even if another reference unsubscribed first: the caller asked to
+                // wait for the final message.
+                match s.join() {
+                    Err(e) => set_last_error(&e),
+                    Ok(()) => {
+                        if let Err(e) = unsub {
+                            set_last_error(&e);
+                        }
+                    }
+                }
+                let _ = sb_subscription::release(sub);
+            }
+            Err(e) => set_last_error(&e),
+        }
+        std::ptr::null_mut()
+    })
+}
+
+/// Waits until the final message was handled (the caller keeps its reference). From the
+/// subscription's own callback it returns at once with last error SB_E_DEADLOCK.
+#[no_mangle]
+pub extern "C" fn sb_subscription_join(sub: *mut sb_subscription) {
+    boundary(|| {
+        if let Err(e) = sb_subscription::borrow(sub).and_then(|s| s.join()) {
+            set_last_error(&e);
+        }
+    })
+}
+
+/// 1 once the final message was handled.
+#[no_mangle]
+pub extern "C" fn sb_subscription_is_done(sub: *mut sb_subscription) -> c_int {
+    boundary(|| match sb_subscription::borrow(sub) {
+        Ok(s) => s.is_done() as c_int,
+        Err(e) => {
+            set_last_error(&e);
+            0
+        }
+    })
+}
+
+/// 1 until the subscription is unsubscribed.
+#[no_mangle]
+pub extern "C" fn sb_subscription_is_subscribed(sub: *const sb_subscription) -> c_int {
+    boundary(|| match sb_subscription::borrow(sub) {
+        Ok(s) => s.is_subscribed() as c_int,
+        Err(e) => {
+            set_last_error(&e);
+            0
+        }
+    })
+}
+
+/// 1 when `msg` is `sub`'s final message.
+#[no_mangle]
+pub extern "C" fn sb_subscription_final_message(
+    sub: *const sb_subscription,
+    msg: *const sb_message,
+) -> c_int {
+    boundary(
+        || match (sb_subscription::borrow(sub), sb_message::borrow(msg)) {
+            (Ok(s), Ok(m)) => s.is_final_message(&m) as c_int,
+            (Err(e), _) | (_, Err(e)) => {
+                set_last_error(&e);
+                0
+            }
+        },
+    )
+}
+
+/// The subscription's unique id (borrowed).
+#[no_mangle]
+pub extern "C" fn sb_subscription_uniqueid(sub: *const sb_subscription) -> *const c_char {
+    boundary(|| match sb_subscription::borrow(sub) {
+        Ok(s) => s.uniqueid_cstr().as_ptr(),
+        Err(e) => fail_null::<c_char>(e),
+    })
+}
+
+/// Delivers `type` and switches the filter to SB_FILTER_SELECTIVE.
+#[no_mangle]
+pub extern "C" fn sb_subscription_accept_message_type(
+    sub: *mut sb_subscription,
+    ty: *const sb_message_type,
+) -> c_int {
+    boundary(
+        || match (sb_subscription::borrow(sub), sb_message_type::clone_arc(ty)) {
+            (Ok(s), Ok(t)) => {
+                s.accept_message_type(&t);
+                0
+            }
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
+        },
+    )
+}
+
+/// Stops delivering `type` (in either filter mode).
+#[no_mangle]
+pub extern "C" fn sb_subscription_decline_message_type(
+    sub: *mut sb_subscription,
+    ty: *const sb_message_type,
+) -> c_int {
+    boundary(
+        || match (sb_subscription::borrow(sub), sb_message_type::clone_arc(ty)) {
+            (Ok(s), Ok(t)) => {
+                s.decline_message_type(&t);
+                0
+            }
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
+        },
+    )
+}
+
+/// Sets the filter mode: SB_FILTER_NONE or SB_FILTER_SELECTIVE.
+#[no_mangle]
+pub extern "C" fn sb_subscription_set_filter(
+    sub: *mut sb_subscription,
+    filter: sb_subscription_filter,
+) -> c_int {
+    boundary(|| {
+        let s = match sb_subscription::borrow(sub) {
+            Ok(s) => s,
+            Err(e) => return fail_code(e),
+        };
+        match filter {
+            SB_FILTER_NONE => s.set_selective(false),
+            SB_FILTER_SELECTIVE => s.set_selective(true),
+            other => return fail_code(Error::invalid(format!("unknown filter mode {other}"))),
+        }
+        0
+    })
+}
+
+/// Warn (log line + counter) once when more than `high_water` messages are queued, and
+/// again only after the queue fell below `low_water`. Needs 0 <= low <= high, high > 0.
+#[no_mangle]
+pub extern "C" fn sb_subscription_set_congestion_limits(
+    sub: *mut sb_subscription,
+    low_water: c_long,
+    high_water: c_long,
+) -> c_int {
+    boundary(|| {
+        if low_water < 0 || high_water <= 0 {
+            return fail_code(Error::invalid(format!(
+                "congestion limits must be non-negative with high_water > 0 (got {low_water}, {high_water})"
+            )));
+        }
+        to_code(
+            sb_subscription::borrow(sub)
+                .and_then(|s| s.set_congestion_limits(low_water as usize, high_water as usize)),
+        )
+    })
+}
+
+/// Times this subscription crossed its high-water mark.
+#[no_mangle]
+pub extern "C" fn sb_subscription_congestion_warnings(sub: *const sb_subscription) -> u64 {
+    boundary(|| match sb_subscription::borrow(sub) {
+        Ok(s) => s.congestion_warnings(),
+        Err(e) => {
+            set_last_error(&e);
+            0
+        }
+    })
+}
+
+/// Messages queued and not yet taken for delivery.
+#[no_mangle]
+pub extern "C" fn sb_subscription_queue_length(sub: *const sb_subscription) -> usize {
+    boundary(|| match sb_subscription::borrow(sub) {
+        Ok(s) => s.queue_len(),
+        Err(e) => {
+            set_last_error(&e);
+            0
+        }
+    })
+}
+
+/// Takes a new reference; returns `sub`.
+#[no_mangle]
+pub extern "C" fn sb_subscription_ref(sub: *mut sb_subscription) -> *mut sb_subscription {
+    boundary(|| match sb_subscription::clone_arc(sub) {
+        Ok(s) => sb_subscription::into_raw(s),
+        Err(e) => fail_null(e),
+    })
+}
+
+/// Drops a reference (does not unsubscribe). NULL-safe.
+#[no_mangle]
+pub extern "C" fn sb_subscription_unref(sub: *mut sb_subscription) {
+    boundary(|| {
+        let _ = sb_subscription::release(sub).map_err(|e| set_last_error(&e));
+    })
+}
+
+/// The type of Subscribe/Unsubscribe change messages (borrowed, lives forever).
+#[no_mangle]
+pub extern "C" fn sb_subscription_change_type() -> *mut sb_message_type {
+    boundary(|| sb_message_type::as_ptr(change_type()))
+}

@@ -1,0 +1,294 @@
+//! Topics, publishing, forwarding and topic pools.
+
+use super::message::{sb_message, sb_message_type};
+use super::subscription::sb_subscription;
+use super::{boundary, fail_code, fail_null, str_arg, Handle};
+use crate::error::{set_last_error, Error};
+use crate::forward::Forward;
+use crate::topic::Topic;
+use crate::topic_pool::TopicPool;
+use std::ffi::{c_char, c_int};
+
+/// A named topic (opaque, refcounted).
+pub struct sb_topic {
+    _opaque: [u8; 0],
+}
+/// A forward from one topic to another (opaque; released by sb_forward_cancel).
+pub struct sb_forward {
+    _opaque: [u8; 0],
+}
+/// A pool of per-object topics forwarding into one topic (opaque, refcounted).
+pub struct sb_topic_pool {
+    _opaque: [u8; 0],
+}
+
+impl Handle for sb_topic {
+    type Rust = Topic;
+    const WHAT: &'static str = "sb_topic";
+    fn magic_ok(r: &Topic) -> bool {
+        r.magic_ok()
+    }
+}
+impl Handle for sb_forward {
+    type Rust = Forward;
+    const WHAT: &'static str = "sb_forward";
+    fn magic_ok(r: &Forward) -> bool {
+        r.magic_ok()
+    }
+}
+impl Handle for sb_topic_pool {
+    type Rust = TopicPool;
+    const WHAT: &'static str = "sb_topic_pool";
+    fn magic_ok(r: &TopicPool) -> bool {
+        r.magic_ok()
+    }
+}
+
+fn clamp(n: usize) -> c_int {
+    n.min(c_int::MAX as usize) as c_int
+}
+
+/// Creates the topic `name` (new reference), or returns the live topic of that name.
+#[no_mangle]
+pub extern "C" fn sb_topic_create(name: *const c_char) -> *mut sb_topic {
+    boundary(
+        || match str_arg("topic name", name).and_then(Topic::create) {
+            Ok(t) => sb_topic::into_raw(t),
+            Err(e) => fail_null(e),
+        },
+    )
+}
+
+/// As sb_topic_create, with a free-text description (used only when the topic is new).
+#[no_mangle]
+pub extern "C" fn sb_topic_create_with_detail(
+    name: *const c_char,
+    detail: *const c_char,
+) -> *mut sb_topic {
+    boundary(|| {
+        let r = str_arg("topic name", name)
+            .and_then(|n| {
+                Ok((
+                    n,
+                    if detail.is_null() {
+                        ""
+                    } else {
+                        str_arg("topic detail", detail)?
+                    },
+                ))
+            })
+            .and_then(|(n, d)| Topic::create_with_detail(n, d));
+        match r {
+            Ok(t) => sb_topic::into_raw(t),
+            Err(e) => fail_null(e),
+        }
+    })
+}
+
+/// The live topic `name` (new reference), or NULL.
+#[no_mangle]
+pub extern "C" fn sb_topic_get(name: *const c_char) -> *mut sb_topic {
+    boundary(|| match str_arg("topic name", name) {
+        Ok(n) => match Topic::get(n) {
+            Some(t) => sb_topic::into_raw(t),
+            None => fail_null(Error::invalid(format!("no live topic named '{n}'"))),
+        },
+        Err(e) => fail_null(e),
+    })
+}
+
+/// The topic's name (borrowed).
+#[no_mangle]
+pub extern "C" fn sb_topic_name(topic: *const sb_topic) -> *const c_char {
+    boundary(|| match sb_topic::borrow(topic) {
+        Ok(t) => t.name_cstr().as_ptr(),
+        Err(e) => fail_null::<c_char>(e),
+    })
+}
+
+/// The topic's detail text (borrowed; "" when none).
+#[no_mangle]
+pub extern "C" fn sb_topic_detail(topic: *const sb_topic) -> *const c_char {
+    boundary(|| match sb_topic::borrow(topic) {
+        Ok(t) => t.detail().as_ptr(),
+        Err(e) => fail_null::<c_char>(e),
+    })
+}
+
+/// A process-unique id of the topic (borrowed).
+#[no_mangle]
+pub extern "C" fn sb_topic_uniqueid(topic: *const sb_topic) -> *const c_char {
+    boundary(|| match sb_topic::borrow(topic) {
+        Ok(t) => t.uniqueid().as_ptr(),
+        Err(e) => fail_null::<c_char>(e),
+    })
+}
+
+/// Subscriptions a publish here reaches, counting those reached via forwards.
+#[no_mangle]
+pub extern "C" fn sb_topic_subscribers(topic: *const sb_topic) -> usize {
+    boundary(|| match sb_topic::borrow(topic) {
+        Ok(t) => t.subscriber_count(),
+        Err(e) => {
+            set_last_error(&e);
+            0
+        }
+    })
+}
+
+/// 1 when a message of `type` published here would reach at least one subscription that
+/// accepts it, else 0. Lets producers skip building messages nobody reads.
+#[no_mangle]
+pub extern "C" fn sb_topic_wants(topic: *const sb_topic, ty: *const sb_message_type) -> c_int {
+    boundary(
+        || match (sb_topic::borrow(topic), sb_message_type::borrow(ty)) {
+            (Ok(t), Ok(ty)) => t.wants(&ty) as c_int,
+            (Err(e), _) | (_, Err(e)) => {
+                set_last_error(&e);
+                0
+            }
+        },
+    )
+}
+
+/// Takes a new reference; returns `topic`.
+#[no_mangle]
+pub extern "C" fn sb_topic_ref(topic: *mut sb_topic) -> *mut sb_topic {
+    boundary(|| match sb_topic::clone_arc(topic) {
+        Ok(t) => sb_topic::into_raw(t),
+        Err(e) => fail_null(e),
+    })
+}
+
+/// Drops a reference; the topic leaves the registry with its last one. NULL-safe.
+#[no_mangle]
+pub extern "C" fn sb_topic_unref(topic: *mut sb_topic) {
+    boundary(|| {
+        let _ = sb_topic::release(topic).map_err(|e| set_last_error(&e));
+    })
+}
+
+/// Publishes `msg` (the caller keeps its reference). Returns the number of subscriptions
+/// reached (>= 0), or a negative code. Synchronous subscriptions have run when it returns.
+#[no_mangle]
+pub extern "C" fn sb_publish(topic: *mut sb_topic, msg: *mut sb_message) -> c_int {
+    boundary(
+        || match (sb_topic::borrow(topic), sb_message::borrow(msg)) {
+            (Ok(t), Ok(m)) => clamp(t.publish(&m)),
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
+        },
+    )
+}
+
+/// Publishes `msg` to `sub`'s topic and returns once `sub` has handled it (immediately
+/// when `sub` filters that type out). SB_E_STATE when `sub` is unsubscribed; called from
+/// `sub`'s own callback it cannot wait: it publishes and returns SB_E_DEADLOCK.
+#[no_mangle]
+pub extern "C" fn sb_publish_sync(sub: *mut sb_subscription, msg: *mut sb_message) -> c_int {
+    boundary(
+        || match (sb_subscription::borrow(sub), sb_message::borrow(msg)) {
+            (Ok(s), Ok(m)) => match Topic::publish_sync(&s, &m) {
+                Ok(n) => clamp(n),
+                Err(e) => fail_code(e),
+            },
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
+        },
+    )
+}
+
+/// Forwards everything published to `from` to `to`'s subscriptions (and onwards). Returns
+/// the forward, released by sb_forward_cancel; NULL with SB_E_INVAL for a cycle.
+#[no_mangle]
+pub extern "C" fn sb_forward_all(from: *mut sb_topic, to: *mut sb_topic) -> *mut sb_forward {
+    boundary(|| match (sb_topic::borrow(from), sb_topic::borrow(to)) {
+        (Ok(f), Ok(t)) => match Forward::create(&f, &t) {
+            Ok(fw) => sb_forward::into_raw(fw),
+            Err(e) => fail_null(e),
+        },
+        (Err(e), _) | (_, Err(e)) => fail_null(e),
+    })
+}
+
+/// Stops a forward and releases it. Returns NULL; NULL-safe.
+#[no_mangle]
+pub extern "C" fn sb_forward_cancel(forward: *mut sb_forward) -> *mut sb_forward {
+    boundary(|| {
+        if forward.is_null() {
+            return std::ptr::null_mut();
+        }
+        match sb_forward::borrow(forward) {
+            Ok(f) => {
+                if let Err(e) = f.cancel() {
+                    set_last_error(&e);
+                }
+                let _ = sb_forward::release(forward);
+            }
+            Err(e) => set_last_error(&e),
+        }
+        std::ptr::null_mut()
+    })
+}
+
+/// A pool of topics "<pooled name>/<name>" that forward into `pooled_topic`.
+#[no_mangle]
+pub extern "C" fn sb_topic_pool_create(pooled_topic: *mut sb_topic) -> *mut sb_topic_pool {
+    boundary(|| match sb_topic::borrow(pooled_topic) {
+        Ok(t) => sb_topic_pool::into_raw(TopicPool::new(&t)),
+        Err(e) => fail_null(e),
+    })
+}
+
+/// The pool's topic for `name` (new reference), created on first use.
+#[no_mangle]
+pub extern "C" fn sb_topic_pool_get_topic(
+    pool: *mut sb_topic_pool,
+    name: *const c_char,
+) -> *mut sb_topic {
+    boundary(|| {
+        let r = sb_topic_pool::borrow(pool).and_then(|p| p.get_topic(str_arg("name", name)?));
+        match r {
+            Ok(t) => sb_topic::into_raw(t),
+            Err(e) => fail_null(e),
+        }
+    })
+}
+
+/// Removes `name` from the pool and cancels its forward. SB_E_INVAL when absent.
+#[no_mangle]
+pub extern "C" fn sb_topic_pool_delete_topic(
+    pool: *mut sb_topic_pool,
+    name: *const c_char,
+) -> c_int {
+    boundary(|| {
+        let r = sb_topic_pool::borrow(pool).and_then(|p| p.delete_topic(str_arg("name", name)?));
+        match r {
+            Ok(()) => 0,
+            Err(e) => fail_code(e),
+        }
+    })
+}
+
+/// 1 when the pool has a topic for `name`, else 0.
+#[no_mangle]
+pub extern "C" fn sb_topic_pool_topic_exists(
+    pool: *const sb_topic_pool,
+    name: *const c_char,
+) -> c_int {
+    boundary(|| {
+        match sb_topic_pool::borrow(pool).and_then(|p| Ok(p.topic_exists(str_arg("name", name)?))) {
+            Ok(b) => b as c_int,
+            Err(e) => {
+                set_last_error(&e);
+                0
+            }
+        }
+    })
+}
+
+/// Drops a reference; the last one cancels the pool's forwards. NULL-safe.
+#[no_mangle]
+pub extern "C" fn sb_topic_pool_unref(pool: *mut sb_topic_pool) {
+    boundary(|| {
+        let _ = sb_topic_pool::release(pool).map_err(|e| set_last_error(&e));
+    })
+}

@@ -1,0 +1,131 @@
+//! Per-subscription message type filters, read on every publish without a lock.
+
+use crate::message_type::MessageType;
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// Deliver every type (except declined ones).
+pub(crate) const FILTER_NONE: u32 = 0;
+/// Deliver accepted types only.
+pub(crate) const FILTER_SELECTIVE: u32 = 1;
+
+/// Bit sets by type id. The types are pinned (kept alive) so that their ids, which are
+/// reused after a type dies, can never come to mean another type here.
+#[derive(Clone, Default)]
+struct TypeSets {
+    accepted: Vec<u64>,
+    declined: Vec<u64>,
+    pinned: Vec<Arc<MessageType>>,
+}
+
+fn bit(set: &[u64], id: u32) -> bool {
+    set.get((id / 64) as usize)
+        .is_some_and(|w| w & (1 << (id % 64)) != 0)
+}
+
+fn set_bit(set: &mut Vec<u64>, id: u32, on: bool) {
+    let word = (id / 64) as usize;
+    if set.len() <= word {
+        if !on {
+            return;
+        }
+        set.resize(word + 1, 0);
+    }
+    if on {
+        set[word] |= 1 << (id % 64);
+    } else {
+        set[word] &= !(1 << (id % 64));
+    }
+}
+
+/// Fast path: mode ALL means "no selective filter and nothing declined", decided with one
+/// relaxed load and no pointer chase.
+const MODE_ALL: u8 = 0;
+const MODE_EXCEPT_DECLINED: u8 = 1;
+const MODE_SELECTIVE: u8 = 2;
+
+pub(crate) struct Filter {
+    mode: AtomicU8,
+    sets: ArcSwapOption<TypeSets>,
+    /// Serializes writers (readers never take it).
+    write: Mutex<()>,
+}
+
+impl Filter {
+    pub(crate) fn new() -> Filter {
+        Filter {
+            mode: AtomicU8::new(MODE_ALL),
+            sets: ArcSwapOption::const_empty(),
+            write: Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn accepts(&self, ty: &MessageType) -> bool {
+        match self.mode.load(Ordering::Acquire) {
+            MODE_ALL => true,
+            mode => {
+                let sets = self.sets.load();
+                let Some(sets) = sets.as_ref() else {
+                    return mode != MODE_SELECTIVE;
+                };
+                if mode == MODE_SELECTIVE {
+                    bit(&sets.accepted, ty.id())
+                } else {
+                    !bit(&sets.declined, ty.id())
+                }
+            }
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut TypeSets, &mut bool)) {
+        let _w = self.write.lock();
+        let mut sets = self
+            .sets
+            .load_full()
+            .map(|s| (*s).clone())
+            .unwrap_or_default();
+        let mut selective = self.mode.load(Ordering::Relaxed) == MODE_SELECTIVE;
+        f(&mut sets, &mut selective);
+        let any_declined = sets.declined.iter().any(|w| *w != 0);
+        self.sets.store(Some(Arc::new(sets)));
+        let mode = if selective {
+            MODE_SELECTIVE
+        } else if any_declined {
+            MODE_EXCEPT_DECLINED
+        } else {
+            MODE_ALL
+        };
+        self.mode.store(mode, Ordering::Release);
+    }
+
+    fn pin(sets: &mut TypeSets, ty: &Arc<MessageType>) {
+        if !sets.pinned.iter().any(|p| Arc::ptr_eq(p, ty)) {
+            sets.pinned.push(Arc::clone(ty));
+        }
+    }
+
+    /// Accepts `ty` and switches to selective filtering.
+    pub(crate) fn accept(&self, ty: &Arc<MessageType>) {
+        self.update(|sets, selective| {
+            Self::pin(sets, ty);
+            set_bit(&mut sets.accepted, ty.id(), true);
+            set_bit(&mut sets.declined, ty.id(), false);
+            *selective = true;
+        });
+    }
+
+    /// Stops delivering `ty`, whatever the filter mode.
+    pub(crate) fn decline(&self, ty: &Arc<MessageType>) {
+        self.update(|sets, _| {
+            Self::pin(sets, ty);
+            set_bit(&mut sets.accepted, ty.id(), false);
+            set_bit(&mut sets.declined, ty.id(), true);
+        });
+    }
+
+    pub(crate) fn set_selective(&self, on: bool) {
+        self.update(|_, selective| *selective = on);
+    }
+}

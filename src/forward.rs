@@ -1,0 +1,102 @@
+//! Forwarding: everything published to one topic also reaches another's subscriptions.
+//!
+//! A forward is a link in the source topic's forward list; the publish path follows it
+//! directly (see `topic`). Creating and cancelling forwards is serialized by one lock so
+//! that the cycle check sees a stable graph; publishers never take it.
+
+use crate::error::{Error, Result};
+use crate::message_type::DEAD_MAGIC;
+use crate::topic::{ForwardLink, Topic, EMPTY_FORWARDS};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub(crate) const FORWARD_MAGIC: u32 = 0x5342_4657; // "SBFW"
+
+static GRAPH: Mutex<()> = Mutex::new(());
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+#[repr(C)]
+pub struct Forward {
+    magic: u32,
+    id: u64,
+    from: Arc<Topic>,
+    to: Arc<Topic>,
+    cancelled: AtomicBool,
+}
+
+impl Forward {
+    /// Forwards every message published to `from` to `to`. Refuses a forward that would
+    /// close a cycle (including `from == to`).
+    pub fn create(from: &Arc<Topic>, to: &Arc<Topic>) -> Result<Arc<Forward>> {
+        let _g = GRAPH.lock();
+        let mut cycle = false;
+        to.for_each_reachable(&mut |t| cycle = cycle || std::ptr::eq(t, Arc::as_ptr(from)));
+        if cycle {
+            return Err(Error::invalid(format!(
+                "forwarding '{}' to '{}' would close a cycle",
+                from.name(),
+                to.name()
+            )));
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut list = Vec::with_capacity(from.forwards.load().len() + 1);
+        for l in from.forwards.load().iter() {
+            list.push(ForwardLink {
+                id: l.id,
+                to: Arc::clone(&l.to),
+            });
+        }
+        list.push(ForwardLink {
+            id,
+            to: Arc::clone(to),
+        });
+        from.forwards.store(Arc::new(list));
+        Ok(Arc::new(Forward {
+            magic: FORWARD_MAGIC,
+            id,
+            from: Arc::clone(from),
+            to: Arc::clone(to),
+            cancelled: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn magic_ok(&self) -> bool {
+        self.magic == FORWARD_MAGIC
+    }
+    pub fn from(&self) -> &Arc<Topic> {
+        &self.from
+    }
+    pub fn to(&self) -> &Arc<Topic> {
+        &self.to
+    }
+
+    /// Stops forwarding. Costs O(forwards out of the source topic).
+    pub fn cancel(&self) -> Result<()> {
+        if self.cancelled.swap(true, Ordering::AcqRel) {
+            return Err(Error::state("forward is already cancelled"));
+        }
+        let _g = GRAPH.lock();
+        let current = self.from.forwards.load_full();
+        let list: Vec<ForwardLink> = current
+            .iter()
+            .filter(|l| l.id != self.id)
+            .map(|l| ForwardLink {
+                id: l.id,
+                to: Arc::clone(&l.to),
+            })
+            .collect();
+        self.from.forwards.store(if list.is_empty() {
+            Arc::clone(&EMPTY_FORWARDS)
+        } else {
+            Arc::new(list)
+        });
+        Ok(())
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.magic = DEAD_MAGIC;
+    }
+}

@@ -1,0 +1,30 @@
+//! switchboard: a typed, refcounted message bus for telephony software.
+//!
+//! The safe Rust core lives in the modules below; `ffi` is the thin C skin over it
+//! (`include/switchboard.h`). See README.md for the C API and its guarantees.
+
+pub mod eid;
+pub mod error;
+pub mod filter;
+pub mod forward;
+pub mod log;
+mod mailbox;
+pub mod message;
+pub mod message_type;
+mod names;
+pub mod pool;
+pub mod subscription;
+pub mod topic;
+pub mod topic_pool;
+
+pub mod ffi;
+
+pub use eid::Eid;
+pub use error::{Error, ErrorKind, Result};
+pub use forward::Forward;
+pub use mailbox::Kind;
+pub use message::{Message, Payload};
+pub use message_type::MessageType;
+pub use subscription::{Callback, Subscription, SubscriptionChange};
+pub use topic::Topic;
+pub use topic_pool::TopicPool;

@@ -1,0 +1,135 @@
+//! Messages: immutable, refcounted, typed payloads.
+
+use crate::eid::Eid;
+use crate::message_type::{MessageType, DEAD_MAGIC};
+use std::any::Any;
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub(crate) const MESSAGE_MAGIC: u32 = 0x5342_4d53; // "SBMS"
+
+/// Destructor of a C payload.
+pub type DataDtor = unsafe extern "C" fn(data: *mut c_void);
+
+/// What a message carries.
+pub enum Payload {
+    /// A C pointer with its destructor, run exactly once when the message dies.
+    Raw {
+        data: *mut c_void,
+        dtor: Option<DataDtor>,
+    },
+    /// A private copy of some bytes.
+    Bytes(Box<[u8]>),
+    /// A Rust value. For library messages read from C (subscription changes, cache
+    /// updates) the value is `#[repr(C)]` with the C view as its first field, so the
+    /// address of the value is the `void *` C code reads.
+    Value(Box<dyn Any + Send + Sync>),
+}
+
+/// An immutable message.
+#[repr(C)]
+pub struct Message {
+    magic: u32,
+    mtype: Arc<MessageType>,
+    payload: Payload,
+    timestamp_ns: u64,
+    /// None for an aggregate (cluster-wide) message.
+    eid: Option<Eid>,
+}
+
+// SAFETY: a message is immutable after creation. `Payload::Raw` holds a C pointer the
+// library never dereferences; its owner promised (API.md) that the data may be read from
+// any thread and that the dtor may run on whichever thread drops the last reference.
+unsafe impl Send for Message {}
+// SAFETY: as above; no interior mutability.
+unsafe impl Sync for Message {}
+
+fn now_realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Message {
+    /// A message from this node (the default eid).
+    pub fn new(mtype: &Arc<MessageType>, payload: Payload) -> Arc<Message> {
+        Message::with_eid(mtype, payload, Some(Eid::default_eid()))
+    }
+
+    /// A message from `eid`, or an aggregate when `eid` is None.
+    pub fn with_eid(mtype: &Arc<MessageType>, payload: Payload, eid: Option<Eid>) -> Arc<Message> {
+        Arc::new(Message {
+            magic: MESSAGE_MAGIC,
+            mtype: Arc::clone(mtype),
+            payload,
+            timestamp_ns: now_realtime_ns(),
+            eid,
+        })
+    }
+
+    /// A message carrying a Rust value.
+    pub fn with_value<T: Any + Send + Sync>(mtype: &Arc<MessageType>, value: T) -> Arc<Message> {
+        Message::new(mtype, Payload::Value(Box::new(value)))
+    }
+
+    pub(crate) fn magic_ok(&self) -> bool {
+        self.magic == MESSAGE_MAGIC
+    }
+    pub fn message_type(&self) -> &Arc<MessageType> {
+        &self.mtype
+    }
+    pub fn payload(&self) -> &Payload {
+        &self.payload
+    }
+    /// The `void *` C code sees.
+    pub fn data_ptr(&self) -> *mut c_void {
+        match &self.payload {
+            Payload::Raw { data, .. } => *data,
+            Payload::Bytes(b) => b.as_ptr() as *mut c_void,
+            Payload::Value(v) => {
+                (&**v as *const (dyn Any + Send + Sync)).cast::<c_void>() as *mut c_void
+            }
+        }
+    }
+    pub fn data_len(&self) -> usize {
+        match &self.payload {
+            Payload::Bytes(b) => b.len(),
+            _ => 0,
+        }
+    }
+    pub fn value<T: Any>(&self) -> Option<&T> {
+        match &self.payload {
+            Payload::Value(v) => v.downcast_ref(),
+            _ => None,
+        }
+    }
+    pub fn timestamp_ns(&self) -> u64 {
+        self.timestamp_ns
+    }
+    pub fn eid(&self) -> Option<&Eid> {
+        self.eid.as_ref()
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        self.magic = DEAD_MAGIC;
+        if let Payload::Raw {
+            data,
+            dtor: Some(dtor),
+        } = self.payload
+        {
+            // SAFETY: the creator handed us `data` with this dtor; the last reference is
+            // going away, so this is the one and only call.
+            unsafe { dtor(data) };
+        }
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Message({:?}, eid {:?})", self.mtype, self.eid)
+    }
+}

@@ -1,0 +1,189 @@
+//! The shared worker pool that runs pool subscriptions.
+//!
+//! Scheduling unit: a subscription, not a message. A subscription enters the run queue
+//! when its mailbox goes idle -> scheduled, and a worker then delivers whole batches, so
+//! a burst of messages costs one queue push and at most one wake-up. Workers spin briefly
+//! before they sleep and publishers wake one only when one sleeps, so a busy pool makes no
+//! futex calls. A worker that blocks in a join or a synchronous wait does not count
+//! against `max_threads`, so a pool callback that joins another pool subscription cannot
+//! starve it.
+
+use crate::error::{Error, Result};
+use crate::subscription::Subscription;
+use crossbeam_queue::SegQueue;
+use parking_lot::{Condvar, Mutex};
+use std::cell::Cell;
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::thread;
+use std::time::Duration;
+
+/// Batches a worker delivers for one subscription before it lets others run.
+const BATCHES_PER_TURN: usize = 4;
+/// Polls of the run queue before a worker goes to sleep.
+const SPINS_BEFORE_SLEEP: u32 = 2_000;
+
+struct Config {
+    min: usize,
+    max: usize,
+    idle_timeout: Duration,
+    /// Worker threads alive.
+    threads: usize,
+    /// Workers blocked in a join or synchronous wait.
+    blocked: usize,
+}
+
+pub(crate) struct Pool {
+    queue: SegQueue<Arc<Subscription>>,
+    sleeping: AtomicUsize,
+    /// threads - blocked, readable without the lock.
+    active: AtomicUsize,
+    /// Mirror of `Config::max`, readable without the lock.
+    max: AtomicUsize,
+    config: Mutex<Config>,
+    wake: Condvar,
+}
+
+thread_local! {
+    static IS_WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+fn default_max() -> usize {
+    thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2)
+}
+
+static POOL: LazyLock<Pool> = LazyLock::new(|| Pool {
+    queue: SegQueue::new(),
+    sleeping: AtomicUsize::new(0),
+    active: AtomicUsize::new(0),
+    max: AtomicUsize::new(default_max()),
+    config: Mutex::new(Config {
+        min: 1,
+        max: default_max(),
+        idle_timeout: Duration::from_secs(20),
+        threads: 0,
+        blocked: 0,
+    }),
+    wake: Condvar::new(),
+});
+
+pub(crate) fn global() -> &'static Pool {
+    &POOL
+}
+
+/// Sets the pool's limits; takes effect at once (extra workers retire when idle).
+pub fn configure(min_threads: usize, max_threads: usize, idle_timeout: Duration) -> Result<()> {
+    if max_threads == 0 || min_threads > max_threads {
+        return Err(Error::invalid(format!(
+            "pool limits need 1 <= max_threads and min_threads <= max_threads (got {min_threads}, {max_threads})"
+        )));
+    }
+    let pool = global();
+    let mut cfg = pool.config.lock();
+    cfg.min = min_threads;
+    cfg.max = max_threads;
+    pool.max.store(max_threads, Ordering::SeqCst);
+    cfg.idle_timeout = idle_timeout;
+    drop(cfg);
+    pool.wake.notify_all();
+    Ok(())
+}
+
+/// Worker threads alive now.
+pub fn thread_count() -> usize {
+    global().config.lock().threads
+}
+
+/// Runs `f`, a blocking wait; on a pool worker, lets the pool replace this worker meanwhile.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    if !IS_WORKER.with(Cell::get) {
+        return f();
+    }
+    let pool = global();
+    {
+        let mut cfg = pool.config.lock();
+        cfg.blocked += 1;
+        pool.active.fetch_sub(1, Ordering::SeqCst);
+        if !pool.queue.is_empty() && pool.sleeping.load(Ordering::SeqCst) == 0 {
+            pool.spawn_locked(&mut cfg);
+        }
+    }
+    let r = f();
+    let mut cfg = pool.config.lock();
+    cfg.blocked -= 1;
+    pool.active.fetch_add(1, Ordering::SeqCst);
+    r
+}
+
+impl Pool {
+    pub(crate) fn schedule(&'static self, sub: Arc<Subscription>) {
+        self.queue.push(sub);
+        // Pairs with the fence in `worker`: either we see its sleeping count, or it sees
+        // our push before it sleeps.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) > 0 {
+            let _cfg = self.config.lock();
+            self.wake.notify_one();
+        } else if self.active.load(Ordering::SeqCst) < self.max.load(Ordering::Relaxed) {
+            let mut cfg = self.config.lock();
+            if cfg.threads - cfg.blocked < cfg.max {
+                self.spawn_locked(&mut cfg);
+            }
+        }
+    }
+
+    fn spawn_locked(&'static self, cfg: &mut Config) {
+        let spawned = thread::Builder::new()
+            .name("sb-pool".into())
+            .spawn(move || self.worker());
+        match spawned {
+            Ok(_) => {
+                cfg.threads += 1;
+                self.active.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(e) => crate::log::warn(&format!("cannot start a pool worker: {e}")),
+        }
+    }
+
+    fn worker(&'static self) {
+        IS_WORKER.with(|w| w.set(true));
+        let me = thread::current().id();
+        loop {
+            if let Some(sub) = self.queue.pop() {
+                if sub.run_pool_turn(me, BATCHES_PER_TURN) {
+                    self.queue.push(sub);
+                }
+                continue;
+            }
+            let mut spins = 0;
+            while self.queue.is_empty() && spins < SPINS_BEFORE_SLEEP {
+                if spins < SPINS_BEFORE_SLEEP / 2 {
+                    std::hint::spin_loop();
+                } else {
+                    thread::yield_now();
+                }
+                spins += 1;
+            }
+            if !self.queue.is_empty() {
+                continue;
+            }
+            let mut cfg = self.config.lock();
+            self.sleeping.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let mut timed_out = false;
+            if self.queue.is_empty() {
+                let timeout = cfg.idle_timeout;
+                timed_out = self.wake.wait_for(&mut cfg, timeout).timed_out();
+            }
+            self.sleeping.fetch_sub(1, Ordering::SeqCst);
+            let surplus = cfg.threads - cfg.blocked > cfg.max;
+            if self.queue.is_empty() && ((timed_out && cfg.threads > cfg.min) || surplus) {
+                cfg.threads -= 1;
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}

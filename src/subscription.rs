@@ -1,0 +1,409 @@
+//! Subscriptions: a callback, a filter and a mailbox, attached to one topic.
+//!
+//! Lifecycle rules (API.md, "Subscriptions"):
+//! - the Subscribe change message is queued into the new mailbox *before* the
+//!   subscription becomes visible to publishers, so it is always the first delivery;
+//! - unsubscribing removes the subscription from its topic, then queues the Unsubscribe
+//!   change message as `Item::Final`, which closes the mailbox: a publisher that still
+//!   holds the old subscriber list and pushes late finds it closed, so nothing is ever
+//!   delivered after the final message.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::filter::Filter;
+use crate::log;
+use crate::mailbox::{Action, Item, Kind, Mailbox, Push};
+use crate::message::Message;
+use crate::message_type::{MessageType, DEAD_MAGIC};
+use crate::pool;
+use crate::topic::Topic;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::thread::{self, ThreadId};
+
+pub(crate) const SUBSCRIPTION_MAGIC: u32 = 0x5342_5342; // "SBSB"
+
+/// A subscription's callback. It never runs concurrently with itself.
+pub type Callback = Box<dyn Fn(&Arc<Subscription>, &Arc<Message>) + Send + Sync>;
+
+#[repr(C)]
+pub struct Subscription {
+    magic: u32,
+    kind: Kind,
+    topic: Arc<Topic>,
+    uniqueid: CString,
+    callback: Callback,
+    pub(crate) filter: Filter,
+    mailbox: Mailbox,
+    subscribed: AtomicBool,
+    congestion_warnings: AtomicU64,
+}
+
+thread_local! {
+    /// Subscriptions whose callback this thread is running right now (innermost last):
+    /// a join of one of them would wait on ourselves.
+    static RUNNING: RefCell<Vec<*const Subscription>> = const { RefCell::new(Vec::new()) };
+}
+
+struct RunningGuard;
+impl RunningGuard {
+    fn enter(sub: *const Subscription) -> RunningGuard {
+        RUNNING.with(|r| r.borrow_mut().push(sub));
+        RunningGuard
+    }
+}
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        let _ = RUNNING.try_with(|r| r.borrow_mut().pop());
+    }
+}
+
+fn is_running_here(sub: *const Subscription) -> bool {
+    RUNNING
+        .try_with(|r| r.borrow().contains(&sub))
+        .unwrap_or(false)
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Subscription {
+    /// Subscribes `callback` to `topic`. The callback's first message is the Subscribe
+    /// change message.
+    pub fn subscribe(
+        topic: &Arc<Topic>,
+        kind: Kind,
+        callback: Callback,
+    ) -> Result<Arc<Subscription>> {
+        let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let uniqueid =
+            CString::new(format!("{}:{}", topic.name(), n)).expect("topic names have no NUL");
+        let sub = Arc::new(Subscription {
+            magic: SUBSCRIPTION_MAGIC,
+            kind,
+            topic: Arc::clone(topic),
+            uniqueid,
+            callback,
+            filter: Filter::new(),
+            mailbox: Mailbox::new(),
+            subscribed: AtomicBool::new(true),
+            congestion_warnings: AtomicU64::new(0),
+        });
+        if kind == Kind::Dedicated {
+            let runner = Arc::clone(&sub);
+            thread::Builder::new()
+                .name(format!("sb-sub-{n}"))
+                .spawn(move || runner.dedicated_thread())
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::NoMemory,
+                        format!("cannot start subscription thread: {e}"),
+                    )
+                })?;
+        }
+        let change = SubscriptionChange::message(topic, &sub.uniqueid, false);
+        sub.offer(&change, false);
+        topic.add_subscriber(&sub);
+        topic.publish_except(&change, Some(&sub));
+        Ok(sub)
+    }
+
+    pub(crate) fn magic_ok(&self) -> bool {
+        self.magic == SUBSCRIPTION_MAGIC
+    }
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    pub fn topic(&self) -> &Arc<Topic> {
+        &self.topic
+    }
+    pub fn uniqueid(&self) -> &str {
+        self.uniqueid.to_str().expect("built from UTF-8")
+    }
+    pub(crate) fn uniqueid_cstr(&self) -> &CStr {
+        &self.uniqueid
+    }
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+    pub(crate) fn is_running_on_this_thread(&self) -> bool {
+        is_running_here(self)
+    }
+    pub fn is_done(&self) -> bool {
+        self.mailbox.lock().done
+    }
+    /// Messages queued and not yet taken by the runner.
+    pub fn queue_len(&self) -> usize {
+        self.mailbox.len()
+    }
+    pub fn congestion_warnings(&self) -> u64 {
+        self.congestion_warnings.load(Ordering::Relaxed)
+    }
+
+    pub fn accept_message_type(&self, ty: &Arc<MessageType>) {
+        self.filter.accept(ty);
+    }
+    pub fn decline_message_type(&self, ty: &Arc<MessageType>) {
+        self.filter.decline(ty);
+    }
+    pub fn set_selective(&self, on: bool) {
+        self.filter.set_selective(on);
+    }
+    pub(crate) fn accepts(&self, ty: &MessageType) -> bool {
+        self.filter.accepts(ty)
+    }
+
+    /// Warn when more than `high_water` messages wait; warn again only after the queue
+    /// fell below `low_water`.
+    pub fn set_congestion_limits(&self, low_water: usize, high_water: usize) -> Result<()> {
+        if high_water == 0 || low_water > high_water {
+            return Err(Error::invalid(format!(
+                "congestion limits need 0 <= low_water <= high_water and high_water > 0 (got {low_water}, {high_water})"
+            )));
+        }
+        self.mailbox.set_limits(low_water, high_water);
+        Ok(())
+    }
+
+    /// True when `msg` is this subscription's final message.
+    pub fn is_final_message(&self, msg: &Message) -> bool {
+        msg.value::<SubscriptionChange>().is_some_and(|c| {
+            c.unsubscribe && Arc::ptr_eq(&c.topic, &self.topic) && c.uniqueid == self.uniqueid
+        })
+    }
+
+    /// Queues `msg` (already filtered by the caller) and does what the mailbox asks.
+    /// Returns the item's sequence number, or None when the mailbox is closed.
+    pub(crate) fn offer(self: &Arc<Self>, msg: &Arc<Message>, last: bool) -> Option<u64> {
+        let item = if last {
+            Item::Final(Arc::clone(msg))
+        } else {
+            Item::Message(Arc::clone(msg))
+        };
+        // Only the synchronous kind compares thread ids; the others skip the lookup.
+        let me = (self.kind == Kind::Synchronous).then(|| thread::current().id());
+        match self.mailbox.push(item, self.kind, me) {
+            Push::Closed => None,
+            Push::Queued {
+                seq,
+                action,
+                congested,
+            } => {
+                if let Some(len) = congested {
+                    self.congestion_warnings.fetch_add(1, Ordering::Relaxed);
+                    log::warn(&format!(
+                        "subscription {} to topic '{}': {len} messages queued (high-water mark crossed)",
+                        self.uniqueid(),
+                        self.topic.name()
+                    ));
+                }
+                match action {
+                    Action::Schedule => pool::global().schedule(Arc::clone(self)),
+                    Action::RunHere => {
+                        self.run_until_idle(me.unwrap_or_else(|| thread::current().id()))
+                    }
+                    Action::WaitFor(seq) => self.wait_handled(seq),
+                    Action::Nothing | Action::Wake | Action::Nested => {}
+                }
+                Some(seq)
+            }
+        }
+    }
+
+    /// Blocks until the item numbered `seq` has been handled (or the subscription is done).
+    pub(crate) fn wait_handled(&self, seq: u64) {
+        pool::blocking(|| self.mailbox.wait_until(|st| st.handled() >= seq || st.done));
+    }
+
+    /// Delivers one batch; returns true when it held the final message.
+    fn deliver(self: &Arc<Self>, batch: &mut VecDeque<Item>) -> (usize, bool) {
+        let _running = RunningGuard::enter(Arc::as_ptr(self));
+        let n = batch.len();
+        let mut last = false;
+        for item in batch.drain(..) {
+            match item {
+                Item::Message(msg) => self.call(&msg),
+                Item::Final(msg) => {
+                    last = true;
+                    if self.filter.accepts(msg.message_type()) {
+                        self.call(&msg);
+                    }
+                }
+            }
+        }
+        (n, last)
+    }
+
+    fn call(self: &Arc<Self>, msg: &Arc<Message>) {
+        if catch_unwind(AssertUnwindSafe(|| (self.callback)(self, msg))).is_err() {
+            log::log(
+                log::Level::Error,
+                &format!(
+                    "subscription {}: callback panicked; message skipped",
+                    self.uniqueid()
+                ),
+            );
+        }
+    }
+
+    /// Runs batches on this thread until the queue is empty. Returns true when the final
+    /// message was delivered.
+    fn run_until_idle(self: &Arc<Self>, me: ThreadId) {
+        while let Some(mut batch) = self.mailbox.take_batch(me) {
+            let (n, last) = self.deliver(&mut batch);
+            self.mailbox.finish_batch(batch, n, last);
+        }
+    }
+
+    /// A pool worker's turn: at most `max_batches` batches. Returns true when work is
+    /// left and the subscription must go back on the pool's queue.
+    pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadId, max_batches: usize) -> bool {
+        for _ in 0..max_batches {
+            match self.mailbox.take_batch(me) {
+                None => return false,
+                Some(mut batch) => {
+                    let (n, last) = self.deliver(&mut batch);
+                    self.mailbox.finish_batch(batch, n, last);
+                    if last {
+                        return false;
+                    }
+                }
+            }
+        }
+        self.mailbox.reschedule();
+        true
+    }
+
+    fn dedicated_thread(self: Arc<Self>) {
+        let me = thread::current().id();
+        loop {
+            // Spin a little before parking: under load the next message is usually a
+            // few hundred nanoseconds away, and a futex round trip costs more.
+            let mut spins = 0u32;
+            while self.mailbox.len() == 0 && spins < 2_000 {
+                if spins < 1_000 {
+                    std::hint::spin_loop();
+                } else {
+                    thread::yield_now();
+                }
+                spins += 1;
+            }
+            self.mailbox.park_until_queued();
+            while let Some(mut batch) = self.mailbox.take_batch(me) {
+                let (n, last) = self.deliver(&mut batch);
+                self.mailbox.finish_batch(batch, n, last);
+                if last {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Removes the subscription from its topic and queues its final message.
+    pub fn unsubscribe(self: &Arc<Self>) -> Result<()> {
+        if !self.subscribed.swap(false, Ordering::AcqRel) {
+            return Err(Error::state(format!(
+                "subscription {} is already unsubscribed",
+                self.uniqueid()
+            )));
+        }
+        self.topic.remove_subscriber(self);
+        let change = SubscriptionChange::message(&self.topic, &self.uniqueid, true);
+        self.topic.publish_except(&change, Some(self));
+        self.offer(&change, true);
+        Ok(())
+    }
+
+    /// Waits until the final message has been handled. Fails with `Deadlock` when called
+    /// from this subscription's own callback.
+    pub fn join(&self) -> Result<()> {
+        if is_running_here(self) {
+            return Err(Error::new(
+                ErrorKind::Deadlock,
+                format!(
+                    "join of subscription {} from its own callback would deadlock; it completes after the callback returns",
+                    self.uniqueid()
+                ),
+            ));
+        }
+        pool::blocking(|| self.mailbox.wait_until(|st| st.done));
+        Ok(())
+    }
+
+    /// Unsubscribes (if still subscribed) and joins.
+    pub fn unsubscribe_and_join(self: &Arc<Self>) -> Result<()> {
+        let unsub = self.unsubscribe();
+        self.join()?;
+        unsub
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.magic = DEAD_MAGIC;
+    }
+}
+
+/// The type of Subscribe / Unsubscribe change messages.
+pub fn change_type() -> &'static Arc<MessageType> {
+    static TYPE: LazyLock<Arc<MessageType>> =
+        LazyLock::new(|| MessageType::builtin("sb_subscription_change"));
+    &TYPE
+}
+
+/// C view of a change message (`sb_subscription_change`).
+#[repr(C)]
+pub struct ChangeView {
+    pub topic: *const Topic,
+    pub uniqueid: *const c_char,
+    pub description: *const c_char,
+}
+
+/// Payload of a change message. `view` comes first so the payload's address is the C
+/// struct's address.
+#[repr(C)]
+pub struct SubscriptionChange {
+    view: ChangeView,
+    topic: Arc<Topic>,
+    uniqueid: CString,
+    unsubscribe: bool,
+}
+
+// SAFETY: the view's pointers point into `topic` and `uniqueid`, owned by the same value
+// and immutable for its whole life.
+unsafe impl Send for SubscriptionChange {}
+// SAFETY: as above.
+unsafe impl Sync for SubscriptionChange {}
+
+impl SubscriptionChange {
+    fn message(topic: &Arc<Topic>, uniqueid: &CStr, unsubscribe: bool) -> Arc<Message> {
+        let uniqueid = uniqueid.to_owned();
+        let description = if unsubscribe {
+            c"Unsubscribe"
+        } else {
+            c"Subscribe"
+        };
+        let change = SubscriptionChange {
+            view: ChangeView {
+                topic: Arc::as_ptr(topic),
+                uniqueid: uniqueid.as_ptr(),
+                description: description.as_ptr(),
+            },
+            topic: Arc::clone(topic),
+            uniqueid,
+            unsubscribe,
+        };
+        Message::with_value(change_type(), change)
+    }
+    pub fn topic(&self) -> &Arc<Topic> {
+        &self.topic
+    }
+    pub fn uniqueid(&self) -> &str {
+        self.uniqueid.to_str().unwrap_or("")
+    }
+    pub fn is_unsubscribe(&self) -> bool {
+        self.unsubscribe
+    }
+}

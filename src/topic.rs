@@ -1,0 +1,325 @@
+//! Topics: named publish points, their registry, and the publish path.
+//!
+//! The publish path takes no lock: a topic's subscriber list and forward list are
+//! immutable snapshots behind `ArcSwap`, replaced whole by the (rare) writers. A publish
+//! walks the topic and, transitively, the topics it forwards to, delivering straight into
+//! each subscription's mailbox: forwarding adds no queue hop. Each topic is visited at
+//! most once per publish and a subscription belongs to exactly one topic, so diamonds
+//! deliver once per subscription.
+
+use crate::eid::Eid;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
+use crate::message_type::{MessageType, DEAD_MAGIC};
+use crate::names::check_name;
+use crate::subscription::Subscription;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
+
+pub(crate) const TOPIC_MAGIC: u32 = 0x5342_5450; // "SBTP"
+
+pub(crate) struct ForwardLink {
+    pub(crate) id: u64,
+    pub(crate) to: Arc<Topic>,
+}
+
+type SubList = Vec<Arc<Subscription>>;
+type ForwardList = Vec<ForwardLink>;
+
+#[repr(C)]
+pub struct Topic {
+    magic: u32,
+    name: CString,
+    detail: CString,
+    uniqueid: CString,
+    subscribers: ArcSwap<SubList>,
+    pub(crate) forwards: ArcSwap<ForwardList>,
+    /// Serializes writers of `subscribers`.
+    write: Mutex<()>,
+}
+
+static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(Vec::new()));
+pub(crate) static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> =
+    LazyLock::new(|| Arc::new(Vec::new()));
+static REGISTRY: LazyLock<Mutex<HashMap<Box<str>, Weak<Topic>>>> = LazyLock::new(Default::default);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Topics already visited by one publish. Most publishes touch one or two topics, so the
+/// first few live inline and no allocation happens.
+struct Visited {
+    inline: [*const Topic; 8],
+    n: usize,
+    more: Vec<*const Topic>,
+}
+
+impl Visited {
+    fn new(first: *const Topic) -> Visited {
+        let mut inline = [std::ptr::null(); 8];
+        inline[0] = first;
+        Visited {
+            inline,
+            n: 1,
+            more: Vec::new(),
+        }
+    }
+    /// Records `t`; false when it was already there.
+    fn insert(&mut self, t: *const Topic) -> bool {
+        if self.inline[..self.n].contains(&t) || self.more.contains(&t) {
+            return false;
+        }
+        if self.n < self.inline.len() {
+            self.inline[self.n] = t;
+            self.n += 1;
+        } else {
+            self.more.push(t);
+        }
+        true
+    }
+}
+
+/// Who a publish is for, beyond the plain case.
+#[derive(Default)]
+pub(crate) struct PublishCtx<'a> {
+    /// Skip this subscription (it already got the message another way).
+    pub(crate) exclude: Option<&'a Arc<Subscription>>,
+    /// Report the sequence number of the delivery to this subscription.
+    pub(crate) watch: Option<&'a Arc<Subscription>>,
+    pub(crate) watched_seq: Option<u64>,
+}
+
+impl Topic {
+    /// Creates the topic `name`, or returns the live topic that holds that name.
+    pub fn create(name: &str) -> Result<Arc<Topic>> {
+        Topic::create_with_detail(name, "")
+    }
+
+    pub fn create_with_detail(name: &str, detail: &str) -> Result<Arc<Topic>> {
+        check_name("topic", name)?;
+        if detail.contains('\0') {
+            return Err(Error::invalid("topic detail contains a NUL byte"));
+        }
+        let mut reg = REGISTRY.lock();
+        if let Some(live) = reg.get(name).and_then(Weak::upgrade) {
+            return Ok(live);
+        }
+        let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let topic = Arc::new(Topic {
+            magic: TOPIC_MAGIC,
+            name: CString::new(name).expect("checked for NUL"),
+            detail: CString::new(detail).expect("checked for NUL"),
+            uniqueid: CString::new(format!("{}-{n:x}", Eid::default_eid())).expect("no NUL"),
+            subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
+            forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
+            write: Mutex::new(()),
+        });
+        reg.insert(name.into(), Arc::downgrade(&topic));
+        Ok(topic)
+    }
+
+    /// The live topic named `name`.
+    pub fn get(name: &str) -> Option<Arc<Topic>> {
+        REGISTRY.lock().get(name).and_then(Weak::upgrade)
+    }
+
+    pub(crate) fn magic_ok(&self) -> bool {
+        self.magic == TOPIC_MAGIC
+    }
+    pub fn name(&self) -> &str {
+        self.name.to_str().expect("checked UTF-8")
+    }
+    pub(crate) fn name_cstr(&self) -> &CStr {
+        &self.name
+    }
+    pub fn detail(&self) -> &CStr {
+        &self.detail
+    }
+    pub fn uniqueid(&self) -> &CStr {
+        &self.uniqueid
+    }
+
+    pub(crate) fn add_subscriber(&self, sub: &Arc<Subscription>) {
+        let _w = self.write.lock();
+        let mut list = Vec::clone(&self.subscribers.load());
+        list.push(Arc::clone(sub));
+        self.subscribers.store(Arc::new(list));
+    }
+
+    pub(crate) fn remove_subscriber(&self, sub: &Arc<Subscription>) {
+        let _w = self.write.lock();
+        let current = self.subscribers.load_full();
+        if !current.iter().any(|s| Arc::ptr_eq(s, sub)) {
+            return;
+        }
+        let list: SubList = current
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, sub))
+            .cloned()
+            .collect();
+        self.subscribers.store(if list.is_empty() {
+            Arc::clone(&EMPTY_SUBS)
+        } else {
+            Arc::new(list)
+        });
+    }
+
+    /// Publishes `msg`; returns the number of subscriptions it was queued to (or, for
+    /// synchronous ones, delivered to).
+    pub fn publish(&self, msg: &Arc<Message>) -> usize {
+        self.publish_ctx(msg, &mut PublishCtx::default())
+    }
+
+    pub(crate) fn publish_except(
+        &self,
+        msg: &Arc<Message>,
+        exclude: Option<&Arc<Subscription>>,
+    ) -> usize {
+        self.publish_ctx(
+            msg,
+            &mut PublishCtx {
+                exclude,
+                ..Default::default()
+            },
+        )
+    }
+
+    pub(crate) fn publish_ctx(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
+        let mut count = self.deliver_local(msg, ctx);
+        let forwards = self.forwards.load();
+        if forwards.is_empty() {
+            return count;
+        }
+        let mut visited = Visited::new(self);
+        for link in forwards.iter() {
+            count += link.to.publish_forwarded(msg, ctx, &mut visited);
+        }
+        count
+    }
+
+    fn publish_forwarded(
+        &self,
+        msg: &Arc<Message>,
+        ctx: &mut PublishCtx<'_>,
+        visited: &mut Visited,
+    ) -> usize {
+        if !visited.insert(self) {
+            return 0;
+        }
+        let mut count = self.deliver_local(msg, ctx);
+        let forwards = self.forwards.load();
+        for link in forwards.iter() {
+            count += link.to.publish_forwarded(msg, ctx, visited);
+        }
+        count
+    }
+
+    fn deliver_local(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
+        let subs = self.subscribers.load();
+        let ty = msg.message_type();
+        let mut count = 0;
+        for sub in subs.iter() {
+            if ctx.exclude.is_some_and(|e| Arc::ptr_eq(e, sub)) || !sub.accepts(ty) {
+                continue;
+            }
+            if let Some(seq) = sub.offer(msg, false) {
+                count += 1;
+                if ctx.watch.is_some_and(|w| Arc::ptr_eq(w, sub)) {
+                    ctx.watched_seq = Some(seq);
+                }
+            }
+        }
+        count
+    }
+
+    /// Walks this topic and every topic it reaches through forwards, once each.
+    pub(crate) fn for_each_reachable(&self, f: &mut dyn FnMut(&Topic)) {
+        fn walk(t: &Topic, visited: &mut Visited, f: &mut dyn FnMut(&Topic)) {
+            f(t);
+            for link in t.forwards.load().iter() {
+                if visited.insert(Arc::as_ptr(&link.to)) {
+                    walk(&link.to, visited, f);
+                }
+            }
+        }
+        let mut visited = Visited::new(self);
+        walk(self, &mut visited, f);
+    }
+
+    /// Subscriptions a publish here would reach, including through forwards.
+    pub fn subscriber_count(&self) -> usize {
+        let mut n = 0;
+        self.for_each_reachable(&mut |t| n += t.subscribers.load().len());
+        n
+    }
+
+    /// Subscriptions of this topic alone.
+    pub fn direct_subscribers(&self) -> Vec<Arc<Subscription>> {
+        Vec::clone(&self.subscribers.load())
+    }
+
+    /// Would a message of type `ty` reach at least one subscription that accepts it?
+    pub fn wants(&self, ty: &MessageType) -> bool {
+        let mut wanted = false;
+        self.for_each_reachable(&mut |t| {
+            wanted = wanted || t.subscribers.load().iter().any(|s| s.accepts(ty));
+        });
+        wanted
+    }
+
+    /// Publishes to `sub`'s topic and waits until `sub` handled the message.
+    pub fn publish_sync(sub: &Arc<Subscription>, msg: &Arc<Message>) -> Result<usize> {
+        if !sub.is_subscribed() {
+            return Err(Error::state(format!(
+                "subscription {} is unsubscribed",
+                sub.uniqueid()
+            )));
+        }
+        let mut ctx = PublishCtx {
+            watch: Some(sub),
+            ..Default::default()
+        };
+        let count = sub.topic().publish_ctx(msg, &mut ctx);
+        if let Some(seq) = ctx.watched_seq {
+            if sub.is_running_on_this_thread() {
+                return Err(Error::new(
+                    ErrorKind::Deadlock,
+                    "publish_sync to a subscription from its own callback cannot wait; the message is delivered after the callback returns",
+                ));
+            }
+            sub.wait_handled(seq);
+        }
+        Ok(count)
+    }
+}
+
+impl Drop for Topic {
+    fn drop(&mut self) {
+        let mut reg = REGISTRY.lock();
+        let name = self.name.to_str().unwrap_or("");
+        if let Some(w) = reg.get(name) {
+            if std::ptr::eq(w.as_ptr(), self) {
+                reg.remove(name);
+            }
+        }
+        drop(reg);
+        self.magic = DEAD_MAGIC;
+    }
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Topic({})", self.name())
+    }
+}
+
+/// Number of live named topics (for leak checks).
+pub fn live_topic_count() -> usize {
+    REGISTRY
+        .lock()
+        .values()
+        .filter(|w| w.strong_count() > 0)
+        .count()
+}
