@@ -63,6 +63,21 @@
 #define SB_LOG_DEBUG 4
 
 /**
+ * A cache of snapshots (opaque, refcounted).
+ */
+typedef struct sb_cache sb_cache;
+
+/**
+ * Every snapshot of one object (opaque; borrowed, seen only inside a calc function).
+ */
+typedef struct sb_cache_entry sb_cache_entry;
+
+/**
+ * A caching topic (opaque; released by sb_caching_unsubscribe*).
+ */
+typedef struct sb_caching_topic sb_caching_topic;
+
+/**
  * A forward from one topic to another (opaque; released by sb_forward_cancel).
  */
 typedef struct sb_forward sb_forward;
@@ -73,9 +88,20 @@ typedef struct sb_forward sb_forward;
 typedef struct sb_message sb_message;
 
 /**
+ * A list of messages returned by gets and dumps (opaque; sb_message_list_free).
+ */
+typedef struct sb_message_list sb_message_list;
+
+/**
  * A message type (opaque, refcounted).
  */
 typedef struct sb_message_type sb_message_type;
+
+/**
+ * A message router (opaque, refcounted; sb_router_unsubscribe* releases the creator's
+ * reference).
+ */
+typedef struct sb_router sb_router;
 
 /**
  * A subscription (opaque, refcounted).
@@ -93,10 +119,28 @@ typedef struct sb_topic sb_topic;
 typedef struct sb_topic_pool sb_topic_pool;
 
 /**
- * Receives every log line of the library (warnings such as congestion, errors such as
- * a panicking callback). Called on whichever thread logs; must not block for long.
+ * Returns the object id of a snapshot (borrowed, e.g. from the message's data), or NULL
+ * when the message is not cacheable. Called for every message the caching topic sees.
  */
-typedef void (*sb_log_fn)(void *data, int level, const char *text);
+typedef const char *(*sb_snapshot_get_id)(struct sb_message *msg);
+
+/**
+ * Computes an entry's aggregate after a change (`new_snapshot` NULL on a clear).
+ * Returns a NEW reference: the current aggregate (sb_message_ref'd) for "unchanged",
+ * NULL for "no aggregate".
+ */
+typedef struct sb_message *(*sb_cache_aggregate_calc_fn)(struct sb_cache_entry *entry,
+                                                         struct sb_message *new_snapshot);
+
+/**
+ * Publishes a changed aggregate to the original topic (both arguments borrowed).
+ */
+typedef void (*sb_cache_aggregate_publish_fn)(struct sb_topic *topic, struct sb_message *aggregate);
+
+/**
+ * Filter modes (an unsigned int, so any value C passes is checked, never UB).
+ */
+typedef unsigned int sb_subscription_filter;
 
 /**
  * An entity id: which node of a cluster a message comes from.
@@ -104,6 +148,12 @@ typedef void (*sb_log_fn)(void *data, int level, const char *text);
 typedef struct sb_eid {
   uint8_t bytes[6];
 } sb_eid;
+
+/**
+ * Receives every log line of the library (warnings such as congestion, errors such as
+ * a panicking callback). Called on whichever thread logs; must not block for long.
+ */
+typedef void (*sb_log_fn)(void *data, int level, const char *text);
 
 /**
  * Per-type functions.
@@ -127,11 +177,6 @@ typedef void (*sb_data_dtor)(void *data);
 typedef void (*sb_subscription_cb)(void *data, struct sb_subscription *sub, struct sb_message *msg);
 
 /**
- * Filter modes (an unsigned int, so any value C passes is checked, never UB).
- */
-typedef unsigned int sb_subscription_filter;
-
-/**
  * Data of a subscription change message (type `sb_subscription_change_type()`).
  */
 typedef struct sb_subscription_change {
@@ -142,6 +187,24 @@ typedef struct sb_subscription_change {
    */
   const char *description;
 } sb_subscription_change;
+
+/**
+ * Data of a cache update message (type `sb_cache_update_type()`).
+ */
+typedef struct sb_cache_update {
+  /**
+   * Type of the snapshots.
+   */
+  struct sb_message_type *type;
+  /**
+   * Previous snapshot, or NULL when the entry is new.
+   */
+  struct sb_message *old_snapshot;
+  /**
+   * New snapshot, or NULL on a clear.
+   */
+  struct sb_message *new_snapshot;
+} sb_cache_update;
 
 /**
  * Deliver every type (except declined ones).
@@ -156,6 +219,145 @@ typedef struct sb_subscription_change {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * A cache keyed by (message type, `id_fn(msg)`, eid). New reference.
+ */
+struct sb_cache *sb_cache_create(sb_snapshot_get_id id_fn);
+
+/**
+ * A cache with aggregates: `calc` recomputes an entry's aggregate on every change; when
+ * it changes, `publish(original, aggregate)` is called (NULL: sb_publish to the original
+ * topic) and an (old, new) aggregate update is published on the caching topic.
+ */
+struct sb_cache *sb_cache_create_full(sb_snapshot_get_id id_fn,
+                                      sb_cache_aggregate_calc_fn calc,
+                                      sb_cache_aggregate_publish_fn publish);
+
+/**
+ * Takes a new reference; returns `cache`.
+ */
+struct sb_cache *sb_cache_ref(struct sb_cache *cache);
+
+/**
+ * Drops a reference. NULL-safe.
+ */
+void sb_cache_unref(struct sb_cache *cache);
+
+/**
+ * The entry's aggregate (borrowed), or NULL.
+ */
+struct sb_message *sb_cache_entry_get_aggregate(struct sb_cache_entry *entry);
+
+/**
+ * The entry's local snapshot (borrowed), or NULL.
+ */
+struct sb_message *sb_cache_entry_get_local(struct sb_cache_entry *entry);
+
+/**
+ * The entry's `idx`-th remote snapshot (borrowed; ordered by eid), or NULL past the end.
+ */
+struct sb_message *sb_cache_entry_get_remote(struct sb_cache_entry *entry, size_t idx);
+
+/**
+ * Subscribes synchronously to `original` and keeps `cache` current from its messages;
+ * updates are published on sb_caching_get_topic(). Released by sb_caching_unsubscribe*.
+ */
+struct sb_caching_topic *sb_caching_topic_create(struct sb_topic *original, struct sb_cache *cache);
+
+/**
+ * The topic cache updates are published on (borrowed).
+ */
+struct sb_topic *sb_caching_get_topic(struct sb_caching_topic *ct);
+
+/**
+ * Caches messages of `type` only (switches the caching subscription to selective).
+ */
+int sb_caching_accept_message_type(struct sb_caching_topic *ct, struct sb_message_type *ty);
+
+/**
+ * Sets the caching subscription's filter mode.
+ */
+int sb_caching_set_filter(struct sb_caching_topic *ct, sb_subscription_filter filter);
+
+/**
+ * Stops caching and releases the caching topic. Returns NULL.
+ */
+struct sb_caching_topic *sb_caching_unsubscribe(struct sb_caching_topic *ct);
+
+/**
+ * As sb_caching_unsubscribe, and waits until the caching subscription is done.
+ */
+struct sb_caching_topic *sb_caching_unsubscribe_and_join(struct sb_caching_topic *ct);
+
+/**
+ * Type of cache update messages (borrowed, lives forever); data is sb_cache_update.
+ */
+struct sb_message_type *sb_cache_update_type(void);
+
+/**
+ * Type of cache clear messages (borrowed, lives forever).
+ */
+struct sb_message_type *sb_cache_clear_type(void);
+
+/**
+ * A message that, published to an original topic, removes `snapshot`'s entry (the
+ * entry of the same type, id and eid). New reference.
+ */
+struct sb_message *sb_cache_clear_create(struct sb_message *snapshot);
+
+/**
+ * The local snapshot of (type, id) — new reference — or NULL.
+ */
+struct sb_message *sb_cache_get(struct sb_cache *cache, struct sb_message_type *ty, const char *id);
+
+/**
+ * The snapshot of (type, id) from `eid` — or the aggregate when `eid` is NULL — new
+ * reference, or NULL.
+ */
+struct sb_message *sb_cache_get_by_eid(struct sb_cache *cache,
+                                       struct sb_message_type *ty,
+                                       const char *id,
+                                       const struct sb_eid *eid);
+
+/**
+ * Every snapshot (local and remote) of (type, id). Free with sb_message_list_free.
+ */
+struct sb_message_list *sb_cache_get_all(struct sb_cache *cache,
+                                         struct sb_message_type *ty,
+                                         const char *id);
+
+/**
+ * The local snapshots of `type` (NULL: every type), as a consistent copy.
+ */
+struct sb_message_list *sb_cache_dump(struct sb_cache *cache, struct sb_message_type *ty);
+
+/**
+ * The snapshots of one eid (NULL eid: the aggregates).
+ */
+struct sb_message_list *sb_cache_dump_by_eid(struct sb_cache *cache,
+                                             struct sb_message_type *ty,
+                                             const struct sb_eid *eid);
+
+/**
+ * Every snapshot of every eid (no aggregates).
+ */
+struct sb_message_list *sb_cache_dump_all(struct sb_cache *cache, struct sb_message_type *ty);
+
+/**
+ * Number of messages in `list` (0 for NULL).
+ */
+size_t sb_message_list_len(const struct sb_message_list *list);
+
+/**
+ * The `i`-th message (borrowed from the list), or NULL past the end.
+ */
+struct sb_message *sb_message_list_get(const struct sb_message_list *list, size_t i);
+
+/**
+ * Frees a list and its references. NULL-safe.
+ */
+void sb_message_list_free(struct sb_message_list *list);
 
 /**
  * The library version, e.g. "0.1.0". Static string.
@@ -326,6 +528,83 @@ struct sb_message *sb_message_ref(struct sb_message *msg);
  * Drops a reference; the last one runs the dtor. NULL-safe.
  */
 void sb_message_unref(struct sb_message *msg);
+
+/**
+ * A router on a thread of its own. New reference.
+ */
+struct sb_router *sb_router_create(struct sb_topic *topic);
+
+/**
+ * A router run by the shared pool. New reference.
+ */
+struct sb_router *sb_router_create_pool(struct sb_topic *topic);
+
+/**
+ * Routes messages of `type` to `cb(data, ...)` (replaces an existing route of `type`).
+ */
+int sb_router_add(struct sb_router *r,
+                  struct sb_message_type *ty,
+                  sb_subscription_cb cb,
+                  void *data);
+
+/**
+ * Routes cache updates whose snapshots are of `type` to `cb(data, ...)`.
+ */
+int sb_router_add_cache_update(struct sb_router *r,
+                               struct sb_message_type *ty,
+                               sb_subscription_cb cb,
+                               void *data);
+
+/**
+ * Removes the route of `type` (SB_E_INVAL when there is none).
+ */
+int sb_router_remove(struct sb_router *r, struct sb_message_type *ty);
+
+/**
+ * Removes the cache update route of `type` (SB_E_INVAL when there is none).
+ */
+int sb_router_remove_cache_update(struct sb_router *r, struct sb_message_type *ty);
+
+/**
+ * Sets the route for messages no other route takes; the router then accepts every type.
+ */
+int sb_router_set_default(struct sb_router *r, sb_subscription_cb cb, void *data);
+
+/**
+ * As sb_subscription_set_congestion_limits, for the router's subscription.
+ */
+int sb_router_set_congestion_limits(struct sb_router *r, long low_water, long high_water);
+
+/**
+ * Publishes `msg` to the router's topic and returns once the router handled it.
+ */
+int sb_router_publish_sync(struct sb_router *r, struct sb_message *msg);
+
+/**
+ * Unsubscribes the router and releases the caller's reference. Returns NULL.
+ */
+struct sb_router *sb_router_unsubscribe(struct sb_router *r);
+
+/**
+ * As sb_router_unsubscribe, and waits until its final message was handled (from one of
+ * its own routes it does not wait: last error SB_E_DEADLOCK). Returns NULL.
+ */
+struct sb_router *sb_router_unsubscribe_and_join(struct sb_router *r);
+
+/**
+ * 1 once the router's final message was handled.
+ */
+int sb_router_is_done(struct sb_router *r);
+
+/**
+ * Takes a new reference; returns `r`.
+ */
+struct sb_router *sb_router_ref(struct sb_router *r);
+
+/**
+ * Drops a reference (does not unsubscribe). NULL-safe.
+ */
+void sb_router_unref(struct sb_router *r);
 
 /**
  * Subscribes `cb` on a thread of its own. Returns a new reference, released by

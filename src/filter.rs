@@ -125,6 +125,18 @@ impl Filter {
         });
     }
 
+    /// Accepts exactly `types` (selective mode); declines are kept.
+    pub(crate) fn replace_accepted<'a>(&self, types: impl Iterator<Item = &'a Arc<MessageType>>) {
+        self.update(|sets, selective| {
+            sets.accepted.clear();
+            for ty in types {
+                Self::pin(sets, ty);
+                set_bit(&mut sets.accepted, ty.id(), true);
+            }
+            *selective = true;
+        });
+    }
+
     pub(crate) fn set_selective(&self, on: bool) {
         self.update(|_, selective| *selective = on);
     }

@@ -3,6 +3,8 @@
 //! The safe Rust core lives in the modules below; `ffi` is the thin C skin over it
 //! (`include/switchboard.h`). See README.md for the C API and its guarantees.
 
+pub mod cache;
+pub mod caching_topic;
 pub mod eid;
 pub mod error;
 pub mod filter;
@@ -13,18 +15,22 @@ pub mod message;
 pub mod message_type;
 mod names;
 pub mod pool;
+pub mod router;
 pub mod subscription;
 pub mod topic;
 pub mod topic_pool;
 
 pub mod ffi;
 
+pub use cache::{Cache, CacheEntry};
+pub use caching_topic::{CacheUpdate, CachingTopic};
 pub use eid::Eid;
 pub use error::{Error, ErrorKind, Result};
 pub use forward::Forward;
 pub use mailbox::Kind;
 pub use message::{Message, Payload};
 pub use message_type::MessageType;
+pub use router::Router;
 pub use subscription::{Callback, Subscription, SubscriptionChange};
 pub use topic::Topic;
 pub use topic_pool::TopicPool;

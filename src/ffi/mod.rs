@@ -18,8 +18,10 @@ use std::ops::Deref;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+pub mod cache;
 pub mod library;
 pub mod message;
+pub mod router;
 pub mod subscription;
 pub mod topic;
 

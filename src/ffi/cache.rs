@@ -1,0 +1,510 @@
+//! Caches, caching topics and message lists.
+
+use super::library::sb_eid;
+use super::message::{sb_message, sb_message_type};
+use super::subscription::{sb_subscription_filter, SB_FILTER_NONE, SB_FILTER_SELECTIVE};
+use super::topic::sb_topic;
+use super::{boundary, fail_code, fail_null, str_arg, Handle};
+use crate::cache::{AggregatePublishFn, Cache, CacheEntry, CalcFn, IdFn};
+use crate::caching_topic::{clear_message, clear_type, update_type, CachingTopic, UpdateView};
+use crate::eid::Eid;
+use crate::error::{set_last_error, Error};
+use crate::message::Message;
+use crate::message_type::DEAD_MAGIC;
+use std::ffi::{c_char, c_int, CStr};
+use std::sync::Arc;
+
+/// A cache of snapshots (opaque, refcounted).
+pub struct sb_cache {
+    _opaque: [u8; 0],
+}
+/// Every snapshot of one object (opaque; borrowed, seen only inside a calc function).
+pub struct sb_cache_entry {
+    _opaque: [u8; 0],
+}
+/// A caching topic (opaque; released by sb_caching_unsubscribe*).
+pub struct sb_caching_topic {
+    _opaque: [u8; 0],
+}
+/// A list of messages returned by gets and dumps (opaque; sb_message_list_free).
+pub struct sb_message_list {
+    _opaque: [u8; 0],
+}
+
+impl Handle for sb_cache {
+    type Rust = Cache;
+    const WHAT: &'static str = "sb_cache";
+    fn magic_ok(r: &Cache) -> bool {
+        r.magic_ok()
+    }
+}
+impl Handle for sb_cache_entry {
+    type Rust = CacheEntry;
+    const WHAT: &'static str = "sb_cache_entry";
+    fn magic_ok(r: &CacheEntry) -> bool {
+        r.magic_ok()
+    }
+}
+impl Handle for sb_caching_topic {
+    type Rust = CachingTopic;
+    const WHAT: &'static str = "sb_caching_topic";
+    fn magic_ok(r: &CachingTopic) -> bool {
+        r.magic_ok()
+    }
+}
+
+const LIST_MAGIC: u32 = 0x5342_4c53; // "SBLS"
+
+/// Owned by C through a Box (not refcounted).
+#[repr(C)]
+struct MessageList {
+    magic: u32,
+    items: Vec<Arc<Message>>,
+}
+
+impl Drop for MessageList {
+    fn drop(&mut self) {
+        self.magic = DEAD_MAGIC;
+    }
+}
+
+fn list_out(items: Vec<Arc<Message>>) -> *mut sb_message_list {
+    Box::into_raw(Box::new(MessageList {
+        magic: LIST_MAGIC,
+        items,
+    }))
+    .cast()
+}
+
+fn list_ref<'a>(list: *const sb_message_list) -> Result<&'a MessageList, Error> {
+    if list.is_null() {
+        return Err(Error::invalid("sb_message_list is NULL"));
+    }
+    // SAFETY: non-null; the caller promises a list from this library, not yet freed. The
+    // magic check catches most freed or foreign pointers.
+    let l = unsafe { &*list.cast::<MessageList>() };
+    if l.magic != LIST_MAGIC {
+        return Err(Error::invalid("sb_message_list pointer is not a live list"));
+    }
+    Ok(l)
+}
+
+/// Returns the object id of a snapshot (borrowed, e.g. from the message's data), or NULL
+/// when the message is not cacheable. Called for every message the caching topic sees.
+pub type sb_snapshot_get_id = Option<unsafe extern "C" fn(msg: *mut sb_message) -> *const c_char>;
+/// Computes an entry's aggregate after a change (`new_snapshot` NULL on a clear).
+/// Returns a NEW reference: the current aggregate (sb_message_ref'd) for "unchanged",
+/// NULL for "no aggregate".
+pub type sb_cache_aggregate_calc_fn = Option<
+    unsafe extern "C" fn(
+        entry: *mut sb_cache_entry,
+        new_snapshot: *mut sb_message,
+    ) -> *mut sb_message,
+>;
+/// Publishes a changed aggregate to the original topic (both arguments borrowed).
+pub type sb_cache_aggregate_publish_fn =
+    Option<unsafe extern "C" fn(topic: *mut sb_topic, aggregate: *mut sb_message)>;
+
+/// Data of a cache update message (type `sb_cache_update_type()`).
+#[repr(C)]
+pub struct sb_cache_update {
+    /// Type of the snapshots.
+    pub r#type: *mut sb_message_type,
+    /// Previous snapshot, or NULL when the entry is new.
+    pub old_snapshot: *mut sb_message,
+    /// New snapshot, or NULL on a clear.
+    pub new_snapshot: *mut sb_message,
+}
+
+const _: () = assert!(std::mem::size_of::<sb_cache_update>() == std::mem::size_of::<UpdateView>());
+
+fn make_cache(
+    id_fn: sb_snapshot_get_id,
+    calc: sb_cache_aggregate_calc_fn,
+    publish: sb_cache_aggregate_publish_fn,
+) -> *mut sb_cache {
+    let Some(id_fn) = id_fn else {
+        return fail_null(Error::invalid("id_fn is NULL"));
+    };
+    let id: IdFn = Box::new(move |msg: &Arc<Message>| {
+        // SAFETY: the cache's id function, called with a live message.
+        let p = unsafe { id_fn(sb_message::as_ptr(msg)) };
+        // SAFETY: NULL or a NUL-terminated string valid for this call.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    });
+    let calc: Option<CalcFn> = calc.map(|f| {
+        Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
+            let new_ptr = new.map_or(std::ptr::null_mut(), sb_message::as_ptr);
+            // SAFETY: the cache's calc function, with a borrowed entry and snapshot.
+            let agg = unsafe { f(sb_cache_entry::as_ptr(entry), new_ptr) };
+            // SAFETY: calc returns NULL or a new reference, which we take over.
+            (!agg.is_null()).then(|| unsafe { Arc::from_raw(agg.cast_const().cast::<Message>()) })
+        }) as CalcFn
+    });
+    let publish: Option<AggregatePublishFn> = publish.map(|f| {
+        Box::new(move |topic: &Arc<crate::Topic>, agg: &Arc<Message>| {
+            // SAFETY: the cache's publish function, with borrowed arguments.
+            unsafe { f(sb_topic::as_ptr(topic), sb_message::as_ptr(agg)) }
+        }) as AggregatePublishFn
+    });
+    sb_cache::into_raw(Cache::with_aggregate(id, calc, publish))
+}
+
+/// A cache keyed by (message type, `id_fn(msg)`, eid). New reference.
+#[no_mangle]
+pub extern "C" fn sb_cache_create(id_fn: sb_snapshot_get_id) -> *mut sb_cache {
+    boundary(|| make_cache(id_fn, None, None))
+}
+
+/// A cache with aggregates: `calc` recomputes an entry's aggregate on every change; when
+/// it changes, `publish(original, aggregate)` is called (NULL: sb_publish to the original
+/// topic) and an (old, new) aggregate update is published on the caching topic.
+#[no_mangle]
+pub extern "C" fn sb_cache_create_full(
+    id_fn: sb_snapshot_get_id,
+    calc: sb_cache_aggregate_calc_fn,
+    publish: sb_cache_aggregate_publish_fn,
+) -> *mut sb_cache {
+    boundary(|| make_cache(id_fn, calc, publish))
+}
+
+/// Takes a new reference; returns `cache`.
+#[no_mangle]
+pub extern "C" fn sb_cache_ref(cache: *mut sb_cache) -> *mut sb_cache {
+    boundary(|| match sb_cache::clone_arc(cache) {
+        Ok(c) => sb_cache::into_raw(c),
+        Err(e) => fail_null(e),
+    })
+}
+
+/// Drops a reference. NULL-safe.
+#[no_mangle]
+pub extern "C" fn sb_cache_unref(cache: *mut sb_cache) {
+    boundary(|| {
+        let _ = sb_cache::release(cache).map_err(|e| set_last_error(&e));
+    })
+}
+
+fn entry_msg(
+    entry: *mut sb_cache_entry,
+    pick: impl FnOnce(&CacheEntry) -> Option<&Arc<Message>>,
+) -> *mut sb_message {
+    match sb_cache_entry::borrow(entry) {
+        Ok(e) => pick(&e).map_or(std::ptr::null_mut(), sb_message::as_ptr),
+        Err(e) => fail_null(e),
+    }
+}
+
+/// The entry's aggregate (borrowed), or NULL.
+#[no_mangle]
+pub extern "C" fn sb_cache_entry_get_aggregate(entry: *mut sb_cache_entry) -> *mut sb_message {
+    boundary(|| entry_msg(entry, CacheEntry::aggregate))
+}
+
+/// The entry's local snapshot (borrowed), or NULL.
+#[no_mangle]
+pub extern "C" fn sb_cache_entry_get_local(entry: *mut sb_cache_entry) -> *mut sb_message {
+    boundary(|| entry_msg(entry, CacheEntry::local))
+}
+
+/// The entry's `idx`-th remote snapshot (borrowed; ordered by eid), or NULL past the end.
+#[no_mangle]
+pub extern "C" fn sb_cache_entry_get_remote(
+    entry: *mut sb_cache_entry,
+    idx: usize,
+) -> *mut sb_message {
+    boundary(|| entry_msg(entry, |e| e.remote(idx)))
+}
+
+/// Subscribes synchronously to `original` and keeps `cache` current from its messages;
+/// updates are published on sb_caching_get_topic(). Released by sb_caching_unsubscribe*.
+#[no_mangle]
+pub extern "C" fn sb_caching_topic_create(
+    original: *mut sb_topic,
+    cache: *mut sb_cache,
+) -> *mut sb_caching_topic {
+    boundary(
+        || match (sb_topic::borrow(original), sb_cache::borrow(cache)) {
+            (Ok(t), Ok(c)) => match CachingTopic::create(&t, &c) {
+                Ok(ct) => sb_caching_topic::into_raw(ct),
+                Err(e) => fail_null(e),
+            },
+            (Err(e), _) | (_, Err(e)) => fail_null(e),
+        },
+    )
+}
+
+/// The topic cache updates are published on (borrowed).
+#[no_mangle]
+pub extern "C" fn sb_caching_get_topic(ct: *mut sb_caching_topic) -> *mut sb_topic {
+    boundary(|| match sb_caching_topic::borrow(ct) {
+        Ok(c) => sb_topic::as_ptr(c.topic()),
+        Err(e) => fail_null(e),
+    })
+}
+
+/// Caches messages of `type` only (switches the caching subscription to selective).
+#[no_mangle]
+pub extern "C" fn sb_caching_accept_message_type(
+    ct: *mut sb_caching_topic,
+    ty: *mut sb_message_type,
+) -> c_int {
+    boundary(
+        || match (sb_caching_topic::borrow(ct), sb_message_type::clone_arc(ty)) {
+            (Ok(c), Ok(t)) => {
+                let sub = c.subscription();
+                sub.accept_message_type(&t);
+                // Clears must still reach the cache.
+                sub.accept_message_type(clear_type());
+                0
+            }
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
+        },
+    )
+}
+
+/// Sets the caching subscription's filter mode.
+#[no_mangle]
+pub extern "C" fn sb_caching_set_filter(
+    ct: *mut sb_caching_topic,
+    filter: sb_subscription_filter,
+) -> c_int {
+    boundary(|| {
+        let c = match sb_caching_topic::borrow(ct) {
+            Ok(c) => c,
+            Err(e) => return fail_code(e),
+        };
+        match filter {
+            SB_FILTER_NONE => c.subscription().set_selective(false),
+            SB_FILTER_SELECTIVE => c.subscription().set_selective(true),
+            other => return fail_code(Error::invalid(format!("unknown filter mode {other}"))),
+        }
+        0
+    })
+}
+
+fn caching_unsubscribe(ct: *mut sb_caching_topic, join: bool) -> *mut sb_caching_topic {
+    boundary(|| {
+        match sb_caching_topic::borrow(ct) {
+            Ok(c) => {
+                let sub = c.subscription();
+                let r = if join {
+                    sub.unsubscribe_and_join()
+                } else {
+                    sub.unsubscribe()
+                };
+                if let Err(e) = r {
+                    set_last_error(&e);
+                }
+                let _ = sb_caching_topic::release(ct);
+            }
+            Err(e) => set_last_error(&e),
+        }
+        std::ptr::null_mut()
+    })
+}
+
+/// Stops caching and releases the caching topic. Returns NULL.
+#[no_mangle]
+pub extern "C" fn sb_caching_unsubscribe(ct: *mut sb_caching_topic) -> *mut sb_caching_topic {
+    caching_unsubscribe(ct, false)
+}
+
+/// As sb_caching_unsubscribe, and waits until the caching subscription is done.
+#[no_mangle]
+pub extern "C" fn sb_caching_unsubscribe_and_join(
+    ct: *mut sb_caching_topic,
+) -> *mut sb_caching_topic {
+    caching_unsubscribe(ct, true)
+}
+
+/// Type of cache update messages (borrowed, lives forever); data is sb_cache_update.
+#[no_mangle]
+pub extern "C" fn sb_cache_update_type() -> *mut sb_message_type {
+    boundary(|| sb_message_type::as_ptr(update_type()))
+}
+
+/// Type of cache clear messages (borrowed, lives forever).
+#[no_mangle]
+pub extern "C" fn sb_cache_clear_type() -> *mut sb_message_type {
+    boundary(|| sb_message_type::as_ptr(clear_type()))
+}
+
+/// A message that, published to an original topic, removes `snapshot`'s entry (the
+/// entry of the same type, id and eid). New reference.
+#[no_mangle]
+pub extern "C" fn sb_cache_clear_create(snapshot: *mut sb_message) -> *mut sb_message {
+    boundary(|| match sb_message::borrow(snapshot) {
+        Ok(m) => sb_message::into_raw(clear_message(&m)),
+        Err(e) => fail_null(e),
+    })
+}
+
+fn with_cache_type_id<R: super::FailureValue>(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+    id: *const c_char,
+    f: impl FnOnce(&Cache, &crate::MessageType, &str) -> R,
+    fail: impl FnOnce(Error) -> R,
+) -> R {
+    let r = (|| {
+        Ok::<_, Error>((
+            sb_cache::borrow(cache)?,
+            sb_message_type::borrow(ty)?,
+            str_arg("id", id)?,
+        ))
+    })();
+    match r {
+        Ok((c, t, i)) => f(&c, &t, i),
+        Err(e) => fail(e),
+    }
+}
+
+fn msg_out(m: Option<Arc<Message>>) -> *mut sb_message {
+    m.map_or(std::ptr::null_mut(), sb_message::into_raw)
+}
+
+/// The local snapshot of (type, id) — new reference — or NULL.
+#[no_mangle]
+pub extern "C" fn sb_cache_get(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+    id: *const c_char,
+) -> *mut sb_message {
+    boundary(|| with_cache_type_id(cache, ty, id, |c, t, i| msg_out(c.get(t, i)), fail_null))
+}
+
+/// The snapshot of (type, id) from `eid` — or the aggregate when `eid` is NULL — new
+/// reference, or NULL.
+#[no_mangle]
+pub extern "C" fn sb_cache_get_by_eid(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+    id: *const c_char,
+    eid: *const sb_eid,
+) -> *mut sb_message {
+    boundary(|| {
+        // SAFETY: NULL or a valid eid, per the contract.
+        let eid = unsafe { eid.as_ref() }.map(Eid::from);
+        with_cache_type_id(
+            cache,
+            ty,
+            id,
+            |c, t, i| msg_out(c.get_by_eid(t, i, eid.as_ref())),
+            fail_null,
+        )
+    })
+}
+
+/// Every snapshot (local and remote) of (type, id). Free with sb_message_list_free.
+#[no_mangle]
+pub extern "C" fn sb_cache_get_all(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+    id: *const c_char,
+) -> *mut sb_message_list {
+    boundary(|| {
+        with_cache_type_id(
+            cache,
+            ty,
+            id,
+            |c, t, i| list_out(c.get_all(t, i)),
+            fail_null,
+        )
+    })
+}
+
+fn dump(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+    f: impl FnOnce(&Cache, Option<&crate::MessageType>) -> Vec<Arc<Message>>,
+) -> *mut sb_message_list {
+    let c = match sb_cache::borrow(cache) {
+        Ok(c) => c,
+        Err(e) => return fail_null(e),
+    };
+    if ty.is_null() {
+        return list_out(f(&c, None));
+    }
+    match sb_message_type::borrow(ty) {
+        Ok(t) => list_out(f(&c, Some(&t))),
+        Err(e) => fail_null(e),
+    }
+}
+
+/// The local snapshots of `type` (NULL: every type), as a consistent copy.
+#[no_mangle]
+pub extern "C" fn sb_cache_dump(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+) -> *mut sb_message_list {
+    boundary(|| dump(cache, ty, |c, t| c.dump(t)))
+}
+
+/// The snapshots of one eid (NULL eid: the aggregates).
+#[no_mangle]
+pub extern "C" fn sb_cache_dump_by_eid(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+    eid: *const sb_eid,
+) -> *mut sb_message_list {
+    boundary(|| {
+        // SAFETY: NULL or a valid eid, per the contract.
+        let eid = unsafe { eid.as_ref() }.map(Eid::from);
+        dump(cache, ty, |c, t| match eid {
+            Some(e) => c.dump_by_eid(t, &e),
+            None => c.dump_aggregates(t),
+        })
+    })
+}
+
+/// Every snapshot of every eid (no aggregates).
+#[no_mangle]
+pub extern "C" fn sb_cache_dump_all(
+    cache: *mut sb_cache,
+    ty: *mut sb_message_type,
+) -> *mut sb_message_list {
+    boundary(|| dump(cache, ty, |c, t| c.dump_all(t)))
+}
+
+/// Number of messages in `list` (0 for NULL).
+#[no_mangle]
+pub extern "C" fn sb_message_list_len(list: *const sb_message_list) -> usize {
+    boundary(|| match list_ref(list) {
+        Ok(l) => l.items.len(),
+        Err(e) => {
+            set_last_error(&e);
+            0
+        }
+    })
+}
+
+/// The `i`-th message (borrowed from the list), or NULL past the end.
+#[no_mangle]
+pub extern "C" fn sb_message_list_get(list: *const sb_message_list, i: usize) -> *mut sb_message {
+    boundary(|| match list_ref(list) {
+        Ok(l) => match l.items.get(i) {
+            Some(m) => sb_message::as_ptr(m),
+            None => fail_null(Error::invalid(format!(
+                "index {i} is past the end of a list of {}",
+                l.items.len()
+            ))),
+        },
+        Err(e) => fail_null(e),
+    })
+}
+
+/// Frees a list and its references. NULL-safe.
+#[no_mangle]
+pub extern "C" fn sb_message_list_free(list: *mut sb_message_list) {
+    boundary(|| {
+        if list.is_null() {
+            return;
+        }
+        match list_ref(list) {
+            // SAFETY: a live list from list_out, freed exactly once here.
+            Ok(_) => drop(unsafe { Box::from_raw(list.cast::<MessageList>()) }),
+            Err(e) => set_last_error(&e),
+        }
+    })
+}
