@@ -15,10 +15,12 @@ use std::sync::Arc;
 use std::thread::ThreadId;
 
 /// One pending delivery.
-pub(crate) enum Item {
-    Message(Arc<Message>),
+pub(crate) struct Item {
+    pub(crate) msg: Arc<Message>,
     /// The Unsubscribe change message: always the last item a mailbox ever holds.
-    Final(Arc<Message>),
+    pub(crate) last: bool,
+    /// Synchronous kind only: the publishing thread, which must run the callback.
+    pub(crate) from: Option<ThreadId>,
 }
 
 /// Who runs the callbacks.
@@ -53,8 +55,9 @@ pub(crate) enum Action {
     Wake,
     /// Synchronous kind, idle: run the queue on this thread now.
     RunHere,
-    /// Synchronous kind, running on another thread: wait until `seq` is handled.
-    WaitFor(u64),
+    /// Synchronous kind, running on another thread: wait until the run is handed to
+    /// this thread (its item reached the head of the queue), then run.
+    WaitTurn,
     /// Synchronous kind, running on this very thread (a callback published): the
     /// running loop delivers it after the current callback returns.
     Nested,
@@ -133,13 +136,15 @@ impl Mailbox {
         self.len.load(Ordering::Relaxed)
     }
 
-    /// Queues `item`. `Item::Final` closes the mailbox.
-    pub(crate) fn push(&self, item: Item, kind: Kind, me: Option<ThreadId>) -> Push {
+    /// Queues `item`; a `last` item closes the mailbox. For the synchronous kind,
+    /// `item.from` is the calling thread.
+    pub(crate) fn push(&self, item: Item, kind: Kind) -> Push {
+        let me = item.from;
         let mut st = self.state.lock();
         if st.closed {
             return Push::Closed;
         }
-        if matches!(item, Item::Final(_)) {
+        if item.last {
             st.closed = true;
         }
         st.queue.push_back(item);
@@ -170,7 +175,7 @@ impl Mailbox {
                     Action::RunHere
                 }
                 RunState::Running(t) if Some(t) == me => Action::Nested,
-                _ => Action::WaitFor(seq),
+                _ => Action::WaitTurn,
             },
         };
         drop(st);
@@ -186,15 +191,33 @@ impl Mailbox {
 
     /// Takes everything queued as one batch and marks the mailbox running on `me`; when
     /// the queue is empty, marks it idle and returns None.
-    pub(crate) fn take_batch(&self, me: ThreadId) -> Option<VecDeque<Item>> {
+    ///
+    /// Synchronous kind: a callback runs on its publisher's thread, so the batch is only
+    /// the leading items `me` published. When the head belongs to another thread, the run
+    /// is handed to that thread (waiting in `wait_turn`) and this runner stops.
+    pub(crate) fn take_batch(&self, me: ThreadId, kind: Kind) -> Option<VecDeque<Item>> {
         let mut st = self.state.lock();
-        if st.queue.is_empty() {
+        let Some(head_from) = st.queue.front().map(|i| i.from) else {
             st.run = RunState::Idle;
             return None;
+        };
+        if kind == Kind::Synchronous {
+            if let Some(owner) = head_from.filter(|t| *t != me) {
+                st.run = RunState::Running(owner);
+                drop(st);
+                self.progress.notify_all();
+                return None;
+            }
         }
         let mut batch = std::mem::take(&mut st.spare);
-        std::mem::swap(&mut batch, &mut st.queue);
-        self.len.store(0, Ordering::Relaxed);
+        if kind == Kind::Synchronous {
+            while st.queue.front().is_some_and(|i| i.from.is_none_or(|t| t == me)) {
+                batch.extend(st.queue.pop_front());
+            }
+        } else {
+            std::mem::swap(&mut batch, &mut st.queue);
+        }
+        self.len.store(st.queue.len(), Ordering::Relaxed);
         if st.congested && st.queue.len() < st.low_water {
             st.congested = false;
         }
@@ -235,6 +258,18 @@ impl Mailbox {
             self.wake.wait(&mut st);
             st.parked = false;
         }
+    }
+
+    /// Synchronous kind: blocks until the run is handed to `me` (true) or the mailbox is
+    /// done (false).
+    pub(crate) fn wait_turn(&self, me: ThreadId) -> bool {
+        let mut st = self.state.lock();
+        st.waiters += 1;
+        while st.run != RunState::Running(me) && !st.done {
+            self.progress.wait(&mut st);
+        }
+        st.waiters -= 1;
+        st.run == RunState::Running(me)
     }
 
     /// Blocks until `cond(state)` holds.

@@ -177,14 +177,14 @@ impl Subscription {
     /// Queues `msg` (already filtered by the caller) and does what the mailbox asks.
     /// Returns the item's sequence number, or None when the mailbox is closed.
     pub(crate) fn offer(self: &Arc<Self>, msg: &Arc<Message>, last: bool) -> Option<u64> {
-        let item = if last {
-            Item::Final(Arc::clone(msg))
-        } else {
-            Item::Message(Arc::clone(msg))
-        };
         // Only the synchronous kind compares thread ids; the others skip the lookup.
         let me = (self.kind == Kind::Synchronous).then(|| thread::current().id());
-        match self.mailbox.push(item, self.kind, me) {
+        let item = Item {
+            msg: Arc::clone(msg),
+            last,
+            from: me,
+        };
+        match self.mailbox.push(item, self.kind) {
             Push::Closed => None,
             Push::Queued {
                 seq,
@@ -204,7 +204,12 @@ impl Subscription {
                     Action::RunHere => {
                         self.run_until_idle(me.unwrap_or_else(|| thread::current().id()))
                     }
-                    Action::WaitFor(seq) => self.wait_handled(seq),
+                    Action::WaitTurn => {
+                        let me = me.unwrap_or_else(|| thread::current().id());
+                        if pool::blocking(|| self.mailbox.wait_turn(me)) {
+                            self.run_until_idle(me);
+                        }
+                    }
                     Action::Nothing | Action::Wake | Action::Nested => {}
                 }
                 Some(seq)
@@ -223,13 +228,12 @@ impl Subscription {
         let n = batch.len();
         let mut last = false;
         for item in batch.drain(..) {
-            match item {
-                Item::Message(msg) => self.call(&msg),
-                Item::Final(msg) => {
-                    last = true;
-                    if self.filter.accepts(msg.message_type()) {
-                        self.call(&msg);
-                    }
+            if !item.last {
+                self.call(&item.msg);
+            } else {
+                last = true;
+                if self.filter.accepts(item.msg.message_type()) {
+                    self.call(&item.msg);
                 }
             }
         }
@@ -251,7 +255,7 @@ impl Subscription {
     /// Runs batches on this thread until the queue is empty. Returns true when the final
     /// message was delivered.
     fn run_until_idle(self: &Arc<Self>, me: ThreadId) {
-        while let Some(mut batch) = self.mailbox.take_batch(me) {
+        while let Some(mut batch) = self.mailbox.take_batch(me, self.kind) {
             let (n, last) = self.deliver(&mut batch);
             self.mailbox.finish_batch(batch, n, last);
         }
@@ -261,7 +265,7 @@ impl Subscription {
     /// left and the subscription must go back on the pool's queue.
     pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadId, max_batches: usize) -> bool {
         for _ in 0..max_batches {
-            match self.mailbox.take_batch(me) {
+            match self.mailbox.take_batch(me, self.kind) {
                 None => return false,
                 Some(mut batch) => {
                     let (n, last) = self.deliver(&mut batch);
@@ -291,7 +295,7 @@ impl Subscription {
                 spins += 1;
             }
             self.mailbox.park_until_queued();
-            while let Some(mut batch) = self.mailbox.take_batch(me) {
+            while let Some(mut batch) = self.mailbox.take_batch(me, self.kind) {
                 let (n, last) = self.deliver(&mut batch);
                 self.mailbox.finish_batch(batch, n, last);
                 if last {

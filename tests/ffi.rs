@@ -1,0 +1,182 @@
+//! Compiles and runs each C test program in `ffi-tests/` against the cdylib that
+//! `cargo test` builds (target/<profile>/libswitchboard.so).
+//!
+//! One `#[test]` per C file. With `SB_VALGRIND=1` every program runs under valgrind
+//! memcheck (definite leaks and memory errors fail the test). A program that does not
+//! finish in time is killed and the test fails with everything it printed.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Seconds before a program is killed (natively / under valgrind).
+const TIMEOUT_NATIVE: u64 = 120;
+const TIMEOUT_VALGRIND: u64 = 600;
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// target/<profile>: the test executable is target/<profile>/deps/ffi-xxxx.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn valgrind() -> bool {
+    matches!(std::env::var("SB_VALGRIND"), Ok(v) if !v.is_empty() && v != "0")
+}
+
+fn compile(name: &str) -> PathBuf {
+    let crate_dir = crate_dir();
+    let lib_dir = profile_dir();
+    let lib = lib_dir.join("libswitchboard.so");
+    assert!(
+        lib.exists(),
+        "{} not found: `cargo test` should build the cdylib",
+        lib.display()
+    );
+    let out_dir = lib_dir.parent().expect("target dir").join("ffi-tests");
+    std::fs::create_dir_all(&out_dir).expect("create target/ffi-tests");
+    let src = crate_dir.join("ffi-tests").join(format!("{name}.c"));
+    assert!(src.exists(), "{} is missing", src.display());
+    let exe = out_dir.join(name);
+
+    let target = env!("SB_TARGET");
+    let mut cmd = cc::Build::new()
+        .target(target)
+        .host(target)
+        .opt_level(0)
+        .cargo_metadata(false)
+        .warnings(true)
+        .get_compiler()
+        .to_command();
+    cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-pthread"])
+        .arg(format!("-I{}", crate_dir.join("include").display()))
+        .arg(format!("-I{}", crate_dir.join("ffi-tests").display()))
+        .arg(&src)
+        .arg(format!("-L{}", lib_dir.display()))
+        .arg("-lswitchboard")
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-o")
+        .arg(&exe);
+    // The command line without the (long) environment, for error messages.
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler ({line}): {e}"));
+    if !output.status.success() {
+        panic!(
+            "compiling {name}.c failed ({}):\n{line}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    exe
+}
+
+/// Reads a pipe to the end on a thread of its own (so a full pipe never blocks the child).
+fn drain<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+fn run(name: &str) {
+    let exe = compile(name);
+    let vg = valgrind();
+    let mut cmd = if vg {
+        let mut c = Command::new("valgrind");
+        c.args([
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--show-leak-kinds=definite",
+            "-q",
+        ])
+        .arg(&exe);
+        c
+    } else {
+        Command::new(&exe)
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("SB_VALGRIND", if vg { "1" } else { "0" });
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let out = drain(child.stdout.take().expect("stdout piped"));
+    let err = drain(child.stderr.take().expect("stderr piped"));
+
+    let timeout = Duration::from_secs(if vg { TIMEOUT_VALGRIND } else { TIMEOUT_NATIVE });
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait().expect("try_wait") {
+            Some(status) => break status,
+            None if start.elapsed() > timeout => {
+                timed_out = true;
+                let _ = child.kill();
+                break child.wait().expect("wait after kill");
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+
+    if timed_out || !status.success() {
+        panic!(
+            "{name}{} {} after {:.1} s\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            if vg { " (valgrind)" } else { "" },
+            if timed_out {
+                format!("timed out ({} s) and was killed", timeout.as_secs())
+            } else {
+                format!("failed: {status}")
+            },
+            start.elapsed().as_secs_f64()
+        );
+    }
+    // A passing program ends with its "N passed, 0 failed" line (guards against an early
+    // exit(0) that skipped the checks); show it with --nocapture.
+    let summary = stdout.lines().rev().find(|l| l.ends_with(" failed"));
+    assert!(
+        matches!(summary, Some(l) if l.ends_with(" passed, 0 failed")),
+        "{name} exited 0 without a clean summary line\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+    );
+    println!("{name}: {}", stdout.lines().last().unwrap_or("(no output)"));
+}
+
+macro_rules! c_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                run(stringify!($name));
+            }
+        )*
+    };
+}
+
+c_tests!(
+    test_library,
+    test_message,
+    test_topic,
+    test_subscription,
+    test_forward,
+    test_topic_pool,
+    test_stress,
+    test_bad_input,
+);
