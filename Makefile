@@ -1,0 +1,50 @@
+# switchboard - build entry points.
+#   make        build the library (target/release/libswitchboard.{so,a}) and include/switchboard.h
+#   make demo   build the library and the C examples, then run minimal and the PBX demo
+#   make test   run every test (Rust and C: cargo test)
+#   make clean  remove build outputs
+
+CARGO   ?= cargo
+CFLAGS  := -std=c11 -Wall -Wextra -Werror -O2 -pthread
+LIBDIR  := $(CURDIR)/target/release
+INCDIR  := $(CURDIR)/include
+OUT     := target/examples
+LIB     := $(LIBDIR)/libswitchboard.so
+HEADER  := $(INCDIR)/switchboard.h
+LINK    := -L$(LIBDIR) -lswitchboard -Wl,-rpath,$(LIBDIR)
+EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so
+
+.PHONY: all lib demo examples test clean
+
+all: lib
+
+lib:
+	$(CARGO) build --release
+
+# cargo decides whether the library is stale; the examples are then rebuilt
+# against whatever it produced.
+demo: lib
+	@$(MAKE) --no-print-directory examples
+	$(OUT)/minimal
+	$(OUT)/pbx_host $(OUT)/pbx_module.so
+
+examples: $(EXAMPLES)
+
+$(OUT):
+	mkdir -p $@
+
+$(OUT)/minimal: c-examples/minimal.c $(HEADER) $(LIB) | $(OUT)
+	$(CC) $(CFLAGS) -I$(INCDIR) $< -o $@ $(LINK)
+
+$(OUT)/pbx_host: c-examples/pbx_host.c c-examples/endpoint.h $(HEADER) $(LIB) | $(OUT)
+	$(CC) $(CFLAGS) -I$(INCDIR) $< -o $@ $(LINK) -ldl
+
+$(OUT)/pbx_module.so: c-examples/pbx_module.c c-examples/endpoint.h $(HEADER) $(LIB) | $(OUT)
+	$(CC) $(CFLAGS) -fPIC -shared -I$(INCDIR) $< -o $@ $(LINK)
+
+test:
+	$(CARGO) test
+
+clean:
+	$(CARGO) clean
+	rm -rf $(OUT)
