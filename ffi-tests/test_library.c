@@ -6,6 +6,7 @@
 #include "recorder.h"
 
 #include <ctype.h>
+#include <dirent.h>
 
 static void test_version(void)
 {
@@ -295,9 +296,63 @@ static void test_eid(void)
     sb_message_type_unref(type);
 }
 
+/* number of threads of this process (Linux: /proc/self/task) */
+static int thread_count(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (d == NULL)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n;
+}
+
+static void sync_noop(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)sub;
+    (void)msg;
+    atomic_fetch_add((atomic_int *)data, 1);
+}
+
+/* "The shared worker pool starts lazily": no thread before the first pool/dedicated use */
+static void test_lazy_start(void)
+{
+    int before = thread_count();
+    if (before < 0) {
+        printf("note: /proc/self/task unavailable, lazy start not checked\n");
+        return;
+    }
+    CHECK_EQ_INT(before, 1);
+    /* types, messages, topics, forwards and synchronous subscriptions need no thread */
+    sb_message_type *type = make_type("lib.lazy");
+    sb_topic *a = sb_topic_create("lib.lazy.a");
+    sb_topic *b = sb_topic_create("lib.lazy.b");
+    sb_forward *f = sb_forward_all(a, b);
+    atomic_int calls;
+    atomic_init(&calls, 0);
+    sb_subscription *s = sb_subscribe_synchronous(b, sync_noop, &calls);
+    sb_message *m = sb_message_create(type, malloc(8), free);
+    CHECK_EQ_INT(sb_publish(a, m), 1);
+    sb_message_unref(m);
+    CHECK(sb_unsubscribe_and_join(s) == NULL);
+    CHECK_EQ_INT(atomic_load(&calls), 3);
+    sb_forward_cancel(f);
+    sb_topic_unref(a);
+    sb_topic_unref(b);
+    sb_message_type_unref(type);
+    CHECK_EQ_INT(thread_count(), 1);
+    CHECK_TOPIC_GONE("lib.lazy.a");
+    CHECK_TOPIC_GONE("lib.lazy.b");
+}
+
 int main(void)
 {
     TEST_INIT();
+    test_lazy_start(); /* first: before anything starts a thread */
     test_version();
     test_strerror();
     test_last_error();

@@ -138,6 +138,55 @@ static void test_unsubscribe_then_join(int kind)
     sb_topic_unref(t);
 }
 
+/* sb_unsubscribe returns at once, even while the subscription's callback is blocked */
+typedef struct block_ctx {
+    atomic_int in_gate;
+    atomic_int open;
+} block_ctx;
+
+static void block_hook(recorder *r, sb_subscription *sub, sb_message *msg)
+{
+    (void)sub;
+    block_ctx *b = r->hook_data;
+    if (sb_message_get_type(msg) != ptype)
+        return;
+    atomic_store(&b->in_gate, 1);
+    double deadline = tu_now_s() + tu_wait_seconds();
+    while (!atomic_load(&b->open) && tu_now_s() < deadline)
+        tu_sleep_ms(1);
+    atomic_store(&b->in_gate, 0);
+}
+
+static void test_unsubscribe_returns_at_once(int kind)
+{
+    printf("unsubscribe returns at once %s\n", kind_names[kind]);
+    sb_topic *t = kind_topic("atonce", kind);
+    recorder rec;
+    block_ctx b;
+    atomic_init(&b.in_gate, 0);
+    atomic_init(&b.open, 0);
+    recorder_init(&rec, ptype, t);
+    rec.hook = block_hook;
+    rec.hook_data = &b;
+    sb_subscription *sub = subscribe_kind(kind, t, recorder_cb, &rec);
+    sb_subscription *extra = sb_subscription_ref(sub);
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, 0, 0), 1);
+    WAIT_UNTIL(atomic_load(&b.in_gate) == 1);
+    CHECK(sb_unsubscribe(sub) == NULL);
+    /* returned while the callback is still held */
+    CHECK_EQ_INT(atomic_load(&b.in_gate), 1);
+    CHECK_EQ_INT(sb_subscription_is_subscribed(extra), 0);
+    CHECK_EQ_INT(sb_subscription_is_done(extra), 0);
+    CHECK_EQ_INT(atomic_load(&rec.finals), 0);
+    atomic_store(&b.open, 1);
+    sb_subscription_join(extra);
+    CHECK_EQ_INT(sb_subscription_is_done(extra), 1);
+    CHECK_RECORDER_LIFECYCLE(&rec);
+    sb_subscription_unref(extra);
+    recorder_destroy(&rec);
+    sb_topic_unref(t);
+}
+
 /* every subscription sees the others' Subscribe and Unsubscribe; uniqueids are distinct */
 static void test_see_others(int kind)
 {
@@ -181,6 +230,7 @@ enum { TAG_NONE = 0, TAG_STOP = 1, TAG_KILL = 2 };
 
 typedef struct self_join_ctx {
     _Atomic(sb_subscription *) own; /* the reference the callback consumes */
+    int plain;                      /* sb_unsubscribe instead of sb_unsubscribe_and_join */
     atomic_int ran;
     atomic_int returned_null;
     atomic_int error_set;
@@ -199,6 +249,14 @@ static void self_join_hook(recorder *r, sb_subscription *sub, sb_message *msg)
     sb_subscription *own = atomic_exchange(&c->own, NULL);
     if (own == NULL)
         return;
+    if (c->plain) {
+        CHECK(sb_unsubscribe(own) == NULL);
+        atomic_store(&c->returned_null, 1);
+        atomic_store(&c->error_set, 1);
+        atomic_store(&c->unsubscribed_after, sb_subscription_is_subscribed(sub) == 0);
+        atomic_store(&c->ran, 1);
+        return;
+    }
     /* set a different error first, so we can see that the join replaced it */
     CHECK(sb_topic_create(NULL) == NULL);
     char before[512];
@@ -211,13 +269,15 @@ static void self_join_hook(recorder *r, sb_subscription *sub, sb_message *msg)
     atomic_store(&c->ran, 1);
 }
 
-static void test_join_from_own_callback(int kind)
+static void test_unsubscribe_from_own_callback(int kind, int plain)
 {
-    printf("join from own callback %s\n", kind_names[kind]);
+    printf("%s from own callback %s\n", plain ? "unsubscribe" : "unsubscribe_and_join",
+           kind_names[kind]);
     sb_topic *t = kind_topic("selfjoin", kind);
     recorder rec;
     self_join_ctx ctx;
     memset(&ctx, 0, sizeof ctx);
+    ctx.plain = plain;
     recorder_init(&rec, ptype, t);
     rec.hook = self_join_hook;
     rec.hook_data = &ctx;
@@ -333,11 +393,12 @@ static void test_unsubscribe_others(void)
             printf("unsubscribe other: %s unsubscribes %s\n", kind_names[k], kind_names[v]);
             unsubscribe_other(k, v, 0);
         }
-    /* a dedicated subscription may join another subscription of any kind */
-    for (int v = 0; v < KIND_COUNT; v++) {
-        printf("unsubscribe_and_join other: dedicated joins %s\n", kind_names[v]);
-        unsubscribe_other(KIND_DEDICATED, v, 1);
-    }
+    /* a callback of any kind may join another subscription of any kind */
+    for (int k = 0; k < KIND_COUNT; k++)
+        for (int v = 0; v < KIND_COUNT; v++) {
+            printf("unsubscribe_and_join other: %s joins %s\n", kind_names[k], kind_names[v]);
+            unsubscribe_other(k, v, 1);
+        }
 }
 
 /* ---- publishing from inside callbacks ---- */
@@ -810,8 +871,11 @@ int main(void)
     for (int k = 0; k < KIND_COUNT; k++) {
         test_lifecycle(k);
         test_unsubscribe_then_join(k);
+        if (k != KIND_SYNC) /* a synchronous callback blocks its publisher, i.e. us */
+            test_unsubscribe_returns_at_once(k);
         test_see_others(k);
-        test_join_from_own_callback(k);
+        test_unsubscribe_from_own_callback(k, 0);
+        test_unsubscribe_from_own_callback(k, 1);
         test_publish_from_callback(k);
         test_filters(k);
         test_congestion(k);
@@ -823,7 +887,7 @@ int main(void)
     test_unsubscribe_others();
     test_many_subscriptions();
     /* subscriptions released their topics */
-    const char *what[] = {"life", "unsub", "others", "selfjoin", "reentrant", "filter",
+    const char *what[] = {"life", "unsub", "atonce", "others", "selfjoin", "reentrant", "filter",
                           "congestion", "congestion.once", "concurrent", "bogus"};
     for (size_t w = 0; w < sizeof what / sizeof what[0]; w++)
         for (int k = 0; k < KIND_COUNT; k++) {

@@ -139,7 +139,6 @@ static inline double tu_wait_seconds(void) { return tu_slow() ? 120.0 : 10.0; }
 
 typedef struct tu_waiter {
     double deadline;
-    int done;
     int ok;
 } tu_waiter;
 
@@ -147,7 +146,6 @@ static inline tu_waiter tu_waiter_start(void)
 {
     tu_waiter w;
     w.deadline = tu_now_s() + tu_wait_seconds();
-    w.done = 0;
     w.ok = 0;
     return w;
 }
