@@ -211,7 +211,11 @@ impl Mailbox {
         }
         let mut batch = std::mem::take(&mut st.spare);
         if kind == Kind::Synchronous {
-            while st.queue.front().is_some_and(|i| i.from.is_none_or(|t| t == me)) {
+            while st
+                .queue
+                .front()
+                .is_some_and(|i| i.from.is_none_or(|t| t == me))
+            {
                 batch.extend(st.queue.pop_front());
             }
         } else {
