@@ -2,6 +2,7 @@
 #   make        build the library (target/release/libswitchboard.{so,a}) and include/switchboard.h
 #   make demo   build the library and the C examples, then run minimal and the PBX demo
 #   make test   run every test (Rust and C: cargo test)
+#   make bench  build in release mode and run the benchmark (ARGS="-w W1 -n 3" to select)
 #   make clean  remove build outputs
 
 CARGO   ?= cargo
@@ -14,7 +15,7 @@ HEADER  := $(INCDIR)/switchboard.h
 LINK    := -L$(LIBDIR) -lswitchboard -Wl,-rpath,$(LIBDIR)
 EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so
 
-.PHONY: all lib demo examples test clean
+.PHONY: all lib demo examples test bench clean
 
 all: lib
 
@@ -44,6 +45,9 @@ $(OUT)/pbx_module.so: c-examples/pbx_module.c c-examples/endpoint.h $(HEADER) $(
 
 test:
 	$(CARGO) test
+
+bench:
+	bash bench/run.sh $(ARGS)
 
 clean:
 	$(CARGO) clean
