@@ -179,4 +179,6 @@ c_tests!(
     test_topic_pool,
     test_stress,
     test_bad_input,
+    test_cache,
+    test_router,
 );
