@@ -177,6 +177,11 @@ typedef void (*sb_data_dtor)(void *data);
 typedef void (*sb_subscription_cb)(void *data, struct sb_subscription *sub, struct sb_message *msg);
 
 /**
+ * Overflow policies (an unsigned int, checked on input).
+ */
+typedef unsigned int sb_overflow;
+
+/**
  * Data of a subscription change message (type `sb_subscription_change_type()`).
  */
 typedef struct sb_subscription_change {
@@ -215,6 +220,27 @@ typedef struct sb_cache_update {
  * Deliver accepted types only.
  */
 #define SB_FILTER_SELECTIVE 1
+
+/**
+ * No limit: a slow subscriber's queue grows (the default, as in Stasis).
+ */
+#define SB_OVERFLOW_UNBOUNDED 0
+
+/**
+ * When the queue holds `limit` messages, drop the oldest to make room.
+ */
+#define SB_OVERFLOW_DROP_OLDEST 1
+
+/**
+ * When the queue holds `limit` messages, drop the new one.
+ */
+#define SB_OVERFLOW_DROP_NEWEST 2
+
+/**
+ * When the queue holds `limit` messages, the publisher waits for room (a publish from
+ * the subscription's own callback is let through, as it could never see room).
+ */
+#define SB_OVERFLOW_BLOCK 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -691,6 +717,19 @@ int sb_subscription_set_filter(struct sb_subscription *sub, sb_subscription_filt
 int sb_subscription_set_congestion_limits(struct sb_subscription *sub,
                                           long low_water,
                                           long high_water);
+
+/**
+ * Sets what happens when more than `limit` messages wait for `sub` (see SB_OVERFLOW_*).
+ * The final message is never dropped or refused; drops are counted
+ * (sb_subscription_dropped). Synchronous subscriptions never queue, so only the drop
+ * policies can apply to them. SB_E_INVAL for an unknown policy or a zero limit.
+ */
+int sb_subscription_set_overflow(struct sb_subscription *sub, sb_overflow policy, size_t limit);
+
+/**
+ * Messages the overflow policy dropped for `sub`.
+ */
+uint64_t sb_subscription_dropped(const struct sb_subscription *sub);
 
 /**
  * Times this subscription crossed its high-water mark.

@@ -100,3 +100,17 @@ impl Drop for Forward {
         self.magic = DEAD_MAGIC;
     }
 }
+
+/// Takes the graph lock for fork() (see `fork`).
+pub(crate) fn fork_lock() {
+    std::mem::forget(GRAPH.lock());
+}
+
+/// Releases the lock `fork_lock` took.
+///
+/// # Safety
+/// Only after `fork_lock` on this thread (or in a child forked from it).
+pub(crate) unsafe fn fork_unlock() {
+    // SAFETY: per the contract above, the lock is held and its guard was forgotten.
+    unsafe { GRAPH.force_unlock() };
+}

@@ -63,9 +63,25 @@ pub(crate) enum Action {
     Nested,
 }
 
+/// What a subscription does with a message when its queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// No limit (the default, as in Stasis).
+    Unbounded,
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+    /// Drop the new message.
+    DropNewest,
+    /// The publisher waits for room (except a publisher that is this subscription's own
+    /// runner, which could never see room and is let through).
+    Block,
+}
+
 pub(crate) enum Push {
     /// The mailbox is closed (final message queued): nothing is delivered after it.
     Closed,
+    /// The queue was full and the policy dropped this message.
+    Dropped,
     Queued {
         /// Sequence number of this item: `handled() >= seq` once it was delivered.
         seq: u64,
@@ -91,6 +107,11 @@ pub(crate) struct State {
     low_water: usize,
     high_water: usize,
     congested: bool,
+    overflow: Overflow,
+    limit: usize,
+    dropped: u64,
+    /// Publishers waiting for room (Overflow::Block).
+    blocked: u32,
 }
 
 pub(crate) struct Mailbox {
@@ -99,6 +120,8 @@ pub(crate) struct Mailbox {
     wake: Condvar,
     /// Wakes joiners and synchronous waiters when items are handled.
     progress: Condvar,
+    /// Wakes publishers blocked on a full queue.
+    room: Condvar,
     /// Queue length, published for lock-free peeks (spin-before-park).
     len: AtomicUsize,
 }
@@ -121,9 +144,14 @@ impl Mailbox {
                 low_water: DEFAULT_HIGH_WATER * 9 / 10,
                 high_water: DEFAULT_HIGH_WATER,
                 congested: false,
+                overflow: Overflow::Unbounded,
+                limit: usize::MAX,
+                dropped: 0,
+                blocked: 0,
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
+            room: Condvar::new(),
             len: AtomicUsize::new(0),
         }
     }
@@ -136,16 +164,47 @@ impl Mailbox {
         self.len.load(Ordering::Relaxed)
     }
 
-    /// Queues `item`; a `last` item closes the mailbox. For the synchronous kind,
-    /// `item.from` is the calling thread.
-    pub(crate) fn push(&self, item: Item, kind: Kind) -> Push {
+    /// Queues `item`; a `last` item closes the mailbox and is never refused or dropped.
+    /// For the synchronous kind, `item.from` is the calling thread. `may_block`: the
+    /// caller may wait for room (it is not this mailbox's runner).
+    pub(crate) fn push(&self, item: Item, kind: Kind, may_block: bool) -> Push {
         let me = item.from;
         let mut st = self.state.lock();
+        let mut evicted = None;
+        if !item.last && st.queue.len() >= st.limit && !st.closed {
+            match st.overflow {
+                Overflow::Unbounded => {}
+                Overflow::DropNewest => {
+                    st.dropped += 1;
+                    drop(st);
+                    drop(item); // may run a dtor: outside the lock
+                    return Push::Dropped;
+                }
+                Overflow::DropOldest => {
+                    evicted = st.queue.pop_front();
+                    st.dropped += 1;
+                }
+                Overflow::Block if may_block => {
+                    st.blocked += 1;
+                    while st.queue.len() >= st.limit && !st.closed && st.overflow == Overflow::Block
+                    {
+                        self.room.wait(&mut st);
+                    }
+                    st.blocked -= 1;
+                }
+                Overflow::Block => {}
+            }
+        }
         if st.closed {
+            drop(st);
+            drop(item);
             return Push::Closed;
         }
         if item.last {
             st.closed = true;
+            if st.blocked > 0 {
+                self.room.notify_all();
+            }
         }
         st.queue.push_back(item);
         st.pushed += 1;
@@ -179,6 +238,7 @@ impl Mailbox {
             },
         };
         drop(st);
+        drop(evicted); // may run a dtor: outside the lock
         if action == Action::Wake {
             self.wake.notify_one();
         }
@@ -226,6 +286,9 @@ impl Mailbox {
             st.congested = false;
         }
         st.run = RunState::Running(me);
+        if st.blocked > 0 {
+            self.room.notify_all();
+        }
         Some(batch)
     }
 
@@ -289,6 +352,19 @@ impl Mailbox {
         st.waiters -= 1;
     }
 
+    pub(crate) fn set_overflow(&self, policy: Overflow, limit: usize) {
+        let mut st = self.state.lock();
+        st.overflow = policy;
+        st.limit = if policy == Overflow::Unbounded {
+            usize::MAX
+        } else {
+            limit
+        };
+        if st.blocked > 0 {
+            self.room.notify_all();
+        }
+    }
+
     pub(crate) fn set_limits(&self, low: usize, high: usize) {
         let mut st = self.state.lock();
         st.low_water = low;
@@ -298,6 +374,12 @@ impl Mailbox {
 }
 
 impl State {
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
+    }
+    pub(crate) fn overflow(&self) -> Overflow {
+        self.overflow
+    }
     pub(crate) fn handled(&self) -> u64 {
         self.handled
     }

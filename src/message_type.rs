@@ -123,3 +123,17 @@ struct Registry {
 }
 
 static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
+
+/// Takes the registry lock for fork() (see `fork`).
+pub(crate) fn fork_lock() {
+    std::mem::forget(REGISTRY.lock());
+}
+
+/// Releases the lock `fork_lock` took.
+///
+/// # Safety
+/// Only after `fork_lock` on this thread (or in a child forked from it).
+pub(crate) unsafe fn fork_unlock() {
+    // SAFETY: per the contract above, the lock is held and its guard was forgotten.
+    unsafe { REGISTRY.force_unlock() };
+}

@@ -54,19 +54,22 @@ fn default_max() -> usize {
         .max(2)
 }
 
-static POOL: LazyLock<Pool> = LazyLock::new(|| Pool {
-    queue: SegQueue::new(),
-    sleeping: AtomicUsize::new(0),
-    active: AtomicUsize::new(0),
-    max: AtomicUsize::new(default_max()),
-    config: Mutex::new(Config {
-        min: 1,
-        max: default_max(),
-        idle_timeout: Duration::from_secs(20),
-        threads: 0,
-        blocked: 0,
-    }),
-    wake: Condvar::new(),
+static POOL: LazyLock<Pool> = LazyLock::new(|| {
+    crate::fork::install();
+    Pool {
+        queue: SegQueue::new(),
+        sleeping: AtomicUsize::new(0),
+        active: AtomicUsize::new(0),
+        max: AtomicUsize::new(default_max()),
+        config: Mutex::new(Config {
+            min: 1,
+            max: default_max(),
+            idle_timeout: Duration::from_secs(20),
+            threads: 0,
+            blocked: 0,
+        }),
+        wake: Condvar::new(),
+    }
 });
 
 pub(crate) fn global() -> &'static Pool {
@@ -186,4 +189,35 @@ impl Pool {
             }
         }
     }
+}
+
+/// Takes the pool lock for fork() (see `fork`).
+pub(crate) fn fork_lock() {
+    std::mem::forget(global().config.lock());
+}
+
+/// Releases the lock `fork_lock` took.
+///
+/// # Safety
+/// Only after `fork_lock` on this thread.
+pub(crate) unsafe fn fork_unlock() {
+    // SAFETY: per the contract above, the lock is held and its guard was forgotten.
+    unsafe { global().config.force_unlock() };
+}
+
+/// In a forked child: no worker survived, so forget them all, then release the lock.
+///
+/// # Safety
+/// Only in a child forked after `fork_lock`.
+pub(crate) unsafe fn fork_reset_and_unlock() {
+    let pool = global();
+    // SAFETY: the lock is held (taken before the fork) and this is the only thread; the
+    // guard was forgotten, so reach the data through the raw pointer.
+    let cfg = unsafe { &mut *pool.config.data_ptr() };
+    cfg.threads = 0;
+    cfg.blocked = 0;
+    pool.active.store(0, Ordering::SeqCst);
+    pool.sleeping.store(0, Ordering::SeqCst);
+    // SAFETY: as above.
+    unsafe { pool.config.force_unlock() };
 }

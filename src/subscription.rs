@@ -10,8 +10,9 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::filter::Filter;
+use crate::fork;
 use crate::log;
-use crate::mailbox::{Action, Item, Kind, Mailbox, Push};
+use crate::mailbox::{Action, Item, Kind, Mailbox, Overflow, Push};
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::pool;
@@ -40,6 +41,10 @@ pub struct Subscription {
     mailbox: Mailbox,
     subscribed: AtomicBool,
     congestion_warnings: AtomicU64,
+    /// Mirrors `Overflow::Block`, so other policies skip the blocking bookkeeping.
+    blocking_overflow: AtomicBool,
+    /// Dedicated kind: the fork generation whose process runs this subscription's thread.
+    thread_generation: AtomicU64,
 }
 
 thread_local! {
@@ -90,18 +95,12 @@ impl Subscription {
             mailbox: Mailbox::new(),
             subscribed: AtomicBool::new(true),
             congestion_warnings: AtomicU64::new(0),
+            blocking_overflow: AtomicBool::new(false),
+            thread_generation: AtomicU64::new(fork::generation()),
         });
+        fork::install();
         if kind == Kind::Dedicated {
-            let runner = Arc::clone(&sub);
-            thread::Builder::new()
-                .name(format!("sb-sub-{n}"))
-                .spawn(move || runner.dedicated_thread())
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::NoMemory,
-                        format!("cannot start subscription thread: {e}"),
-                    )
-                })?;
+            sub.spawn_thread()?;
         }
         let change = SubscriptionChange::message(topic, &sub.uniqueid, false);
         sub.offer(&change, false);
@@ -167,6 +166,27 @@ impl Subscription {
         Ok(())
     }
 
+    /// What to do when more than `limit` messages wait. The final message is never
+    /// dropped; drops are counted ([`Subscription::dropped`]).
+    pub fn set_overflow(&self, policy: Overflow, limit: usize) -> Result<()> {
+        if policy != Overflow::Unbounded && limit == 0 {
+            return Err(Error::invalid("an overflow limit must be at least 1"));
+        }
+        self.blocking_overflow
+            .store(policy == Overflow::Block, Ordering::Relaxed);
+        self.mailbox.set_overflow(policy, limit);
+        Ok(())
+    }
+
+    pub fn overflow(&self) -> Overflow {
+        self.mailbox.lock().overflow()
+    }
+
+    /// Messages the overflow policy dropped.
+    pub fn dropped(&self) -> u64 {
+        self.mailbox.lock().dropped()
+    }
+
     /// True when `msg` is this subscription's final message.
     pub fn is_final_message(&self, msg: &Message) -> bool {
         msg.value::<SubscriptionChange>().is_some_and(|c| {
@@ -177,6 +197,11 @@ impl Subscription {
     /// Queues `msg` (already filtered by the caller) and does what the mailbox asks.
     /// Returns the item's sequence number, or None when the mailbox is closed.
     pub(crate) fn offer(self: &Arc<Self>, msg: &Arc<Message>, last: bool) -> Option<u64> {
+        if self.kind == Kind::Dedicated
+            && self.thread_generation.load(Ordering::Relaxed) != fork::generation()
+        {
+            self.respawn_after_fork();
+        }
         // Only the synchronous kind compares thread ids; the others skip the lookup.
         let me = (self.kind == Kind::Synchronous).then(|| thread::current().id());
         let item = Item {
@@ -184,8 +209,16 @@ impl Subscription {
             last,
             from: me,
         };
-        match self.mailbox.push(item, self.kind) {
-            Push::Closed => None,
+        let push = if self.blocking_overflow.load(Ordering::Relaxed) {
+            // A runner waiting for room in its own queue would wait forever; a pool worker
+            // waiting lets the pool start another.
+            let may_block = self.kind != Kind::Synchronous && !is_running_here(Arc::as_ptr(self));
+            pool::blocking(|| self.mailbox.push(item, self.kind, may_block))
+        } else {
+            self.mailbox.push(item, self.kind, false)
+        };
+        match push {
+            Push::Closed | Push::Dropped => None,
             Push::Queued {
                 seq,
                 action,
@@ -278,6 +311,36 @@ impl Subscription {
         }
         self.mailbox.reschedule();
         true
+    }
+
+    fn spawn_thread(self: &Arc<Self>) -> Result<()> {
+        let runner = Arc::clone(self);
+        thread::Builder::new()
+            .name(format!("sb-sub-{}", self.uniqueid()))
+            .spawn(move || runner.dedicated_thread())
+            .map(drop)
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::NoMemory,
+                    format!("cannot start subscription thread: {e}"),
+                )
+            })
+    }
+
+    /// In a forked child the dedicated thread is gone: start a new one, once.
+    fn respawn_after_fork(self: &Arc<Self>) {
+        let now = fork::generation();
+        let was = self.thread_generation.load(Ordering::Acquire);
+        if was != now
+            && self
+                .thread_generation
+                .compare_exchange(was, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            if let Err(e) = self.spawn_thread() {
+                log::warn(&format!("subscription {}: {e}", self.uniqueid()));
+            }
+        }
     }
 
     fn dedicated_thread(self: Arc<Self>) {

@@ -323,3 +323,17 @@ pub fn live_topic_count() -> usize {
         .filter(|w| w.strong_count() > 0)
         .count()
 }
+
+/// Takes the registry lock for fork() (see `fork`).
+pub(crate) fn fork_lock() {
+    std::mem::forget(REGISTRY.lock());
+}
+
+/// Releases the lock `fork_lock` took.
+///
+/// # Safety
+/// Only after `fork_lock` on this thread (or in a child forked from it).
+pub(crate) unsafe fn fork_unlock() {
+    // SAFETY: per the contract above, the lock is held and its guard was forgotten.
+    unsafe { REGISTRY.force_unlock() };
+}

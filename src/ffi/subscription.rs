@@ -5,7 +5,7 @@ use super::topic::sb_topic;
 use super::{boundary, fail_code, fail_null, to_code, Handle, UserData};
 use crate::error::{set_last_error, Error};
 use crate::filter::{FILTER_NONE, FILTER_SELECTIVE};
-use crate::mailbox::Kind;
+use crate::mailbox::{Kind, Overflow};
 use crate::subscription::{change_type, ChangeView, Subscription};
 use std::ffi::{c_char, c_int, c_long, c_uint, c_void};
 
@@ -36,6 +36,18 @@ pub const SB_FILTER_NONE: sb_subscription_filter = 0;
 pub const SB_FILTER_SELECTIVE: sb_subscription_filter = 1;
 
 const _: () = assert!(SB_FILTER_NONE == FILTER_NONE && SB_FILTER_SELECTIVE == FILTER_SELECTIVE);
+
+/// Overflow policies (an unsigned int, checked on input).
+pub type sb_overflow = c_uint;
+/// No limit: a slow subscriber's queue grows (the default, as in Stasis).
+pub const SB_OVERFLOW_UNBOUNDED: sb_overflow = 0;
+/// When the queue holds `limit` messages, drop the oldest to make room.
+pub const SB_OVERFLOW_DROP_OLDEST: sb_overflow = 1;
+/// When the queue holds `limit` messages, drop the new one.
+pub const SB_OVERFLOW_DROP_NEWEST: sb_overflow = 2;
+/// When the queue holds `limit` messages, the publisher waits for room (a publish from
+/// the subscription's own callback is let through, as it could never see room).
+pub const SB_OVERFLOW_BLOCK: sb_overflow = 3;
 
 /// Data of a subscription change message (type `sb_subscription_change_type()`).
 #[repr(C)]
@@ -296,6 +308,40 @@ pub extern "C" fn sb_subscription_set_congestion_limits(
             sb_subscription::borrow(sub)
                 .and_then(|s| s.set_congestion_limits(low_water as usize, high_water as usize)),
         )
+    })
+}
+
+/// Sets what happens when more than `limit` messages wait for `sub` (see SB_OVERFLOW_*).
+/// The final message is never dropped or refused; drops are counted
+/// (sb_subscription_dropped). Synchronous subscriptions never queue, so only the drop
+/// policies can apply to them. SB_E_INVAL for an unknown policy or a zero limit.
+#[no_mangle]
+pub extern "C" fn sb_subscription_set_overflow(
+    sub: *mut sb_subscription,
+    policy: sb_overflow,
+    limit: usize,
+) -> c_int {
+    boundary(|| {
+        let policy = match policy {
+            SB_OVERFLOW_UNBOUNDED => Overflow::Unbounded,
+            SB_OVERFLOW_DROP_OLDEST => Overflow::DropOldest,
+            SB_OVERFLOW_DROP_NEWEST => Overflow::DropNewest,
+            SB_OVERFLOW_BLOCK => Overflow::Block,
+            other => return fail_code(Error::invalid(format!("unknown overflow policy {other}"))),
+        };
+        to_code(sb_subscription::borrow(sub).and_then(|s| s.set_overflow(policy, limit)))
+    })
+}
+
+/// Messages the overflow policy dropped for `sub`.
+#[no_mangle]
+pub extern "C" fn sb_subscription_dropped(sub: *const sb_subscription) -> u64 {
+    boundary(|| match sb_subscription::borrow(sub) {
+        Ok(s) => s.dropped(),
+        Err(e) => {
+            set_last_error(&e);
+            0
+        }
     })
 }
 
