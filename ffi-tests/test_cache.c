@@ -1194,12 +1194,16 @@ static atomic_int mod_loaded;
 static atomic_int mod_calls;
 static atomic_int mod_calls_unloaded;
 
+/* Every module function: it must neither start nor still be running once the module is
+ * unloaded (the sleep keeps calls in flight long enough for an early return to show). */
 static void mod_touch(void)
 {
     atomic_fetch_add(&mod_calls, 1);
     if (!atomic_load(&mod_loaded))
         atomic_fetch_add(&mod_calls_unloaded, 1);
-    sched_yield(); /* widen the window */
+    tu_sleep_us(100);
+    if (!atomic_load(&mod_loaded))
+        atomic_fetch_add(&mod_calls_unloaded, 1);
 }
 
 static const char *mod_id(sb_message *msg)

@@ -881,10 +881,14 @@ static void mod_route(void *data, sb_subscription *sub, sb_message *msg)
     (void)data;
     (void)sub;
     (void)msg;
+    /* must neither start nor still be running once the module is unloaded (the sleep
+     * keeps calls in flight long enough for an early return to show) */
     atomic_fetch_add(&mod_calls, 1);
     if (!atomic_load(&mod_loaded))
         atomic_fetch_add(&mod_calls_unloaded, 1);
-    sched_yield();
+    tu_sleep_us(100);
+    if (!atomic_load(&mod_loaded))
+        atomic_fetch_add(&mod_calls_unloaded, 1);
 }
 
 typedef struct module {
@@ -935,7 +939,7 @@ static void *mod_publisher(void *arg)
         s++;
         atomic_fetch_add(&p->published, 1);
         if (s % 8 == 0)
-            tu_sleep_us(tu_slow() ? 2000 : 50); /* keep the routers' backlog bounded */
+            tu_sleep_us(tu_slow() ? 2000 : 200); /* keep the routers' backlog bounded */
     }
     return NULL;
 }

@@ -318,23 +318,26 @@ impl Cache {
             .unwrap_or_default()
     }
 
+    /// A point-in-time copy: every shard's read lock is held while the entries are
+    /// copied out (a put changes one shard under its write lock, so no put is half-seen
+    /// and none is seen out of order), then `pick` runs with no lock held.
     fn collect(
         &self,
         ty: Option<&MessageType>,
         mut pick: impl FnMut(&CacheEntry, &mut Vec<Arc<Message>>),
     ) -> Vec<Arc<Message>> {
-        let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            // Copy the entries out under the read lock; pick outside of it.
-            let entries: Vec<Arc<CacheEntry>> = shard
-                .read()
+        let entries: Vec<Arc<CacheEntry>> = {
+            let guards: Vec<_> = self.shards.iter().map(|s| s.read()).collect();
+            guards
                 .iter()
+                .flat_map(|g| g.iter())
                 .filter(|(k, _)| ty.is_none_or(|t| t.id() == k.type_id))
                 .map(|(_, e)| Arc::clone(e))
-                .collect();
-            for e in &entries {
-                pick(e, &mut out);
-            }
+                .collect()
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for e in &entries {
+            pick(e, &mut out);
         }
         out
     }

@@ -18,6 +18,7 @@ mod names;
 pub mod pool;
 pub mod router;
 pub mod subscription;
+mod sync;
 pub mod topic;
 pub mod topic_pool;
 

@@ -8,11 +8,10 @@
 //! trivially consistent with the queue it describes.
 
 use crate::message::Message;
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use crate::sync::{thread_token, AtomicUsize, Condvar, Mutex, MutexGuard, ThreadToken};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::ThreadId;
 
 /// One pending delivery.
 pub(crate) struct Item {
@@ -20,7 +19,7 @@ pub(crate) struct Item {
     /// The Unsubscribe change message: always the last item a mailbox ever holds.
     pub(crate) last: bool,
     /// Synchronous kind only: the publishing thread, which must run the callback.
-    pub(crate) from: Option<ThreadId>,
+    pub(crate) from: Option<ThreadToken>,
 }
 
 /// Who runs the callbacks.
@@ -41,7 +40,7 @@ pub(crate) enum RunState {
     /// Handed to the pool; a worker will run it.
     Scheduled,
     /// A thread is delivering a batch.
-    Running(ThreadId),
+    Running(ThreadToken),
 }
 
 /// What the pusher must do once it has released the lock.
@@ -229,7 +228,7 @@ impl Mailbox {
             },
             Kind::Synchronous => match st.run {
                 RunState::Idle => {
-                    let me = me.unwrap_or_else(|| std::thread::current().id());
+                    let me = me.unwrap_or_else(|| thread_token());
                     st.run = RunState::Running(me);
                     Action::RunHere
                 }
@@ -255,7 +254,7 @@ impl Mailbox {
     /// Synchronous kind: a callback runs on its publisher's thread, so the batch is only
     /// the leading items `me` published. When the head belongs to another thread, the run
     /// is handed to that thread (waiting in `wait_turn`) and this runner stops.
-    pub(crate) fn take_batch(&self, me: ThreadId, kind: Kind) -> Option<VecDeque<Item>> {
+    pub(crate) fn take_batch(&self, me: ThreadToken, kind: Kind) -> Option<VecDeque<Item>> {
         let mut st = self.state.lock();
         let Some(head_from) = st.queue.front().map(|i| i.from) else {
             st.run = RunState::Idle;
@@ -329,7 +328,7 @@ impl Mailbox {
 
     /// Synchronous kind: blocks until the run is handed to `me` (true) or the mailbox is
     /// done (false).
-    pub(crate) fn wait_turn(&self, me: ThreadId) -> bool {
+    pub(crate) fn wait_turn(&self, me: ThreadToken) -> bool {
         let mut st = self.state.lock();
         st.waiters += 1;
         while st.run != RunState::Running(me) && !st.done {

@@ -152,7 +152,7 @@ impl Pool {
 
     fn worker(&'static self) {
         IS_WORKER.with(|w| w.set(true));
-        let me = thread::current().id();
+        let me = crate::sync::thread_token();
         loop {
             if let Some(sub) = self.queue.pop() {
                 if sub.run_pool_turn(me, BATCHES_PER_TURN) {

@@ -16,6 +16,7 @@ use crate::mailbox::{Action, Item, Kind, Mailbox, Overflow, Push};
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::pool;
+use crate::sync::ThreadToken;
 use crate::topic::Topic;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -23,7 +24,7 @@ use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::thread::{self, ThreadId};
+use std::thread;
 
 pub(crate) const SUBSCRIPTION_MAGIC: u32 = 0x5342_5342; // "SBSB"
 
@@ -203,7 +204,7 @@ impl Subscription {
             self.respawn_after_fork();
         }
         // Only the synchronous kind compares thread ids; the others skip the lookup.
-        let me = (self.kind == Kind::Synchronous).then(|| thread::current().id());
+        let me = (self.kind == Kind::Synchronous).then(|| crate::sync::thread_token());
         let item = Item {
             msg: Arc::clone(msg),
             last,
@@ -235,10 +236,10 @@ impl Subscription {
                 match action {
                     Action::Schedule => pool::global().schedule(Arc::clone(self)),
                     Action::RunHere => {
-                        self.run_until_idle(me.unwrap_or_else(|| thread::current().id()))
+                        self.run_until_idle(me.unwrap_or_else(|| crate::sync::thread_token()))
                     }
                     Action::WaitTurn => {
-                        let me = me.unwrap_or_else(|| thread::current().id());
+                        let me = me.unwrap_or_else(|| crate::sync::thread_token());
                         if pool::blocking(|| self.mailbox.wait_turn(me)) {
                             self.run_until_idle(me);
                         }
@@ -287,7 +288,7 @@ impl Subscription {
 
     /// Runs batches on this thread until the queue is empty. Returns true when the final
     /// message was delivered.
-    fn run_until_idle(self: &Arc<Self>, me: ThreadId) {
+    fn run_until_idle(self: &Arc<Self>, me: ThreadToken) {
         while let Some(mut batch) = self.mailbox.take_batch(me, self.kind) {
             let (n, last) = self.deliver(&mut batch);
             self.mailbox.finish_batch(batch, n, last);
@@ -296,7 +297,7 @@ impl Subscription {
 
     /// A pool worker's turn: at most `max_batches` batches. Returns true when work is
     /// left and the subscription must go back on the pool's queue.
-    pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadId, max_batches: usize) -> bool {
+    pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> bool {
         for _ in 0..max_batches {
             match self.mailbox.take_batch(me, self.kind) {
                 None => return false,
@@ -344,7 +345,7 @@ impl Subscription {
     }
 
     fn dedicated_thread(self: Arc<Self>) {
-        let me = thread::current().id();
+        let me = crate::sync::thread_token();
         loop {
             // Spin a little before parking: under load the next message is usually a
             // few hundred nanoseconds away, and a futex round trip costs more.

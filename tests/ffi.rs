@@ -181,4 +181,5 @@ c_tests!(
     test_bad_input,
     test_cache,
     test_router,
+    test_cache_concurrency,
 );

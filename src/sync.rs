@@ -1,0 +1,86 @@
+//! The synchronization primitives of the concurrency core (mailbox), in one place so the
+//! loom model checks (`RUSTFLAGS="--cfg loom" cargo test --release --lib loom`) can swap
+//! in loom's instrumented versions with the same API.
+
+#[cfg(not(loom))]
+pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::AtomicUsize;
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::AtomicUsize;
+#[cfg(loom)]
+pub(crate) use loom_shim::{Condvar, Mutex, MutexGuard};
+
+use std::num::NonZeroU64;
+
+/// Identifies a thread; cheaper to get than a `ThreadId` (one TLS read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ThreadToken(NonZeroU64);
+
+#[cfg(not(loom))]
+pub(crate) fn thread_token() -> ThreadToken {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: Cell<u64> = const { Cell::new(0) };
+    }
+    let mut t = TOKEN.with(Cell::get);
+    if t == 0 {
+        t = NEXT.fetch_add(1, Ordering::Relaxed);
+        TOKEN.with(|c| c.set(t));
+    }
+    ThreadToken(NonZeroU64::new(t).expect("tokens start at 1"))
+}
+
+#[cfg(loom)]
+pub(crate) fn thread_token() -> ThreadToken {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    loom::thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    ThreadToken(NonZeroU64::new(TOKEN.with(|t| *t)).expect("tokens start at 1"))
+}
+
+#[cfg(loom)]
+mod loom_shim {
+    /// loom's Mutex with parking_lot's infallible `lock`.
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Mutex<T> {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().expect("no poisoning in models")
+        }
+    }
+
+    /// loom's Condvar with parking_lot's `wait(&mut guard)`.
+    pub(crate) struct Condvar(loom::sync::Condvar);
+
+    impl Condvar {
+        pub(crate) fn new() -> Condvar {
+            Condvar(loom::sync::Condvar::new())
+        }
+        pub(crate) fn notify_one(&self) {
+            self.0.notify_one();
+        }
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
+        }
+        pub(crate) fn wait<T>(&self, guard: &mut MutexGuard<'_, T>) {
+            // SAFETY: the guard is moved out, handed to loom's wait, and the re-acquired
+            // guard written back before anyone can observe the slot. A panic in between
+            // aborts the model run, which never resumes this frame.
+            unsafe {
+                let owned = std::ptr::read(guard);
+                let back = self.0.wait(owned).expect("no poisoning in models");
+                std::ptr::write(guard, back);
+            }
+        }
+    }
+}
