@@ -228,7 +228,7 @@ impl Mailbox {
             },
             Kind::Synchronous => match st.run {
                 RunState::Idle => {
-                    let me = me.unwrap_or_else(|| thread_token());
+                    let me = me.unwrap_or_else(thread_token);
                     st.run = RunState::Running(me);
                     Action::RunHere
                 }

@@ -204,7 +204,7 @@ impl Subscription {
             self.respawn_after_fork();
         }
         // Only the synchronous kind compares thread ids; the others skip the lookup.
-        let me = (self.kind == Kind::Synchronous).then(|| crate::sync::thread_token());
+        let me = (self.kind == Kind::Synchronous).then(crate::sync::thread_token);
         let item = Item {
             msg: Arc::clone(msg),
             last,
@@ -236,10 +236,10 @@ impl Subscription {
                 match action {
                     Action::Schedule => pool::global().schedule(Arc::clone(self)),
                     Action::RunHere => {
-                        self.run_until_idle(me.unwrap_or_else(|| crate::sync::thread_token()))
+                        self.run_until_idle(me.unwrap_or_else(crate::sync::thread_token))
                     }
                     Action::WaitTurn => {
-                        let me = me.unwrap_or_else(|| crate::sync::thread_token());
+                        let me = me.unwrap_or_else(crate::sync::thread_token);
                         if pool::blocking(|| self.mailbox.wait_turn(me)) {
                             self.run_until_idle(me);
                         }
