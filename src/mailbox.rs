@@ -383,3 +383,7 @@ impl State {
         self.handled
     }
 }
+
+#[cfg(all(test, loom))]
+#[path = "mailbox_loom.rs"]
+mod loom_tests;
