@@ -11,13 +11,11 @@ pub(crate) const FILTER_NONE: u32 = 0;
 /// Deliver accepted types only.
 pub(crate) const FILTER_SELECTIVE: u32 = 1;
 
-/// Bit sets by type id. The types are pinned (kept alive) so that their ids, which are
-/// reused after a type dies, can never come to mean another type here.
+/// Bit sets by type id (ids are never reused: types live as long as the process).
 #[derive(Clone, Default)]
 struct TypeSets {
     accepted: Vec<u64>,
     declined: Vec<u64>,
-    pinned: Vec<Arc<MessageType>>,
 }
 
 fn bit(set: &[u64], id: u32) -> bool {
@@ -100,16 +98,9 @@ impl Filter {
         self.mode.store(mode, Ordering::Release);
     }
 
-    fn pin(sets: &mut TypeSets, ty: &Arc<MessageType>) {
-        if !sets.pinned.iter().any(|p| Arc::ptr_eq(p, ty)) {
-            sets.pinned.push(Arc::clone(ty));
-        }
-    }
-
     /// Accepts `ty` and switches to selective filtering.
     pub(crate) fn accept(&self, ty: &Arc<MessageType>) {
         self.update(|sets, selective| {
-            Self::pin(sets, ty);
             set_bit(&mut sets.accepted, ty.id(), true);
             set_bit(&mut sets.declined, ty.id(), false);
             *selective = true;
@@ -119,7 +110,6 @@ impl Filter {
     /// Stops delivering `ty`, whatever the filter mode.
     pub(crate) fn decline(&self, ty: &Arc<MessageType>) {
         self.update(|sets, _| {
-            Self::pin(sets, ty);
             set_bit(&mut sets.accepted, ty.id(), false);
             set_bit(&mut sets.declined, ty.id(), true);
         });
@@ -130,7 +120,6 @@ impl Filter {
         self.update(|sets, selective| {
             sets.accepted.clear();
             for ty in types {
-                Self::pin(sets, ty);
                 set_bit(&mut sets.accepted, ty.id(), true);
             }
             *selective = true;

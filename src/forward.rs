@@ -52,6 +52,7 @@ impl Forward {
             to: Arc::clone(to),
         });
         from.forwards.store(Arc::new(list));
+        from.has_forwards.store(true, Ordering::Release);
         Ok(Arc::new(Forward {
             magic: FORWARD_MAGIC,
             id,
@@ -86,6 +87,9 @@ impl Forward {
                 to: Arc::clone(&l.to),
             })
             .collect();
+        self.from
+            .has_forwards
+            .store(!list.is_empty(), Ordering::Release);
         self.from.forwards.store(if list.is_empty() {
             Arc::clone(&EMPTY_FORWARDS)
         } else {

@@ -1,12 +1,21 @@
-//! Message types: named, refcounted, with a small dense id used by publish-time filters.
+//! Message types: named, with a small dense id used by publish-time filters.
+//!
+//! Types are interned for the life of the process: the registry keeps every type it
+//! ever created, so a type's memory never goes away and a message can point at its type
+//! without touching a reference count. (A shared count, bumped by the publisher and
+//! dropped by the subscriber's thread for every message, was a cache line bouncing
+//! between cores on the hottest path.) References handed to C still count, so a type
+//! whose users all let go is "dormant": creating its name again revives it with the new
+//! creator's functions, which matters when a module that supplied `to_json` is unloaded
+//! and loaded again.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::names::check_name;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock};
 
 pub(crate) const TYPE_MAGIC: u32 = 0x5342_5459; // "SBTY"
 pub(crate) const DEAD_MAGIC: u32 = 0xdead_dead;
@@ -14,13 +23,13 @@ pub(crate) const DEAD_MAGIC: u32 = 0xdead_dead;
 /// Renders a message as JSON text (the wire codecs will sit beside it).
 pub type ToJsonFn = Box<dyn Fn(&Message) -> Option<String> + Send + Sync>;
 
-/// A message type. Two live types never share a name.
+/// A message type. A name always means the same type.
 #[repr(C)]
 pub struct MessageType {
     magic: u32,
     id: u32,
     name: CString,
-    to_json: Option<ToJsonFn>,
+    to_json: RwLock<Option<Arc<ToJsonFn>>>,
 }
 
 impl MessageType {
@@ -28,43 +37,43 @@ impl MessageType {
         self.magic == TYPE_MAGIC
     }
 
-    /// Creates the type `name`, or returns the live type that already holds that name.
+    /// Creates the type `name`, or returns the type that already holds that name (with
+    /// `to_json` installed if the type was dormant: no reference outside the registry).
     /// Fails with [`ErrorKind::Declined`] when the name was declined.
     pub fn create(name: &str, to_json: Option<ToJsonFn>) -> Result<Arc<MessageType>> {
         check_name("message type", name)?;
-        let mut reg = REGISTRY.lock();
-        if reg.declined.contains(name) {
+        if REGISTRY.lock().declined.contains(name) {
             return Err(Error::new(
                 ErrorKind::Declined,
                 format!("message type '{name}' is declined"),
             ));
         }
-        if let Some(live) = reg.by_name.get(name).and_then(Weak::upgrade) {
-            return Ok(live);
-        }
-        let id = match reg.free_ids.pop() {
-            Some(id) => id,
-            None => {
-                reg.next_id += 1;
-                reg.next_id - 1
-            }
-        };
-        let ty = Arc::new(MessageType {
-            magic: TYPE_MAGIC,
-            id,
-            name: CString::new(name).expect("checked for NUL"),
-            to_json,
-        });
-        reg.by_name.insert(name.into(), Arc::downgrade(&ty));
-        Ok(ty)
+        Ok(MessageType::intern(name, to_json))
     }
 
-    /// A type the library itself owns for as long as the process runs.
-    pub(crate) fn builtin(name: &str) -> Arc<MessageType> {
-        let ty = MessageType::create(name, None).expect("builtin type names are never declined");
-        // Builtins are static: keep one reference forever so the id is never recycled.
-        std::mem::forget(Arc::clone(&ty));
+    fn intern(name: &str, to_json: Option<ToJsonFn>) -> Arc<MessageType> {
+        let mut reg = REGISTRY.lock();
+        if let Some(ty) = reg.by_name.get(name) {
+            // Only the registry's own reference: nobody uses the type; take the new
+            // creator's functions (the old ones may belong to unloaded code).
+            if Arc::strong_count(ty) == 1 {
+                *ty.to_json.write() = to_json.map(Arc::new);
+            }
+            return Arc::clone(ty);
+        }
+        let ty = Arc::new(MessageType {
+            magic: TYPE_MAGIC,
+            id: reg.by_name.len() as u32,
+            name: CString::new(name).expect("checked for NUL"),
+            to_json: RwLock::new(to_json.map(Arc::new)),
+        });
+        reg.by_name.insert(name.into(), Arc::clone(&ty));
         ty
+    }
+
+    /// A type the library itself uses (never declined).
+    pub(crate) fn builtin(name: &str) -> Arc<MessageType> {
+        MessageType::intern(name, None)
     }
 
     pub fn name(&self) -> &str {
@@ -73,12 +82,14 @@ impl MessageType {
     pub(crate) fn name_cstr(&self) -> &std::ffi::CStr {
         &self.name
     }
-    /// Small dense integer; ids of dropped types are reused.
+    /// Small dense integer (0, 1, 2... in creation order).
     pub fn id(&self) -> u32 {
         self.id
     }
     pub fn to_json(&self, msg: &Message) -> Option<String> {
-        self.to_json.as_ref().and_then(|f| f(msg))
+        // Clone out of the lock: to_json is user code.
+        let f = self.to_json.read().clone();
+        f.and_then(|f| f(msg))
     }
 
     /// Makes later creates of `name` fail. Live types of that name stay usable.
@@ -92,22 +103,6 @@ impl MessageType {
     }
 }
 
-impl Drop for MessageType {
-    fn drop(&mut self) {
-        let mut reg = REGISTRY.lock();
-        let name = self.name();
-        // A new type of the same name may already hold the slot: remove only our own.
-        if let Some(w) = reg.by_name.get(name) {
-            if std::ptr::eq(w.as_ptr(), self) {
-                reg.by_name.remove(name);
-            }
-        }
-        reg.free_ids.push(self.id);
-        drop(reg);
-        self.magic = DEAD_MAGIC;
-    }
-}
-
 impl std::fmt::Debug for MessageType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MessageType({}#{})", self.name(), self.id)
@@ -116,10 +111,9 @@ impl std::fmt::Debug for MessageType {
 
 #[derive(Default)]
 struct Registry {
-    by_name: HashMap<Box<str>, Weak<MessageType>>,
+    /// Every type ever created; ids are indexes in creation order.
+    by_name: HashMap<Box<str>, Arc<MessageType>>,
     declined: HashSet<Box<str>>,
-    free_ids: Vec<u32>,
-    next_id: u32,
 }
 
 static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);

@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 pub(crate) const TOPIC_MAGIC: u32 = 0x5342_5450; // "SBTP"
@@ -38,6 +38,8 @@ pub struct Topic {
     uniqueid: CString,
     subscribers: ArcSwap<SubList>,
     pub(crate) forwards: ArcSwap<ForwardList>,
+    /// `forwards` is non-empty: lets the common publish skip loading it.
+    pub(crate) has_forwards: AtomicBool,
     /// Serializes writers of `subscribers`.
     write: Mutex<()>,
 }
@@ -114,6 +116,7 @@ impl Topic {
             uniqueid: CString::new(format!("{}-{n:x}", Eid::default_eid())).expect("no NUL"),
             subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
             forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
+            has_forwards: AtomicBool::new(false),
             write: Mutex::new(()),
         });
         reg.insert(name.into(), Arc::downgrade(&topic));
@@ -188,10 +191,10 @@ impl Topic {
 
     pub(crate) fn publish_ctx(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
         let mut count = self.deliver_local(msg, ctx);
-        let forwards = self.forwards.load();
-        if forwards.is_empty() {
+        if !self.has_forwards.load(Ordering::Acquire) {
             return count;
         }
+        let forwards = self.forwards.load();
         let mut visited = Visited::new(self);
         for link in forwards.iter() {
             count += link.to.publish_forwarded(msg, ctx, &mut visited);
