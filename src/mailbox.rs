@@ -123,6 +123,8 @@ pub(crate) struct Mailbox {
     room: Condvar,
     /// Queue length, published for lock-free peeks (spin-before-park).
     len: AtomicUsize,
+    /// Mirror of `State::done`, for lock-free peeks (a joiner spins before it sleeps).
+    done: AtomicUsize,
 }
 
 pub(crate) const DEFAULT_HIGH_WATER: usize = 10_000;
@@ -152,11 +154,17 @@ impl Mailbox {
             progress: Condvar::new(),
             room: Condvar::new(),
             len: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
         }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock()
+    }
+
+    /// The final message was handled (lock-free peek).
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire) != 0
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -301,6 +309,7 @@ impl Mailbox {
         st.handled += n as u64;
         if last {
             st.done = true;
+            self.done.store(1, Ordering::Release);
             st.queue = VecDeque::new();
             st.spare = VecDeque::new();
         }

@@ -132,7 +132,7 @@ impl Subscription {
         is_running_here(self)
     }
     pub fn is_done(&self) -> bool {
-        self.mailbox.lock().done
+        self.mailbox.is_done()
     }
     /// Messages queued and not yet taken by the runner.
     pub fn queue_len(&self) -> usize {
@@ -395,6 +395,18 @@ impl Subscription {
                     self.uniqueid()
                 ),
             ));
+        }
+        // The final message is usually a few microseconds away (a module unloading, a
+        // churning subscriber): spin briefly before paying for a sleep and a wake-up.
+        for i in 0..200 {
+            if self.mailbox.is_done() {
+                return Ok(());
+            }
+            if i < 100 {
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
+            }
         }
         pool::blocking(|| self.mailbox.wait_until(|st| st.done));
         Ok(())
