@@ -721,8 +721,9 @@ int sb_subscription_set_congestion_limits(struct sb_subscription *sub,
 /**
  * Sets what happens when more than `limit` messages wait for `sub` (see SB_OVERFLOW_*).
  * The final message is never dropped or refused; drops are counted
- * (sb_subscription_dropped). Synchronous subscriptions never queue, so only the drop
- * policies can apply to them. SB_E_INVAL for an unknown policy or a zero limit.
+ * (sb_subscription_dropped). Synchronous subscriptions run inside sb_publish and never
+ * build a queue: the policy is recorded but has no effect on them. SB_E_INVAL for an
+ * unknown policy or a zero limit.
  */
 int sb_subscription_set_overflow(struct sb_subscription *sub, sb_overflow policy, size_t limit);
 

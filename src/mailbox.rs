@@ -111,6 +111,8 @@ pub(crate) struct State {
     dropped: u64,
     /// Publishers waiting for room (Overflow::Block).
     blocked: u32,
+    /// Items evicted while a batch ran: counted as handled when that batch is.
+    evicted_pending: u64,
 }
 
 pub(crate) struct Mailbox {
@@ -149,6 +151,7 @@ impl Mailbox {
                 limit: usize::MAX,
                 dropped: 0,
                 blocked: 0,
+                evicted_pending: 0,
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
@@ -178,7 +181,9 @@ impl Mailbox {
         let me = item.from;
         let mut st = self.state.lock();
         let mut evicted = None;
-        if !item.last && st.queue.len() >= st.limit && !st.closed {
+        // Synchronous queues only ever hold the items of publishers waiting for their
+        // turn; dropping one would leave its publisher waiting forever.
+        if !item.last && kind != Kind::Synchronous && st.queue.len() >= st.limit && !st.closed {
             match st.overflow {
                 Overflow::Unbounded => {}
                 Overflow::DropNewest => {
@@ -190,6 +195,16 @@ impl Mailbox {
                 Overflow::DropOldest => {
                     evicted = st.queue.pop_front();
                     st.dropped += 1;
+                    // An evicted item counts as handled (publish_sync waiters wait on the
+                    // count), but not before the batch ahead of it is.
+                    if matches!(st.run, RunState::Running(_)) {
+                        st.evicted_pending += 1;
+                    } else {
+                        st.handled += 1;
+                        if st.waiters > 0 {
+                            self.progress.notify_all();
+                        }
+                    }
                 }
                 Overflow::Block if may_block => {
                     st.blocked += 1;
@@ -306,7 +321,8 @@ impl Mailbox {
         if st.spare.capacity() < batch.capacity() {
             st.spare = batch;
         }
-        st.handled += n as u64;
+        st.handled += n as u64 + st.evicted_pending;
+        st.evicted_pending = 0;
         if last {
             st.done = true;
             self.done.store(1, Ordering::Release);
@@ -333,6 +349,11 @@ impl Mailbox {
             self.wake.wait(&mut st);
             st.parked = false;
         }
+    }
+
+    /// Synchronous kind: are items published by `me` still queued?
+    pub(crate) fn has_items_from(&self, me: ThreadToken) -> bool {
+        self.state.lock().queue.iter().any(|i| i.from == Some(me))
     }
 
     /// Synchronous kind: blocks until the run is handed to `me` (true) or the mailbox is

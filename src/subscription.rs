@@ -289,9 +289,20 @@ impl Subscription {
     /// Runs batches on this thread until the queue is empty. Returns true when the final
     /// message was delivered.
     fn run_until_idle(self: &Arc<Self>, me: ThreadToken) {
-        while let Some(mut batch) = self.mailbox.take_batch(me, self.kind) {
-            let (n, last) = self.deliver(&mut batch);
-            self.mailbox.finish_batch(batch, n, last);
+        loop {
+            while let Some(mut batch) = self.mailbox.take_batch(me, self.kind) {
+                let (n, last) = self.deliver(&mut batch);
+                self.mailbox.finish_batch(batch, n, last);
+            }
+            // Synchronous kind: the run may have been handed to another publisher while
+            // items of ours (published from our own callbacks) wait behind theirs. Only
+            // this thread can deliver them: wait for the run to come back.
+            if self.kind != Kind::Synchronous || !self.mailbox.has_items_from(me) {
+                return;
+            }
+            if !pool::blocking(|| self.mailbox.wait_turn(me)) {
+                return;
+            }
         }
     }
 

@@ -144,8 +144,14 @@ impl Topic {
         &self.uniqueid
     }
 
+    /// Adds `sub` unless it was already unsubscribed (a callback may unsubscribe while
+    /// handling its Subscribe message, before this runs); checked under the same lock
+    /// `remove_subscriber` takes, so one of the two always sees the other.
     pub(crate) fn add_subscriber(&self, sub: &Arc<Subscription>) {
         let _w = self.write.lock();
+        if !sub.is_subscribed() {
+            return;
+        }
         let mut list = Vec::clone(&self.subscribers.load());
         list.push(Arc::clone(sub));
         self.subscribers.store(Arc::new(list));

@@ -313,8 +313,9 @@ pub extern "C" fn sb_subscription_set_congestion_limits(
 
 /// Sets what happens when more than `limit` messages wait for `sub` (see SB_OVERFLOW_*).
 /// The final message is never dropped or refused; drops are counted
-/// (sb_subscription_dropped). Synchronous subscriptions never queue, so only the drop
-/// policies can apply to them. SB_E_INVAL for an unknown policy or a zero limit.
+/// (sb_subscription_dropped). Synchronous subscriptions run inside sb_publish and never
+/// build a queue: the policy is recorded but has no effect on them. SB_E_INVAL for an
+/// unknown policy or a zero limit.
 #[no_mangle]
 pub extern "C" fn sb_subscription_set_overflow(
     sub: *mut sb_subscription,
