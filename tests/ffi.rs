@@ -182,4 +182,5 @@ c_tests!(
     test_cache,
     test_router,
     test_cache_concurrency,
+    test_regressions,
 );
