@@ -281,6 +281,7 @@ impl Mailbox {
         let mut st = self.state.lock();
         let Some(head_from) = st.queue.front().map(|i| i.from) else {
             st.run = RunState::Idle;
+            st.release_small_buffers();
             return None;
         };
         if kind == Kind::Synchronous {
@@ -344,6 +345,9 @@ impl Mailbox {
     /// Dedicated thread: blocks until something is queued. Returns at once if so.
     pub(crate) fn park_until_queued(&self) {
         let mut st = self.state.lock();
+        if st.queue.is_empty() {
+            st.release_small_buffers();
+        }
         while st.queue.is_empty() {
             st.parked = true;
             self.wake.wait(&mut st);
@@ -402,7 +406,21 @@ impl Mailbox {
     }
 }
 
+/// Buffers up to this many items are freed when the mailbox goes idle: a hundred
+/// thousand idle subscriptions then hold no queue memory, while a busy one keeps its
+/// larger buffers (and allocates nothing at steady state).
+const SMALL_BUFFER: usize = 16;
+
 impl State {
+    fn release_small_buffers(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() <= SMALL_BUFFER {
+            self.queue = VecDeque::new();
+        }
+        if self.spare.capacity() <= SMALL_BUFFER {
+            self.spare = VecDeque::new();
+        }
+    }
+
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped
     }

@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::thread;
 
 pub(crate) const SUBSCRIPTION_MAGIC: u32 = 0x5342_5342; // "SBSB"
@@ -36,7 +36,9 @@ pub struct Subscription {
     magic: u32,
     kind: Kind,
     topic: Arc<Topic>,
-    uniqueid: CString,
+    /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand.
+    number: u64,
+    uniqueid: OnceLock<CString>,
     callback: Callback,
     pub(crate) filter: Filter,
     mailbox: Mailbox,
@@ -84,13 +86,12 @@ impl Subscription {
         callback: Callback,
     ) -> Result<Arc<Subscription>> {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let uniqueid =
-            CString::new(format!("{}:{}", topic.name(), n)).expect("topic names have no NUL");
         let sub = Arc::new(Subscription {
             magic: SUBSCRIPTION_MAGIC,
             kind,
             topic: Arc::clone(topic),
-            uniqueid,
+            number: n,
+            uniqueid: OnceLock::new(),
             callback,
             filter: Filter::new(),
             mailbox: Mailbox::new(),
@@ -103,7 +104,7 @@ impl Subscription {
         if kind == Kind::Dedicated {
             sub.spawn_thread()?;
         }
-        let change = SubscriptionChange::message(topic, &sub.uniqueid, false);
+        let change = SubscriptionChange::message(topic, n, false);
         sub.offer(&change, false);
         topic.add_subscriber(&sub);
         topic.publish_except(&change, Some(&sub));
@@ -120,10 +121,11 @@ impl Subscription {
         &self.topic
     }
     pub fn uniqueid(&self) -> &str {
-        self.uniqueid.to_str().expect("built from UTF-8")
+        self.uniqueid_cstr().to_str().expect("built from UTF-8")
     }
     pub(crate) fn uniqueid_cstr(&self) -> &CStr {
-        &self.uniqueid
+        self.uniqueid
+            .get_or_init(|| uniqueid_text(&self.topic, self.number))
     }
     pub fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
@@ -191,7 +193,7 @@ impl Subscription {
     /// True when `msg` is this subscription's final message.
     pub fn is_final_message(&self, msg: &Message) -> bool {
         msg.value::<SubscriptionChange>().is_some_and(|c| {
-            c.unsubscribe && Arc::ptr_eq(&c.topic, &self.topic) && c.uniqueid == self.uniqueid
+            c.unsubscribe && Arc::ptr_eq(&c.topic, &self.topic) && c.number == self.number
         })
     }
 
@@ -389,7 +391,7 @@ impl Subscription {
             )));
         }
         self.topic.remove_subscriber(self);
-        let change = SubscriptionChange::message(&self.topic, &self.uniqueid, true);
+        let change = SubscriptionChange::message(&self.topic, self.number, true);
         self.topic.publish_except(&change, Some(self));
         self.offer(&change, true);
         Ok(())
@@ -437,6 +439,11 @@ impl Drop for Subscription {
     }
 }
 
+/// A subscription's uniqueid: "<topic name>:<number>".
+fn uniqueid_text(topic: &Topic, number: u64) -> CString {
+    CString::new(format!("{}:{number}", topic.name())).expect("topic names have no NUL")
+}
+
 /// The type of Subscribe / Unsubscribe change messages.
 pub fn change_type() -> &'static Arc<MessageType> {
     static TYPE: LazyLock<Arc<MessageType>> =
@@ -459,6 +466,7 @@ pub struct SubscriptionChange {
     view: ChangeView,
     topic: Arc<Topic>,
     uniqueid: CString,
+    number: u64,
     unsubscribe: bool,
 }
 
@@ -469,8 +477,8 @@ unsafe impl Send for SubscriptionChange {}
 unsafe impl Sync for SubscriptionChange {}
 
 impl SubscriptionChange {
-    fn message(topic: &Arc<Topic>, uniqueid: &CStr, unsubscribe: bool) -> Arc<Message> {
-        let uniqueid = uniqueid.to_owned();
+    fn message(topic: &Arc<Topic>, number: u64, unsubscribe: bool) -> Arc<Message> {
+        let uniqueid = uniqueid_text(topic, number);
         let description = if unsubscribe {
             c"Unsubscribe"
         } else {
@@ -484,6 +492,7 @@ impl SubscriptionChange {
             },
             topic: Arc::clone(topic),
             uniqueid,
+            number,
             unsubscribe,
         };
         Message::with_value(change_type(), change)

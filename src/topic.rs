@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
 pub(crate) const TOPIC_MAGIC: u32 = 0x5342_5450; // "SBTP"
 
@@ -34,8 +34,11 @@ type ForwardList = Vec<ForwardLink>;
 pub struct Topic {
     magic: u32,
     name: CString,
-    detail: CString,
-    uniqueid: CString,
+    /// None when empty (most topics): no allocation.
+    detail: Option<CString>,
+    /// Process-unique number; the uniqueid text is built on demand.
+    number: u64,
+    uniqueid: OnceLock<CString>,
     subscribers: ArcSwap<SubList>,
     pub(crate) forwards: ArcSwap<ForwardList>,
     /// `forwards` is non-empty: lets the common publish skip loading it.
@@ -112,8 +115,9 @@ impl Topic {
         let topic = Arc::new(Topic {
             magic: TOPIC_MAGIC,
             name: CString::new(name).expect("checked for NUL"),
-            detail: CString::new(detail).expect("checked for NUL"),
-            uniqueid: CString::new(format!("{}-{n:x}", Eid::default_eid())).expect("no NUL"),
+            detail: (!detail.is_empty()).then(|| CString::new(detail).expect("checked for NUL")),
+            number: n,
+            uniqueid: OnceLock::new(),
             subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
             forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
             has_forwards: AtomicBool::new(false),
@@ -138,10 +142,12 @@ impl Topic {
         &self.name
     }
     pub fn detail(&self) -> &CStr {
-        &self.detail
+        self.detail.as_deref().unwrap_or(c"")
     }
     pub fn uniqueid(&self) -> &CStr {
-        &self.uniqueid
+        self.uniqueid.get_or_init(|| {
+            CString::new(format!("{}-{:x}", Eid::default_eid(), self.number)).expect("no NUL")
+        })
     }
 
     /// Adds `sub` unless it was already unsubscribed (a callback may unsubscribe while
