@@ -183,4 +183,5 @@ c_tests!(
     test_router,
     test_cache_concurrency,
     test_regressions,
+    test_reentrancy,
 );
