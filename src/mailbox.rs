@@ -233,9 +233,11 @@ impl Mailbox {
         let seq = st.pushed;
         let len = st.queue.len();
         self.len.store(len, Ordering::Relaxed);
-        let congested = if len > st.high_water && !st.congested {
+        // Congestion counts the whole backlog: queued plus the batch being delivered.
+        let backlog = (st.pushed - st.handled) as usize;
+        let congested = if backlog > st.high_water && !st.congested {
             st.congested = true;
-            Some(len)
+            Some(backlog)
         } else {
             None
         };
@@ -305,9 +307,6 @@ impl Mailbox {
             std::mem::swap(&mut batch, &mut st.queue);
         }
         self.len.store(st.queue.len(), Ordering::Relaxed);
-        if st.congested && st.queue.len() < st.low_water {
-            st.congested = false;
-        }
         st.run = RunState::Running(me);
         if st.blocked > 0 {
             self.room.notify_all();
@@ -324,6 +323,9 @@ impl Mailbox {
         }
         st.handled += n as u64 + st.evicted_pending;
         st.evicted_pending = 0;
+        if st.congested && ((st.pushed - st.handled) as usize) < st.low_water {
+            st.congested = false;
+        }
         if last {
             st.done = true;
             self.done.store(1, Ordering::Release);
@@ -402,7 +404,7 @@ impl Mailbox {
         let mut st = self.state.lock();
         st.low_water = low;
         st.high_water = high;
-        st.congested = st.queue.len() > high;
+        st.congested = (st.pushed - st.handled) as usize > high;
     }
 }
 

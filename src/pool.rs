@@ -20,8 +20,10 @@ use std::time::Duration;
 
 /// Batches a worker delivers for one subscription before it lets others run.
 const BATCHES_PER_TURN: usize = 4;
-/// Polls of the run queue before a worker goes to sleep.
-const SPINS_BEFORE_SLEEP: u32 = 2_000;
+/// Polls of the run queue before a worker goes to sleep: busy polls, then a few
+/// `sched_yield`s (each gives the core away, so only a few).
+const SPINS_BEFORE_SLEEP: u32 = 1_000;
+const YIELDS_BEFORE_SLEEP: u32 = 16;
 
 struct Config {
     min: usize,
@@ -161,8 +163,8 @@ impl Pool {
                 continue;
             }
             let mut spins = 0;
-            while self.queue.is_empty() && spins < SPINS_BEFORE_SLEEP {
-                if spins < SPINS_BEFORE_SLEEP / 2 {
+            while self.queue.is_empty() && spins < SPINS_BEFORE_SLEEP + YIELDS_BEFORE_SLEEP {
+                if spins < SPINS_BEFORE_SLEEP {
                     std::hint::spin_loop();
                 } else {
                     thread::yield_now();

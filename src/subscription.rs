@@ -363,7 +363,7 @@ impl Subscription {
             // Spin a little before parking: under load the next message is usually a
             // few hundred nanoseconds away, and a futex round trip costs more.
             let mut spins = 0u32;
-            while self.mailbox.len() == 0 && spins < 2_000 {
+            while self.mailbox.len() == 0 && spins < 1_016 {
                 if spins < 1_000 {
                     std::hint::spin_loop();
                 } else {
