@@ -113,6 +113,8 @@ pub(crate) struct State {
     blocked: u32,
     /// Items evicted while a batch ran: counted as handled when that batch is.
     evicted_pending: u64,
+    /// Size of the batch being delivered.
+    in_flight: usize,
 }
 
 pub(crate) struct Mailbox {
@@ -152,6 +154,7 @@ impl Mailbox {
                 dropped: 0,
                 blocked: 0,
                 evicted_pending: 0,
+                in_flight: 0,
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
@@ -234,7 +237,7 @@ impl Mailbox {
         let len = st.queue.len();
         self.len.store(len, Ordering::Relaxed);
         // Congestion counts the whole backlog: queued plus the batch being delivered.
-        let backlog = (st.pushed - st.handled) as usize;
+        let backlog = len + st.in_flight;
         let congested = if backlog > st.high_water && !st.congested {
             st.congested = true;
             Some(backlog)
@@ -308,6 +311,7 @@ impl Mailbox {
         }
         self.len.store(st.queue.len(), Ordering::Relaxed);
         st.run = RunState::Running(me);
+        st.in_flight = batch.len();
         if st.blocked > 0 {
             self.room.notify_all();
         }
@@ -323,7 +327,8 @@ impl Mailbox {
         }
         st.handled += n as u64 + st.evicted_pending;
         st.evicted_pending = 0;
-        if st.congested && ((st.pushed - st.handled) as usize) < st.low_water {
+        st.in_flight = 0;
+        if st.congested && st.queue.len() < st.low_water {
             st.congested = false;
         }
         if last {
@@ -404,7 +409,7 @@ impl Mailbox {
         let mut st = self.state.lock();
         st.low_water = low;
         st.high_water = high;
-        st.congested = (st.pushed - st.handled) as usize > high;
+        st.congested = st.queue.len() + st.in_flight > high;
     }
 }
 
