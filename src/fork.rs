@@ -43,8 +43,8 @@ extern "C" fn prepare() {
 
 extern "C" fn parent() {
     // SAFETY: `prepare` took these locks on this thread, in this order.
+    crate::pool::fork_unlock();
     unsafe {
-        crate::pool::fork_unlock();
         crate::forward::fork_unlock();
         crate::topic::fork_unlock();
         crate::message_type::fork_unlock();
@@ -55,8 +55,8 @@ extern "C" fn child() {
     GENERATION.fetch_add(1, Ordering::AcqRel);
     // SAFETY: `prepare` took these locks on the thread that forked, which is this
     // child's only thread.
+    crate::pool::fork_reset_and_unlock();
     unsafe {
-        crate::pool::fork_reset_and_unlock();
         crate::forward::fork_unlock();
         crate::topic::fork_unlock();
         crate::message_type::fork_unlock();

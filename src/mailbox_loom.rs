@@ -1,63 +1,91 @@
-//! Loom model checks of the mailbox protocol (the concurrency core of the bus).
+//! Loom model checks of the mailbox protocol, the concurrency core of the bus.
 //!
-//! Run them (release mode; well under two minutes for all of them):
+//! Run (release mode, about a minute for all of them on two cores):
 //!
 //! ```text
 //! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 //!     cargo test --release --lib loom -- --nocapture
 //! ```
 //!
-//! Under `--cfg loom`, `crate::sync` hands the mailbox loom's mutex, condvar and atomic,
-//! so every interleaving of the threads below (up to the preemption bound each model
-//! sets) is run against the real [`Mailbox`] code. The threads around the mailbox
-//! replicate its callers (`Subscription::offer`, `run_pool_turn`, the dedicated thread,
-//! `run_until_idle`, `Topic::deliver_local` / `remove_subscriber`, `join`) with test
-//! bookkeeping in place of callbacks. A failed assertion or a deadlock (all threads
-//! blocked) fails the test and loom prints the schedule that led to it (`LOOM_LOG=1`
-//! and `LOOM_LOCATION=1` give more detail).
+//! Each model prints how many interleavings it explored. `LOOM_MAX_PREEMPTIONS=n`
+//! overrides every model's preemption bound (deeper = slower); `LOOM_LOG=1` and
+//! `LOOM_LOCATION=1` make loom print the failing schedule in detail.
 //!
-//! What each model proves:
+//! Under `--cfg loom`, `crate::sync` gives the mailbox loom's mutex, condvar and
+//! atomics, so loom runs the real [`Mailbox`] code under every interleaving of the
+//! threads below (up to the preemption bound). The threads replicate the mailbox's
+//! callers (`Subscription::offer`, `run_pool_turn`, the dedicated thread,
+//! `run_until_idle`, `join`, `wait_handled`, `Topic::deliver_local` /
+//! `remove_subscriber`, the pool's run queue) with bookkeeping in place of user
+//! callbacks. A failed assertion, or a deadlock (every thread blocked: a lost
+//! wake-up), fails the test.
 //!
-//! 1. `loom_pool_scheduling` — the pool state machine (idle -> scheduled -> running,
-//!    reschedule after a worker's quota of batches). Two producers push, two workers
-//!    serve a pool queue that the `Action::Schedule` pusher feeds. Every item is
-//!    delivered exactly once and in each producer's order; at most one worker runs the
-//!    mailbox at a time; the mailbox is never in the pool queue twice, and is `Scheduled`
-//!    whenever a worker pops it; no wake-up is lost: once producers and workers are
-//!    done, nothing is queued and the state is `Idle`.
-//! 2. `loom_final_dedicated` / `loom_final_pool` — the final (unsubscribe) item and
-//!    `join`. A producer races the final push; a dedicated-style runner
-//!    (`park_until_queued` + `take_batch`) or a pool worker delivers; the main thread
-//!    joins with `wait_until(done)`. The final item is delivered exactly once and last;
-//!    every push that returned `Queued` is delivered before it, every push that
-//!    returned `Closed` never is, and pushes after the final one are `Closed`; the join
-//!    returns only after the runner handled the final item; no deadlock.
-//! 3. `loom_unsubscribe_vs_publish` — the topic's subscriber-list swap (a loom mutex
+//! What the models prove:
+//!
+//! 1. `loom_pool_scheduling_*`: the pool state machine (idle -> scheduled -> running,
+//!    and the reschedule after a worker's quota of batches, here one batch). Two
+//!    producers push; the pusher told `Action::Schedule` puts the mailbox on a run
+//!    queue that one or two workers serve. Every item is delivered exactly once, in its
+//!    producer's order; at most one thread runs the callback at a time; the mailbox is
+//!    never on the run queue twice and is `Scheduled` whenever a worker pops it; no
+//!    wake-up is lost: at the end nothing is queued and the state is `Idle`.
+//! 2. `loom_final_dedicated`, `loom_final_pool`: the final (unsubscribe) item and join.
+//!    A producer races the final push; a dedicated thread (`park_until_queued` +
+//!    `take_batch`) or a pool worker delivers; the main thread joins (peek at the
+//!    lock-free `is_done`, then `wait_until(done)`). The final item is delivered once
+//!    and last; every push that returned `Queued` is delivered before it, none that
+//!    returned `Closed` ever is, and a push after the final one is `Closed`; join
+//!    returns only after the callback handled the final item (and sees its effects:
+//!    the flag it checks is written `Relaxed`); no deadlock.
+//! 3. `loom_unsubscribe_vs_publish`: a topic's subscriber-list swap (a loom mutex
 //!    around an `Arc<Vec<..>>` snapshot stands in for the `ArcSwap`). A publisher
-//!    publishes from whatever snapshot it loaded while an unsubscriber swaps the
-//!    mailbox out and pushes its final item. Nothing is delivered after the final item,
-//!    everything published before the unsubscriber started is delivered before it, and
-//!    a subscriber that stays in the list gets every message, in order.
-//! 4. `loom_synchronous_handoff` — the synchronous kind. Two publishers push with
-//!    their thread token and follow the action (`RunHere`: run here; `WaitTurn`: wait
-//!    for the hand-off, then run). Every item is delivered on its publisher's thread,
-//!    callbacks never overlap, each publish returns only after its own item was
-//!    delivered, both publishers return, and the mailbox ends empty and `Idle`.
+//!    publishes twice, each time from the snapshot it loaded, while an unsubscriber
+//!    swaps the mailbox out of the list and pushes the final item. Nothing is
+//!    delivered after the final item; everything published before the unsubscriber
+//!    started is delivered before it; the subscriber left in the list gets everything.
+//! 4. `loom_synchronous_handoff`, `loom_synchronous_final`: the synchronous kind. Two
+//!    publishers push with their thread token and follow the action (`RunHere`: run
+//!    here; `WaitTurn`: wait for the hand-off, then run; `Nested`: a callback
+//!    publishing to its own subscription). Every item is delivered on its publisher's
+//!    thread, callbacks never overlap, a publish returns only after its item and any
+//!    item its callbacks published were delivered, both publishers return, and the
+//!    mailbox ends empty and `Idle`. With an unsubscriber: the final item runs on the
+//!    unsubscriber's thread, last, and join waits for it.
+//! 5. `loom_drop_oldest_accounting`: `Overflow::DropOldest` with a limit of one item and
+//!    `publish_sync`-style waiters (`wait_until(handled >= seq)`). A waiter returns
+//!    only once its item and every earlier one was delivered or evicted (an eviction
+//!    must not count as handled while an earlier item is still being delivered), and
+//!    never waits forever for an evicted item.
+//! 6. `loom_block_overflow`: `Overflow::Block` with a limit of one item. A blocked
+//!    publisher is woken by the runner taking a batch, or by the final push (and then
+//!    refused); no batch exceeds the limit (the final item aside); nothing is lost and
+//!    nobody hangs.
+//!
+//! Notes on the harness: shared state is held in `std::sync::Arc` (as the library holds
+//! subscriptions), not loom's `Arc`: loom's models each clone and drop as a scheduling
+//! point, which only inflates the search, and unwinding a deadlocked model thread that
+//! owns a loom `Arc` aborts the process instead of reporting the deadlock. Assertions
+//! on the main thread run after the spawned threads are joined, for the same reason (a
+//! panic while spawned threads have not started yet makes loom abort).
 
-use super::{Action, Item, Kind, Mailbox, Push, RunState};
+use super::{Action, Item, Kind, Mailbox, Overflow, Push, RunState};
 use crate::message::Message;
 use crate::message_type::MessageType;
 use crate::sync::{thread_token, ThreadToken};
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
-use loom::sync::{Arc, Condvar, Mutex};
+use loom::sync::{Condvar, Mutex};
 use loom::thread;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 /// The one message type of all models (created once, outside any model run).
-static TY: LazyLock<std::sync::Arc<MessageType>> =
+static TY: LazyLock<Arc<MessageType>> =
     LazyLock::new(|| MessageType::create("loom", None).expect("type 'loom' is not declined"));
+
+/// The final (unsubscribe) item's value, and a value pushed after it.
+const FINAL: usize = 99;
+const AFTER_FINAL: usize = 100;
 
 fn item(n: usize, last: bool, from: Option<ThreadToken>) -> Item {
     Item {
@@ -82,8 +110,8 @@ fn check(name: &str, preemption_bound: usize, model: impl Fn() + Sync + Send + '
     if b.preemption_bound.is_none() {
         b.preemption_bound = Some(preemption_bound);
     }
-    let runs = std::sync::Arc::new(StdAtomicUsize::new(0));
-    let counter = runs.clone();
+    let runs = Arc::new(StdAtomicUsize::new(0));
+    let counter = Arc::clone(&runs);
     let start = std::time::Instant::now();
     b.check(move || {
         counter.fetch_add(1, Relaxed);
@@ -97,15 +125,15 @@ fn check(name: &str, preemption_bound: usize, model: impl Fn() + Sync + Send + '
     );
 }
 
-/// Test bookkeeping. A std mutex on purpose: loom neither sees nor interleaves it
-/// (loom runs one model thread at a time and no loom operation happens while it is
-/// held), so it records without growing the state space. The protocol itself is only
-/// ever synchronized by the mailbox's (loom) primitives.
-struct Log<T>(std::sync::Mutex<Vec<T>>);
+/// Test bookkeeping, behind a loom mutex: loom must see the bookkeeping as shared
+/// state, or its partial-order reduction would treat (say) a callback's recording and
+/// another thread's look at the record as independent and never try them in the other
+/// order.
+struct Log<T>(Mutex<Vec<T>>);
 
 impl<T: Clone> Log<T> {
     fn new() -> Log<T> {
-        Log(std::sync::Mutex::new(Vec::new()))
+        Log(Mutex::new(Vec::new()))
     }
     fn push(&self, v: T) {
         self.0.lock().unwrap().push(v);
@@ -120,56 +148,168 @@ fn in_range(log: &[usize], range: std::ops::Range<usize>) -> Vec<usize> {
     log.iter().copied().filter(|v| range.contains(v)).collect()
 }
 
-/// Delivers one batch the way `Subscription::deliver` does, with `runners` counting the
-/// threads inside a callback (must never exceed one). Returns (n, last).
-fn deliver(
-    batch: &mut VecDeque<Item>,
-    runners: &AtomicUsize,
-    log: &Log<usize>,
-    final_handled: Option<&AtomicBool>,
-) -> (usize, bool) {
-    let n = batch.len();
-    let mut last = false;
-    assert_eq!(
-        runners.fetch_add(1, SeqCst),
-        0,
-        "two threads deliver the same mailbox at once"
-    );
-    for it in batch.drain(..) {
-        assert!(!last, "an item follows the final item in its batch");
-        log.push(value(&it));
-        if it.last {
-            last = true;
-            if let Some(f) = final_handled {
-                f.store(true, Relaxed); // ordered by the mailbox mutex (finish_batch)
+/// A subscription under test: the real mailbox, and a callback that records.
+struct Sub {
+    mb: Mailbox,
+    /// Threads inside the callback right now: never more than one.
+    runners: AtomicUsize,
+    /// Values delivered, in delivery order.
+    log: Log<usize>,
+    /// Set (Relaxed) by the callback when it handles the final item: a joiner must see
+    /// it, through the mailbox's own synchronization.
+    final_handled: AtomicBool,
+}
+
+impl Sub {
+    fn new() -> Arc<Sub> {
+        Arc::new(Sub {
+            mb: Mailbox::new(),
+            runners: AtomicUsize::new(0),
+            log: Log::new(),
+            final_handled: AtomicBool::new(false),
+        })
+    }
+
+    /// `Subscription::deliver`: runs the callback on each item of `batch`; `nested` is
+    /// called with each value (a callback publishing). Returns (n, last).
+    fn deliver(&self, batch: &mut VecDeque<Item>, nested: &dyn Fn(usize)) -> (usize, bool) {
+        let n = batch.len();
+        let mut last = false;
+        assert_eq!(
+            self.runners.fetch_add(1, SeqCst),
+            0,
+            "two threads run the callback at once"
+        );
+        for it in batch.drain(..) {
+            assert!(!last, "an item follows the final item in its batch");
+            let v = value(&it);
+            self.log.push(v);
+            if it.last {
+                last = true;
+                self.final_handled.store(true, Relaxed);
+            }
+            nested(v);
+        }
+        self.runners.fetch_sub(1, SeqCst);
+        (n, last)
+    }
+
+    /// `Subscription::join`: a lock-free peek at `done` (the spin), then the wait.
+    /// Returns whether the callback's handling of the final item is visible.
+    fn join(&self) -> bool {
+        if !self.mb.is_done() {
+            self.mb.wait_until(|st| st.done);
+        }
+        self.final_handled.load(Relaxed)
+    }
+
+    /// The dedicated thread: park until something is queued, deliver batches, stop
+    /// after the final item. `limit`: no batch may hold more non-final items.
+    fn dedicated_thread(&self, limit: usize) {
+        let me = thread_token();
+        loop {
+            self.mb.park_until_queued();
+            while let Some(mut batch) = self.mb.take_batch(me, Kind::Dedicated) {
+                let regular = batch.iter().filter(|i| !i.last).count();
+                assert!(
+                    regular <= limit,
+                    "a batch of {regular} over a limit of {limit}"
+                );
+                let (n, last) = self.deliver(&mut batch, &|_| {});
+                self.mb.finish_batch(batch, n, last);
+                if last {
+                    return;
+                }
             }
         }
     }
-    runners.fetch_sub(1, SeqCst);
-    (n, last)
+}
+
+/// The unsubscriber: pushes the final item (which closes the mailbox), then checks that
+/// a later push is refused. `pool`: the run queue to schedule on (pool kind).
+fn push_final(sub: &Sub, kind: Kind, pool: Option<&Pool>) {
+    let push = match pool {
+        Some(pool) => pool.push(sub, item(FINAL, true, None)),
+        None => sub.mb.push(item(FINAL, true, None), kind, false),
+    };
+    assert!(
+        matches!(push, Push::Queued { .. }),
+        "the final item is never refused"
+    );
+    assert!(
+        matches!(
+            sub.mb.push(item(AFTER_FINAL, false, None), kind, false),
+            Push::Closed
+        ),
+        "a push after the final item must be Closed"
+    );
+}
+
+/// A producer racing the final item: records the values whose push was accepted.
+fn produce(sub: &Sub, kind: Kind, pool: Option<&Pool>, values: &[usize], accepted: &Log<usize>) {
+    let mut closed = false;
+    for &v in values {
+        let it = item(v, false, None);
+        let push = match pool {
+            Some(pool) => pool.push(sub, it),
+            None => sub.mb.push(it, kind, true),
+        };
+        match push {
+            Push::Queued { .. } => {
+                assert!(!closed, "a push was accepted after one was refused");
+                accepted.push(v);
+            }
+            Push::Closed => closed = true,
+            Push::Dropped => panic!("an unbounded mailbox dropped an item"),
+        }
+    }
+}
+
+/// `log` (what was delivered) is exactly the `accepted` items, in order, then the final
+/// item, once.
+fn check_final_delivery(log: &[usize], accepted: &[usize]) {
+    assert_eq!(
+        log.last(),
+        Some(&FINAL),
+        "the final item is delivered last: {log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|&&v| v == FINAL).count(),
+        1,
+        "the final item is delivered once: {log:?}"
+    );
+    assert!(
+        !log.contains(&AFTER_FINAL),
+        "a refused push was delivered: {log:?}"
+    );
+    assert_eq!(
+        &log[..log.len() - 1],
+        accepted,
+        "every accepted push is delivered, in order, before the final item"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
-// A stand-in for the worker pool: a run queue of this one mailbox, as a count.
+// A stand-in for the worker pool: the run queue of the one mailbox, as a count.
 
-struct PoolQueue {
-    /// How many times the mailbox sits in the run queue (0 or 1).
+struct RunQueue {
+    /// How many times the mailbox is on the run queue (0 or 1).
     queued: usize,
-    /// Threads that may still schedule it (producers that have not finished).
+    /// Threads that may still schedule it (producers not finished yet).
     feeders: usize,
 }
 
 struct Pool {
-    q: Mutex<PoolQueue>,
+    q: Mutex<RunQueue>,
     cv: Condvar,
 }
 
 impl Pool {
-    fn new(feeders: usize) -> Pool {
-        Pool {
-            q: Mutex::new(PoolQueue { queued: 0, feeders }),
+    fn new(feeders: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            q: Mutex::new(RunQueue { queued: 0, feeders }),
             cv: Condvar::new(),
-        }
+        })
     }
 
     /// `Pool::schedule`.
@@ -186,113 +326,96 @@ impl Pool {
         self.cv.notify_all();
     }
 
-    /// Pops the mailbox, waiting while somebody may still schedule it. None: nothing
-    /// queued and nobody left to queue it.
-    fn pop(&self) -> Option<()> {
+    /// Pops the mailbox, waiting while somebody may still schedule it (`forever`: for as
+    /// long as it takes). False: nothing queued and nobody left to queue it.
+    fn pop(&self, forever: bool) -> bool {
         let mut q = self.q.lock().unwrap();
-        while q.queued == 0 && q.feeders > 0 {
+        while q.queued == 0 && (forever || q.feeders > 0) {
             q = self.cv.wait(q).unwrap();
         }
-        if q.queued == 0 {
-            return None;
-        }
+        let popped = q.queued == 1;
         q.queued = 0;
-        Some(())
+        popped
     }
 
-    /// Pops the mailbox, waiting for as long as it takes.
-    fn pop_blocking(&self) {
-        let mut q = self.q.lock().unwrap();
-        while q.queued == 0 {
-            q = self.cv.wait(q).unwrap();
+    /// A pool-kind push (`Subscription::offer`): schedules when the mailbox asks.
+    fn push(&self, sub: &Sub, it: Item) -> Push {
+        let push = sub.mb.push(it, Kind::Pool, true);
+        match push {
+            Push::Queued {
+                action: Action::Schedule,
+                ..
+            } => self.schedule(),
+            Push::Queued {
+                action: Action::Nothing,
+                ..
+            }
+            | Push::Closed => {}
+            Push::Queued { action, .. } => panic!("a pool push asked for {action:?}"),
+            Push::Dropped => panic!("an unbounded mailbox dropped an item"),
         }
-        q.queued = 0;
+        push
+    }
+
+    /// A worker: pop, check the state, run a turn (`run_pool_turn` with a quota of one
+    /// batch, so the reschedule path is taken whenever items remain), requeue if asked.
+    /// With `until_final`, it serves until it delivered the final item (a lost
+    /// wake-up then leaves it blocked, and loom reports the deadlock).
+    fn worker(&self, sub: &Sub, until_final: bool) {
+        let me = thread_token();
+        while self.pop(until_final) {
+            assert_eq!(
+                sub.mb.lock().run,
+                RunState::Scheduled,
+                "a mailbox on the run queue must be Scheduled"
+            );
+            let (again, last) = run_pool_turn(sub, me, 1);
+            if last && until_final {
+                return;
+            }
+            if again {
+                self.schedule();
+            }
+        }
     }
 }
 
 /// `Subscription::run_pool_turn`. Returns (reschedule, delivered the final item).
-fn run_pool_turn(
-    mb: &Mailbox,
-    me: ThreadToken,
-    max_batches: usize,
-    runners: &AtomicUsize,
-    log: &Log<usize>,
-    final_handled: Option<&AtomicBool>,
-) -> (bool, bool) {
+fn run_pool_turn(sub: &Sub, me: ThreadToken, max_batches: usize) -> (bool, bool) {
     for _ in 0..max_batches {
-        match mb.take_batch(me, Kind::Pool) {
+        match sub.mb.take_batch(me, Kind::Pool) {
             None => return (false, false),
             Some(mut batch) => {
-                let (n, last) = deliver(&mut batch, runners, log, final_handled);
-                mb.finish_batch(batch, n, last);
+                let (n, last) = sub.deliver(&mut batch, &|_| {});
+                sub.mb.finish_batch(batch, n, last);
                 if last {
                     return (false, true);
                 }
             }
         }
     }
-    mb.reschedule();
+    sub.mb.reschedule();
     (true, false)
-}
-
-/// A producer's push: `Subscription::offer` for the pool kind.
-fn pool_push(mb: &Mailbox, pool: &Pool, it: Item) -> Push {
-    let push = mb.push(it, Kind::Pool, false);
-    match push {
-        Push::Queued {
-            action: Action::Schedule,
-            ..
-        } => pool.schedule(),
-        Push::Queued {
-            action: Action::Nothing,
-            ..
-        }
-        | Push::Closed => {}
-        Push::Queued { action, .. } => panic!("pool push asked for {action:?}"),
-        Push::Dropped => panic!("unbounded mailbox dropped an item"),
-    }
-    push
 }
 
 // ---------------------------------------------------------------------------------------
 // Model 1: pool scheduling.
 
-/// Pool worker: pop, check the state, run a turn of `max_batches`, requeue if asked.
-fn pool_worker(mb: &Mailbox, pool: &Pool, runners: &AtomicUsize, log: &Log<usize>) {
-    let me = thread_token();
-    while pool.pop().is_some() {
-        assert_eq!(
-            mb.lock().run,
-            RunState::Scheduled,
-            "a mailbox on the run queue must be Scheduled"
-        );
-        // One batch per turn, so the reschedule path is taken whenever items remain.
-        let (again, _) = run_pool_turn(mb, me, 1, runners, log, None);
-        if again {
-            pool.schedule();
-        }
-    }
-}
-
 /// Two producers (0, 1 and 10) push to a pool mailbox; `spawned_workers` worker threads
-/// plus the main thread serve the run queue.
+/// and the main thread serve the run queue.
 fn pool_scheduling(name: &str, spawned_workers: usize, preemption_bound: usize) {
     const P0: [usize; 2] = [0, 1];
     const P1: [usize; 1] = [10];
     check(name, preemption_bound, move || {
-        let mb = Arc::new(Mailbox::new());
-        let pool = Arc::new(Pool::new(2));
-        let runners = Arc::new(AtomicUsize::new(0));
-        let log = Arc::new(Log::new());
+        let sub = Sub::new();
+        let pool = Pool::new(2);
 
         let producer = |values: &'static [usize]| {
-            let (mb, pool) = (mb.clone(), pool.clone());
+            let (sub, pool) = (Arc::clone(&sub), Arc::clone(&pool));
             thread::spawn(move || {
                 for &v in values {
-                    assert!(matches!(
-                        pool_push(&mb, &pool, item(v, false, None)),
-                        Push::Queued { .. }
-                    ));
+                    let push = pool.push(&sub, item(v, false, None));
+                    assert!(matches!(push, Push::Queued { .. }));
                 }
                 pool.feeder_done();
             })
@@ -301,30 +424,25 @@ fn pool_scheduling(name: &str, spawned_workers: usize, preemption_bound: usize) 
         let p1 = producer(&P1);
         let workers: Vec<_> = (0..spawned_workers)
             .map(|_| {
-                let (mb, pool, runners, log) =
-                    (mb.clone(), pool.clone(), runners.clone(), log.clone());
-                thread::spawn(move || pool_worker(&mb, &pool, &runners, &log))
+                let (sub, pool) = (Arc::clone(&sub), Arc::clone(&pool));
+                thread::spawn(move || pool.worker(&sub, false))
             })
             .collect();
-        pool_worker(&mb, &pool, &runners, &log);
+        pool.worker(&sub, false);
         p0.join().unwrap();
         p1.join().unwrap();
         for w in workers {
             w.join().unwrap();
         }
 
-        let log = log.get();
+        let log = sub.log.get();
         let mut sorted = log.clone();
         sorted.sort_unstable();
-        assert_eq!(
-            sorted,
-            [0, 1, 10],
-            "each item delivered exactly once: {log:?}"
-        );
+        assert_eq!(sorted, [0, 1, 10], "each item delivered once: {log:?}");
         assert_eq!(in_range(&log, 0..10), P0, "producer 0's order: {log:?}");
-        let st = mb.lock();
+        let st = sub.mb.lock();
         assert!(st.queue.is_empty(), "items stranded in the queue: {log:?}");
-        assert_eq!(st.run, RunState::Idle, "lost wake-up / stuck state");
+        assert_eq!(st.run, RunState::Idle, "a lost wake-up / stuck state");
         assert_eq!((st.pushed, st.handled), (3, 3));
         drop(st);
         assert_eq!(pool.q.lock().unwrap().queued, 0);
@@ -346,382 +464,260 @@ fn loom_pool_scheduling_one_worker() {
 // ---------------------------------------------------------------------------------------
 // Model 2: the final item and join.
 
-const FINAL: usize = 99;
-const AFTER_FINAL: usize = 100;
+/// A producer (1, 2), an unsubscriber and a runner (`runner(sub, pool)`); the main
+/// thread joins.
+fn final_and_join(kind: Kind, runner: fn(&Sub, Option<&Pool>)) {
+    let sub = Sub::new();
+    let pool = (kind == Kind::Pool).then(|| Pool::new(0));
+    let accepted = Arc::new(Log::new());
 
-/// The unsubscriber: pushes the final item (it closes the mailbox), then checks that a
-/// later push is refused.
-fn push_final(mb: &Mailbox, kind: Kind, pool: Option<&Pool>) {
-    let push = match pool {
-        Some(pool) => pool_push(mb, pool, item(FINAL, true, None)),
-        None => mb.push(item(FINAL, true, None), kind, false),
+    let runner = {
+        let (sub, pool) = (Arc::clone(&sub), pool.clone());
+        thread::spawn(move || runner(&sub, pool.as_deref()))
     };
-    assert!(
-        matches!(push, Push::Queued { .. }),
-        "the final item is never refused"
-    );
-    assert!(
-        matches!(
-            mb.push(item(AFTER_FINAL, false, None), kind, false),
-            Push::Closed
-        ),
-        "a push after the final item must be Closed"
-    );
-}
+    let producer = {
+        let (sub, pool, accepted) = (Arc::clone(&sub), pool.clone(), Arc::clone(&accepted));
+        thread::spawn(move || produce(&sub, kind, pool.as_deref(), &[1, 2], &accepted))
+    };
+    let unsubscriber = {
+        let (sub, pool) = (Arc::clone(&sub), pool.clone());
+        thread::spawn(move || push_final(&sub, kind, pool.as_deref()))
+    };
 
-/// A producer racing the final item: records what it pushed and what was refused.
-fn produce(mb: &Mailbox, kind: Kind, pool: Option<&Pool>, values: &[usize], queued: &Log<usize>) {
-    let mut closed = false;
-    for &v in values {
-        let it = item(v, false, None);
-        let push = match pool {
-            Some(pool) => pool_push(mb, pool, it),
-            None => mb.push(it, kind, false),
-        };
-        match push {
-            Push::Queued { .. } => {
-                assert!(!closed, "a push succeeded after one was refused");
-                queued.push(v);
-            }
-            Push::Closed => closed = true,
-            Push::Dropped => panic!("unbounded mailbox dropped an item"),
-        }
-    }
-}
+    let handled_at_join = sub.join();
 
-/// The dedicated thread: park until something is queued, deliver batches, stop after
-/// the final item.
-fn dedicated_runner(
-    mb: &Mailbox,
-    runners: &AtomicUsize,
-    log: &Log<usize>,
-    final_handled: Option<&AtomicBool>,
-) {
-    let me = thread_token();
-    loop {
-        mb.park_until_queued();
-        while let Some(mut batch) = mb.take_batch(me, Kind::Dedicated) {
-            let (n, last) = deliver(&mut batch, runners, log, final_handled);
-            mb.finish_batch(batch, n, last);
-            if last {
-                return;
-            }
-        }
-    }
-}
-
-/// Checks shared by the final-item models: `log` (what was delivered) is exactly the
-/// producer's `Queued` items, in order, then the final item.
-fn check_final_delivery(log: &[usize], queued: &[usize]) {
-    assert_eq!(
-        log.last(),
-        Some(&FINAL),
-        "the final item is delivered last: {log:?}"
-    );
-    assert_eq!(
-        log.iter().filter(|&&v| v == FINAL).count(),
-        1,
-        "the final item is delivered once: {log:?}"
-    );
+    runner.join().unwrap();
+    producer.join().unwrap();
+    unsubscriber.join().unwrap();
     assert!(
-        !log.contains(&AFTER_FINAL),
-        "a refused push was delivered: {log:?}"
+        handled_at_join,
+        "join returned before the final item was handled"
     );
-    assert_eq!(
-        &log[..log.len() - 1],
-        queued,
-        "every accepted push is delivered, in order, before the final item"
-    );
+    check_final_delivery(&sub.log.get(), &accepted.get());
+    let st = sub.mb.lock();
+    assert!(st.done && st.closed && st.queue.is_empty());
+    assert_eq!(st.handled, st.pushed);
 }
 
 #[test]
 fn loom_final_dedicated() {
     check("final_dedicated", 3, || {
-        let mb = Arc::new(Mailbox::new());
-        let runners = Arc::new(AtomicUsize::new(0));
-        let log = Arc::new(Log::new());
-        let queued = Arc::new(Log::new());
-        let final_handled = Arc::new(AtomicBool::new(false));
-
-        let runner = {
-            let (mb, runners, log, fh) = (
-                mb.clone(),
-                runners.clone(),
-                log.clone(),
-                final_handled.clone(),
-            );
-            thread::spawn(move || dedicated_runner(&mb, &runners, &log, Some(&fh)))
-        };
-        let producer = {
-            let (mb, queued) = (mb.clone(), queued.clone());
-            thread::spawn(move || produce(&mb, Kind::Dedicated, None, &[1, 2], &queued))
-        };
-        let unsubscriber = {
-            let mb = mb.clone();
-            thread::spawn(move || push_final(&mb, Kind::Dedicated, None))
-        };
-
-        // The joiner (`Subscription::join`).
-        mb.wait_until(|st| st.done);
-        assert!(
-            final_handled.load(Relaxed),
-            "join returned before the final item was handled"
-        );
-
-        runner.join().unwrap();
-        producer.join().unwrap();
-        unsubscriber.join().unwrap();
-        check_final_delivery(&log.get(), &queued.get());
-        let st = mb.lock();
-        assert!(st.done && st.closed && st.queue.is_empty());
-        assert_eq!(st.handled, st.pushed);
+        final_and_join(Kind::Dedicated, |sub, _| sub.dedicated_thread(usize::MAX));
     });
 }
 
 #[test]
 fn loom_final_pool() {
     check("final_pool", 3, || {
-        let mb = Arc::new(Mailbox::new());
-        let pool = Arc::new(Pool::new(0));
-        let runners = Arc::new(AtomicUsize::new(0));
-        let log = Arc::new(Log::new());
-        let queued = Arc::new(Log::new());
-        let final_handled = Arc::new(AtomicBool::new(false));
-
-        // One worker that keeps serving the mailbox until it delivered the final item
-        // (a lost wake-up leaves it blocked: loom reports the deadlock).
-        let worker = {
-            let (mb, pool, runners, log, fh) = (
-                mb.clone(),
-                pool.clone(),
-                runners.clone(),
-                log.clone(),
-                final_handled.clone(),
-            );
-            thread::spawn(move || {
-                let me = thread_token();
-                loop {
-                    pool.pop_blocking();
-                    let (again, last) = run_pool_turn(&mb, me, 1, &runners, &log, Some(&fh));
-                    if last {
-                        return;
-                    }
-                    if again {
-                        pool.schedule();
-                    }
-                }
-            })
-        };
-        let producer = {
-            let (mb, pool, queued) = (mb.clone(), pool.clone(), queued.clone());
-            thread::spawn(move || produce(&mb, Kind::Pool, Some(&pool), &[1, 2], &queued))
-        };
-        let unsubscriber = {
-            let (mb, pool) = (mb.clone(), pool.clone());
-            thread::spawn(move || push_final(&mb, Kind::Pool, Some(&pool)))
-        };
-
-        mb.wait_until(|st| st.done);
-        assert!(
-            final_handled.load(Relaxed),
-            "join returned before the final item was handled"
-        );
-
-        worker.join().unwrap();
-        producer.join().unwrap();
-        unsubscriber.join().unwrap();
-        check_final_delivery(&log.get(), &queued.get());
-        let st = mb.lock();
-        assert!(st.done && st.closed && st.queue.is_empty());
-        assert_eq!(st.handled, st.pushed);
+        final_and_join(Kind::Pool, |sub, pool| {
+            pool.expect("pool kind").worker(sub, true);
+        });
     });
 }
 
 // ---------------------------------------------------------------------------------------
 // Model 3: subscriber-list swap under a concurrent publish.
 
-type SubList = std::sync::Arc<Vec<Arc<Mailbox>>>;
+type SubList = Arc<Vec<Arc<Sub>>>;
 
 #[test]
 fn loom_unsubscribe_vs_publish() {
     check("unsubscribe_vs_publish", 4, || {
-        // `leaving` unsubscribes; `staying` stays subscribed (no runner: its queue is
-        // read at the end).
-        let leaving = Arc::new(Mailbox::new());
-        let staying = Arc::new(Mailbox::new());
-        let subscribers: Arc<Mutex<SubList>> = Arc::new(Mutex::new(std::sync::Arc::new(vec![
-            leaving.clone(),
-            staying.clone(),
-        ])));
-        let runners = Arc::new(AtomicUsize::new(0));
-        let log = Arc::new(Log::new());
-        let queued = Arc::new(Log::new());
+        // `leaving` unsubscribes; `staying` stays (no runner: its queue is read at the
+        // end).
+        let leaving = Sub::new();
+        let staying = Sub::new();
+        let list: SubList = Arc::new(vec![Arc::clone(&leaving), Arc::clone(&staying)]);
+        let subscribers = Arc::new(Mutex::new(list));
+        let accepted = Arc::new(Log::new());
         // How many messages the publisher has fully published.
         let published = Arc::new(AtomicUsize::new(0));
 
         let runner = {
-            let (mb, runners, log) = (leaving.clone(), runners.clone(), log.clone());
-            thread::spawn(move || dedicated_runner(&mb, &runners, &log, None))
+            let sub = Arc::clone(&leaving);
+            thread::spawn(move || sub.dedicated_thread(usize::MAX))
         };
         let publisher = {
-            let (subs, leaving, queued, published) = (
-                subscribers.clone(),
-                leaving.clone(),
-                queued.clone(),
-                published.clone(),
+            let (subs, leaving, accepted, published) = (
+                Arc::clone(&subscribers),
+                Arc::clone(&leaving),
+                Arc::clone(&accepted),
+                Arc::clone(&published),
             );
             thread::spawn(move || {
                 for v in [1, 2] {
                     // `deliver_local`: load the snapshot, push to each subscriber in it.
-                    let snapshot: SubList = subs.lock().unwrap().clone();
-                    for mb in snapshot.iter() {
-                        let push = mb.push(item(v, false, None), Kind::Dedicated, false);
-                        if Arc::ptr_eq(mb, &leaving) {
-                            match push {
-                                Push::Queued { .. } => queued.push(v),
-                                Push::Closed => {}
-                                Push::Dropped => panic!("unbounded mailbox dropped an item"),
+                    let snapshot: SubList = Arc::clone(&subs.lock().unwrap());
+                    for sub in snapshot.iter() {
+                        let push = sub.mb.push(item(v, false, None), Kind::Dedicated, true);
+                        let queued = match push {
+                            Push::Queued { .. } => true,
+                            Push::Closed => false,
+                            Push::Dropped => panic!("an unbounded mailbox dropped an item"),
+                        };
+                        if Arc::ptr_eq(sub, &leaving) {
+                            if queued {
+                                accepted.push(v);
                             }
                         } else {
-                            assert!(matches!(push, Push::Queued { .. }));
+                            assert!(queued, "a subscribed mailbox refused a push");
                         }
                     }
                     published.store(v, Release);
                 }
             })
         };
-
-        // The unsubscriber (main thread): what was published before it started must be
-        // delivered before the final item.
-        let before = published.load(Acquire);
-        {
-            // `remove_subscriber`: swap in a list without the mailbox.
-            let mut list = subscribers.lock().unwrap();
-            let rest: Vec<Arc<Mailbox>> = list
-                .iter()
-                .filter(|m| !Arc::ptr_eq(m, &leaving))
-                .cloned()
-                .collect();
-            *list = std::sync::Arc::new(rest);
-        }
-        push_final(&leaving, Kind::Dedicated, None);
+        // The unsubscriber: what was published before it started must be delivered
+        // before the final item.
+        let unsubscriber = {
+            let (subs, leaving, published) = (
+                Arc::clone(&subscribers),
+                Arc::clone(&leaving),
+                Arc::clone(&published),
+            );
+            thread::spawn(move || {
+                let before = published.load(Acquire);
+                {
+                    // `remove_subscriber`: swap in a list without the subscription.
+                    let mut list = subs.lock().unwrap();
+                    let rest: Vec<Arc<Sub>> = list
+                        .iter()
+                        .filter(|s| !Arc::ptr_eq(s, &leaving))
+                        .cloned()
+                        .collect();
+                    *list = Arc::new(rest);
+                }
+                push_final(&leaving, Kind::Dedicated, None);
+                before
+            })
+        };
 
         runner.join().unwrap();
         publisher.join().unwrap();
-        let log = log.get();
-        check_final_delivery(&log, &queued.get());
+        let before = unsubscriber.join().unwrap();
+        let log = leaving.log.get();
+        check_final_delivery(&log, &accepted.get());
         for v in 1..=before {
             assert!(
                 log.contains(&v),
                 "message {v}, published before the unsubscribe began, was lost: {log:?}"
             );
         }
-        let st = leaving.lock();
+        let st = leaving.mb.lock();
         assert!(st.done && st.queue.is_empty());
         drop(st);
-        let st = staying.lock();
+        let st = staying.mb.lock();
         let got: Vec<usize> = st.queue.iter().map(value).collect();
-        assert_eq!(
-            got,
-            [1, 2],
-            "the remaining subscriber gets every message in order"
-        );
+        assert_eq!(got, [1, 2], "the remaining subscriber gets every message");
     });
 }
 
 // ---------------------------------------------------------------------------------------
 // Model 4: synchronous hand-off.
 
-/// `Subscription::run_until_idle`, checking that each item runs on its publisher's
-/// thread.
-fn run_until_idle(
-    mb: &Mailbox,
-    me: ThreadToken,
-    runners: &AtomicUsize,
-    log: &Log<usize>,
-    final_handled: Option<&AtomicBool>,
-) {
-    while let Some(mut batch) = mb.take_batch(me, Kind::Synchronous) {
-        for it in &batch {
-            assert_eq!(
-                it.from,
-                Some(thread_token()),
-                "item {} delivered on another thread than its publisher's",
-                value(it)
-            );
+/// `Subscription::run_until_idle`: runs batches; when the run was handed away while
+/// items this thread's callbacks published wait behind others, waits for it to come
+/// back. Checks that each item runs on its publisher's thread.
+fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize)) {
+    loop {
+        while let Some(mut batch) = sub.mb.take_batch(me, Kind::Synchronous) {
+            for it in &batch {
+                assert_eq!(
+                    it.from,
+                    Some(thread_token()),
+                    "item {} delivered on another thread than its publisher's",
+                    value(it)
+                );
+            }
+            let (n, last) = sub.deliver(&mut batch, nested);
+            sub.mb.finish_batch(batch, n, last);
         }
-        let (n, last) = deliver(&mut batch, runners, log, final_handled);
-        mb.finish_batch(batch, n, last);
+        if !sub.mb.has_items_from(me) || !sub.mb.wait_turn(me) {
+            return;
+        }
     }
 }
 
 /// One synchronous publish of `v` (`Subscription::offer`, synchronous kind); `last`:
-/// the unsubscribe's final item. Returns false when the mailbox was closed.
-fn sync_publish(
-    mb: &Mailbox,
-    v: usize,
-    last: bool,
-    runners: &AtomicUsize,
-    log: &Log<usize>,
-    final_handled: Option<&AtomicBool>,
-) -> bool {
+/// the unsubscribe's final item. False when the mailbox was closed.
+fn sync_publish(sub: &Sub, v: usize, last: bool, nested: &dyn Fn(usize)) -> bool {
     let me = thread_token();
-    let action = match mb.push(item(v, last, Some(me)), Kind::Synchronous, false) {
+    let action = match sub
+        .mb
+        .push(item(v, last, Some(me)), Kind::Synchronous, false)
+    {
         Push::Queued { action, .. } => action,
         Push::Closed => return false,
-        Push::Dropped => panic!("unbounded mailbox dropped an item"),
+        Push::Dropped => panic!("an unbounded mailbox dropped an item"),
     };
     match action {
-        Action::RunHere => run_until_idle(mb, me, runners, log, final_handled),
+        Action::RunHere => run_until_idle(sub, me, nested),
         Action::WaitTurn => {
             assert!(
-                mb.wait_turn(me),
+                sub.mb.wait_turn(me),
                 "wait_turn gave up although this thread's item is queued"
             );
-            run_until_idle(mb, me, runners, log, final_handled);
+            run_until_idle(sub, me, nested);
         }
-        other => panic!("synchronous push from outside a callback asked for {other:?}"),
+        other => panic!("a synchronous push from outside a callback asked for {other:?}"),
     }
     assert!(
-        log.get().contains(&v),
-        "publish of {v} returned before its callback ran"
+        sub.log.get().contains(&v),
+        "the publish of {v} returned before its callback ran"
     );
     true
 }
 
 #[test]
 fn loom_synchronous_handoff() {
-    check("synchronous_handoff", 5, || {
-        let mb = Arc::new(Mailbox::new());
-        let runners = Arc::new(AtomicUsize::new(0));
-        let log = Arc::new(Log::new());
+    check("synchronous_handoff", 6, || {
+        let sub = Sub::new();
 
-        let publisher = |values: &'static [usize]| {
-            let (mb, runners, log) = (mb.clone(), runners.clone(), log.clone());
+        // Publisher a publishes 1 (whose callback publishes 3 to the same subscription:
+        // a nested publish), then 2; publisher b publishes 10.
+        let a = {
+            let sub = Arc::clone(&sub);
             thread::spawn(move || {
-                for &v in values {
-                    assert!(sync_publish(&mb, v, false, &runners, &log, None));
-                }
+                let nested = |v: usize| {
+                    if v == 1 {
+                        let me = Some(thread_token());
+                        let push = sub.mb.push(item(3, false, me), Kind::Synchronous, false);
+                        assert!(
+                            matches!(
+                                push,
+                                Push::Queued {
+                                    action: Action::Nested,
+                                    ..
+                                }
+                            ),
+                            "a callback's publish to its own subscription is Nested"
+                        );
+                    }
+                };
+                assert!(sync_publish(&sub, 1, false, &nested));
+                assert!(
+                    sub.log.get().contains(&3),
+                    "the publish returned before the item its callback published ran"
+                );
+                assert!(sync_publish(&sub, 2, false, &nested));
             })
         };
-        let a = publisher(&[1, 2]);
-        let b = publisher(&[10, 11]);
+        let b = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || assert!(sync_publish(&sub, 10, false, &|_| {})))
+        };
         a.join().unwrap();
         b.join().unwrap();
 
-        let log = log.get();
+        let log = sub.log.get();
         assert_eq!(
             in_range(&log, 0..10),
-            [1, 2],
+            [1, 3, 2],
             "publisher a's order: {log:?}"
         );
-        assert_eq!(
-            in_range(&log, 10..20),
-            [10, 11],
-            "publisher b's order: {log:?}"
-        );
+        assert_eq!(in_range(&log, 10..20), [10], "publisher b: {log:?}");
         assert_eq!(log.len(), 4, "each item delivered once: {log:?}");
-        let st = mb.lock();
+        let st = sub.mb.lock();
         assert!(st.queue.is_empty());
         assert_eq!(st.run, RunState::Idle);
         assert_eq!((st.pushed, st.handled), (4, 4));
@@ -733,21 +729,17 @@ fn loom_synchronous_handoff() {
 #[test]
 fn loom_synchronous_final() {
     check("synchronous_final", 3, || {
-        let mb = Arc::new(Mailbox::new());
-        let runners = Arc::new(AtomicUsize::new(0));
-        let log = Arc::new(Log::new());
-        let queued = Arc::new(Log::new());
-        let final_handled = Arc::new(AtomicBool::new(false));
+        let sub = Sub::new();
+        let accepted = Arc::new(Log::new());
 
         let publisher = {
-            let (mb, runners, log, queued) =
-                (mb.clone(), runners.clone(), log.clone(), queued.clone());
+            let (sub, accepted) = (Arc::clone(&sub), Arc::clone(&accepted));
             thread::spawn(move || {
                 let mut closed = false;
                 for v in [1, 2] {
-                    if sync_publish(&mb, v, false, &runners, &log, None) {
-                        assert!(!closed, "a push succeeded after one was refused");
-                        queued.push(v);
+                    if sync_publish(&sub, v, false, &|_| {}) {
+                        assert!(!closed, "a push was accepted after one was refused");
+                        accepted.push(v);
                     } else {
                         closed = true;
                     }
@@ -755,42 +747,208 @@ fn loom_synchronous_final() {
             })
         };
         let unsubscriber = {
-            let (mb, runners, log, fh) = (
-                mb.clone(),
-                runners.clone(),
-                log.clone(),
-                final_handled.clone(),
-            );
+            let sub = Arc::clone(&sub);
             thread::spawn(move || {
                 assert!(
-                    sync_publish(&mb, FINAL, true, &runners, &log, Some(&fh)),
+                    sync_publish(&sub, FINAL, true, &|_| {}),
                     "the final item is never refused"
                 );
+                let me = Some(thread_token());
+                let push = sub
+                    .mb
+                    .push(item(AFTER_FINAL, false, me), Kind::Synchronous, false);
                 assert!(
-                    matches!(
-                        mb.push(
-                            item(AFTER_FINAL, false, Some(thread_token())),
-                            Kind::Synchronous,
-                            false
-                        ),
-                        Push::Closed
-                    ),
+                    matches!(push, Push::Closed),
                     "a push after the final item must be Closed"
                 );
             })
         };
 
-        mb.wait_until(|st| st.done);
-        assert!(
-            final_handled.load(Relaxed),
-            "join returned before the final item was handled"
-        );
+        let handled_at_join = sub.join();
         publisher.join().unwrap();
         unsubscriber.join().unwrap();
-        check_final_delivery(&log.get(), &queued.get());
-        let st = mb.lock();
+        assert!(
+            handled_at_join,
+            "join returned before the final item was handled"
+        );
+        check_final_delivery(&sub.log.get(), &accepted.get());
+        let st = sub.mb.lock();
         assert!(st.done && st.queue.is_empty());
         assert_eq!(st.run, RunState::Idle);
         assert_eq!(st.handled, st.pushed);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 5: DropOldest and publish_sync's wait on the handled count.
+
+/// Pushes each value (dedicated kind, may not block), then waits like
+/// `Subscription::wait_handled` for the last one. Returns the (value, seq) pairs and
+/// what had been delivered when the wait returned.
+fn publish_then_wait(sub: &Sub, values: &[usize]) -> (Vec<(usize, u64)>, u64, Vec<usize>) {
+    let mut seqs = Vec::new();
+    for &v in values {
+        match sub.mb.push(item(v, false, None), Kind::Dedicated, false) {
+            Push::Queued { seq, .. } => seqs.push((v, seq)),
+            Push::Closed => panic!("an open mailbox refused a push"),
+            Push::Dropped => panic!("DropOldest dropped the new item"),
+        }
+    }
+    let waited = seqs.last().expect("values is not empty").1;
+    sub.mb.wait_until(|st| st.handled() >= waited || st.done);
+    (seqs, waited, sub.log.get())
+}
+
+#[test]
+fn loom_drop_oldest_accounting() {
+    check("drop_oldest_accounting", 3, || {
+        let sub = Sub::new();
+        sub.mb.set_overflow(Overflow::DropOldest, 1);
+
+        let runner = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || sub.dedicated_thread(1))
+        };
+        let a = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || publish_then_wait(&sub, &[1]))
+        };
+        let b = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || publish_then_wait(&sub, &[10, 11]))
+        };
+        let a = a.join().unwrap();
+        let b = b.join().unwrap();
+        // Both waits returned without an unsubscribe: now stop the runner.
+        let final_push = sub.mb.push(item(FINAL, true, None), Kind::Dedicated, false);
+        runner.join().unwrap();
+        assert!(matches!(final_push, Push::Queued { .. }));
+
+        let log = sub.log.get();
+        assert_eq!(log.last(), Some(&FINAL), "{log:?}");
+        let all: Vec<(usize, u64)> = a.0.iter().chain(&b.0).copied().collect();
+        for (seqs, waited, seen) in [&a, &b] {
+            // Everything up to the awaited item was delivered before the wait returned,
+            // or was evicted (and never delivered).
+            for &(v, seq) in &all {
+                if seq <= *waited {
+                    assert!(
+                        seen.contains(&v) || !log.contains(&v),
+                        "waited for seq {waited} (values {seqs:?}): item {v} (seq {seq}) \
+                         was delivered after the wait returned; seen {seen:?}, log {log:?}"
+                    );
+                }
+            }
+        }
+        let mut by_seq = all.clone();
+        by_seq.sort_by_key(|&(_, seq)| seq);
+        let delivered: Vec<usize> = by_seq
+            .iter()
+            .map(|&(v, _)| v)
+            .filter(|v| log.contains(v))
+            .collect();
+        assert_eq!(&log[..log.len() - 1], delivered, "delivered in seq order");
+        let st = sub.mb.lock();
+        assert_eq!(st.handled, st.pushed, "every item counted as handled");
+        assert_eq!(
+            st.dropped() as usize + log.len(),
+            all.len() + 1,
+            "every item delivered or dropped"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 6: Overflow::Block.
+
+/// A producer blocked on the full queue races the final push and the runner.
+#[test]
+fn loom_block_overflow() {
+    check("block_overflow", 3, || {
+        let sub = Sub::new();
+        sub.mb.set_overflow(Overflow::Block, 1);
+        let accepted = Arc::new(Log::new());
+
+        let runner = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || sub.dedicated_thread(1))
+        };
+        let producer = {
+            let (sub, accepted) = (Arc::clone(&sub), Arc::clone(&accepted));
+            thread::spawn(move || produce(&sub, Kind::Dedicated, None, &[1, 2, 3], &accepted))
+        };
+        let unsubscriber = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || push_final(&sub, Kind::Dedicated, None))
+        };
+        runner.join().unwrap();
+        producer.join().unwrap();
+        unsubscriber.join().unwrap();
+
+        check_final_delivery(&sub.log.get(), &accepted.get());
+        let st = sub.mb.lock();
+        assert!(st.done && st.queue.is_empty());
+        assert_eq!(st.blocked, 0);
+        assert_eq!(st.dropped(), 0);
+    });
+}
+
+/// Only the runner taking a batch can release the blocked producer (the final item
+/// comes from the producer itself, afterwards): every item gets through.
+#[test]
+fn loom_block_overflow_runner_makes_room() {
+    check("block_overflow_runner_makes_room", 4, || {
+        let sub = Sub::new();
+        sub.mb.set_overflow(Overflow::Block, 1);
+        let accepted = Arc::new(Log::new());
+
+        let runner = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || sub.dedicated_thread(1))
+        };
+        let producer = {
+            let (sub, accepted) = (Arc::clone(&sub), Arc::clone(&accepted));
+            thread::spawn(move || {
+                produce(&sub, Kind::Dedicated, None, &[1, 2, 3], &accepted);
+                push_final(&sub, Kind::Dedicated, None);
+            })
+        };
+        runner.join().unwrap();
+        producer.join().unwrap();
+
+        assert_eq!(accepted.get(), [1, 2, 3], "a blocking push was refused");
+        check_final_delivery(&sub.log.get(), &accepted.get());
+    });
+}
+
+/// The runner is stalled (it starts only after the others finished): only the final
+/// push can release the blocked producer, whose push is then refused.
+#[test]
+fn loom_block_overflow_final_releases() {
+    check("block_overflow_final_releases", 4, || {
+        let sub = Sub::new();
+        sub.mb.set_overflow(Overflow::Block, 1);
+        let accepted = Arc::new(Log::new());
+
+        let producer = {
+            let (sub, accepted) = (Arc::clone(&sub), Arc::clone(&accepted));
+            thread::spawn(move || produce(&sub, Kind::Dedicated, None, &[1, 2], &accepted))
+        };
+        let unsubscriber = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || push_final(&sub, Kind::Dedicated, None))
+        };
+        let unsubscribed = unsubscriber.join();
+        let produced = producer.join();
+        let runner = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || sub.dedicated_thread(1))
+        };
+        runner.join().unwrap();
+        unsubscribed.unwrap();
+        produced.unwrap();
+
+        check_final_delivery(&sub.log.get(), &accepted.get());
+        assert!(accepted.get().len() <= 1, "the limit was exceeded");
     });
 }

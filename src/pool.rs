@@ -10,8 +10,8 @@
 
 use crate::error::{Error, Result};
 use crate::subscription::Subscription;
+use crate::sync::std_sync::{Condvar, Mutex, MutexGuard};
 use crossbeam_queue::SegQueue;
-use parking_lot::{Condvar, Mutex};
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -180,7 +180,7 @@ impl Pool {
             let mut timed_out = false;
             if self.queue.is_empty() {
                 let timeout = cfg.idle_timeout;
-                timed_out = self.wake.wait_for(&mut cfg, timeout).timed_out();
+                timed_out = self.wake.wait_for(&mut cfg, timeout);
             }
             self.sleeping.fetch_sub(1, Ordering::SeqCst);
             let surplus = cfg.threads - cfg.blocked > cfg.max;
@@ -193,33 +193,34 @@ impl Pool {
     }
 }
 
-/// Takes the pool lock for fork() (see `fork`).
-pub(crate) fn fork_lock() {
-    std::mem::forget(global().config.lock());
+thread_local! {
+    /// The pool lock held across fork() by the forking thread (see `fork`).
+    static FORK_GUARD: std::cell::RefCell<Option<MutexGuard<'static, Config>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
-/// Releases the lock `fork_lock` took.
-///
-/// # Safety
-/// Only after `fork_lock` on this thread.
-pub(crate) unsafe fn fork_unlock() {
-    // SAFETY: per the contract above, the lock is held and its guard was forgotten.
-    unsafe { global().config.force_unlock() };
+/// Takes the pool lock for fork() (see `fork`).
+pub(crate) fn fork_lock() {
+    let guard = global().config.lock();
+    FORK_GUARD.with(|g| *g.borrow_mut() = Some(guard));
+}
+
+/// Releases the lock `fork_lock` took (in the parent, or in a child: the forking thread
+/// is the child's thread, with its thread-locals).
+pub(crate) fn fork_unlock() {
+    FORK_GUARD.with(|g| drop(g.borrow_mut().take()));
 }
 
 /// In a forked child: no worker survived, so forget them all, then release the lock.
-///
-/// # Safety
-/// Only in a child forked after `fork_lock`.
-pub(crate) unsafe fn fork_reset_and_unlock() {
+pub(crate) fn fork_reset_and_unlock() {
     let pool = global();
-    // SAFETY: the lock is held (taken before the fork) and this is the only thread; the
-    // guard was forgotten, so reach the data through the raw pointer.
-    let cfg = unsafe { &mut *pool.config.data_ptr() };
-    cfg.threads = 0;
-    cfg.blocked = 0;
+    FORK_GUARD.with(|g| {
+        if let Some(cfg) = g.borrow_mut().as_mut() {
+            cfg.threads = 0;
+            cfg.blocked = 0;
+        }
+    });
     pool.active.store(0, Ordering::SeqCst);
     pool.sleeping.store(0, Ordering::SeqCst);
-    // SAFETY: as above.
-    unsafe { pool.config.force_unlock() };
+    fork_unlock();
 }

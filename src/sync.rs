@@ -1,11 +1,72 @@
-//! The synchronization primitives of the concurrency core (mailbox), in one place so the
-//! loom model checks (`RUSTFLAGS="--cfg loom" cargo test --release --lib loom`) can swap
-//! in loom's instrumented versions with the same API.
+//! The synchronization primitives of the concurrency core (mailbox, pool), in one place
+//! so the loom model checks (`RUSTFLAGS="--cfg loom" cargo test --release --lib loom`)
+//! can swap in loom's instrumented versions with the same API.
+//!
+//! Threads sleep on these (idle workers, parked dedicated threads, joiners), so they are
+//! std's futex-based primitives, whose waiters live in the kernel: after fork() the dead
+//! parent threads simply are not there. parking_lot keeps its waiters in a process-wide
+//! table, which a child inherits with entries for threads it does not have; a notify
+//! would then wake one of those ghosts instead of the live waiter.
 
 #[cfg(not(loom))]
-pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
+pub(crate) use self::std_sync::{Condvar, Mutex, MutexGuard};
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::AtomicUsize;
+
+/// std's Mutex and Condvar with parking_lot's API (no poisoning: a panic while holding
+/// the lock cannot leave our state half-updated in a way later users must see).
+pub(crate) mod std_sync {
+    use std::time::Duration;
+
+    pub(crate) struct Mutex<T>(std::sync::Mutex<T>);
+    pub(crate) type MutexGuard<'a, T> = std::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) const fn new(value: T) -> Mutex<T> {
+            Mutex(std::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    pub(crate) struct Condvar(std::sync::Condvar);
+
+    impl Condvar {
+        pub(crate) const fn new() -> Condvar {
+            Condvar(std::sync::Condvar::new())
+        }
+        pub(crate) fn notify_one(&self) {
+            self.0.notify_one();
+        }
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
+        }
+        pub(crate) fn wait<T>(&self, guard: &mut MutexGuard<'_, T>) {
+            // SAFETY: the guard is moved out, handed to std's wait, and the re-acquired
+            // guard written back before the slot can be observed; std's wait does not
+            // panic (poisoning is mapped to the inner guard).
+            unsafe {
+                let owned = std::ptr::read(guard);
+                let back = self.0.wait(owned).unwrap_or_else(|e| e.into_inner());
+                std::ptr::write(guard, back);
+            }
+        }
+        /// Waits at most `timeout`; true when it timed out.
+        pub(crate) fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, timeout: Duration) -> bool {
+            // SAFETY: as in `wait`.
+            unsafe {
+                let owned = std::ptr::read(guard);
+                let (back, result) = self
+                    .0
+                    .wait_timeout(owned, timeout)
+                    .unwrap_or_else(|e| e.into_inner());
+                std::ptr::write(guard, back);
+                result.timed_out()
+            }
+        }
+    }
+}
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::AtomicUsize;
