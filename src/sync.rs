@@ -15,6 +15,7 @@ pub(crate) use std::sync::atomic::AtomicUsize;
 
 /// std's Mutex and Condvar with parking_lot's API (no poisoning: a panic while holding
 /// the lock cannot leave our state half-updated in a way later users must see).
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) mod std_sync {
     use std::time::Duration;
 

@@ -114,6 +114,10 @@ fn run(name: &str) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env("SB_VALGRIND", if vg { "1" } else { "0" });
+    // test_torture runs SB_TORTURE_SECONDS (default 20); under valgrind 3 s are plenty.
+    if vg && name == "test_torture" && std::env::var_os("SB_TORTURE_SECONDS").is_none() {
+        cmd.env("SB_TORTURE_SECONDS", "3");
+    }
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
@@ -184,4 +188,10 @@ c_tests!(
     test_cache_concurrency,
     test_regressions,
     test_reentrancy,
+    test_torture,
+    test_overflow,
+    test_slow_subscriber,
+    test_exit,
+    test_fork,
+    test_bad_input_more,
 );
