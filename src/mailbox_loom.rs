@@ -49,24 +49,34 @@
 //!    publishing to its own subscription). Every item is delivered on its publisher's
 //!    thread, callbacks never overlap, a publish returns only after its item and any
 //!    item its callbacks published were delivered, both publishers return, and the
-//!    mailbox ends empty and `Idle`. With an unsubscriber: the final item runs on the
+//!    mailbox ends empty and `Idle`; a DropOldest limit (which the synchronous kind
+//!    must ignore) evicts nothing. With an unsubscriber: the final item runs on the
 //!    unsubscriber's thread, last, and join waits for it.
 //! 5. `loom_drop_oldest_accounting`: `Overflow::DropOldest` with a limit of one item and
 //!    `publish_sync`-style waiters (`wait_until(handled >= seq)`). A waiter returns
 //!    only once its item and every earlier one was delivered or evicted (an eviction
 //!    must not count as handled while an earlier item is still being delivered), and
 //!    never waits forever for an evicted item.
-//! 6. `loom_block_overflow`: `Overflow::Block` with a limit of one item. A blocked
-//!    publisher is woken by the runner taking a batch, or by the final push (and then
-//!    refused); no batch exceeds the limit (the final item aside); nothing is lost and
-//!    nobody hangs.
+//! 6. `loom_block_overflow*`: `Overflow::Block` with a limit of one item. A producer
+//!    blocked on the full queue races the final push and the runner; no batch exceeds
+//!    the limit (the final item aside), nothing accepted is lost, nobody hangs. Two
+//!    narrower models pin down each wake-up: `_runner_makes_room` (no final push
+//!    races the producer, so only the runner's `take_batch` can release it: every
+//!    push gets through) and `_final_releases` (the runner starts only after the
+//!    others finished, so only the final push can release the producer, whose push is
+//!    then refused).
 //!
-//! Notes on the harness: shared state is held in `std::sync::Arc` (as the library holds
-//! subscriptions), not loom's `Arc`: loom's models each clone and drop as a scheduling
-//! point, which only inflates the search, and unwinding a deadlocked model thread that
-//! owns a loom `Arc` aborts the process instead of reporting the deadlock. Assertions
-//! on the main thread run after the spawned threads are joined, for the same reason (a
-//! panic while spawned threads have not started yet makes loom abort).
+//! Notes on the harness:
+//! - Shared state is held in `std::sync::Arc` (as the library holds subscriptions), not
+//!   loom's `Arc`: loom models every clone and drop as a scheduling point, which only
+//!   inflates the search, and unwinding a deadlocked model thread that owns a loom
+//!   `Arc` aborts the process instead of reporting the deadlock.
+//! - The delivery log sits behind a loom mutex, not a std one: loom's partial-order
+//!   reduction only tries both orders of operations it sees conflict, so bookkeeping
+//!   hidden from it silently hides interleavings (with a std mutex, model 5 missed an
+//!   eviction counted too early).
+//! - Assertions on the main thread run after the spawned threads are joined: a panic
+//!   while spawned threads have not started yet makes loom abort instead of report.
 
 use super::{Action, Item, Kind, Mailbox, Overflow, Push, RunState};
 use crate::message::Message;
