@@ -107,10 +107,22 @@ struct RawData {
 const RAW_MAGIC: u64 = 0x5241_5744_4154_4121;
 
 static STATIC_RAW: [RawData; 4] = [
-    RawData { magic: RAW_MAGIC, id: 0 },
-    RawData { magic: RAW_MAGIC, id: 1 },
-    RawData { magic: RAW_MAGIC, id: 0x82 },
-    RawData { magic: RAW_MAGIC, id: 3 },
+    RawData {
+        magic: RAW_MAGIC,
+        id: 0,
+    },
+    RawData {
+        magic: RAW_MAGIC,
+        id: 1,
+    },
+    RawData {
+        magic: RAW_MAGIC,
+        id: 0x82,
+    },
+    RawData {
+        magic: RAW_MAGIC,
+        id: 3,
+    },
 ];
 
 /// Heap RawData pointers whose message is alive (removed by the dtor).
@@ -128,7 +140,10 @@ fn is_raw(p: *const c_void) -> bool {
 
 unsafe extern "C" fn raw_dtor(p: *mut c_void) {
     let removed = LIVE_RAW.lock().unwrap().remove(&(p as usize));
-    check!(removed, "dtor ran for unknown data {p:p} (twice, or never owned)");
+    check!(
+        removed,
+        "dtor ran for unknown data {p:p} (twice, or never owned)"
+    );
     let b = Box::from_raw(p as *mut RawData);
     check!(b.magic == RAW_MAGIC, "dtor got corrupted data");
     drop(b);
@@ -136,7 +151,10 @@ unsafe extern "C" fn raw_dtor(p: *mut c_void) {
 }
 
 fn new_heap_raw(id: u8) -> *mut c_void {
-    let p = Box::into_raw(Box::new(RawData { magic: RAW_MAGIC, id })) as *mut c_void;
+    let p = Box::into_raw(Box::new(RawData {
+        magic: RAW_MAGIC,
+        id,
+    })) as *mut c_void;
     LIVE_RAW.lock().unwrap().insert(p as usize);
     p
 }
@@ -144,7 +162,10 @@ fn new_heap_raw(id: u8) -> *mut c_void {
 /// Frees heap data whose message creation failed (the caller still owns it).
 fn free_heap_raw(p: *mut c_void) {
     let removed = LIVE_RAW.lock().unwrap().remove(&(p as usize));
-    check!(removed, "data of a failed create was already freed by the library");
+    check!(
+        removed,
+        "data of a failed create was already freed by the library"
+    );
     // SAFETY: from new_heap_raw, not handed over.
     drop(unsafe { Box::from_raw(p as *mut RawData) });
 }
@@ -214,7 +235,10 @@ unsafe extern "C" fn calc_fn(entry: *mut sb_cache_entry, new: *mut sb_message) -
 }
 
 unsafe extern "C" fn agg_publish_fn(topic: *mut sb_topic, agg: *mut sb_message) {
-    check!(!topic.is_null() && !agg.is_null(), "aggregate publish got NULL");
+    check!(
+        !topic.is_null() && !agg.is_null(),
+        "aggregate publish got NULL"
+    );
     check!(sb_message_eid(agg).is_null(), "an aggregate has an eid");
     if !SHARED.teardown.load(SeqCst) {
         let r = sb_publish(topic, agg);
@@ -317,7 +341,13 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(mode: u8, unsub_after: u8, is_router: bool, synchronous: bool, publish_topic: *mut sb_topic) -> Box<Ctx> {
+    fn new(
+        mode: u8,
+        unsub_after: u8,
+        is_router: bool,
+        synchronous: bool,
+        publish_topic: *mut sb_topic,
+    ) -> Box<Ctx> {
         Box::new(Ctx {
             mode,
             slow: unsub_after & 0x10 != 0,
@@ -375,7 +405,10 @@ fn may_publish(ctx: &Ctx) -> bool {
 unsafe extern "C" fn sub_cb(data: *mut c_void, sub: *mut sb_subscription, msg: *mut sb_message) {
     check!(!data.is_null(), "callback data is NULL");
     let ctx = &*(data as *const Ctx);
-    check!(!sub.is_null() && !msg.is_null(), "callback got NULL sub or msg");
+    check!(
+        !sub.is_null() && !msg.is_null(),
+        "callback got NULL sub or msg"
+    );
     check!(
         !ctx.in_cb.swap(true, SeqCst),
         "two invocations of one subscription overlap"
@@ -398,10 +431,16 @@ unsafe extern "C" fn sub_cb(data: *mut c_void, sub: *mut sb_subscription, msg: *
         check!(ty == change_ty, "first message is not the Subscribe change");
         let c = &*(sb_message_data(msg) as *const sb_subscription_change);
         let desc = CStr::from_ptr(c.description);
-        check!(desc == c"Subscribe", "first message is {desc:?}, not Subscribe");
+        check!(
+            desc == c"Subscribe",
+            "first message is {desc:?}, not Subscribe"
+        );
         let mine = CStr::from_ptr(sb_subscription_uniqueid(sub));
         let theirs = CStr::from_ptr(c.uniqueid);
-        check!(mine == theirs, "first change is for {theirs:?}, not {mine:?}");
+        check!(
+            mine == theirs,
+            "first change is for {theirs:?}, not {mine:?}"
+        );
     }
     let is_final = sb_subscription_final_message(sub, msg) == 1;
     if is_final {
@@ -479,18 +518,27 @@ unsafe extern "C" fn sub_cb(data: *mut c_void, sub: *mut sb_subscription, msg: *
         if m & 0x04 != 0 && n == ctx.unsub_after && self_unsub_ok {
             let r = sb_subscription_ref(sub);
             check!(r == sub, "sb_subscription_ref returned another pointer");
-            check!(sb_unsubscribe(r).is_null(), "sb_unsubscribe returned non-NULL");
+            check!(
+                sb_unsubscribe(r).is_null(),
+                "sb_unsubscribe returned non-NULL"
+            );
         }
         if m & 0x08 != 0 && n == ctx.unsub_after && self_unsub_ok {
             let router = ctx.router.load(SeqCst);
             if ctx.is_router && !router.is_null() {
                 let r = sb_router_ref(router);
                 check!(r == router, "sb_router_ref returned another pointer");
-                check!(sb_router_unsubscribe_and_join(r).is_null(), "router unsubscribe returned non-NULL");
+                check!(
+                    sb_router_unsubscribe_and_join(r).is_null(),
+                    "router unsubscribe returned non-NULL"
+                );
             } else {
                 let r = sb_subscription_ref(sub);
                 check!(r == sub, "sb_subscription_ref returned another pointer");
-                check!(sb_unsubscribe_and_join(r).is_null(), "sb_unsubscribe_and_join returned non-NULL");
+                check!(
+                    sb_unsubscribe_and_join(r).is_null(),
+                    "sb_unsubscribe_and_join returned non-NULL"
+                );
             }
         }
     }
@@ -598,79 +646,294 @@ impl IdArg {
 #[derive(Arbitrary, Debug)]
 enum Op {
     // Topics
-    TopicCreate { slot: u8, name: Name, detail: Option<Name> },
-    TopicGet { slot: u8, name: Name },
-    TopicRef { from: u8, to: u8 },
-    TopicUnref { slot: u8 },
-    TopicQuery { topic: u8, ty: u8 },
+    TopicCreate {
+        slot: u8,
+        name: Name,
+        detail: Option<Name>,
+    },
+    TopicGet {
+        slot: u8,
+        name: Name,
+    },
+    TopicRef {
+        from: u8,
+        to: u8,
+    },
+    TopicUnref {
+        slot: u8,
+    },
+    TopicQuery {
+        topic: u8,
+        ty: u8,
+    },
     // Message types
-    TypeCreate { slot: u8, name: Name, vtable: u8 },
-    TypeRef { from: u8, to: u8 },
-    TypeUnref { slot: u8 },
-    TypeQuery { slot: u8 },
-    TypeDecline { name: Name },
+    TypeCreate {
+        slot: u8,
+        name: Name,
+        vtable: u8,
+    },
+    TypeRef {
+        from: u8,
+        to: u8,
+    },
+    TypeUnref {
+        slot: u8,
+    },
+    TypeQuery {
+        slot: u8,
+    },
+    TypeDecline {
+        name: Name,
+    },
     // Messages
-    MsgBytes { slot: u8, ty: u8, bytes: Vec<u8>, null_ptr: bool },
-    MsgRaw { slot: u8, ty: u8, id: u8, data: u8, eid: Option<EidArg> },
-    MsgRef { from: u8, to: u8 },
-    MsgUnref { slot: u8 },
-    MsgQuery { slot: u8 },
-    CacheClearCreate { from: u8, to: u8 },
+    MsgBytes {
+        slot: u8,
+        ty: u8,
+        bytes: Vec<u8>,
+        null_ptr: bool,
+    },
+    MsgRaw {
+        slot: u8,
+        ty: u8,
+        id: u8,
+        data: u8,
+        eid: Option<EidArg>,
+    },
+    MsgRef {
+        from: u8,
+        to: u8,
+    },
+    MsgUnref {
+        slot: u8,
+    },
+    MsgQuery {
+        slot: u8,
+    },
+    CacheClearCreate {
+        from: u8,
+        to: u8,
+    },
     // Publishing
-    Publish { topic: u8, msg: u8 },
-    PublishBurst { topic: u8, msg: u8, n: u8 },
-    PublishSync { sub: u8, msg: u8 },
+    Publish {
+        topic: u8,
+        msg: u8,
+    },
+    PublishBurst {
+        topic: u8,
+        msg: u8,
+        n: u8,
+    },
+    PublishSync {
+        sub: u8,
+        msg: u8,
+    },
     // Subscriptions
-    Subscribe { slot: u8, topic: u8, kind: u8, mode: u8, unsub_after: u8, publish_to: u8, null_cb: bool },
-    Unsubscribe { sub: u8 },
-    UnsubscribeAndJoin { sub: u8 },
-    Join { sub: u8 },
-    SubRef { from: u8, to: u8 },
-    SubUnref { sub: u8 },
-    SubQuery { sub: u8, msg: u8 },
-    Accept { sub: u8, ty: u8 },
-    Decline { sub: u8, ty: u8 },
-    SetFilter { sub: u8, filter: u8 },
-    Congestion { sub: u8, low: i16, high: i16 },
-    Overflow { sub: u8, policy: u8, limit: u8 },
-    TakeCaptured { ctx: u8, slot: u8 },
+    Subscribe {
+        slot: u8,
+        topic: u8,
+        kind: u8,
+        mode: u8,
+        unsub_after: u8,
+        publish_to: u8,
+        null_cb: bool,
+    },
+    Unsubscribe {
+        sub: u8,
+    },
+    UnsubscribeAndJoin {
+        sub: u8,
+    },
+    Join {
+        sub: u8,
+    },
+    SubRef {
+        from: u8,
+        to: u8,
+    },
+    SubUnref {
+        sub: u8,
+    },
+    SubQuery {
+        sub: u8,
+        msg: u8,
+    },
+    Accept {
+        sub: u8,
+        ty: u8,
+    },
+    Decline {
+        sub: u8,
+        ty: u8,
+    },
+    SetFilter {
+        sub: u8,
+        filter: u8,
+    },
+    Congestion {
+        sub: u8,
+        low: i16,
+        high: i16,
+    },
+    Overflow {
+        sub: u8,
+        policy: u8,
+        limit: u8,
+    },
+    TakeCaptured {
+        ctx: u8,
+        slot: u8,
+    },
     // Forwards and pools
-    Forward { slot: u8, from: u8, to: u8 },
-    ForwardCancel { slot: u8 },
-    PoolCreate { slot: u8, topic: u8 },
-    PoolGet { pool: u8, name: Name, slot: u8 },
-    PoolDelete { pool: u8, name: Name },
-    PoolExists { pool: u8, name: Name },
-    PoolUnref { slot: u8 },
+    Forward {
+        slot: u8,
+        from: u8,
+        to: u8,
+    },
+    ForwardCancel {
+        slot: u8,
+    },
+    PoolCreate {
+        slot: u8,
+        topic: u8,
+    },
+    PoolGet {
+        pool: u8,
+        name: Name,
+        slot: u8,
+    },
+    PoolDelete {
+        pool: u8,
+        name: Name,
+    },
+    PoolExists {
+        pool: u8,
+        name: Name,
+    },
+    PoolUnref {
+        slot: u8,
+    },
     // Caches
-    CacheCreate { slot: u8, kind: u8 },
-    CacheRef { from: u8, to: u8 },
-    CacheUnref { slot: u8 },
-    CachingCreate { slot: u8, topic: u8, cache: u8 },
-    CachingGetTopic { ct: u8, slot: u8 },
-    CachingAccept { ct: u8, ty: u8 },
-    CachingSetFilter { ct: u8, filter: u8 },
-    CachingUnsubscribe { ct: u8, join: bool },
-    CacheGet { cache: u8, ty: u8, id: IdArg, eid: Option<EidArg>, slot: u8 },
-    CacheList { cache: u8, ty: u8, id: IdArg, eid: EidArg, which: u8, slot: u8 },
-    ListLen { list: u8 },
-    ListGet { list: u8, i: u8, slot: u8 },
-    ListFree { list: u8 },
+    CacheCreate {
+        slot: u8,
+        kind: u8,
+    },
+    CacheRef {
+        from: u8,
+        to: u8,
+    },
+    CacheUnref {
+        slot: u8,
+    },
+    CachingCreate {
+        slot: u8,
+        topic: u8,
+        cache: u8,
+    },
+    CachingGetTopic {
+        ct: u8,
+        slot: u8,
+    },
+    CachingAccept {
+        ct: u8,
+        ty: u8,
+    },
+    CachingSetFilter {
+        ct: u8,
+        filter: u8,
+    },
+    CachingUnsubscribe {
+        ct: u8,
+        join: bool,
+    },
+    CacheGet {
+        cache: u8,
+        ty: u8,
+        id: IdArg,
+        eid: Option<EidArg>,
+        slot: u8,
+    },
+    CacheList {
+        cache: u8,
+        ty: u8,
+        id: IdArg,
+        eid: EidArg,
+        which: u8,
+        slot: u8,
+    },
+    ListLen {
+        list: u8,
+    },
+    ListGet {
+        list: u8,
+        i: u8,
+        slot: u8,
+    },
+    ListFree {
+        list: u8,
+    },
     // Routers
-    RouterCreate { slot: u8, topic: u8, pool: bool, mode: u8, unsub_after: u8, publish_to: u8 },
-    RouterAdd { r: u8, ty: u8, cache_update: bool, null_cb: bool },
-    RouterRemove { r: u8, ty: u8, cache_update: bool },
-    RouterSetDefault { r: u8, null_cb: bool },
-    RouterCongestion { r: u8, low: i16, high: i16 },
-    RouterPublishSync { r: u8, msg: u8 },
-    RouterUnsubscribe { r: u8, join: bool },
-    RouterIsDone { r: u8 },
-    RouterRef { from: u8, to: u8 },
-    RouterUnref { slot: u8 },
+    RouterCreate {
+        slot: u8,
+        topic: u8,
+        pool: bool,
+        mode: u8,
+        unsub_after: u8,
+        publish_to: u8,
+    },
+    RouterAdd {
+        r: u8,
+        ty: u8,
+        cache_update: bool,
+        null_cb: bool,
+    },
+    RouterRemove {
+        r: u8,
+        ty: u8,
+        cache_update: bool,
+    },
+    RouterSetDefault {
+        r: u8,
+        null_cb: bool,
+    },
+    RouterCongestion {
+        r: u8,
+        low: i16,
+        high: i16,
+    },
+    RouterPublishSync {
+        r: u8,
+        msg: u8,
+    },
+    RouterUnsubscribe {
+        r: u8,
+        join: bool,
+    },
+    RouterIsDone {
+        r: u8,
+    },
+    RouterRef {
+        from: u8,
+        to: u8,
+    },
+    RouterUnref {
+        slot: u8,
+    },
     // Library
-    Misc { which: u8, code: i8, a: EidArg, b: EidArg, text: Name },
-    EidSetDefault { eid: EidArg },
-    PoolConfigure { min: u8, max: u8, idle: u8 },
+    Misc {
+        which: u8,
+        code: i8,
+        a: EidArg,
+        b: EidArg,
+        text: Name,
+    },
+    EidSetDefault {
+        eid: EidArg,
+    },
+    PoolConfigure {
+        min: u8,
+        max: u8,
+        idle: u8,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -779,7 +1042,10 @@ impl State {
     fn put_ct(&mut self, s: u8, p: *mut sb_caching_topic) {
         let i = idx(N_CTS, s);
         if let Some(old) = self.cts[i].take() {
-            check!(sb_caching_unsubscribe(old).is_null(), "caching unsubscribe returned non-NULL");
+            check!(
+                sb_caching_unsubscribe(old).is_null(),
+                "caching unsubscribe returned non-NULL"
+            );
         }
         self.cts[i] = (!p.is_null()).then_some(p);
     }
@@ -791,9 +1057,20 @@ impl State {
         self.lists[i] = (!p.is_null()).then_some(p);
     }
 
-    fn new_ctx(&mut self, mode: u8, unsub_after: u8, is_router: bool, synchronous: bool, publish_to: u8) -> *const Ctx {
+    fn new_ctx(
+        &mut self,
+        mode: u8,
+        unsub_after: u8,
+        is_router: bool,
+        synchronous: bool,
+        publish_to: u8,
+    ) -> *const Ctx {
         let t = self.topic(publish_to);
-        let pt = if t.is_null() { null_mut() } else { sb_topic_ref(t) };
+        let pt = if t.is_null() {
+            null_mut()
+        } else {
+            sb_topic_ref(t)
+        };
         let ctx = Ctx::new(mode, unsub_after, is_router, synchronous, pt);
         let p = &*ctx as *const Ctx;
         self.ctxs.push(ctx);
@@ -816,7 +1093,10 @@ impl State {
                     let got = unsafe { CStr::from_ptr(sb_topic_name(t)) };
                     check!(got == n.as_c_str(), "topic name {got:?} != {n:?}");
                     let again = sb_topic_get(n.as_ptr());
-                    check!(again == t, "sb_topic_get of a live topic returned {again:p}, not {t:p}");
+                    check!(
+                        again == t,
+                        "sb_topic_get of a live topic returned {again:p}, not {t:p}"
+                    );
                     sb_topic_unref(again);
                     let _ = cstr_len(sb_topic_detail(t));
                     let _ = cstr_len(sb_topic_uniqueid(t));
@@ -912,13 +1192,21 @@ impl State {
                     check!(d == 1, "declined name is not reported declined");
                     let mut out = null_mut();
                     let c = sb_message_type_create(c_ptr(&n), null(), &mut out);
-                    check!(c == SB_E_DECLINED && out.is_null(), "create of a declined name returned {c}");
+                    check!(
+                        c == SB_E_DECLINED && out.is_null(),
+                        "create of a declined name returned {c}"
+                    );
                 } else {
                     check!(r == SB_E_INVAL, "decline returned {r}");
                 }
             }
             // ---------------------------------------------------------------- messages
-            Op::MsgBytes { slot, ty, bytes, null_ptr } => {
+            Op::MsgBytes {
+                slot,
+                ty,
+                bytes,
+                null_ptr,
+            } => {
                 let t = self.ty(ty);
                 let bytes: Vec<u8> = bytes.into_iter().take(64).collect();
                 let m = if null_ptr {
@@ -931,7 +1219,9 @@ impl State {
                     let n = sb_message_data_len(m);
                     check!(n == bytes.len(), "bytes message len {n} != {}", bytes.len());
                     if n > 0 {
-                        let d = unsafe { std::slice::from_raw_parts(sb_message_data(m) as *const u8, n) };
+                        let d = unsafe {
+                            std::slice::from_raw_parts(sb_message_data(m) as *const u8, n)
+                        };
                         check!(d == &bytes[..], "bytes message data differs");
                     }
                     check!(sb_message_get_type(m) == t, "message type differs");
@@ -940,11 +1230,20 @@ impl State {
                 }
                 self.put_msg(slot, m);
             }
-            Op::MsgRaw { slot, ty, id, data, eid } => {
+            Op::MsgRaw {
+                slot,
+                ty,
+                id,
+                data,
+                eid,
+            } => {
                 let t = self.ty(ty);
                 let (d, dtor): (*mut c_void, sb_data_dtor) = match data % 3 {
                     0 => (null_mut(), None),
-                    1 => (&STATIC_RAW[id as usize % 4] as *const RawData as *mut c_void, None),
+                    1 => (
+                        &STATIC_RAW[id as usize % 4] as *const RawData as *mut c_void,
+                        None,
+                    ),
                     _ => (new_heap_raw(id), Some(raw_dtor)),
                 };
                 let m = match eid {
@@ -989,7 +1288,10 @@ impl State {
                 let e = sb_message_eid(m);
                 if !e.is_null() {
                     let mut buf = [0 as c_char; 18];
-                    check!(sb_eid_to_str(e, buf.as_mut_ptr(), buf.len()) == SB_OK, "eid_to_str failed");
+                    check!(
+                        sb_eid_to_str(e, buf.as_mut_ptr(), buf.len()) == SB_OK,
+                        "eid_to_str failed"
+                    );
                 }
                 let j = sb_message_to_json(m);
                 let _ = cstr_len(j);
@@ -1000,7 +1302,10 @@ impl State {
                 let c = sb_cache_clear_create(m);
                 check!(m.is_null() == c.is_null(), "clear_create({m:p}) = {c:p}");
                 if !c.is_null() {
-                    check!(sb_message_get_type(c) == sb_cache_clear_type(), "clear message has another type");
+                    check!(
+                        sb_message_get_type(c) == sb_cache_clear_type(),
+                        "clear message has another type"
+                    );
                 }
                 self.put_msg(to, c);
             }
@@ -1045,7 +1350,10 @@ impl State {
                         let subscribed = sb_subscription_is_subscribed(s.p);
                         ctx.sync_target.store(null_mut(), SeqCst);
                         if was_subscribed == 0 {
-                            check!(r == SB_E_STATE, "publish_sync on an unsubscribed subscription returned {r}");
+                            check!(
+                                r == SB_E_STATE,
+                                "publish_sync on an unsubscribed subscription returned {r}"
+                            );
                         }
                         let accepts = ctx.filter.lock().unwrap().accepts(sb_message_get_type(m));
                         if r >= 0
@@ -1062,7 +1370,15 @@ impl State {
                 }
             }
             // ---------------------------------------------------------------- subscriptions
-            Op::Subscribe { slot, topic, kind, mode, unsub_after, publish_to, null_cb } => {
+            Op::Subscribe {
+                slot,
+                topic,
+                kind,
+                mode,
+                unsub_after,
+                publish_to,
+                null_cb,
+            } => {
                 let t = self.topic(topic);
                 let kind = kind % 3;
                 let ctx = self.new_ctx(mode, unsub_after, false, kind == 2, publish_to);
@@ -1081,7 +1397,10 @@ impl State {
                     self.put_sub(slot, None);
                     return;
                 }
-                check!(!t.is_null() && !null_cb, "subscribe succeeded with NULL argument");
+                check!(
+                    !t.is_null() && !null_cb,
+                    "subscribe succeeded with NULL argument"
+                );
                 let shadow = sb_subscription_ref(s);
                 check!(shadow == s, "sb_subscription_ref returned another pointer");
                 unsafe { &*ctx }.shadow.store(shadow, SeqCst);
@@ -1090,22 +1409,38 @@ impl State {
             }
             Op::Unsubscribe { sub } => {
                 let i = idx(N_SUBS + 1, sub);
-                let p = self.subs.get_mut(i).and_then(Option::take).map_or(null_mut(), |s| s.p);
-                check!(sb_unsubscribe(p).is_null(), "sb_unsubscribe returned non-NULL");
+                let p = self
+                    .subs
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .map_or(null_mut(), |s| s.p);
+                check!(
+                    sb_unsubscribe(p).is_null(),
+                    "sb_unsubscribe returned non-NULL"
+                );
             }
             Op::UnsubscribeAndJoin { sub } => {
                 let i = idx(N_SUBS + 1, sub);
                 match self.subs.get_mut(i).and_then(Option::take) {
                     None => {
-                        check!(sb_unsubscribe_and_join(null_mut()).is_null(), "non-NULL return");
+                        check!(
+                            sb_unsubscribe_and_join(null_mut()).is_null(),
+                            "non-NULL return"
+                        );
                     }
                     Some(s) => {
                         check!(sb_unsubscribe_and_join(s.p).is_null(), "non-NULL return");
                         let ctx = unsafe { &*s.ctx };
                         ctx.joined.store(true, SeqCst);
                         let sh = ctx.shadow.load(SeqCst);
-                        check!(sb_subscription_is_done(sh) == 1, "not done after unsubscribe_and_join");
-                        check!(sb_subscription_is_subscribed(sh) == 0, "subscribed after unsubscribe_and_join");
+                        check!(
+                            sb_subscription_is_done(sh) == 1,
+                            "not done after unsubscribe_and_join"
+                        );
+                        check!(
+                            sb_subscription_is_subscribed(sh) == 0,
+                            "subscribed after unsubscribe_and_join"
+                        );
                     }
                 }
             }
@@ -1118,7 +1453,10 @@ impl State {
                         sb_subscription_join(s.p);
                         unsafe { &*s.ctx }.joined.store(true, SeqCst);
                         check!(sb_subscription_is_done(s.p) == 1, "not done after join");
-                        check!(sb_subscription_queue_length(s.p) == 0, "queue not empty after join");
+                        check!(
+                            sb_subscription_queue_length(s.p) == 0,
+                            "queue not empty after join"
+                        );
                     }
                 }
             },
@@ -1131,14 +1469,21 @@ impl State {
             }
             Op::SubUnref { sub } => {
                 let i = idx(N_SUBS + 1, sub);
-                let p = self.subs.get_mut(i).and_then(Option::take).map_or(null_mut(), |s| s.p);
+                let p = self
+                    .subs
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .map_or(null_mut(), |s| s.p);
                 sb_subscription_unref(p);
             }
             Op::SubQuery { sub, msg } => {
                 let p = pick(&self.subs, sub).map_or(null_mut(), |s| s.p);
                 let done = sb_subscription_is_done(p);
                 let subscribed = sb_subscription_is_subscribed(p);
-                check!(done <= 1 && subscribed <= 1 && done >= 0 && subscribed >= 0, "bad booleans");
+                check!(
+                    done <= 1 && subscribed <= 1 && done >= 0 && subscribed >= 0,
+                    "bad booleans"
+                );
                 check!(!(done == 1 && subscribed == 1), "done while subscribed");
                 let f = sb_subscription_final_message(p, self.msg(msg));
                 check!(f == 0 || f == 1, "final_message returned {f}");
@@ -1200,7 +1545,10 @@ impl State {
                 let (low, high) = (c_long::from(low), c_long::from(high));
                 let r = sb_subscription_set_congestion_limits(p, low, high);
                 let valid = !p.is_null() && low >= 0 && high > 0 && low <= high;
-                check!((r == SB_OK) == valid, "congestion({low}, {high}) returned {r}");
+                check!(
+                    (r == SB_OK) == valid,
+                    "congestion({low}, {high}) returned {r}"
+                );
             }
             Op::Overflow { sub, policy, limit } => {
                 let p = pick(&self.subs, sub).map_or(null_mut(), |s| s.p);
@@ -1211,7 +1559,10 @@ impl State {
                 }
                 let r = sb_subscription_set_overflow(p, policy, limit);
                 let valid = !p.is_null() && policy <= 3 && (policy == 0 || limit > 0);
-                check!((r == SB_OK) == valid, "set_overflow({policy}, {limit}) returned {r}");
+                check!(
+                    (r == SB_OK) == valid,
+                    "set_overflow({policy}, {limit}) returned {r}"
+                );
             }
             Op::TakeCaptured { ctx, slot } => {
                 if self.ctxs.is_empty() {
@@ -1236,7 +1587,11 @@ impl State {
             }
             Op::ForwardCancel { slot } => {
                 let i = idx(N_FWDS + 1, slot);
-                let p = self.fwds.get_mut(i).and_then(Option::take).unwrap_or(null_mut());
+                let p = self
+                    .fwds
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or(null_mut());
                 check!(sb_forward_cancel(p).is_null(), "cancel returned non-NULL");
             }
             Op::PoolCreate { slot, topic } => {
@@ -1263,7 +1618,10 @@ impl State {
                 let r = sb_topic_pool_delete_topic(p, c_ptr(&n));
                 check!(r == SB_OK || r == SB_E_INVAL, "pool delete returned {r}");
                 if r == SB_OK {
-                    check!(sb_topic_pool_topic_exists(p, c_ptr(&n)) == 0, "exists after delete");
+                    check!(
+                        sb_topic_pool_topic_exists(p, c_ptr(&n)) == 0,
+                        "exists after delete"
+                    );
                 }
             }
             Op::PoolExists { pool, name } => {
@@ -1274,7 +1632,11 @@ impl State {
             }
             Op::PoolUnref { slot } => {
                 let i = idx(N_POOLS + 1, slot);
-                let p = self.pools.get_mut(i).and_then(Option::take).unwrap_or(null_mut());
+                let p = self
+                    .pools
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or(null_mut());
                 sb_topic_pool_unref(p);
             }
             // ---------------------------------------------------------------- caches
@@ -1287,7 +1649,10 @@ impl State {
                     4 => sb_cache_create_full(Some(id_fn), None, None),
                     _ => sb_cache_create_full(None, Some(calc_fn), Some(agg_publish_fn)),
                 };
-                check!(c.is_null() == (kind % 6 == 1 || kind % 6 == 5), "cache_create kind {kind}");
+                check!(
+                    c.is_null() == (kind % 6 == 1 || kind % 6 == 5),
+                    "cache_create kind {kind}"
+                );
                 self.put_cache(slot, c);
             }
             Op::CacheRef { from, to } => {
@@ -1298,7 +1663,11 @@ impl State {
             }
             Op::CacheUnref { slot } => {
                 let i = idx(N_CACHES + 1, slot);
-                let p = self.caches.get_mut(i).and_then(Option::take).unwrap_or(null_mut());
+                let p = self
+                    .caches
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or(null_mut());
                 sb_cache_unref(p);
             }
             Op::CachingCreate { slot, topic, cache } => {
@@ -1320,7 +1689,10 @@ impl State {
             Op::CachingGetTopic { ct, slot } => {
                 let ct = opt(pick(&self.cts, ct));
                 let t = sb_caching_get_topic(ct);
-                check!(ct.is_null() == t.is_null(), "caching_get_topic({ct:p}) = {t:p}");
+                check!(
+                    ct.is_null() == t.is_null(),
+                    "caching_get_topic({ct:p}) = {t:p}"
+                );
                 if !t.is_null() {
                     let r = sb_topic_ref(t);
                     check!(r == t, "ref of the caching topic's topic");
@@ -1331,17 +1703,27 @@ impl State {
                 let ct = opt(pick(&self.cts, ct));
                 let t = self.ty(ty);
                 let r = sb_caching_accept_message_type(ct, t);
-                check!((r == SB_OK) == (!ct.is_null() && !t.is_null()), "caching_accept returned {r}");
+                check!(
+                    (r == SB_OK) == (!ct.is_null() && !t.is_null()),
+                    "caching_accept returned {r}"
+                );
             }
             Op::CachingSetFilter { ct, filter } => {
                 let ct = opt(pick(&self.cts, ct));
                 let f = u32::from(filter % 3);
                 let r = sb_caching_set_filter(ct, f);
-                check!((r == SB_OK) == (!ct.is_null() && f <= 1), "caching_set_filter returned {r}");
+                check!(
+                    (r == SB_OK) == (!ct.is_null() && f <= 1),
+                    "caching_set_filter returned {r}"
+                );
             }
             Op::CachingUnsubscribe { ct, join } => {
                 let i = idx(N_CTS + 1, ct);
-                let p = self.cts.get_mut(i).and_then(Option::take).unwrap_or(null_mut());
+                let p = self
+                    .cts
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or(null_mut());
                 let r = if join {
                     sb_caching_unsubscribe_and_join(p)
                 } else {
@@ -1349,7 +1731,13 @@ impl State {
                 };
                 check!(r.is_null(), "caching unsubscribe returned non-NULL");
             }
-            Op::CacheGet { cache, ty, id, eid, slot } => {
+            Op::CacheGet {
+                cache,
+                ty,
+                id,
+                eid,
+                slot,
+            } => {
                 let c = opt(pick(&self.caches, cache));
                 let t = self.ty(ty);
                 let id = id.to_c();
@@ -1361,12 +1749,25 @@ impl State {
                     }
                 };
                 if !m.is_null() {
-                    check!(sb_message_get_type(m) == t, "cache_get returned a message of another type");
-                    check!(!c.is_null() && !id.is_none(), "cache_get with NULL argument returned a message");
+                    check!(
+                        sb_message_get_type(m) == t,
+                        "cache_get returned a message of another type"
+                    );
+                    check!(
+                        !c.is_null() && !id.is_none(),
+                        "cache_get with NULL argument returned a message"
+                    );
                 }
                 self.put_msg(slot, m);
             }
-            Op::CacheList { cache, ty, id, eid, which, slot } => {
+            Op::CacheList {
+                cache,
+                ty,
+                id,
+                eid,
+                which,
+                slot,
+            } => {
                 let c = opt(pick(&self.caches, cache));
                 let t = self.ty(ty);
                 let l = match which % 4 {
@@ -1393,7 +1794,10 @@ impl State {
                             check!(sb_message_get_type(m) == t, "list item of another type");
                         }
                     }
-                    check!(sb_message_list_get(l, n).is_null(), "list item past the end");
+                    check!(
+                        sb_message_list_get(l, n).is_null(),
+                        "list item past the end"
+                    );
                 }
                 self.put_list(slot, l);
             }
@@ -1415,11 +1819,22 @@ impl State {
             }
             Op::ListFree { list } => {
                 let i = idx(N_LISTS + 1, list);
-                let p = self.lists.get_mut(i).and_then(Option::take).unwrap_or(null_mut());
+                let p = self
+                    .lists
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or(null_mut());
                 sb_message_list_free(p);
             }
             // ---------------------------------------------------------------- routers
-            Op::RouterCreate { slot, topic, pool, mode, unsub_after, publish_to } => {
+            Op::RouterCreate {
+                slot,
+                topic,
+                pool,
+                mode,
+                unsub_after,
+                publish_to,
+            } => {
                 let t = self.topic(topic);
                 let ctx = self.new_ctx(mode, unsub_after, true, false, publish_to);
                 let r = if pool {
@@ -1438,10 +1853,16 @@ impl State {
                 unsafe { &*ctx }.router.store(sb_router_ref(r), SeqCst);
                 self.put_router(slot, Some(RouterSlot { p: r, ctx }));
             }
-            Op::RouterAdd { r, ty, cache_update, null_cb } => {
+            Op::RouterAdd {
+                r,
+                ty,
+                cache_update,
+                null_cb,
+            } => {
                 let rs = pick(&self.routers, r);
                 let t = self.ty(ty);
-                let (p, data) = rs.map_or((null_mut(), null_mut()), |s| (s.p, s.ctx as *mut c_void));
+                let (p, data) =
+                    rs.map_or((null_mut(), null_mut()), |s| (s.p, s.ctx as *mut c_void));
                 let cb: sb_subscription_cb = if null_cb { None } else { Some(sub_cb) };
                 let res = if cache_update {
                     sb_router_add_cache_update(p, t, cb, data)
@@ -1453,7 +1874,11 @@ impl State {
                     "router_add returned {res}"
                 );
             }
-            Op::RouterRemove { r, ty, cache_update } => {
+            Op::RouterRemove {
+                r,
+                ty,
+                cache_update,
+            } => {
                 let p = pick(&self.routers, r).map_or(null_mut(), |s| s.p);
                 let t = self.ty(ty);
                 let res = if cache_update {
@@ -1461,21 +1886,31 @@ impl State {
                 } else {
                     sb_router_remove(p, t)
                 };
-                check!(res == SB_OK || res == SB_E_INVAL, "router_remove returned {res}");
+                check!(
+                    res == SB_OK || res == SB_E_INVAL,
+                    "router_remove returned {res}"
+                );
             }
             Op::RouterSetDefault { r, null_cb } => {
                 let rs = pick(&self.routers, r);
-                let (p, data) = rs.map_or((null_mut(), null_mut()), |s| (s.p, s.ctx as *mut c_void));
+                let (p, data) =
+                    rs.map_or((null_mut(), null_mut()), |s| (s.p, s.ctx as *mut c_void));
                 let cb: sb_subscription_cb = if null_cb { None } else { Some(sub_cb) };
                 let res = sb_router_set_default(p, cb, data);
-                check!((res == SB_OK) == (!p.is_null() && !null_cb), "router_set_default returned {res}");
+                check!(
+                    (res == SB_OK) == (!p.is_null() && !null_cb),
+                    "router_set_default returned {res}"
+                );
             }
             Op::RouterCongestion { r, low, high } => {
                 let p = pick(&self.routers, r).map_or(null_mut(), |s| s.p);
                 let (low, high) = (c_long::from(low), c_long::from(high));
                 let res = sb_router_set_congestion_limits(p, low, high);
                 let valid = !p.is_null() && low >= 0 && high > 0 && low <= high;
-                check!((res == SB_OK) == valid, "router congestion({low}, {high}) returned {res}");
+                check!(
+                    (res == SB_OK) == valid,
+                    "router congestion({low}, {high}) returned {res}"
+                );
             }
             Op::RouterPublishSync { r, msg } => {
                 let p = pick(&self.routers, r).map_or(null_mut(), |s| s.p);
@@ -1486,7 +1921,10 @@ impl State {
                     "router_publish_sync returned {res}"
                 );
                 if p.is_null() || m.is_null() {
-                    check!(res == SB_E_INVAL, "router_publish_sync with NULL returned {res}");
+                    check!(
+                        res == SB_E_INVAL,
+                        "router_publish_sync with NULL returned {res}"
+                    );
                 }
             }
             Op::RouterUnsubscribe { r, join } => {
@@ -1494,13 +1932,19 @@ impl State {
                 match self.routers.get_mut(i).and_then(Option::take) {
                     None => {
                         check!(sb_router_unsubscribe(null_mut()).is_null(), "non-NULL");
-                        check!(sb_router_unsubscribe_and_join(null_mut()).is_null(), "non-NULL");
+                        check!(
+                            sb_router_unsubscribe_and_join(null_mut()).is_null(),
+                            "non-NULL"
+                        );
                     }
                     Some(s) if join => {
                         let keep = sb_router_ref(s.p);
                         check!(sb_router_unsubscribe_and_join(s.p).is_null(), "non-NULL");
                         unsafe { &*s.ctx }.joined.store(true, SeqCst);
-                        check!(sb_router_is_done(keep) == 1, "router not done after unsubscribe_and_join");
+                        check!(
+                            sb_router_is_done(keep) == 1,
+                            "router not done after unsubscribe_and_join"
+                        );
                         sb_router_unref(keep);
                     }
                     Some(s) => {
@@ -1522,11 +1966,21 @@ impl State {
             }
             Op::RouterUnref { slot } => {
                 let i = idx(N_ROUTERS + 1, slot);
-                let p = self.routers.get_mut(i).and_then(Option::take).map_or(null_mut(), |s| s.p);
+                let p = self
+                    .routers
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .map_or(null_mut(), |s| s.p);
                 sb_router_unref(p);
             }
             // ---------------------------------------------------------------- library
-            Op::Misc { which, code, a, b, text } => match which % 6 {
+            Op::Misc {
+                which,
+                code,
+                a,
+                b,
+                text,
+            } => match which % 6 {
                 0 => {
                     let _ = cstr_len(sb_version());
                     last_error_checked();
@@ -1539,15 +1993,25 @@ impl State {
                     let ea = a.value();
                     let mut buf = [0x55 as c_char; 40];
                     let len = [0usize, 1, 17, 18, 40][usize::from(which / 6) % 5];
-                    let bp = if which & 0x80 != 0 { null_mut() } else { buf.as_mut_ptr() };
+                    let bp = if which & 0x80 != 0 {
+                        null_mut()
+                    } else {
+                        buf.as_mut_ptr()
+                    };
                     let r = sb_eid_to_str(eid_ptr(&ea), bp, len);
                     let ok = ea.is_some() && !bp.is_null() && len >= 18;
                     check!((r == SB_OK) == ok, "eid_to_str returned {r}");
                     if ok {
                         let s = unsafe { CStr::from_ptr(buf.as_ptr()) };
                         let mut back = sb_eid { bytes: [9; 6] };
-                        check!(sb_eid_from_str(s.as_ptr(), &mut back) == SB_OK, "eid round trip failed");
-                        check!(sb_eid_cmp(&back, eid_ptr(&ea)) == 0, "eid round trip differs");
+                        check!(
+                            sb_eid_from_str(s.as_ptr(), &mut back) == SB_OK,
+                            "eid round trip failed"
+                        );
+                        check!(
+                            sb_eid_cmp(&back, eid_ptr(&ea)) == 0,
+                            "eid round trip differs"
+                        );
                     }
                 }
                 2 => {
@@ -1561,7 +2025,10 @@ impl State {
                     let (ea, eb) = (a.value(), b.value());
                     let x = sb_eid_cmp(eid_ptr(&ea), eid_ptr(&eb));
                     let y = sb_eid_cmp(eid_ptr(&eb), eid_ptr(&ea));
-                    check!(x == -y && (-1..=1).contains(&x), "eid_cmp not antisymmetric: {x} {y}");
+                    check!(
+                        x == -y && (-1..=1).contains(&x),
+                        "eid_cmp not antisymmetric: {x} {y}"
+                    );
                 }
                 4 => {
                     let t = text.to_c();
@@ -1587,7 +2054,10 @@ impl State {
                 let (min, max) = (u32::from(min % 3), u32::from(max % 5));
                 let idle = [0u32, 1, 50, 20_000][usize::from(idle % 4)];
                 let r = sb_pool_configure(min, max, idle);
-                check!((r == SB_OK) == (max > 0 && min <= max), "pool_configure({min}, {max}) returned {r}");
+                check!(
+                    (r == SB_OK) == (max > 0 && min <= max),
+                    "pool_configure({min}, {max}) returned {r}"
+                );
             }
         }
     }
@@ -1610,16 +2080,28 @@ impl State {
         for (r, ctx) in self.shadow_routers.drain(..) {
             let dup = sb_router_ref(r);
             check!(sb_router_unsubscribe_and_join(dup).is_null(), "non-NULL");
-            check!(sb_router_is_done(r) == 1, "router not done after teardown join");
+            check!(
+                sb_router_is_done(r) == 1,
+                "router not done after teardown join"
+            );
             unsafe { &*ctx }.joined.store(true, SeqCst);
             sb_router_unref(r);
         }
         for (s, ctx) in self.shadow_subs.drain(..) {
             let dup = sb_subscription_ref(s);
             check!(sb_unsubscribe_and_join(dup).is_null(), "non-NULL");
-            check!(sb_subscription_is_done(s) == 1, "subscription not done after teardown join");
-            check!(sb_subscription_is_subscribed(s) == 0, "still subscribed after teardown");
-            check!(sb_subscription_queue_length(s) == 0, "queue not empty after join");
+            check!(
+                sb_subscription_is_done(s) == 1,
+                "subscription not done after teardown join"
+            );
+            check!(
+                sb_subscription_is_subscribed(s) == 0,
+                "still subscribed after teardown"
+            );
+            check!(
+                sb_subscription_queue_length(s) == 0,
+                "queue not empty after join"
+            );
             unsafe { &*ctx }.joined.store(true, SeqCst);
             sb_subscription_unref(s);
         }
@@ -1642,7 +2124,10 @@ impl State {
             sb_topic_unref(t);
         }
         for c in self.ctxs.drain(..) {
-            check!(!c.in_cb.load(SeqCst), "a callback is still running after teardown");
+            check!(
+                !c.in_cb.load(SeqCst),
+                "a callback is still running after teardown"
+            );
             c.release();
         }
     }
@@ -1659,7 +2144,9 @@ fn masked(bug: u32) -> bool {
                 return Vec::new();
             }
             let list = std::env::var("SB_FUZZ_MASK").unwrap_or_else(|_| DEFAULT_MASKS.into());
-            list.split(',').filter_map(|n| n.trim().parse().ok()).collect()
+            list.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
         })
         .contains(&bug)
 }
@@ -1681,6 +2168,22 @@ fn thread_count() -> usize {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The library's threads alive now, by name: (dedicated "sb-sub-*", pool "sb-pool").
+fn library_threads() -> (usize, usize) {
+    let (mut dedicated, mut pool) = (0, 0);
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for task in dir.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("sb-sub") {
+                dedicated += 1;
+            } else if comm.starts_with("sb-pool") {
+                pool += 1;
+            }
+        }
+    }
+    (dedicated, pool)
 }
 
 static INIT: OnceLock<Init> = OnceLock::new();
@@ -1711,7 +2214,12 @@ fn check_nothing_left(init: &Init) {
         let raw = LIVE_RAW.lock().unwrap().len();
         let threads = thread_count();
         let workers = switchboard::pool::thread_count();
-        let exiting = threads.saturating_sub(init.base_threads + workers);
+        let (dedicated, pool_threads) = library_threads();
+        // Every subscription was joined: no dedicated thread may be left, and no pool
+        // thread beyond the workers the pool counts.
+        let exiting = threads.saturating_sub(init.base_threads + workers)
+            + dedicated
+            + pool_threads.saturating_sub(workers);
         if topics == 0 && raw == 0 && exiting == 0 && workers <= POOL_BETWEEN_INPUTS as usize {
             return;
         }
@@ -1753,7 +2261,10 @@ fuzz_target!(|data: &[u8]| {
     }
     state.teardown();
 
-    check!(sb_eid_set_default(&init.eid) == SB_OK, "restoring the eid failed");
+    check!(
+        sb_eid_set_default(&init.eid) == SB_OK,
+        "restoring the eid failed"
+    );
     // Between inputs the pool runs with min == max, so no worker has a reason to exit
     // (idle timeout or surplus) while LeakSanitizer looks after this input.
     check!(
