@@ -2,9 +2,9 @@
 
 use super::library::sb_eid;
 use super::message::{sb_message, sb_message_type};
-use super::subscription::{sb_subscription_filter, SB_FILTER_NONE, SB_FILTER_SELECTIVE};
+use super::subscription::{sb_subscription_filter, set_filter_mode};
 use super::topic::sb_topic;
-use super::{boundary, fail_code, fail_null, str_arg, Handle};
+use super::{act_and_release, boundary, fail_code, fail_null, str_arg, to_code, Handle};
 use crate::cache::{AggregatePublishFn, Cache, CacheEntry, CalcFn, IdFn};
 use crate::caching_topic::{clear_message, clear_type, update_type, CachingTopic, UpdateView};
 use crate::eid::Eid;
@@ -270,37 +270,22 @@ pub extern "C" fn sb_caching_set_filter(
     filter: sb_subscription_filter,
 ) -> c_int {
     boundary(|| {
-        let c = match sb_caching_topic::borrow(ct) {
-            Ok(c) => c,
-            Err(e) => return fail_code(e),
-        };
-        match filter {
-            SB_FILTER_NONE => c.subscription().set_selective(false),
-            SB_FILTER_SELECTIVE => c.subscription().set_selective(true),
-            other => return fail_code(Error::invalid(format!("unknown filter mode {other}"))),
-        }
-        0
+        to_code(
+            sb_caching_topic::borrow(ct).and_then(|c| set_filter_mode(c.subscription(), filter)),
+        )
     })
 }
 
 fn caching_unsubscribe(ct: *mut sb_caching_topic, join: bool) -> *mut sb_caching_topic {
     boundary(|| {
-        match sb_caching_topic::borrow(ct) {
-            Ok(c) => {
-                let sub = c.subscription();
-                let r = if join {
-                    sub.unsubscribe_and_join()
-                } else {
-                    sub.unsubscribe()
-                };
-                if let Err(e) = r {
-                    set_last_error(&e);
-                }
-                let _ = sb_caching_topic::release(ct);
+        act_and_release(ct, |c| {
+            let sub = c.subscription();
+            if join {
+                sub.unsubscribe_and_join()
+            } else {
+                sub.unsubscribe()
             }
-            Err(e) => set_last_error(&e),
-        }
-        std::ptr::null_mut()
+        })
     })
 }
 

@@ -158,6 +158,24 @@ pub(crate) trait Handle: Sized {
     }
 }
 
+/// Runs `f` on the object behind `p`, then drops the caller's reference; returns NULL
+/// (the `x = sb_unsubscribe(x)` idiom). Failures become the last error.
+pub(crate) fn act_and_release<H: Handle>(
+    p: *mut H,
+    f: impl FnOnce(&Arc<H::Rust>) -> Result<()>,
+) -> *mut H {
+    match H::borrow(p) {
+        Ok(obj) => {
+            if let Err(e) = f(&obj) {
+                set_last_error(&e);
+            }
+            let _ = H::release(p);
+        }
+        Err(e) => set_last_error(&e),
+    }
+    std::ptr::null_mut()
+}
+
 /// A checked, borrowed handle; derefs to the `Arc` so `self: &Arc<Self>` methods work.
 pub(crate) struct Borrowed<'a, T> {
     arc: ManuallyDrop<Arc<T>>,

@@ -1,9 +1,9 @@
 //! Message routers.
 
 use super::message::{sb_message, sb_message_type};
-use super::subscription::{sb_subscription, sb_subscription_cb};
+use super::subscription::{sb_subscription, sb_subscription_cb, set_congestion_limits};
 use super::topic::sb_topic;
-use super::{boundary, fail_code, fail_null, to_code, Handle, UserData};
+use super::{act_and_release, boundary, fail_code, fail_null, to_code, Handle, UserData};
 use crate::error::{set_last_error, Error, Result};
 use crate::mailbox::Kind;
 use crate::router::Router;
@@ -138,15 +138,10 @@ pub extern "C" fn sb_router_set_congestion_limits(
     high_water: c_long,
 ) -> c_int {
     boundary(|| {
-        if low_water < 0 || high_water <= 0 {
-            return fail_code(Error::invalid(format!(
-                "congestion limits must be non-negative with high_water > 0 (got {low_water}, {high_water})"
-            )));
-        }
-        to_code(sb_router::borrow(r).and_then(|r| {
-            r.subscription()
-                .set_congestion_limits(low_water as usize, high_water as usize)
-        }))
+        to_code(
+            sb_router::borrow(r)
+                .and_then(|r| set_congestion_limits(r.subscription(), low_water, high_water)),
+        )
     })
 }
 
@@ -168,22 +163,14 @@ pub extern "C" fn sb_router_publish_sync(r: *mut sb_router, msg: *mut sb_message
 
 fn unsubscribe(r: *mut sb_router, join: bool) -> *mut sb_router {
     boundary(|| {
-        match sb_router::borrow(r) {
-            Ok(router) => {
-                let sub = router.subscription();
-                let res = if join {
-                    sub.unsubscribe_and_join()
-                } else {
-                    sub.unsubscribe()
-                };
-                if let Err(e) = res {
-                    set_last_error(&e);
-                }
-                let _ = sb_router::release(r);
+        act_and_release(r, |router| {
+            let sub = router.subscription();
+            if join {
+                sub.unsubscribe_and_join()
+            } else {
+                sub.unsubscribe()
             }
-            Err(e) => set_last_error(&e),
-        }
-        std::ptr::null_mut()
+        })
     })
 }
 

@@ -2,8 +2,8 @@
 
 use super::message::{sb_message, sb_message_type};
 use super::topic::sb_topic;
-use super::{boundary, fail_code, fail_null, to_code, Handle, UserData};
-use crate::error::{set_last_error, Error};
+use super::{act_and_release, boundary, fail_code, fail_null, to_code, Handle, UserData};
+use crate::error::{set_last_error, Error, Result};
 use crate::filter::{FILTER_NONE, FILTER_SELECTIVE};
 use crate::mailbox::{Kind, Overflow};
 use crate::subscription::{change_type, ChangeView, Subscription};
@@ -60,6 +60,30 @@ pub struct sb_subscription_change {
 
 const _: () =
     assert!(std::mem::size_of::<sb_subscription_change>() == std::mem::size_of::<ChangeView>());
+
+/// Applies a C filter mode (shared by subscriptions, caching topics).
+pub(crate) fn set_filter_mode(sub: &Subscription, filter: sb_subscription_filter) -> Result<()> {
+    match filter {
+        SB_FILTER_NONE => sub.set_selective(false),
+        SB_FILTER_SELECTIVE => sub.set_selective(true),
+        other => return Err(Error::invalid(format!("unknown filter mode {other}"))),
+    }
+    Ok(())
+}
+
+/// Applies C congestion limits (shared by subscriptions and routers).
+pub(crate) fn set_congestion_limits(
+    sub: &Subscription,
+    low_water: c_long,
+    high_water: c_long,
+) -> Result<()> {
+    if low_water < 0 || high_water <= 0 {
+        return Err(Error::invalid(format!(
+            "congestion limits must be non-negative with high_water > 0 (got {low_water}, {high_water})"
+        )));
+    }
+    sub.set_congestion_limits(low_water as usize, high_water as usize)
+}
 
 fn subscribe(
     topic: *mut sb_topic,
@@ -134,18 +158,7 @@ pub extern "C" fn sb_subscribe_synchronous(
 /// (Unsubscribe change) is delivered last. Returns NULL.
 #[no_mangle]
 pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscription {
-    boundary(|| {
-        match sb_subscription::borrow(sub) {
-            Ok(s) => {
-                if let Err(e) = s.unsubscribe() {
-                    set_last_error(&e);
-                }
-                let _ = sb_subscription::release(sub);
-            }
-            Err(e) => set_last_error(&e),
-        }
-        std::ptr::null_mut()
-    })
+    boundary(|| act_and_release(sub, |s| s.unsubscribe()))
 }
 
 /// Unsubscribes, waits until the final message was handled, and releases the caller's
@@ -153,26 +166,9 @@ pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscript
 /// SB_E_DEADLOCK). Returns NULL.
 #[no_mangle]
 pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_subscription {
-    boundary(|| {
-        match sb_subscription::borrow(sub) {
-            Ok(s) => {
-                let unsub = s.unsubscribe();
-                // Join even if another reference unsubscribed first: the caller asked to
-                // wait for the final message.
-                match s.join() {
-                    Err(e) => set_last_error(&e),
-                    Ok(()) => {
-                        if let Err(e) = unsub {
-                            set_last_error(&e);
-                        }
-                    }
-                }
-                let _ = sb_subscription::release(sub);
-            }
-            Err(e) => set_last_error(&e),
-        }
-        std::ptr::null_mut()
-    })
+    // Joins even if another reference unsubscribed first: the caller asked to wait for
+    // the final message.
+    boundary(|| act_and_release(sub, |s| s.unsubscribe_and_join()))
 }
 
 /// Waits until the final message was handled (the caller keeps its reference). From the
@@ -276,18 +272,7 @@ pub extern "C" fn sb_subscription_set_filter(
     sub: *mut sb_subscription,
     filter: sb_subscription_filter,
 ) -> c_int {
-    boundary(|| {
-        let s = match sb_subscription::borrow(sub) {
-            Ok(s) => s,
-            Err(e) => return fail_code(e),
-        };
-        match filter {
-            SB_FILTER_NONE => s.set_selective(false),
-            SB_FILTER_SELECTIVE => s.set_selective(true),
-            other => return fail_code(Error::invalid(format!("unknown filter mode {other}"))),
-        }
-        0
-    })
+    boundary(|| to_code(sb_subscription::borrow(sub).and_then(|s| set_filter_mode(&s, filter))))
 }
 
 /// Warn (log line + counter) once when more than `high_water` messages are queued, and
@@ -299,14 +284,9 @@ pub extern "C" fn sb_subscription_set_congestion_limits(
     high_water: c_long,
 ) -> c_int {
     boundary(|| {
-        if low_water < 0 || high_water <= 0 {
-            return fail_code(Error::invalid(format!(
-                "congestion limits must be non-negative with high_water > 0 (got {low_water}, {high_water})"
-            )));
-        }
         to_code(
             sb_subscription::borrow(sub)
-                .and_then(|s| s.set_congestion_limits(low_water as usize, high_water as usize)),
+                .and_then(|s| set_congestion_limits(&s, low_water, high_water)),
         )
     })
 }
