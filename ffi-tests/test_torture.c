@@ -10,13 +10,15 @@
  *   cancel (cycles refused), topic pool get / delete / exists, caching topic create /
  *   unsubscribe(_and_join), cache get / get_all / dump / dump_all, cache clears, router
  *   create / unsubscribe(_and_join) and route add / remove (type, cache update, default).
- * Subscription callbacks have behaviors: plain; publish more (bounded hops); unsubscribe
- * themselves (plain or _and_join, which must report SB_E_DEADLOCK); unsubscribe another
- * live subscription; unsubscribe_and_join another (plain) live subscription.
+ * Subscription callbacks have behaviors: plain; publish more (bounded hops), or
+ * publish_sync to a random live subscription; unsubscribe themselves (plain or _and_join,
+ * which must report SB_E_DEADLOCK); unsubscribe another live subscription;
+ * unsubscribe_and_join another (plain) live subscription.
  *
- * Synchronous subscriptions are kept plain and no forward starts at a "-cached" topic,
- * unless SB_TORTURE_SYNC_CROSS=1: synchronous callbacks publishing into each other from
- * different threads deadlock, a limit README.md documents (see the comment at sync_cross).
+ * Synchronous subscriptions take every behavior and forwards may start at "-cached"
+ * topics, so callbacks on different threads publish, publish_sync and unsubscribe into
+ * each other in cycles: none of that may deadlock (SB_TORTURE_SYNC_CROSS=0 keeps
+ * synchronous subscriptions plain and "-cached" topics unforwarded, the narrower mix).
  *
  * A watchdog thread fails the program ("FAIL watchdog ...", _exit(1)) when a worker (or
  * the teardown) makes no progress for 10 s (60 s under valgrind).
@@ -236,6 +238,7 @@ static sb_subscription *live_ref(unsigned r)
 }
 
 static void publish_random_from_cb(int hop);
+static void publish_sync_from_cb(int hop);
 
 static void tsub_cb(void *data, sb_subscription *sub, sb_message *msg)
 {
@@ -313,6 +316,8 @@ static void tsub_cb(void *data, sb_subscription *sub, sb_message *msg)
         case B_PUBLISH:
             if (p->hop < 2 && cb_rnd() % 3 == 0)
                 publish_random_from_cb(p->hop + 1);
+            else if (p->hop < 2 && cb_rnd() % 8 == 0)
+                publish_sync_from_cb(p->hop + 1);
             break;
         case B_UNSUB_SELF:
             if (!ts->self_done && atomic_load(&ts->payloads) >= ts->self_after) {
@@ -442,12 +447,9 @@ static const char *const op_names[OP_COUNT] = {
  * Synchronous subscriptions serialize their callbacks across publisher threads, so a
  * synchronous callback that publishes (itself, or indirectly: unsubscribing publishes the
  * Unsubscribe change, a caching topic publishes its updates) into a topic whose synchronous
- * subscription is running on another thread waits for it; if that one publishes back, the
- * two threads deadlock (ABBA): the limit README.md documents ("synchronous subscriptions on
- * different threads whose callbacks publish into each other in a cycle can deadlock"),
- * which also covers those indirect publishes. By default the torture avoids the pattern:
- * synchronous subscriptions are plain and no forward starts at a "-cached" topic.
- * SB_TORTURE_SYNC_CROSS=1 lifts both limits (and then deadlocks within seconds).
+ * subscription is running on another thread, which publishes back, is the ABBA pattern
+ * that must not deadlock (the publish from inside a callback is deferred to the thread
+ * running the other subscription). On by default; SB_TORTURE_SYNC_CROSS=0 avoids it.
  */
 static int sync_cross;
 
@@ -531,6 +533,30 @@ static void publish_random_from_cb(int hop)
         return;
     publish_to(t, ptypes[(r >> 8) % NTYPES], -1, 0, hop);
     sb_topic_unref(t);
+}
+
+/* From a callback, publish_sync to a random live subscription (maybe this one, maybe one
+ * whose callback waits for ours): it completes, or is refused with SB_E_DEADLOCK (own
+ * callback, or a wait that would close a cycle), or SB_E_STATE (unsubscribed). */
+static atomic_long cb_sync_done, cb_sync_refused;
+static void publish_sync_from_cb(int hop)
+{
+    unsigned r = cb_rnd();
+    sb_subscription *s = live_ref(r);
+    if (s == NULL)
+        return;
+    sb_message *m = make_pay(ptypes[(r >> 8) % NTYPES], -1, 0, hop);
+    if (m != NULL) {
+        int rc = sb_publish_sync(s, m);
+        if (rc == SB_E_DEADLOCK)
+            atomic_fetch_add(&cb_sync_refused, 1);
+        else if (rc >= 0)
+            atomic_fetch_add(&cb_sync_done, 1);
+        else if (rc != SB_E_STATE)
+            atomic_fetch_add(&publish_errors, 1);
+        sb_message_unref(m);
+    }
+    sb_subscription_unref(s);
 }
 
 static void op_publish(worker *w, unsigned r)
@@ -1040,7 +1066,7 @@ int main(void)
     TEST_INIT();
     double secs = torture_seconds();
     const char *sc = getenv("SB_TORTURE_SYNC_CROSS");
-    sync_cross = sc != NULL && sc[0] != '\0' && strcmp(sc, "0") != 0;
+    sync_cross = sc == NULL || strcmp(sc, "0") != 0;
     alarm((unsigned)secs + (tu_slow() ? 540 : 100)); /* harness watchdog, re-armed */
     init_names();
     double start = tu_now_s();
@@ -1180,6 +1206,8 @@ int main(void)
            sync_cross ? " (synchronous cross-publishing on)" : "", total_ops);
     for (int i = 0; i < OP_COUNT; i++)
         printf(" %s %ld%s", op_names[i], atomic_load(&op_count[i]), i + 1 < OP_COUNT ? "," : "\n");
+    printf("  publish_sync from callbacks: %ld completed, %ld refused (would deadlock)\n",
+           atomic_load(&cb_sync_done), atomic_load(&cb_sync_refused));
     printf("  %d subscriptions (dedicated %d, pool %d, synchronous %d; ", n, by_kind[0],
            by_kind[1], by_kind[2]);
     for (int b = 0; b < B_COUNT; b++)

@@ -237,8 +237,9 @@ typedef struct sb_cache_update {
 #define SB_OVERFLOW_DROP_NEWEST 2
 
 /**
- * When the queue holds `limit` messages, the publisher waits for room (a publish from
- * the subscription's own callback is let through, as it could never see room).
+ * When the queue holds `limit` messages, the publisher waits for room. A publish that
+ * could never see room is let through: from the subscription's own callback, or from a
+ * callback while this subscription's callback runs on a thread that waits for this one.
  */
 #define SB_OVERFLOW_BLOCK 3
 
@@ -662,14 +663,16 @@ struct sb_subscription *sb_unsubscribe(struct sb_subscription *sub);
 
 /**
  * Unsubscribes, waits until the final message was handled, and releases the caller's
- * reference. From the subscription's own callback it does not wait (last error
- * SB_E_DEADLOCK). Returns NULL.
+ * reference. It does not wait (last error SB_E_DEADLOCK) when the wait could never end:
+ * from the subscription's own callback, or from a callback while the subscription's
+ * callback runs on a thread that waits for this one. Returns NULL.
  */
 struct sb_subscription *sb_unsubscribe_and_join(struct sb_subscription *sub);
 
 /**
  * Waits until the final message was handled (the caller keeps its reference). From the
- * subscription's own callback it returns at once with last error SB_E_DEADLOCK.
+ * subscription's own callback, or from a callback while the subscription's callback runs
+ * on a thread that waits for this one, it returns at once with last error SB_E_DEADLOCK.
  */
 void sb_subscription_join(struct sb_subscription *sub);
 
@@ -810,14 +813,19 @@ void sb_topic_unref(struct sb_topic *topic);
 
 /**
  * Publishes `msg` (the caller keeps its reference). Returns the number of subscriptions
- * reached (>= 0), or a negative code. Synchronous subscriptions have run when it returns.
+ * reached (>= 0), or a negative code. Synchronous subscriptions have run when it returns,
+ * with one exception that keeps callbacks from deadlocking each other: called from inside
+ * a callback, a synchronous subscription that another thread is running right now is not
+ * waited for; that thread delivers `msg` after its current callback returns.
  */
 int sb_publish(struct sb_topic *topic, struct sb_message *msg);
 
 /**
  * Publishes `msg` to `sub`'s topic and returns once `sub` has handled it (immediately
- * when `sub` filters that type out). SB_E_STATE when `sub` is unsubscribed; called from
- * `sub`'s own callback it cannot wait: it publishes and returns SB_E_DEADLOCK.
+ * when `sub` filters that type out). SB_E_STATE when `sub` is unsubscribed. When the
+ * wait could never end it publishes and returns SB_E_DEADLOCK at once: called from
+ * `sub`'s own callback, or from a callback while `sub`'s callback runs on a thread that
+ * itself waits (directly or through others) for this one.
  */
 int sb_publish_sync(struct sb_subscription *sub, struct sb_message *msg);
 

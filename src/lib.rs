@@ -21,6 +21,7 @@ pub mod subscription;
 mod sync;
 pub mod topic;
 pub mod topic_pool;
+mod waits;
 
 pub mod ffi;
 

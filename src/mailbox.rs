@@ -18,7 +18,9 @@ pub(crate) struct Item {
     pub(crate) msg: Arc<Message>,
     /// The Unsubscribe change message: always the last item a mailbox ever holds.
     pub(crate) last: bool,
-    /// Synchronous kind only: the publishing thread, which must run the callback.
+    /// Synchronous kind only: the publishing thread, which must run the callback. None:
+    /// whichever thread runs the subscription delivers it (a deferred publish, see
+    /// `Action::Deferred`).
     pub(crate) from: Option<ThreadToken>,
 }
 
@@ -60,6 +62,10 @@ pub(crate) enum Action {
     /// Synchronous kind, running on this very thread (a callback published): the
     /// running loop delivers it after the current callback returns.
     Nested,
+    /// Synchronous kind, running on another thread, and the caller may not wait (it is
+    /// inside a callback: the thread it would wait for might be waiting for it). The
+    /// item was queued for any runner; the running thread delivers it.
+    Deferred,
 }
 
 /// What a subscription does with a message when its queue is full.
@@ -178,9 +184,10 @@ impl Mailbox {
     }
 
     /// Queues `item`; a `last` item closes the mailbox and is never refused or dropped.
-    /// For the synchronous kind, `item.from` is the calling thread. `may_block`: the
-    /// caller may wait for room (it is not this mailbox's runner).
-    pub(crate) fn push(&self, item: Item, kind: Kind, may_block: bool) -> Push {
+    /// For the synchronous kind, `item.from` is the calling thread. `may_wait`: the
+    /// caller may block, for room in a full queue or for another thread's synchronous
+    /// run (it is not this mailbox's runner, nor inside any callback).
+    pub(crate) fn push(&self, item: Item, kind: Kind, may_wait: bool) -> Push {
         let me = item.from;
         let mut st = self.state.lock();
         let mut evicted = None;
@@ -209,7 +216,7 @@ impl Mailbox {
                         }
                     }
                 }
-                Overflow::Block if may_block => {
+                Overflow::Block if may_wait => {
                     st.blocked += 1;
                     while st.queue.len() >= st.limit && !st.closed && st.overflow == Overflow::Block
                     {
@@ -261,9 +268,13 @@ impl Mailbox {
                     Action::RunHere
                 }
                 RunState::Running(t) if Some(t) == me => Action::Nested,
-                _ => Action::WaitTurn,
+                _ if may_wait => Action::WaitTurn,
+                _ => Action::Deferred,
             },
         };
+        if action == Action::Deferred {
+            st.queue.back_mut().expect("just pushed").from = None;
+        }
         drop(st);
         drop(evicted); // may run a dtor: outside the lock
         if action == Action::Wake {
@@ -360,6 +371,28 @@ impl Mailbox {
             self.wake.wait(&mut st);
             st.parked = false;
         }
+    }
+
+    /// The thread delivering a batch now, if any.
+    pub(crate) fn runner(&self) -> Option<ThreadToken> {
+        match self.state.lock().run {
+            RunState::Running(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Synchronous kind, after the run was handed to another thread: if it came back to
+    /// `me`, true (run again); else marks the items `me` published as any runner's and
+    /// returns false, so `me` need not wait for the run to come back.
+    pub(crate) fn reclaim_or_defer(&self, me: ThreadToken) -> bool {
+        let mut st = self.state.lock();
+        if st.run == RunState::Running(me) {
+            return true;
+        }
+        for item in st.queue.iter_mut().filter(|i| i.from == Some(me)) {
+            item.from = None;
+        }
+        false
     }
 
     /// Synchronous kind: are items published by `me` still queued?

@@ -52,6 +52,9 @@
 //!    mailbox ends empty and `Idle`; a DropOldest limit (which the synchronous kind
 //!    must ignore) evicts nothing. With an unsubscriber: the final item runs on the
 //!    unsubscriber's thread, last, and join waits for it.
+//!    `loom_synchronous_deferred`: a publish from inside another subscription's
+//!    callback never waits for another thread's run (it runs the subscription when idle
+//!    or defers the item to the running thread); nothing is stranded or run twice.
 //! 5. `loom_drop_oldest_accounting`: `Overflow::DropOldest` with a limit of one item and
 //!    `publish_sync`-style waiters (`wait_until(handled >= seq)`). A waiter returns
 //!    only once its item and every earlier one was delivered or evicted (an eviction
@@ -627,14 +630,16 @@ fn loom_unsubscribe_vs_publish() {
 
 /// `Subscription::run_until_idle`: runs batches; when the run was handed away while
 /// items this thread's callbacks published wait behind others, waits for it to come
-/// back. Checks that each item runs on its publisher's thread.
-fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize)) {
+/// back, or, when `in_callback` (this run is nested in another subscription's
+/// callback, which must not wait for another thread), hands those items to the runner.
+/// Checks that each item runs on its publisher's thread (a deferred one, `from ==
+/// None`, on any).
+fn run_until_idle_in(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), in_callback: bool) {
     loop {
         while let Some(mut batch) = sub.mb.take_batch(me, Kind::Synchronous) {
             for it in &batch {
-                assert_eq!(
-                    it.from,
-                    Some(thread_token()),
+                assert!(
+                    it.from.is_none_or(|t| t == thread_token()),
                     "item {} delivered on another thread than its publisher's",
                     value(it)
                 );
@@ -642,10 +647,23 @@ fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize)) {
             let (n, last) = sub.deliver(&mut batch, nested);
             sub.mb.finish_batch(batch, n, last);
         }
-        if !sub.mb.has_items_from(me) || !sub.mb.wait_turn(me) {
+        if !sub.mb.has_items_from(me) {
+            return;
+        }
+        if in_callback {
+            if sub.mb.reclaim_or_defer(me) {
+                continue;
+            }
+            return;
+        }
+        if !sub.mb.wait_turn(me) {
             return;
         }
     }
+}
+
+fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize)) {
+    run_until_idle_in(sub, me, nested, false)
 }
 
 /// One synchronous publish of `v` (`Subscription::offer`, synchronous kind); `last`:
@@ -654,7 +672,7 @@ fn sync_publish(sub: &Sub, v: usize, last: bool, nested: &dyn Fn(usize)) -> bool
     let me = thread_token();
     let action = match sub
         .mb
-        .push(item(v, last, Some(me)), Kind::Synchronous, false)
+        .push(item(v, last, Some(me)), Kind::Synchronous, true)
     {
         Push::Queued { action, .. } => action,
         Push::Closed => return false,
@@ -769,7 +787,7 @@ fn loom_synchronous_final() {
                 let me = Some(thread_token());
                 let push = sub
                     .mb
-                    .push(item(AFTER_FINAL, false, me), Kind::Synchronous, false);
+                    .push(item(AFTER_FINAL, false, me), Kind::Synchronous, true);
                 assert!(
                     matches!(push, Push::Closed),
                     "a push after the final item must be Closed"
@@ -789,6 +807,84 @@ fn loom_synchronous_final() {
         assert!(st.done && st.queue.is_empty());
         assert_eq!(st.run, RunState::Idle);
         assert_eq!(st.handled, st.pushed);
+    });
+}
+
+/// A publish from inside another subscription's callback (`may_wait == false`) never
+/// waits for another thread's run: it runs the subscription itself when idle, or leaves
+/// the item to the running thread (`Deferred`). Publisher a publishes 1 from outside any
+/// callback; publisher b, inside a callback of some other subscription, publishes 10.
+/// Whoever delivers 10 publishes 11 from that callback (nested). Every item is delivered
+/// exactly once, 11 after 10, callbacks never overlap, b never blocks (loom reports a
+/// deadlock if the model hangs), and no item is stranded: the mailbox ends empty and
+/// idle. Covers the hand-off away from a nested runner too (`reclaim_or_defer`).
+#[test]
+fn loom_synchronous_deferred() {
+    check("synchronous_deferred", 6, || {
+        let sub = Sub::new();
+        let nested = {
+            let sub = Arc::clone(&sub);
+            move |v: usize| {
+                if v == 10 {
+                    let me = Some(thread_token());
+                    let push = sub.mb.push(item(11, false, me), Kind::Synchronous, false);
+                    assert!(
+                        matches!(
+                            push,
+                            Push::Queued {
+                                action: Action::Nested,
+                                ..
+                            }
+                        ),
+                        "a callback's publish to its own subscription is Nested"
+                    );
+                }
+            }
+        };
+        let nested = Arc::new(nested);
+        let a = {
+            let (sub, nested) = (Arc::clone(&sub), Arc::clone(&nested));
+            thread::spawn(move || assert!(sync_publish(&sub, 1, false, &*nested)))
+        };
+        let b = {
+            let (sub, nested) = (Arc::clone(&sub), Arc::clone(&nested));
+            thread::spawn(move || {
+                let me = thread_token();
+                match sub
+                    .mb
+                    .push(item(10, false, Some(me)), Kind::Synchronous, false)
+                {
+                    Push::Queued {
+                        action: Action::RunHere,
+                        ..
+                    } => run_until_idle_in(&sub, me, &*nested, true),
+                    Push::Queued {
+                        action: Action::Deferred,
+                        ..
+                    } => {}
+                    Push::Queued { action, .. } => {
+                        panic!("a publish from inside a callback asked for {action:?}")
+                    }
+                    _ => panic!("an open, unbounded mailbox refused an item"),
+                }
+            })
+        };
+        a.join().unwrap();
+        b.join().unwrap();
+
+        let log = sub.log.get();
+        let mut sorted = log.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [1, 10, 11], "each item delivered once: {log:?}");
+        assert_eq!(
+            in_range(&log, 10..20),
+            [10, 11],
+            "nested after its cause: {log:?}"
+        );
+        let st = sub.mb.lock();
+        assert!(st.queue.is_empty(), "an item was stranded: {log:?}");
+        assert_eq!(st.run, RunState::Idle);
+        assert_eq!((st.pushed, st.handled), (3, 3));
     });
 }
 

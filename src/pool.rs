@@ -6,7 +6,7 @@
 //! before they sleep and publishers wake one only when one sleeps, so a busy pool makes no
 //! futex calls. A worker that blocks in a join or a synchronous wait does not count
 //! against `max_threads`, so a pool callback that joins another pool subscription cannot
-//! starve it.
+//! starve it; once it returns, the surplus worker retires at its next turn boundary.
 
 use crate::error::{Error, Result};
 use crate::subscription::Subscription;
@@ -156,6 +156,17 @@ impl Pool {
         IS_WORKER.with(|w| w.set(true));
         let me = crate::sync::thread_token();
         loop {
+            // Workers started to stand in for blocked ones are surplus once those return
+            // (or after the maximum was lowered): retire between turns, not after an idle
+            // timeout, so at most `max` workers run callbacks.
+            if self.active.load(Ordering::SeqCst) > self.max.load(Ordering::Relaxed) {
+                let mut cfg = self.config.lock();
+                if cfg.threads - cfg.blocked > cfg.max {
+                    cfg.threads -= 1;
+                    self.active.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            }
             if let Some(sub) = self.queue.pop() {
                 if sub.run_pool_turn(me, BATCHES_PER_TURN) {
                     self.queue.push(sub);

@@ -18,6 +18,7 @@ use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::pool;
 use crate::sync::ThreadToken;
 use crate::topic::Topic;
+use crate::waits;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::{c_char, CStr, CString};
@@ -67,6 +68,14 @@ impl Drop for RunningGuard {
     fn drop(&mut self) {
         let _ = RUNNING.try_with(|r| r.borrow_mut().pop());
     }
+}
+
+/// Is this thread inside any subscription's callback? Such a thread must not wait for
+/// another thread's synchronous run: that thread might be waiting for one of ours.
+pub(crate) fn in_any_callback() -> bool {
+    RUNNING
+        .try_with(|r| !r.borrow().is_empty())
+        .unwrap_or(false)
 }
 
 fn is_running_here(sub: *const Subscription) -> bool {
@@ -135,6 +144,10 @@ impl Subscription {
     }
     pub fn is_done(&self) -> bool {
         self.mailbox.is_done()
+    }
+    /// The thread running this subscription's callbacks now, if any.
+    pub(crate) fn runner(&self) -> Option<ThreadToken> {
+        self.mailbox.runner()
     }
     /// Messages queued and not yet taken by the runner.
     pub fn queue_len(&self) -> usize {
@@ -212,11 +225,22 @@ impl Subscription {
             last,
             from: me,
         };
-        let push = if self.blocking_overflow.load(Ordering::Relaxed) {
-            // A runner waiting for room in its own queue would wait forever; a pool worker
-            // waiting lets the pool start another.
-            let may_block = self.kind != Kind::Synchronous && !is_running_here(Arc::as_ptr(self));
-            pool::blocking(|| self.mailbox.push(item, self.kind, may_block))
+        let push = if self.kind == Kind::Synchronous {
+            // From inside a callback, a publish to a synchronous subscription that another
+            // thread is running is deferred to that thread instead of waited for: that
+            // thread, in the very callback we would wait for, might publish to a
+            // subscription this thread is running, and both would wait forever.
+            self.mailbox.push(item, self.kind, !in_any_callback())
+        } else if self.blocking_overflow.load(Ordering::Relaxed) {
+            // A runner waiting for room in its own queue would wait forever, and so would a
+            // callback whose wait closes a cycle (`waits`): both are let through. A pool
+            // worker waiting lets the pool start another.
+            let permit = (!is_running_here(Arc::as_ptr(self)))
+                .then(|| waits::permit(self))
+                .flatten();
+            let push = pool::blocking(|| self.mailbox.push(item, self.kind, permit.is_some()));
+            drop(permit);
+            push
         } else {
             self.mailbox.push(item, self.kind, false)
         };
@@ -246,7 +270,7 @@ impl Subscription {
                             self.run_until_idle(me);
                         }
                     }
-                    Action::Nothing | Action::Wake | Action::Nested => {}
+                    Action::Nothing | Action::Wake | Action::Nested | Action::Deferred => {}
                 }
                 Some(seq)
             }
@@ -254,8 +278,19 @@ impl Subscription {
     }
 
     /// Blocks until the item numbered `seq` has been handled (or the subscription is done).
-    pub(crate) fn wait_handled(&self, seq: u64) {
+    /// Fails with `Deadlock` when the wait would close a cycle of waits (`waits`).
+    pub(crate) fn wait_handled(self: &Arc<Self>, seq: u64) -> Result<()> {
+        let Some(_permit) = waits::permit(self) else {
+            return Err(Error::new(
+                ErrorKind::Deadlock,
+                format!(
+                    "publish_sync cannot wait for subscription {}: its callback runs on a thread that waits for this one; the message is delivered when that callback returns",
+                    self.uniqueid()
+                ),
+            ));
+        };
         pool::blocking(|| self.mailbox.wait_until(|st| st.handled() >= seq || st.done));
+        Ok(())
     }
 
     /// Delivers one batch; returns true when it held the final message.
@@ -297,9 +332,17 @@ impl Subscription {
                 self.mailbox.finish_batch(batch, n, last);
             }
             // Synchronous kind: the run may have been handed to another publisher while
-            // items of ours (published from our own callbacks) wait behind theirs. Only
-            // this thread can deliver them: wait for the run to come back.
+            // items of ours (published from our own callbacks) wait behind theirs. They
+            // are delivered on this thread: wait for the run to come back. Inside an
+            // outer callback this thread must not wait for another's run (see `offer`):
+            // the new runner delivers them instead.
             if self.kind != Kind::Synchronous || !self.mailbox.has_items_from(me) {
+                return;
+            }
+            if in_any_callback() {
+                if self.mailbox.reclaim_or_defer(me) {
+                    continue;
+                }
                 return;
             }
             if !pool::blocking(|| self.mailbox.wait_turn(me)) {
@@ -398,9 +441,10 @@ impl Subscription {
     }
 
     /// Waits until the final message has been handled. Fails with `Deadlock` when called
-    /// from this subscription's own callback.
-    pub fn join(&self) -> Result<()> {
-        if is_running_here(self) {
+    /// from this subscription's own callback, or when the wait would close a cycle of
+    /// waits (`waits`).
+    pub fn join(self: &Arc<Self>) -> Result<()> {
+        if is_running_here(Arc::as_ptr(self)) {
             return Err(Error::new(
                 ErrorKind::Deadlock,
                 format!(
@@ -421,6 +465,15 @@ impl Subscription {
                 thread::yield_now();
             }
         }
+        let Some(_permit) = waits::permit(self) else {
+            return Err(Error::new(
+                ErrorKind::Deadlock,
+                format!(
+                    "join of subscription {} would deadlock: its callback runs on a thread that waits for this one",
+                    self.uniqueid()
+                ),
+            ));
+        };
         pool::blocking(|| self.mailbox.wait_until(|st| st.done));
         Ok(())
     }

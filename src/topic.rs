@@ -304,7 +304,7 @@ impl Topic {
                     "publish_sync to a subscription from its own callback cannot wait; the message is delivered after the callback returns",
                 ));
             }
-            sub.wait_handled(seq);
+            sub.wait_handled(seq)?;
         }
         Ok(count)
     }

@@ -33,15 +33,17 @@ fn valgrind() -> bool {
 
 fn compile(name: &str) -> PathBuf {
     let crate_dir = crate_dir();
-    let lib_dir = profile_dir();
+    // `cargo test` rebuilds the cdylib in target/<profile>/deps but copies it up to
+    // target/<profile> only on `cargo build`: link the fresh one, never a stale copy.
+    let lib_dir = profile_dir().join("deps");
     let lib = lib_dir.join("libswitchboard.so");
     assert!(
         lib.exists(),
         "{} not found: `cargo test` should build the cdylib",
         lib.display()
     );
-    let out_dir = lib_dir.parent().expect("target dir").join("ffi-tests");
-    std::fs::create_dir_all(&out_dir).expect("create target/ffi-tests");
+    let out_dir = profile_dir().join("ffi-tests");
+    std::fs::create_dir_all(&out_dir).expect("create target/<profile>/ffi-tests");
     let src = crate_dir.join("ffi-tests").join(format!("{name}.c"));
     assert!(src.exists(), "{} is missing", src.display());
     let exe = out_dir.join(name);
@@ -113,7 +115,10 @@ fn run(name: &str) {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("SB_VALGRIND", if vg { "1" } else { "0" });
+        .env("SB_VALGRIND", if vg { "1" } else { "0" })
+        // cargo points LD_LIBRARY_PATH at target/<profile> first, where a stale copy of
+        // the library may lie (see `compile`): the program's rpath alone says which one.
+        .env_remove("LD_LIBRARY_PATH");
     // test_torture runs SB_TORTURE_SECONDS (default 20); under valgrind 3 s are plenty.
     if vg && name == "test_torture" && std::env::var_os("SB_TORTURE_SECONDS").is_none() {
         cmd.env("SB_TORTURE_SECONDS", "3");
@@ -194,4 +199,5 @@ c_tests!(
     test_exit,
     test_fork,
     test_bad_input_more,
+    test_deadlock,
 );

@@ -45,8 +45,9 @@ pub const SB_OVERFLOW_UNBOUNDED: sb_overflow = 0;
 pub const SB_OVERFLOW_DROP_OLDEST: sb_overflow = 1;
 /// When the queue holds `limit` messages, drop the new one.
 pub const SB_OVERFLOW_DROP_NEWEST: sb_overflow = 2;
-/// When the queue holds `limit` messages, the publisher waits for room (a publish from
-/// the subscription's own callback is let through, as it could never see room).
+/// When the queue holds `limit` messages, the publisher waits for room. A publish that
+/// could never see room is let through: from the subscription's own callback, or from a
+/// callback while this subscription's callback runs on a thread that waits for this one.
 pub const SB_OVERFLOW_BLOCK: sb_overflow = 3;
 
 /// Data of a subscription change message (type `sb_subscription_change_type()`).
@@ -162,8 +163,9 @@ pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscript
 }
 
 /// Unsubscribes, waits until the final message was handled, and releases the caller's
-/// reference. From the subscription's own callback it does not wait (last error
-/// SB_E_DEADLOCK). Returns NULL.
+/// reference. It does not wait (last error SB_E_DEADLOCK) when the wait could never end:
+/// from the subscription's own callback, or from a callback while the subscription's
+/// callback runs on a thread that waits for this one. Returns NULL.
 #[no_mangle]
 pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_subscription {
     // Joins even if another reference unsubscribed first: the caller asked to wait for
@@ -172,7 +174,8 @@ pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_
 }
 
 /// Waits until the final message was handled (the caller keeps its reference). From the
-/// subscription's own callback it returns at once with last error SB_E_DEADLOCK.
+/// subscription's own callback, or from a callback while the subscription's callback runs
+/// on a thread that waits for this one, it returns at once with last error SB_E_DEADLOCK.
 #[no_mangle]
 pub extern "C" fn sb_subscription_join(sub: *mut sb_subscription) {
     boundary(|| {

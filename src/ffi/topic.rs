@@ -169,7 +169,10 @@ pub extern "C" fn sb_topic_unref(topic: *mut sb_topic) {
 }
 
 /// Publishes `msg` (the caller keeps its reference). Returns the number of subscriptions
-/// reached (>= 0), or a negative code. Synchronous subscriptions have run when it returns.
+/// reached (>= 0), or a negative code. Synchronous subscriptions have run when it returns,
+/// with one exception that keeps callbacks from deadlocking each other: called from inside
+/// a callback, a synchronous subscription that another thread is running right now is not
+/// waited for; that thread delivers `msg` after its current callback returns.
 #[no_mangle]
 pub extern "C" fn sb_publish(topic: *mut sb_topic, msg: *mut sb_message) -> c_int {
     boundary(
@@ -181,8 +184,10 @@ pub extern "C" fn sb_publish(topic: *mut sb_topic, msg: *mut sb_message) -> c_in
 }
 
 /// Publishes `msg` to `sub`'s topic and returns once `sub` has handled it (immediately
-/// when `sub` filters that type out). SB_E_STATE when `sub` is unsubscribed; called from
-/// `sub`'s own callback it cannot wait: it publishes and returns SB_E_DEADLOCK.
+/// when `sub` filters that type out). SB_E_STATE when `sub` is unsubscribed. When the
+/// wait could never end it publishes and returns SB_E_DEADLOCK at once: called from
+/// `sub`'s own callback, or from a callback while `sub`'s callback runs on a thread that
+/// itself waits (directly or through others) for this one.
 #[no_mangle]
 pub extern "C" fn sb_publish_sync(sub: *mut sb_subscription, msg: *mut sb_message) -> c_int {
     boundary(
