@@ -620,6 +620,51 @@ static void test_invalid(int kind)
     CHECK_TOPIC_GONE("ovf.invalid");
 }
 
+/* ---- DROP_OLDEST never evicts the Subscribe change message ---- */
+
+/* The pool's only worker is held in a gated callback, so a new pool subscription's
+ * Subscribe message waits in its queue while publishes overflow it (limit 1). The
+ * oldest payloads are dropped, never the Subscribe message: the subscription still
+ * starts with it, then gets the newest payload. */
+static void test_first_not_dropped(void)
+{
+    CHECK_EQ_INT(sb_pool_configure(1, 1, 20000), SB_OK);
+    sb_topic *gt = sb_topic_create("ovf.first.gate");
+    gated g;
+    gated_init(&g, gt);
+    sb_subscription *gs = gated_subscribe(&g, KIND_POOL, SB_OVERFLOW_UNBOUNDED, 0);
+
+    sb_topic *t = sb_topic_create("ovf.first");
+    recorder r;
+    recorder_init(&r, ptype, t);
+    sb_subscription *s = sb_subscribe_pool(t, recorder_cb, &r);
+    CHECK(s != NULL);
+    CHECK_EQ_INT(sb_subscription_set_overflow(s, SB_OVERFLOW_DROP_OLDEST, 1), SB_OK);
+    for (int i = 0; i < 5; i++)
+        CHECK_EQ_INT(publish_payload(t, ptype, 0, i, TAG_PLAIN), 1);
+    CHECK_EQ_INT(atomic_load(&r.total), 0); /* nothing ran yet: the worker is held */
+    CHECK_EQ_INT((int)sb_subscription_dropped(s), 4);
+
+    gate_open(&g);
+    WAIT_UNTIL(atomic_load(&r.payloads) == 1);
+    CHECK_EQ_INT(atomic_load(&r.own_subscribe), 1);
+    CHECK_EQ_INT(atomic_load(&r.first_not_subscribe), 0);
+    pthread_mutex_lock(&r.mu);
+    CHECK_EQ_INT(r.last_seq[0], 4); /* the newest one was kept */
+    pthread_mutex_unlock(&r.mu);
+
+    sb_unsubscribe_and_join(s);
+    sb_unsubscribe_and_join(gs);
+    CHECK_EQ_INT(atomic_load(&r.payloads), 1);
+    CHECK_EQ_INT(atomic_load(&r.overlaps), 0);
+    recorder_destroy(&r);
+    gated_destroy(&g);
+    sb_topic_unref(t);
+    sb_topic_unref(gt);
+    CHECK_EQ_INT(sb_pool_configure(1, 4, 20000), SB_OK);
+    printf("DROP_OLDEST keeps the Subscribe message ok\n");
+}
+
 int main(void)
 {
     TEST_INIT();
@@ -640,6 +685,7 @@ int main(void)
     for (int k = 0; k < KIND_COUNT; k++)
         test_block_self_publish(k);
     test_block_pool_not_starved();
+    test_first_not_dropped();
 
     sb_message_type_unref(ptype);
     WAIT_UNTIL(atomic_load(&payload_destroyed) == atomic_load(&payload_created));

@@ -121,6 +121,9 @@ pub(crate) struct State {
     evicted_pending: u64,
     /// Size of the batch being delivered.
     in_flight: usize,
+    /// The queue's front item is the first one ever pushed (the Subscribe change
+    /// message) and has not been taken yet: DropOldest never evicts it.
+    first_pending: bool,
 }
 
 pub(crate) struct Mailbox {
@@ -161,6 +164,7 @@ impl Mailbox {
                 blocked: 0,
                 evicted_pending: 0,
                 in_flight: 0,
+                first_pending: false,
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
@@ -202,8 +206,15 @@ impl Mailbox {
                     drop(item); // may run a dtor: outside the lock
                     return Push::Dropped;
                 }
+                // The subscription's first message (its Subscribe change) is never
+                // dropped, like its final one: evict the oldest after it, if any.
+                Overflow::DropOldest if st.first_pending && st.queue.len() < 2 => {}
                 Overflow::DropOldest => {
-                    evicted = st.queue.pop_front();
+                    evicted = if st.first_pending {
+                        st.queue.remove(1)
+                    } else {
+                        st.queue.pop_front()
+                    };
                     st.dropped += 1;
                     // An evicted item counts as handled (publish_sync waiters wait on the
                     // count), but not before the batch ahead of it is.
@@ -239,6 +250,9 @@ impl Mailbox {
             }
         }
         st.queue.push_back(item);
+        if st.pushed == 0 {
+            st.first_pending = true;
+        }
         st.pushed += 1;
         let seq = st.pushed;
         let len = st.queue.len();
@@ -321,6 +335,7 @@ impl Mailbox {
             std::mem::swap(&mut batch, &mut st.queue);
         }
         self.len.store(st.queue.len(), Ordering::Relaxed);
+        st.first_pending = false;
         st.run = RunState::Running(me);
         st.in_flight = batch.len();
         if st.blocked > 0 {

@@ -164,6 +164,11 @@ impl Pool {
                 if cfg.threads - cfg.blocked > cfg.max {
                     cfg.threads -= 1;
                     self.active.fetch_sub(1, Ordering::SeqCst);
+                    // This worker may have just put a subscription back on the queue (its
+                    // turn ended with work left): make sure a sleeping one takes it.
+                    if !self.queue.is_empty() {
+                        self.wake.notify_one();
+                    }
                     return;
                 }
             }

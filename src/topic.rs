@@ -317,6 +317,11 @@ impl Drop for Topic {
         if let Some(w) = reg.get(name) {
             if std::ptr::eq(w.as_ptr(), self) {
                 reg.remove(name);
+                if reg.is_empty() {
+                    // The last topic is gone: give the table back (a process that stops
+                    // using the bus holds no registry memory).
+                    reg.shrink_to_fit();
+                }
             }
         }
         drop(reg);

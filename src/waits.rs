@@ -61,6 +61,9 @@ impl Drop for WaitPermit {
                 .iter()
                 .position(|(t, _)| *t == me)
                 .map(|i| waiting.swap_remove(i));
+            if waiting.is_empty() {
+                waiting.shrink_to_fit(); // waits from callbacks are rare: hold no memory
+            }
             drop(waiting);
             drop(entry); // may drop the last reference to a subscription: not under the lock
         }
