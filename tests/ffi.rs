@@ -237,4 +237,5 @@ c_tests!(
     test_fork,
     test_bad_input_more,
     test_deadlock,
+    test_pool_limits,
 );
