@@ -40,14 +40,7 @@ impl Forward {
             )));
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let mut list = Vec::with_capacity(from.forwards.load().len() + 1);
-        for l in from.forwards.load().iter() {
-            list.push(ForwardLink {
-                id: l.id,
-                to: Arc::clone(&l.to),
-            });
-        }
-        list.push(ForwardLink {
+        let list = from.forwards.load().pushed(ForwardLink {
             id,
             to: Arc::clone(to),
         });
@@ -79,14 +72,7 @@ impl Forward {
         }
         let _g = GRAPH.lock();
         let current = self.from.forwards.load_full();
-        let list: Vec<ForwardLink> = current
-            .iter()
-            .filter(|l| l.id != self.id)
-            .map(|l| ForwardLink {
-                id: l.id,
-                to: Arc::clone(&l.to),
-            })
-            .collect();
+        let list = current.without(|l| l.id == self.id);
         self.from
             .has_forwards
             .store(!list.is_empty(), Ordering::Release);

@@ -17,6 +17,7 @@ pub mod message_type;
 mod names;
 pub mod pool;
 pub mod router;
+mod small_list;
 pub mod subscription;
 mod sync;
 pub mod topic;

@@ -109,9 +109,22 @@ pub(crate) struct State {
     waiters: u32,
     /// The dedicated thread is blocked on `wake`.
     parked: bool,
+    congested: bool,
+    /// Congestion limits and overflow policy: None (no allocation) while both are the
+    /// defaults, as for almost every subscription.
+    policy: Option<Box<Policy>>,
+    /// Size of the batch being delivered.
+    in_flight: usize,
+    /// The queue's front item is the first one ever pushed (the Subscribe change
+    /// message) and has not been taken yet: DropOldest never evicts it.
+    first_pending: bool,
+}
+
+/// A subscription's non-default queue limits and what they counted.
+#[derive(Clone)]
+pub(crate) struct Policy {
     low_water: usize,
     high_water: usize,
-    congested: bool,
     overflow: Overflow,
     limit: usize,
     dropped: u64,
@@ -119,12 +132,17 @@ pub(crate) struct State {
     blocked: u32,
     /// Items evicted while a batch ran: counted as handled when that batch is.
     evicted_pending: u64,
-    /// Size of the batch being delivered.
-    in_flight: usize,
-    /// The queue's front item is the first one ever pushed (the Subscribe change
-    /// message) and has not been taken yet: DropOldest never evicts it.
-    first_pending: bool,
 }
+
+static DEFAULT_POLICY: Policy = Policy {
+    low_water: DEFAULT_HIGH_WATER * 9 / 10,
+    high_water: DEFAULT_HIGH_WATER,
+    overflow: Overflow::Unbounded,
+    limit: usize::MAX,
+    dropped: 0,
+    blocked: 0,
+    evicted_pending: 0,
+};
 
 pub(crate) struct Mailbox {
     state: Mutex<State>,
@@ -155,14 +173,8 @@ impl Mailbox {
                 handled: 0,
                 waiters: 0,
                 parked: false,
-                low_water: DEFAULT_HIGH_WATER * 9 / 10,
-                high_water: DEFAULT_HIGH_WATER,
                 congested: false,
-                overflow: Overflow::Unbounded,
-                limit: usize::MAX,
-                dropped: 0,
-                blocked: 0,
-                evicted_pending: 0,
+                policy: None,
                 in_flight: 0,
                 first_pending: false,
             }),
@@ -197,11 +209,15 @@ impl Mailbox {
         let mut evicted = None;
         // Synchronous queues only ever hold the items of publishers waiting for their
         // turn; dropping one would leave its publisher waiting forever.
-        if !item.last && kind != Kind::Synchronous && st.queue.len() >= st.limit && !st.closed {
-            match st.overflow {
+        if !item.last
+            && kind != Kind::Synchronous
+            && st.queue.len() >= st.policy().limit
+            && !st.closed
+        {
+            match st.policy().overflow {
                 Overflow::Unbounded => {}
                 Overflow::DropNewest => {
-                    st.dropped += 1;
+                    st.policy_mut().dropped += 1;
                     drop(st);
                     drop(item); // may run a dtor: outside the lock
                     return Push::Dropped;
@@ -215,11 +231,11 @@ impl Mailbox {
                     } else {
                         st.queue.pop_front()
                     };
-                    st.dropped += 1;
+                    st.policy_mut().dropped += 1;
                     // An evicted item counts as handled (publish_sync waiters wait on the
                     // count), but not before the batch ahead of it is.
                     if matches!(st.run, RunState::Running(_)) {
-                        st.evicted_pending += 1;
+                        st.policy_mut().evicted_pending += 1;
                     } else {
                         st.handled += 1;
                         if st.waiters > 0 {
@@ -228,12 +244,14 @@ impl Mailbox {
                     }
                 }
                 Overflow::Block if may_wait => {
-                    st.blocked += 1;
-                    while st.queue.len() >= st.limit && !st.closed && st.overflow == Overflow::Block
+                    st.policy_mut().blocked += 1;
+                    while st.queue.len() >= st.policy().limit
+                        && !st.closed
+                        && st.policy().overflow == Overflow::Block
                     {
                         self.room.wait(&mut st);
                     }
-                    st.blocked -= 1;
+                    st.policy_mut().blocked -= 1;
                 }
                 Overflow::Block => {}
             }
@@ -245,7 +263,7 @@ impl Mailbox {
         }
         if item.last {
             st.closed = true;
-            if st.blocked > 0 {
+            if st.policy().blocked > 0 {
                 self.room.notify_all();
             }
         }
@@ -259,7 +277,7 @@ impl Mailbox {
         self.len.store(len, Ordering::Relaxed);
         // Congestion counts the whole backlog: queued plus the batch being delivered.
         let backlog = len + st.in_flight;
-        let congested = if backlog > st.high_water && !st.congested {
+        let congested = if backlog > st.policy().high_water && !st.congested {
             st.congested = true;
             Some(backlog)
         } else {
@@ -338,7 +356,7 @@ impl Mailbox {
         st.first_pending = false;
         st.run = RunState::Running(me);
         st.in_flight = batch.len();
-        if st.blocked > 0 {
+        if st.policy().blocked > 0 {
             self.room.notify_all();
         }
         Some(batch)
@@ -351,10 +369,11 @@ impl Mailbox {
         if st.spare.capacity() < batch.capacity() {
             st.spare = batch;
         }
-        st.handled += n as u64 + st.evicted_pending;
-        st.evicted_pending = 0;
+        let evicted =
+            (st.policy.as_deref_mut()).map_or(0, |p| std::mem::take(&mut p.evicted_pending));
+        st.handled += n as u64 + evicted;
         st.in_flight = 0;
-        if st.congested && st.queue.len() < st.low_water {
+        if st.congested && st.queue.len() < st.policy().low_water {
             st.congested = false;
         }
         if last {
@@ -442,21 +461,23 @@ impl Mailbox {
 
     pub(crate) fn set_overflow(&self, policy: Overflow, limit: usize) {
         let mut st = self.state.lock();
-        st.overflow = policy;
-        st.limit = if policy == Overflow::Unbounded {
+        let p = st.policy_mut();
+        p.overflow = policy;
+        p.limit = if policy == Overflow::Unbounded {
             usize::MAX
         } else {
             limit
         };
-        if st.blocked > 0 {
+        if p.blocked > 0 {
             self.room.notify_all();
         }
     }
 
     pub(crate) fn set_limits(&self, low: usize, high: usize) {
         let mut st = self.state.lock();
-        st.low_water = low;
-        st.high_water = high;
+        let p = st.policy_mut();
+        p.low_water = low;
+        p.high_water = high;
         st.congested = st.queue.len() + st.in_flight > high;
     }
 }
@@ -476,11 +497,18 @@ impl State {
         }
     }
 
+    fn policy(&self) -> &Policy {
+        self.policy.as_deref().unwrap_or(&DEFAULT_POLICY)
+    }
+    fn policy_mut(&mut self) -> &mut Policy {
+        self.policy
+            .get_or_insert_with(|| Box::new(DEFAULT_POLICY.clone()))
+    }
     pub(crate) fn dropped(&self) -> u64 {
-        self.dropped
+        self.policy().dropped
     }
     pub(crate) fn overflow(&self) -> Overflow {
-        self.overflow
+        self.policy().overflow
     }
     pub(crate) fn handled(&self) -> u64 {
         self.handled

@@ -12,6 +12,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::names::check_name;
+use crate::small_list::SmallList;
 use crate::subscription::Subscription;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -22,13 +23,14 @@ use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
 pub(crate) const TOPIC_MAGIC: u32 = 0x5342_5450; // "SBTP"
 
+#[derive(Clone)]
 pub(crate) struct ForwardLink {
     pub(crate) id: u64,
     pub(crate) to: Arc<Topic>,
 }
 
-type SubList = Vec<Arc<Subscription>>;
-type ForwardList = Vec<ForwardLink>;
+type SubList = SmallList<Arc<Subscription>>;
+pub(crate) type ForwardList = SmallList<ForwardLink>;
 
 #[repr(C)]
 pub struct Topic {
@@ -47,9 +49,9 @@ pub struct Topic {
     write: Mutex<()>,
 }
 
-static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(Vec::new()));
+static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
 pub(crate) static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> =
-    LazyLock::new(|| Arc::new(Vec::new()));
+    LazyLock::new(|| Arc::new(SmallList::Empty));
 static REGISTRY: LazyLock<Mutex<HashMap<Box<str>, Weak<Topic>>>> = LazyLock::new(Default::default);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -158,8 +160,7 @@ impl Topic {
         if !sub.is_subscribed() {
             return;
         }
-        let mut list = Vec::clone(&self.subscribers.load());
-        list.push(Arc::clone(sub));
+        let list = self.subscribers.load().pushed(Arc::clone(sub));
         self.subscribers.store(Arc::new(list));
     }
 
@@ -169,11 +170,7 @@ impl Topic {
         if !current.iter().any(|s| Arc::ptr_eq(s, sub)) {
             return;
         }
-        let list: SubList = current
-            .iter()
-            .filter(|s| !Arc::ptr_eq(s, sub))
-            .cloned()
-            .collect();
+        let list = current.without(|s| Arc::ptr_eq(s, sub));
         self.subscribers.store(if list.is_empty() {
             Arc::clone(&EMPTY_SUBS)
         } else {
@@ -272,7 +269,7 @@ impl Topic {
 
     /// Subscriptions of this topic alone.
     pub fn direct_subscribers(&self) -> Vec<Arc<Subscription>> {
-        Vec::clone(&self.subscribers.load())
+        self.subscribers.load().to_vec()
     }
 
     /// Would a message of type `ty` reach at least one subscription that accepts it?
