@@ -42,6 +42,9 @@ pub(crate) struct Pool {
     active: AtomicUsize,
     /// Mirror of `Config::max`, readable without the lock.
     max: AtomicUsize,
+    /// Workers whose thread has started running its loop (a worker counts in
+    /// `Config::threads` from its spawn, before its thread runs).
+    started: AtomicUsize,
     config: Mutex<Config>,
     wake: Condvar,
 }
@@ -63,6 +66,7 @@ static POOL: LazyLock<Pool> = LazyLock::new(|| {
         sleeping: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
         max: AtomicUsize::new(default_max()),
+        started: AtomicUsize::new(0),
         config: Mutex::new(Config {
             min: 1,
             max: default_max(),
@@ -99,6 +103,12 @@ pub fn configure(min_threads: usize, max_threads: usize, idle_timeout: Duration)
 /// Worker threads alive now.
 pub fn thread_count() -> usize {
     global().config.lock().threads
+}
+
+/// Worker threads that have started running (at most `thread_count`; a freshly spawned
+/// worker counts there before its thread runs). Lets leak checkers wait for quiescence.
+pub fn started_thread_count() -> usize {
+    global().started.load(Ordering::SeqCst)
 }
 
 /// Runs `f`, a blocking wait; on a pool worker, lets the pool replace this worker meanwhile.
@@ -154,6 +164,7 @@ impl Pool {
 
     fn worker(&'static self) {
         IS_WORKER.with(|w| w.set(true));
+        self.started.fetch_add(1, Ordering::SeqCst);
         let me = crate::sync::thread_token();
         loop {
             // Workers started to stand in for blocked ones are surplus once those return
@@ -164,6 +175,7 @@ impl Pool {
                 if cfg.threads - cfg.blocked > cfg.max {
                     cfg.threads -= 1;
                     self.active.fetch_sub(1, Ordering::SeqCst);
+                    self.started.fetch_sub(1, Ordering::SeqCst);
                     // This worker may have just put a subscription back on the queue (its
                     // turn ended with work left): make sure a sleeping one takes it.
                     if !self.queue.is_empty() {
@@ -203,6 +215,7 @@ impl Pool {
             if self.queue.is_empty() && ((timed_out && cfg.threads > cfg.min) || surplus) {
                 cfg.threads -= 1;
                 self.active.fetch_sub(1, Ordering::SeqCst);
+                self.started.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
         }
@@ -238,5 +251,6 @@ pub(crate) fn fork_reset_and_unlock() {
     });
     pool.active.store(0, Ordering::SeqCst);
     pool.sleeping.store(0, Ordering::SeqCst);
+    pool.started.store(0, Ordering::SeqCst);
     fork_unlock();
 }

@@ -2215,13 +2215,21 @@ fn check_nothing_left(init: &Init) {
         let raw = LIVE_RAW.lock().unwrap().len();
         let threads = thread_count();
         let workers = switchboard::pool::thread_count();
+        // A worker counts (and shows in /proc) from its spawn, before its thread runs and
+        // registers with LeakSanitizer: wait until every one has started.
+        let starting = workers.saturating_sub(switchboard::pool::started_thread_count());
         let (dedicated, pool_threads) = library_threads();
         // Every subscription was joined: no dedicated thread may be left, and no pool
         // thread beyond the workers the pool counts.
         let exiting = threads.saturating_sub(init.base_threads + workers)
             + dedicated
             + pool_threads.saturating_sub(workers);
-        if topics == 0 && raw == 0 && exiting == 0 && workers <= POOL_BETWEEN_INPUTS as usize {
+        if topics == 0
+            && raw == 0
+            && exiting == 0
+            && starting == 0
+            && workers <= POOL_BETWEEN_INPUTS as usize
+        {
             return;
         }
         if workers > POOL_BETWEEN_INPUTS as usize {
