@@ -390,7 +390,10 @@ fn may_publish(ctx: &Ctx) -> bool {
         // that reach each other (e.g. "a-cached" forwarded into "a") deadlock. Masked,
         // callbacks do not publish while caching topics exist.
         && (!masked(4) || !SHARED.caching_exists.load(SeqCst))
-        && !SHARED.block_used.load(SeqCst)
+        // Mask 5: callbacks publishing into each other's full SB_OVERFLOW_BLOCK queues
+        // waited for each other forever; now a wait that would close a cycle is let
+        // through. Masked, callbacks stop publishing once a Block policy is set.
+        && (!masked(5) || !SHARED.block_used.load(SeqCst))
         && !SHARED.teardown.load(SeqCst)
         && ctx
             .budget
