@@ -1,21 +1,29 @@
 //! Caches: the latest snapshot of every object, per node (eid), with an optional
 //! aggregate across nodes.
 //!
-//! Entries are immutable values (`Arc<CacheEntry>`) replaced whole on every change, in a
-//! map split into shards, each behind a short `RwLock`. A lookup holds a shard's read lock
-//! only to clone an `Arc`; no lock is ever held while user code (id, calc, publish
-//! functions) runs. Aggregates are computed on a snapshot of the entry and installed only
-//! if the entry did not change meanwhile (else recomputed), so concurrent updates through
-//! several caching topics never install a stale aggregate.
+//! Entries (`Arc<CacheEntry>`) live in a map split into shards, each behind a short
+//! `RwLock`. An entry that nobody else holds is updated in place under its shard's write
+//! lock; one that is shared (a calc function is running on it) is copied first
+//! (`Arc::make_mut`), so a holder never sees it change. Lookups hold a shard's read lock
+//! only to clone the message they return; no lock is ever held while user code (id, calc,
+//! publish functions, message destructors) runs. Aggregates are computed on a snapshot of
+//! the entry and installed only if the entry did not change meanwhile (else recomputed),
+//! so concurrent updates through several caching topics never install a stale aggregate.
+//!
+//! Keys are hashed once per operation, with a small seeded FxHash-style function rather
+//! than SipHash: the hash picks the shard (from bits the map does not use) and is stored
+//! in the key, and the map's hasher just passes it through. Lookups go by a borrowed
+//! `(type, &str)` view of the key, so only a new id allocates.
 
 use crate::eid::Eid;
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::topic::Topic;
 use parking_lot::RwLock;
-use std::collections::hash_map::DefaultHasher;
+use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 pub(crate) const CACHE_MAGIC: u32 = 0x5342_4341; // "SBCA"
@@ -30,14 +38,20 @@ pub type CalcFn =
 /// Publishes a changed aggregate to the original topic.
 pub type AggregatePublishFn = Box<dyn Fn(&Arc<Topic>, &Arc<Message>) + Send + Sync>;
 
-const SHARDS: usize = 16;
+/// A power of two. Readers on different cores mostly hit different shards.
+const SHARDS: usize = 64;
+/// The shard comes from hash bits 48..54: hashbrown indexes buckets with the low bits
+/// and tags them with the top 7 (57..64), so the keys of one shard still spread over its
+/// whole table.
+const SHARD_SHIFT: u32 = 48;
 
 /// Every snapshot of one (type, id): the local one, remote ones by eid, the aggregate.
 #[repr(C)]
+#[derive(Clone)]
 pub struct CacheEntry {
     magic: u32,
     local: Option<Arc<Message>>,
-    /// Sorted by eid.
+    /// Sorted by eid, at most one per eid.
     remote: Vec<Arc<Message>>,
     aggregate: Option<Arc<Message>>,
 }
@@ -61,6 +75,10 @@ impl CacheEntry {
     fn is_empty(&self) -> bool {
         self.local.is_none() && self.remote.is_empty()
     }
+    /// Nothing left worth keeping: no snapshot and no aggregate.
+    fn is_vacant(&self) -> bool {
+        self.is_empty() && self.aggregate.is_none()
+    }
     fn snapshot_of(&self, eid: &Eid, local: bool) -> Option<&Arc<Message>> {
         if local {
             self.local.as_ref()
@@ -73,33 +91,38 @@ impl CacheEntry {
         self.local.iter().chain(self.remote.iter())
     }
 
-    /// A copy with the snapshot of `eid` replaced by `new` (None removes it).
-    fn with(&self, eid: &Eid, local: bool, new: Option<Arc<Message>>) -> CacheEntry {
-        let mut e = CacheEntry {
-            magic: ENTRY_MAGIC,
-            local: self.local.clone(),
-            remote: self.remote.clone(),
-            aggregate: self.aggregate.clone(),
-        };
+    /// Replaces the snapshot of `eid` by `new` (None removes it); returns the old one.
+    fn replace(
+        &mut self,
+        eid: &Eid,
+        local: bool,
+        new: Option<Arc<Message>>,
+    ) -> Option<Arc<Message>> {
         if local {
-            e.local = new;
-        } else {
-            e.remote.retain(|m| m.eid() != Some(eid));
-            if let Some(m) = new {
-                let at = e.remote.partition_point(|r| r.eid() < Some(eid));
-                e.remote.insert(at, m);
-            }
+            return std::mem::replace(&mut self.local, new);
         }
-        e
+        let at = self.remote.partition_point(|r| r.eid() < Some(eid));
+        let present = self.remote.get(at).is_some_and(|r| r.eid() == Some(eid));
+        match (present, new) {
+            (true, Some(m)) => Some(std::mem::replace(&mut self.remote[at], m)),
+            (true, None) => Some(self.remote.remove(at)),
+            (false, Some(m)) => {
+                self.remote.insert(at, m);
+                None
+            }
+            (false, None) => None,
+        }
     }
 
-    fn empty() -> CacheEntry {
-        CacheEntry {
+    fn new(eid: &Eid, local: bool, snapshot: Arc<Message>) -> CacheEntry {
+        let mut e = CacheEntry {
             magic: ENTRY_MAGIC,
             local: None,
             remote: Vec::new(),
             aggregate: None,
-        }
+        };
+        e.replace(eid, local, Some(snapshot));
+        e
     }
 }
 
@@ -109,20 +132,158 @@ impl Drop for CacheEntry {
     }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+// ---- keys and hashing ----
+
+/// FxHash's multiplier (as in rustc): odd, with well spread bits.
+const FX_K: u64 = 0x517c_c1b7_2722_0a95;
+
+fn fx_step(h: u64, word: u64) -> u64 {
+    (h.rotate_left(5) ^ word).wrapping_mul(FX_K)
+}
+
+/// A fast, non-cryptographic hash of (type, id), seeded per cache. Ids are short, so it
+/// reads whole words (overlapping at the end) instead of byte by byte. The final mix
+/// folds the high bits down: FxHash alone leaves the low bits (the map's bucket index)
+/// depending only on the low bits of the input, which would make collisions easy to
+/// craft whatever the seed.
+fn hash_key(seed: u64, type_id: u32, id: &str) -> u64 {
+    let b = id.as_bytes();
+    let n = b.len();
+    let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let half = |at: usize| {
+        u64::from(u32::from_le_bytes(
+            b[at..at + 4].try_into().expect("4 bytes"),
+        ))
+    };
+    let mut h = fx_step(seed, (u64::from(type_id) << 32) | n as u64);
+    if n >= 8 {
+        let mut at = 0;
+        while at + 8 < n {
+            h = fx_step(h, word(at));
+            at += 8;
+        }
+        h = fx_step(h, word(n - 8));
+    } else if n >= 4 {
+        h = fx_step(h, (half(0) << 32) | half(n - 4));
+    } else if n > 0 {
+        let w = (u64::from(b[0]) << 16) | (u64::from(b[n / 2]) << 8) | u64::from(b[n - 1]);
+        h = fx_step(h, w);
+    }
+    // murmur3's fmix64 finalizer.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
+}
+
+/// A stored key, with its hash.
 struct Key {
+    hash: u64,
     type_id: u32,
     id: Box<str>,
 }
 
-type Shard = RwLock<HashMap<Key, Arc<CacheEntry>>>;
+/// A key to look up with, borrowing the id: lookups do not allocate.
+struct KeyRef<'a> {
+    hash: u64,
+    type_id: u32,
+    id: &'a str,
+}
+
+/// What `Key` and `KeyRef` share, so the map (keyed by `Key`) can be searched with a
+/// `KeyRef` through `Borrow<dyn KeyView>` (std's HashMap has no raw-entry API).
+trait KeyView {
+    fn view(&self) -> KeyRef<'_>;
+}
+
+impl KeyView for Key {
+    fn view(&self) -> KeyRef<'_> {
+        KeyRef {
+            hash: self.hash,
+            type_id: self.type_id,
+            id: &self.id,
+        }
+    }
+}
+
+impl KeyView for KeyRef<'_> {
+    fn view(&self) -> KeyRef<'_> {
+        KeyRef {
+            hash: self.hash,
+            type_id: self.type_id,
+            id: self.id,
+        }
+    }
+}
+
+impl<'a> Borrow<dyn KeyView + 'a> for Key {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
+fn same_key(a: &KeyRef<'_>, b: &KeyRef<'_>) -> bool {
+    a.hash == b.hash && a.type_id == b.type_id && a.id == b.id
+}
+
+// Hash and Eq of `Key` and of `dyn KeyView` agree, as `Borrow` requires.
+impl Hash for dyn KeyView + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.view().hash);
+    }
+}
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        same_key(&self.view(), &other.view())
+    }
+}
+impl Eq for dyn KeyView + '_ {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        same_key(&self.view(), &other.view())
+    }
+}
+impl Eq for Key {}
+
+/// The map's hasher: keys arrive already hashed (`write_u64`), which is passed through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by the keys above; kept correct rather than panicking.
+        for &b in bytes {
+            self.0 = fx_step(self.0, u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Map = HashMap<Key, Arc<CacheEntry>, BuildHasherDefault<PassThrough>>;
+
+/// One shard, on cache lines of its own: readers on different cores take different
+/// shards' locks without bouncing a shared line (128: adjacent-line prefetch on x86).
+#[repr(align(128))]
+struct Shard(RwLock<Map>);
 
 /// (old aggregate, new aggregate).
 pub type AggregateChange = (Option<Arc<Message>>, Option<Arc<Message>>);
 
 /// What one put or clear changed.
-pub struct Change {
-    pub snapshot_type: Arc<MessageType>,
+pub struct Change<'a> {
+    /// The snapshot's type (borrowed from the snapshot: no shared count to bump).
+    pub snapshot_type: &'a Arc<MessageType>,
     pub old: Option<Arc<Message>>,
     pub new: Option<Arc<Message>>,
     /// (old aggregate, new aggregate) when the aggregate changed.
@@ -135,14 +296,9 @@ pub struct Cache {
     id_fn: IdFn,
     calc: Option<CalcFn>,
     publish: Option<AggregatePublishFn>,
+    /// Seeds the key hash, so collisions cannot be precomputed.
+    seed: u64,
     shards: Box<[Shard]>,
-}
-
-fn key_for(ty: &MessageType, id: &str) -> Key {
-    Key {
-        type_id: ty.id(),
-        id: id.into(),
-    }
 }
 
 impl Cache {
@@ -160,7 +316,8 @@ impl Cache {
             id_fn,
             calc,
             publish,
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            seed: RandomState::new().hash_one(CACHE_MAGIC),
+            shards: (0..SHARDS).map(|_| Shard(RwLock::default())).collect(),
         })
     }
 
@@ -168,65 +325,93 @@ impl Cache {
         self.magic == CACHE_MAGIC
     }
 
-    fn shard(&self, key: &Key) -> &Shard {
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+    fn key<'a>(&self, ty: &MessageType, id: &'a str) -> KeyRef<'a> {
+        KeyRef {
+            hash: hash_key(self.seed, ty.id(), id),
+            type_id: ty.id(),
+            id,
+        }
+    }
+
+    fn shard(&self, hash: u64) -> &RwLock<Map> {
+        &self.shards[(hash >> SHARD_SHIFT) as usize & (SHARDS - 1)].0
     }
 
     pub(crate) fn id_of(&self, msg: &Arc<Message>) -> Option<String> {
         (self.id_fn)(msg)
     }
 
-    fn entry(&self, key: &Key) -> Option<Arc<CacheEntry>> {
-        self.shard(key).read().get(key).cloned()
+    /// Runs `f` on the entry of (type, id) under its shard's read lock. `f` must be quick
+    /// and must not drop messages (a destructor is user code).
+    fn read<R>(&self, ty: &MessageType, id: &str, f: impl FnOnce(&CacheEntry) -> R) -> Option<R> {
+        let key = self.key(ty, id);
+        let shard = self.shard(key.hash).read();
+        shard.get(&key as &dyn KeyView).map(|e| f(e))
     }
 
     /// Stores `snapshot` (or, with `clear`, removes the snapshot of its eid). Returns what
     /// changed, or None when the message is not cacheable or nothing was there to clear.
-    pub(crate) fn update(
+    pub(crate) fn update<'s>(
         &self,
-        snapshot: &Arc<Message>,
+        snapshot: &'s Arc<Message>,
         clear: bool,
         original: &Arc<Topic>,
-    ) -> Option<Change> {
+    ) -> Option<Change<'s>> {
         let eid = *snapshot.eid()?; // aggregates (no eid) are never cached
         let id = self.id_of(snapshot)?;
         let ty = snapshot.message_type();
-        let key = key_for(ty, &id);
+        let key = self.key(ty, &id);
         let local = eid == Eid::default_eid();
+        let new = (!clear).then(|| Arc::clone(snapshot));
+        let mut removed = None;
         let (old, entry) = {
-            let mut shard = self.shard(&key).write();
-            let current = shard.get(&key).cloned();
-            let base = current.as_deref();
-            let old = base.and_then(|e| e.snapshot_of(&eid, local)).cloned();
-            if clear && old.is_none() {
-                return None;
+            let mut shard = self.shard(key.hash).write();
+            match shard.get_mut(&key as &dyn KeyView) {
+                Some(slot) => {
+                    if clear && slot.snapshot_of(&eid, local).is_none() {
+                        return None;
+                    }
+                    // In place unless shared (see the module comment). `old` keeps the
+                    // replaced snapshot alive, so nothing is freed under the lock.
+                    let old = Arc::make_mut(slot).replace(&eid, local, new.clone());
+                    let entry = self.calc.is_some().then(|| Arc::clone(slot));
+                    if slot.is_empty() && self.calc.is_none() {
+                        removed = shard.remove(&key as &dyn KeyView);
+                    }
+                    (old, entry)
+                }
+                None => {
+                    let new = new.clone()?; // nothing to clear
+                    let entry = Arc::new(CacheEntry::new(&eid, local, new));
+                    let stored = Key {
+                        hash: key.hash,
+                        type_id: key.type_id,
+                        id: id.as_str().into(),
+                    };
+                    shard.insert(stored, Arc::clone(&entry));
+                    (None, self.calc.is_some().then_some(entry))
+                }
             }
-            let empty = CacheEntry::empty();
-            let new_entry =
-                base.unwrap_or(&empty)
-                    .with(&eid, local, (!clear).then(|| Arc::clone(snapshot)));
-            let new_entry = Arc::new(new_entry);
-            if new_entry.is_empty() && self.calc.is_none() {
-                shard.remove(&key);
-            } else {
-                shard.insert(key.clone(), Arc::clone(&new_entry));
-            }
-            (old, new_entry)
         };
-        let aggregate = self.calc.as_ref().and_then(|calc| {
-            self.recompute_aggregate(calc, &key, entry, (!clear).then_some(snapshot))
-        });
-        if let (Some((_, Some(agg))), Some(publish)) = (&aggregate, &self.publish) {
-            publish(original, agg);
-        } else if let (Some((_, Some(agg))), None) = (&aggregate, &self.publish) {
-            original.publish(agg);
+        drop(removed); // outside the lock: may free the last snapshot of a cleared entry
+        let aggregate = match (&self.calc, entry) {
+            (Some(calc), Some(entry)) => {
+                self.recompute_aggregate(calc, &key, entry, (!clear).then_some(snapshot))
+            }
+            _ => None,
+        };
+        if let Some((_, Some(agg))) = &aggregate {
+            match &self.publish {
+                Some(publish) => publish(original, agg),
+                None => {
+                    original.publish(agg);
+                }
+            }
         }
         Some(Change {
-            snapshot_type: Arc::clone(ty),
+            snapshot_type: ty,
             old,
-            new: (!clear).then(|| Arc::clone(snapshot)),
+            new,
             aggregate,
         })
     }
@@ -235,7 +420,7 @@ impl Cache {
     fn recompute_aggregate(
         &self,
         calc: &CalcFn,
-        key: &Key,
+        key: &KeyRef<'_>,
         mut entry: Arc<CacheEntry>,
         new_snapshot: Option<&Arc<Message>>,
     ) -> Option<AggregateChange> {
@@ -247,54 +432,67 @@ impl Cache {
                 (None, None) => true,
                 _ => false,
             };
-            let mut shard = self.shard(key).write();
-            let current = shard.get(key).cloned();
-            let same = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &entry));
-            if !same {
-                // Changed while calc ran: recompute on the newer entry (if any is left).
+            let mut shard = self.shard(key.hash).write();
+            let Some(slot) = shard.get_mut(key as &dyn KeyView) else {
+                // Cleared and removed while calc ran: nothing to install.
                 drop(shard);
-                entry = current?;
+                return None;
+            };
+            if !Arc::ptr_eq(slot, &entry) {
+                // Changed while calc ran: recompute on the newer entry. (A shared entry is
+                // never changed in place, so pointer equality means "unchanged".)
+                let newer = Arc::clone(slot);
+                drop(shard);
+                entry = newer;
                 continue;
             }
             if unchanged {
-                if entry.is_empty() && entry.aggregate.is_none() {
-                    shard.remove(key);
+                // `entry` still holds what is removed: nothing is freed under the lock.
+                if entry.is_vacant() {
+                    shard.remove(key as &dyn KeyView);
                 }
+                drop(shard);
                 return None;
             }
-            let next = CacheEntry {
-                magic: ENTRY_MAGIC,
-                local: entry.local.clone(),
-                remote: entry.remote.clone(),
-                aggregate: new_agg.clone(),
-            };
-            if next.is_empty() && next.aggregate.is_none() {
-                shard.remove(key);
-            } else {
-                shard.insert(key.clone(), Arc::new(next));
-            }
+            // Let go of our copy first, so the aggregate is set in place when no one else
+            // holds the entry. `old_agg` keeps the replaced aggregate alive.
+            drop(entry);
+            let e = Arc::make_mut(slot);
+            e.aggregate = new_agg.clone();
+            let removed = e.is_vacant().then(|| shard.remove(key as &dyn KeyView));
+            drop(shard);
+            drop(removed);
             return Some((old_agg, new_agg));
         }
     }
 
     /// Removes the snapshot of `eid` for (type, id) without publishing anything.
     pub(crate) fn remove(&self, ty: &MessageType, id: &str, eid: &Eid) {
-        let key = key_for(ty, id);
-        let mut shard = self.shard(&key).write();
-        let Some(current) = shard.get(&key).cloned() else {
-            return;
+        let key = self.key(ty, id);
+        let local = *eid == Eid::default_eid();
+        let mut removed = None;
+        let old = {
+            let mut shard = self.shard(key.hash).write();
+            let Some(slot) = shard.get_mut(&key as &dyn KeyView) else {
+                return;
+            };
+            if slot.snapshot_of(eid, local).is_none() {
+                return;
+            }
+            let old = Arc::make_mut(slot).replace(eid, local, None);
+            if slot.is_vacant() {
+                removed = shard.remove(&key as &dyn KeyView);
+            }
+            old
         };
-        let next = current.with(eid, *eid == Eid::default_eid(), None);
-        if next.is_empty() && next.aggregate.is_none() {
-            shard.remove(&key);
-        } else {
-            shard.insert(key, Arc::new(next));
-        }
+        // Outside the lock: dropping the last reference runs the message's destructor.
+        drop(removed);
+        drop(old);
     }
 
     /// The local snapshot (default eid) of (type, id).
     pub fn get(&self, ty: &MessageType, id: &str) -> Option<Arc<Message>> {
-        self.entry(&key_for(ty, id))?.local.clone()
+        self.read(ty, id, |e| e.local.clone()).flatten()
     }
 
     /// The snapshot of one eid, or the aggregate when `eid` is None.
@@ -304,40 +502,45 @@ impl Cache {
         id: &str,
         eid: Option<&Eid>,
     ) -> Option<Arc<Message>> {
-        let entry = self.entry(&key_for(ty, id))?;
-        match eid {
-            None => entry.aggregate.clone(),
-            Some(e) => entry.snapshot_of(e, *e == Eid::default_eid()).cloned(),
-        }
+        let local = eid.is_some_and(|e| *e == Eid::default_eid());
+        self.read(ty, id, |e| match eid {
+            None => e.aggregate.clone(),
+            Some(eid) => e.snapshot_of(eid, local).cloned(),
+        })
+        .flatten()
     }
 
     /// Every snapshot (local and remote) of (type, id).
     pub fn get_all(&self, ty: &MessageType, id: &str) -> Vec<Arc<Message>> {
-        self.entry(&key_for(ty, id))
-            .map(|e| e.all().cloned().collect())
+        self.read(ty, id, |e| e.all().cloned().collect())
             .unwrap_or_default()
     }
 
-    /// A point-in-time copy: every shard's read lock is held while the entries are
+    /// A point-in-time copy: every shard's read lock is held while the messages are
     /// copied out (a put changes one shard under its write lock, so no put is half-seen
-    /// and none is seen out of order), then `pick` runs with no lock held.
+    /// and none is seen out of order). `pick` only clones, so no user code runs under the
+    /// locks.
     fn collect(
         &self,
         ty: Option<&MessageType>,
         mut pick: impl FnMut(&CacheEntry, &mut Vec<Arc<Message>>),
     ) -> Vec<Arc<Message>> {
-        let entries: Vec<Arc<CacheEntry>> = {
-            let guards: Vec<_> = self.shards.iter().map(|s| s.read()).collect();
+        // Size the result first, without holding every lock at once: a large allocation
+        // can be slow (malloc may consolidate its free lists), and writers wait meanwhile.
+        let guess: usize = self.shards.iter().map(|s| s.0.read().len()).sum();
+        let mut out = Vec::with_capacity(guess);
+        let guards: Vec<_> = self.shards.iter().map(|s| s.0.read()).collect();
+        out.reserve(
             guards
                 .iter()
-                .flat_map(|g| g.iter())
-                .filter(|(k, _)| ty.is_none_or(|t| t.id() == k.type_id))
-                .map(|(_, e)| Arc::clone(e))
-                .collect()
-        };
-        let mut out = Vec::with_capacity(entries.len());
-        for e in &entries {
-            pick(e, &mut out);
+                .map(|g| g.len())
+                .sum::<usize>()
+                .saturating_sub(guess),
+        );
+        for (k, e) in guards.iter().flat_map(|g| g.iter()) {
+            if ty.is_none_or(|t| t.id() == k.type_id) {
+                pick(e, &mut out);
+            }
         }
         out
     }
@@ -367,5 +570,145 @@ impl Cache {
 impl Drop for Cache {
     fn drop(&mut self) {
         self.magic = DEAD_MAGIC;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_depends_on_every_part_of_the_key() {
+        let ids = [
+            "",
+            "a",
+            "b",
+            "ab",
+            "ba",
+            "abc",
+            "abcd",
+            "abcde",
+            "abcdefgh",
+            "abcdefghi",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for id in ids {
+            for ty in [0, 1] {
+                assert!(
+                    seen.insert(hash_key(7, ty, id)),
+                    "collision on ({ty}, {id:?})"
+                );
+            }
+        }
+        assert_ne!(hash_key(1, 0, "x"), hash_key(2, 0, "x"), "the seed matters");
+        // Long ids: a change in any byte, including the overlapped tail, shows.
+        let base = "0123456789abcdefXYZ";
+        for i in 0..base.len() {
+            let mut b = base.as_bytes().to_vec();
+            b[i] ^= 1;
+            let other = String::from_utf8(b).unwrap();
+            assert_ne!(hash_key(3, 0, base), hash_key(3, 0, &other), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn lookups_by_borrowed_key_find_stored_keys() {
+        let mut map = Map::default();
+        let k = |id: &str| Key {
+            hash: hash_key(9, 1, id),
+            type_id: 1,
+            id: id.into(),
+        };
+        let snap = Message::with_value(crate::caching_topic::update_type(), 1u8);
+        let entry = CacheEntry::new(&Eid::default_eid(), true, snap);
+        map.insert(k("x"), Arc::new(entry));
+        let found = |ty: u32, id: &str| {
+            let r = KeyRef {
+                hash: hash_key(9, ty, id),
+                type_id: ty,
+                id,
+            };
+            map.contains_key(&r as &dyn KeyView)
+        };
+        assert!(found(1, "x"));
+        assert!(!found(2, "x"));
+        assert!(!found(1, "y"));
+    }
+
+    #[test]
+    fn remote_snapshots_stay_sorted_and_unique() {
+        let ty = crate::caching_topic::update_type();
+        let eid = |n: u8| Eid {
+            bytes: [0, 0, 0, 0, 0, n],
+        };
+        let snap = |n: u8| {
+            let bytes = crate::message::Payload::Bytes(Box::new([]));
+            Message::with_eid(ty, bytes, Some(eid(n)))
+        };
+        let mut e = CacheEntry::new(&eid(5), false, snap(5));
+        for n in [3, 9, 5, 1] {
+            e.replace(&eid(n), false, Some(snap(n)));
+        }
+        let eids: Vec<_> = e.remote.iter().map(|m| *m.eid().unwrap()).collect();
+        assert_eq!(eids, [1, 3, 5, 9].map(eid));
+        assert!(e.replace(&eid(3), false, None).is_some());
+        assert!(e.replace(&eid(3), false, None).is_none());
+        assert_eq!(e.remote_count(), 3);
+    }
+
+    #[test]
+    fn an_entry_someone_holds_is_copied_not_changed() {
+        let ty = MessageType::builtin("test/cache/cow");
+        let topic = Topic::create("test/cache/cow").unwrap();
+        let cache = Cache::new(Box::new(|_| Some("x".to_string())));
+        let snap = |v: u8| {
+            let bytes = crate::message::Payload::Bytes(Box::new([v]));
+            Message::with_eid(&ty, bytes, Some(Eid::default_eid()))
+        };
+        let (m1, m2) = (snap(1), snap(2));
+        assert!(cache.update(&m1, false, &topic).unwrap().old.is_none());
+        // Hold the entry, as a calc function or a dump would.
+        let key = cache.key(&ty, "x");
+        let held = Arc::clone(
+            cache
+                .shard(key.hash)
+                .read()
+                .get(&key as &dyn KeyView)
+                .unwrap(),
+        );
+        let change = cache.update(&m2, false, &topic).unwrap();
+        assert!(Arc::ptr_eq(change.old.as_ref().unwrap(), &m1));
+        assert!(
+            Arc::ptr_eq(held.local().unwrap(), &m1),
+            "the held entry did not change"
+        );
+        assert!(Arc::ptr_eq(&cache.get(&ty, "x").unwrap(), &m2));
+        // Nobody holds it now: updated in place, same allocation.
+        drop(held);
+        let before = Arc::as_ptr(
+            cache
+                .shard(key.hash)
+                .read()
+                .get(&key as &dyn KeyView)
+                .unwrap(),
+        );
+        cache.update(&m1, false, &topic);
+        let after = Arc::as_ptr(
+            cache
+                .shard(key.hash)
+                .read()
+                .get(&key as &dyn KeyView)
+                .unwrap(),
+        );
+        assert_eq!(before, after);
+        assert!(Arc::ptr_eq(&cache.get(&ty, "x").unwrap(), &m1));
+        // A clear of the last snapshot removes the entry.
+        assert!(cache.update(&m1, true, &topic).is_some());
+        assert!(cache.get(&ty, "x").is_none());
+        assert!(
+            cache.update(&m1, true, &topic).is_none(),
+            "nothing left to clear"
+        );
+        assert!(cache.dump(None).is_empty());
     }
 }

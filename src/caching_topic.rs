@@ -8,6 +8,7 @@ use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::subscription::{change_type, Subscription, SubscriptionChange};
 use crate::topic::Topic;
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, LazyLock};
 
 pub(crate) const CACHING_TOPIC_MAGIC: u32 = 0x5342_4354; // "SBCT"
@@ -38,7 +39,10 @@ pub struct UpdateView {
 #[repr(C)]
 pub struct CacheUpdate {
     view: UpdateView,
-    snapshot_type: Arc<MessageType>,
+    /// Not counted, like a message's own type: types live as long as the process (see
+    /// `message_type`), and a count bumped here by the publisher and dropped by the
+    /// subscriber's thread would bounce a shared cache line on every update.
+    snapshot_type: ManuallyDrop<Arc<MessageType>>,
     old: Option<Arc<Message>>,
     new: Option<Arc<Message>>,
 }
@@ -64,7 +68,10 @@ impl CacheUpdate {
                 old_snapshot: opt_ptr(&old),
                 new_snapshot: opt_ptr(&new),
             },
-            snapshot_type: Arc::clone(snapshot_type),
+            // SAFETY: the type registry holds a reference to every type forever, so this
+            // uncounted Arc stays valid for the update's life; ManuallyDrop keeps it from
+            // ever being released.
+            snapshot_type: ManuallyDrop::new(unsafe { Arc::from_raw(Arc::as_ptr(snapshot_type)) }),
             old,
             new,
         };
@@ -143,16 +150,16 @@ impl Drop for CachingTopic {
     }
 }
 
-fn publish_change(topic: &Topic, change: Change) {
+fn publish_change(topic: &Topic, change: Change<'_>) {
     if change.old.is_some() || change.new.is_some() {
         topic.publish(&CacheUpdate::message(
-            &change.snapshot_type,
+            change.snapshot_type,
             change.old,
             change.new,
         ));
     }
     if let Some((old, new)) = change.aggregate {
-        topic.publish(&CacheUpdate::message(&change.snapshot_type, old, new));
+        topic.publish(&CacheUpdate::message(change.snapshot_type, old, new));
     }
 }
 
