@@ -20,7 +20,7 @@ use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::topic::Topic;
 use parking_lot::RwLock;
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
@@ -29,8 +29,10 @@ use std::sync::Arc;
 pub(crate) const CACHE_MAGIC: u32 = 0x5342_4341; // "SBCA"
 pub(crate) const ENTRY_MAGIC: u32 = 0x5342_4345; // "SBCE"
 
-/// Extracts an object's id from a snapshot; None: not cacheable.
-pub type IdFn = Box<dyn Fn(&Arc<Message>) -> Option<String> + Send + Sync>;
+/// Extracts an object's id from a snapshot; None: not cacheable. The id may borrow from
+/// the snapshot (the C id function's string usually points into the message's data): it
+/// is used only during the call, and copied only when a new object is cached.
+pub type IdFn = Box<dyn for<'m> Fn(&'m Arc<Message>) -> Option<Cow<'m, str>> + Send + Sync>;
 /// Computes the aggregate of an entry after a change (`new_snapshot` None on a clear).
 /// Returning the entry's current aggregate means "unchanged"; None means "no aggregate".
 pub type CalcFn =
@@ -337,7 +339,7 @@ impl Cache {
         &self.shards[(hash >> SHARD_SHIFT) as usize & (SHARDS - 1)].0
     }
 
-    pub(crate) fn id_of(&self, msg: &Arc<Message>) -> Option<String> {
+    pub(crate) fn id_of<'m>(&self, msg: &'m Arc<Message>) -> Option<Cow<'m, str>> {
         (self.id_fn)(msg)
     }
 
@@ -386,7 +388,7 @@ impl Cache {
                     let stored = Key {
                         hash: key.hash,
                         type_id: key.type_id,
-                        id: id.as_str().into(),
+                        id: (&*id).into(),
                     };
                     shard.insert(stored, Arc::clone(&entry));
                     (None, self.calc.is_some().then_some(entry))
@@ -660,7 +662,7 @@ mod tests {
     fn an_entry_someone_holds_is_copied_not_changed() {
         let ty = MessageType::builtin("test/cache/cow");
         let topic = Topic::create("test/cache/cow").unwrap();
-        let cache = Cache::new(Box::new(|_| Some("x".to_string())));
+        let cache = Cache::new(Box::new(|_| Some("x".into())));
         let snap = |v: u8| {
             let bytes = crate::message::Payload::Bytes(Box::new([v]));
             Message::with_eid(&ty, bytes, Some(Eid::default_eid()))

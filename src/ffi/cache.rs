@@ -129,8 +129,10 @@ fn make_cache(
     let id: IdFn = Box::new(move |msg: &Arc<Message>| {
         // SAFETY: the cache's id function, called with a live message.
         let p = unsafe { id_fn(sb_message::as_ptr(msg)) };
-        // SAFETY: NULL or a NUL-terminated string valid for this call.
-        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        // SAFETY: NULL or a NUL-terminated string borrowed from the message (header:
+        // "borrowed, e.g. from the message's data"). The cache reads it only during the
+        // call that asked for it and copies it to keep it.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy())
     });
     let calc: Option<CalcFn> = calc.map(|f| {
         Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
