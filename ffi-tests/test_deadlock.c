@@ -40,6 +40,7 @@ struct side {
     atomic_int in_cb, overlaps, pongs, entered, acted;
     int rc;          /* result of the action */
     int other_done;  /* A_JOIN: the other subscription was done when the join returned */
+    int error_says_deadlock; /* a refused wait's sb_last_error() mentions the deadlock */
 };
 
 static enum action action;
@@ -74,6 +75,8 @@ static void cb(void *data, sb_subscription *sub, sb_message *msg) {
             break;
         case A_PUBLISH_SYNC:
             me->rc = sb_publish_sync(o->sub, m);
+            if (me->rc == SB_E_DEADLOCK)
+                me->error_says_deadlock = tu_contains_ci(sb_last_error(), "deadlock");
             break;
         case A_JOIN: {
             sb_subscription *keep = sb_subscription_ref(o->sub);
@@ -145,6 +148,7 @@ static void run(const char *what, enum action a, subscribe_fn subscribe) {
         int completed = (s1.rc == 1) + (s2.rc == 1);
         CHECK_EQ_INT(refused, 1);
         CHECK_EQ_INT(completed, 1);
+        CHECK_EQ_INT(s1.error_says_deadlock + s2.error_says_deadlock, 1);
         WAIT_UNTIL(atomic_load(&s1.pongs) == 1 && atomic_load(&s2.pongs) == 1);
         break;
     }
@@ -180,23 +184,36 @@ static void run(const char *what, enum action a, subscribe_fn subscribe) {
 /* ---- two synchronous subscriptions on one topic publish_sync to themselves ---- */
 
 static sb_topic *shared_topic;
-static atomic_int self_entered, self_refused, self_other_rc_bad;
+static atomic_int self_inside, self_refused, self_other_rc_bad, self_crossed;
 
+/* data: 0 for the first subscription (a), 1 for the second (b). Both publishers reach a
+ * first, so they cross like this: thread X runs a (and moves on), then waits in b until
+ * thread Y is inside a; then both publish_sync to their own subscription, each reaching
+ * the other one's subscription, which the other thread is running. */
 static void self_cb(void *data, sb_subscription *sub, sb_message *msg) {
-    (void)data;
+    int second = data != NULL;
     if (sb_message_get_type(msg) != ping)
         return;
-    atomic_fetch_add(&self_entered, 1);
-    double end = tu_now_s() + 5.0;
-    while (atomic_load(&self_entered) < 2 && tu_now_s() < end)
-        tu_sleep_us(100);
-    sb_message *m = sb_message_create_bytes(pong, "pong", 5);
-    int rc = sb_publish_sync(sub, m); /* own callback: refused, never a hang */
-    if (rc == SB_E_DEADLOCK)
-        atomic_fetch_add(&self_refused, 1);
-    else
-        atomic_fetch_add(&self_other_rc_bad, 1);
-    sb_message_unref(m);
+    int inside = atomic_fetch_add(&self_inside, 1) + 1;
+    if (second && atomic_load(&self_crossed) == 0) { /* the first ping only */
+        double end = tu_now_s() + 5.0;
+        while (atomic_load(&self_inside) < 2 && tu_now_s() < end)
+            tu_sleep_us(100);
+    }
+    if (second || inside == 2) {
+        if (atomic_load(&self_inside) == 2)
+            atomic_fetch_add(&self_crossed, 1);
+        sb_message *m = sb_message_create_bytes(pong, "pong", 5);
+        int rc = sb_publish_sync(sub, m); /* own callback: refused, never a hang */
+        if (rc == SB_E_DEADLOCK)
+            atomic_fetch_add(&self_refused, 1);
+        else
+            atomic_fetch_add(&self_other_rc_bad, 1);
+        sb_message_unref(m);
+        if (!second)
+            tu_sleep_ms(20); /* stay inside a while b's publish reaches a */
+    }
+    atomic_fetch_sub(&self_inside, 1);
 }
 
 static void *publish_shared(void *arg) {
@@ -212,13 +229,14 @@ static void self_sync(void) {
     /* each subscription's callback runs on the thread of whichever publish reaches it
      * first; ping A and ping B cross on the two subscriptions */
     sb_subscription *a = sb_subscribe_synchronous(shared_topic, self_cb, NULL);
-    sb_subscription *b = sb_subscribe_synchronous(shared_topic, self_cb, NULL);
+    sb_subscription *b = sb_subscribe_synchronous(shared_topic, self_cb, (void *)1);
     pthread_t x, y;
     pthread_create(&x, NULL, publish_shared, NULL);
     pthread_create(&y, NULL, publish_shared, NULL);
     pthread_join(x, NULL);
     pthread_join(y, NULL);
     CHECK(atomic_load(&self_refused) >= 2);
+    CHECK(atomic_load(&self_crossed) >= 1); /* the two threads were inside at once */
     CHECK_EQ_INT(atomic_load(&self_other_rc_bad), 0);
     sb_unsubscribe_and_join(a);
     sb_unsubscribe_and_join(b);
@@ -291,7 +309,9 @@ int main(void) {
         run("dedicated callbacks publish_sync to each other", A_PUBLISH_SYNC, sb_subscribe);
         run("pool callbacks joining each other", A_JOIN, sb_subscribe_pool);
         run("dedicated callbacks blocked on each other's full queue", A_BLOCK, sb_subscribe);
-        atomic_store(&self_entered, 0);
+        atomic_store(&self_inside, 0);
+        atomic_store(&self_refused, 0);
+        atomic_store(&self_crossed, 0);
         self_sync();
         caching_cross();
     }

@@ -30,8 +30,8 @@
 //!    never on the run queue twice and is `Scheduled` whenever a worker pops it; no
 //!    wake-up is lost: at the end nothing is queued and the state is `Idle`.
 //! 2. `loom_final_dedicated`, `loom_final_pool`: the final (unsubscribe) item and join.
-//!    A producer races the final push; a dedicated thread (`park_until_queued` +
-//!    `take_batch`) or a pool worker delivers; the main thread joins (peek at the
+//!    A producer races the final push; a dedicated thread (`park_and_take` +
+//!    `finish_and_take`) or a pool worker delivers; the main thread joins (peek at the
 //!    lock-free `is_done`, then `wait_until(done)`). The final item is delivered once
 //!    and last; every push that returned `Queued` is delivered before it, none that
 //!    returned `Closed` ever is, and a push after the final one is `Closed`; join
@@ -224,8 +224,8 @@ impl Sub {
     fn dedicated_thread(&self, limit: usize) {
         let me = thread_token();
         loop {
-            self.mb.park_until_queued();
-            while let Some(mut batch) = self.mb.take_batch(me, Kind::Dedicated) {
+            let mut next = self.mb.park_and_take(me, Kind::Dedicated);
+            while let Some(mut batch) = next {
                 let regular = batch
                     .iter()
                     .filter(|i| !i.last && value(i) != SUBSCRIBE)
@@ -235,10 +235,13 @@ impl Sub {
                     "a batch of {regular} over a limit of {limit}"
                 );
                 let (n, last) = self.deliver(&mut batch, &|_| {});
-                self.mb.finish_batch(batch, n, last);
                 if last {
+                    self.mb.finish_batch(batch, n, true);
                     return;
                 }
+                next = self
+                    .mb
+                    .finish_and_take(batch, n, false, me, Kind::Dedicated);
             }
         }
     }
@@ -401,17 +404,20 @@ impl Pool {
 
 /// `Subscription::run_pool_turn`. Returns (reschedule, delivered the final item).
 fn run_pool_turn(sub: &Sub, me: ThreadToken, max_batches: usize) -> (bool, bool) {
-    for _ in 0..max_batches {
-        match sub.mb.take_batch(me, Kind::Pool) {
-            None => return (false, false),
-            Some(mut batch) => {
-                let (n, last) = sub.deliver(&mut batch, &|_| {});
-                sub.mb.finish_batch(batch, n, last);
-                if last {
-                    return (false, true);
-                }
+    let mut next = sub.mb.take_batch(me, Kind::Pool);
+    for turn in 1..=max_batches {
+        let Some(mut batch) = next else {
+            return (false, false);
+        };
+        let (n, last) = sub.deliver(&mut batch, &|_| {});
+        if last || turn == max_batches {
+            sub.mb.finish_batch(batch, n, last);
+            if last {
+                return (false, true);
             }
+            break;
         }
+        next = sub.mb.finish_and_take(batch, n, false, me, Kind::Pool);
     }
     sub.mb.reschedule();
     (true, false)
@@ -642,7 +648,8 @@ fn loom_unsubscribe_vs_publish() {
 /// None`, on any).
 fn run_until_idle_in(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), in_callback: bool) {
     loop {
-        while let Some(mut batch) = sub.mb.take_batch(me, Kind::Synchronous) {
+        let mut next = sub.mb.take_batch(me, Kind::Synchronous);
+        while let Some(mut batch) = next {
             for it in &batch {
                 assert!(
                     it.from.is_none_or(|t| t == thread_token()),
@@ -651,7 +658,9 @@ fn run_until_idle_in(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), in_call
                 );
             }
             let (n, last) = sub.deliver(&mut batch, nested);
-            sub.mb.finish_batch(batch, n, last);
+            next = sub
+                .mb
+                .finish_and_take(batch, n, last, me, Kind::Synchronous);
         }
         if !sub.mb.has_items_from(me) {
             return;
@@ -670,6 +679,23 @@ fn run_until_idle_in(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), in_call
 
 fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize)) {
     run_until_idle_in(sub, me, nested, false)
+}
+
+/// A callback's publish of `v` to its own (synchronous) subscription: always `Nested`,
+/// delivered by the running loop after the current callback.
+fn publish_nested(sub: &Sub, v: usize) {
+    let me = Some(thread_token());
+    let push = sub.mb.push(item(v, false, me), Kind::Synchronous, false);
+    assert!(
+        matches!(
+            push,
+            Push::Queued {
+                action: Action::Nested,
+                ..
+            }
+        ),
+        "a callback's publish to its own subscription is Nested"
+    );
 }
 
 /// One synchronous publish of `v` (`Subscription::offer`, synchronous kind); `last`:
@@ -717,18 +743,7 @@ fn loom_synchronous_handoff() {
             thread::spawn(move || {
                 let nested = |v: usize| {
                     if v == 1 {
-                        let me = Some(thread_token());
-                        let push = sub.mb.push(item(3, false, me), Kind::Synchronous, false);
-                        assert!(
-                            matches!(
-                                push,
-                                Push::Queued {
-                                    action: Action::Nested,
-                                    ..
-                                }
-                            ),
-                            "a callback's publish to its own subscription is Nested"
-                        );
+                        publish_nested(&sub, 3);
                     }
                 };
                 assert!(sync_publish(&sub, 1, false, &nested));
@@ -832,18 +847,7 @@ fn loom_synchronous_deferred() {
             let sub = Arc::clone(&sub);
             move |v: usize| {
                 if v == 10 {
-                    let me = Some(thread_token());
-                    let push = sub.mb.push(item(11, false, me), Kind::Synchronous, false);
-                    assert!(
-                        matches!(
-                            push,
-                            Push::Queued {
-                                action: Action::Nested,
-                                ..
-                            }
-                        ),
-                        "a callback's publish to its own subscription is Nested"
-                    );
+                    publish_nested(&sub, 11);
                 }
             }
         };
@@ -919,7 +923,9 @@ fn loom_drop_oldest_accounting() {
     check("drop_oldest_accounting", 3, || {
         let sub = Sub::new();
         // As in the library, the first item is the Subscribe message: never evicted.
-        let first = sub.mb.push(item(SUBSCRIBE, false, None), Kind::Dedicated, false);
+        let first = sub
+            .mb
+            .push(item(SUBSCRIBE, false, None), Kind::Dedicated, false);
         assert!(matches!(first, Push::Queued { .. }));
         sub.mb.set_overflow(Overflow::DropOldest, 1);
 
@@ -943,7 +949,11 @@ fn loom_drop_oldest_accounting() {
         assert!(matches!(final_push, Push::Queued { .. }));
 
         let log = sub.log.get();
-        assert_eq!(log.first(), Some(&SUBSCRIBE), "the first item was evicted: {log:?}");
+        assert_eq!(
+            log.first(),
+            Some(&SUBSCRIBE),
+            "the first item was evicted: {log:?}"
+        );
         assert_eq!(log.last(), Some(&FINAL), "{log:?}");
         let all: Vec<(usize, u64)> = a.0.iter().chain(&b.0).copied().collect();
         for (seqs, waited, seen) in [&a, &b] {

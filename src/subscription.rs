@@ -277,18 +277,26 @@ impl Subscription {
         }
     }
 
+    /// Permission to block until this subscription makes progress (`waits`); a
+    /// `Deadlock` error saying `consequence` when the wait would close a cycle.
+    fn wait_permit(self: &Arc<Self>, consequence: &str) -> Result<waits::WaitPermit> {
+        waits::permit(self).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Deadlock,
+                format!(
+                    "subscription {}'s callback runs on a thread that waits for this one: {consequence}",
+                    self.uniqueid()
+                ),
+            )
+        })
+    }
+
     /// Blocks until the item numbered `seq` has been handled (or the subscription is done).
     /// Fails with `Deadlock` when the wait would close a cycle of waits (`waits`).
     pub(crate) fn wait_handled(self: &Arc<Self>, seq: u64) -> Result<()> {
-        let Some(_permit) = waits::permit(self) else {
-            return Err(Error::new(
-                ErrorKind::Deadlock,
-                format!(
-                    "publish_sync cannot wait for subscription {}: its callback runs on a thread that waits for this one; the message is delivered when that callback returns",
-                    self.uniqueid()
-                ),
-            ));
-        };
+        let _permit = self.wait_permit(
+            "waiting in publish_sync would deadlock; the message is delivered when that callback returns",
+        )?;
         pool::blocking(|| self.mailbox.wait_until(|st| st.handled() >= seq || st.done));
         Ok(())
     }
@@ -327,9 +335,10 @@ impl Subscription {
     /// message was delivered.
     fn run_until_idle(self: &Arc<Self>, me: ThreadToken) {
         loop {
-            while let Some(mut batch) = self.mailbox.take_batch(me, self.kind) {
+            let mut next = self.mailbox.take_batch(me, self.kind);
+            while let Some(mut batch) = next {
                 let (n, last) = self.deliver(&mut batch);
-                self.mailbox.finish_batch(batch, n, last);
+                next = self.mailbox.finish_and_take(batch, n, last, me, self.kind);
             }
             // Synchronous kind: the run may have been handed to another publisher while
             // items of ours (published from our own callbacks) wait behind theirs. They
@@ -354,17 +363,20 @@ impl Subscription {
     /// A pool worker's turn: at most `max_batches` batches. Returns true when work is
     /// left and the subscription must go back on the pool's queue.
     pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> bool {
-        for _ in 0..max_batches {
-            match self.mailbox.take_batch(me, self.kind) {
-                None => return false,
-                Some(mut batch) => {
-                    let (n, last) = self.deliver(&mut batch);
-                    self.mailbox.finish_batch(batch, n, last);
-                    if last {
-                        return false;
-                    }
+        let mut next = self.mailbox.take_batch(me, self.kind);
+        for turn in 1..=max_batches {
+            let Some(mut batch) = next else {
+                return false;
+            };
+            let (n, last) = self.deliver(&mut batch);
+            if last || turn == max_batches {
+                self.mailbox.finish_batch(batch, n, last);
+                if last {
+                    return false;
                 }
+                break;
             }
+            next = self.mailbox.finish_and_take(batch, n, false, me, self.kind);
         }
         self.mailbox.reschedule();
         true
@@ -414,13 +426,14 @@ impl Subscription {
                 }
                 spins += 1;
             }
-            self.mailbox.park_until_queued();
-            while let Some(mut batch) = self.mailbox.take_batch(me, self.kind) {
+            let mut next = self.mailbox.park_and_take(me, self.kind);
+            while let Some(mut batch) = next {
                 let (n, last) = self.deliver(&mut batch);
-                self.mailbox.finish_batch(batch, n, last);
                 if last {
+                    self.mailbox.finish_batch(batch, n, true);
                     return;
                 }
+                next = self.mailbox.finish_and_take(batch, n, false, me, self.kind);
             }
         }
     }
@@ -465,15 +478,7 @@ impl Subscription {
                 thread::yield_now();
             }
         }
-        let Some(_permit) = waits::permit(self) else {
-            return Err(Error::new(
-                ErrorKind::Deadlock,
-                format!(
-                    "join of subscription {} would deadlock: its callback runs on a thread that waits for this one",
-                    self.uniqueid()
-                ),
-            ));
-        };
+        let _permit = self.wait_permit("a join would deadlock")?;
         pool::blocking(|| self.mailbox.wait_until(|st| st.done));
         Ok(())
     }
