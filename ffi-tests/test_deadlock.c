@@ -184,36 +184,45 @@ static void run(const char *what, enum action a, subscribe_fn subscribe) {
 /* ---- two synchronous subscriptions on one topic publish_sync to themselves ---- */
 
 static sb_topic *shared_topic;
-static atomic_int self_inside, self_refused, self_other_rc_bad, self_crossed;
+static atomic_int self_refused, self_other_rc_bad;
+static atomic_int in_b, crossed, published_a, published_b;
 
-/* data: 0 for the first subscription (a), 1 for the second (b). Both publishers reach a
- * first, so they cross like this: thread X runs a (and moves on), then waits in b until
- * thread Y is inside a; then both publish_sync to their own subscription, each reaching
- * the other one's subscription, which the other thread is running. */
+static void wait_flag(atomic_int *flag) {
+    double end = tu_now_s() + 5.0;
+    while (!atomic_load(flag) && tu_now_s() < end)
+        tu_sleep_us(100);
+}
+
+static void publish_sync_self(sb_subscription *sub) {
+    sb_message *m = sb_message_create_bytes(pong, "pong", 5);
+    int rc = sb_publish_sync(sub, m); /* own callback: refused, never a hang */
+    if (rc == SB_E_DEADLOCK)
+        atomic_fetch_add(&self_refused, 1);
+    else
+        atomic_fetch_add(&self_other_rc_bad, 1);
+    sb_message_unref(m);
+}
+
+/* data: NULL for the first subscription (a), non-NULL for the second (b). Both
+ * publishers reach a first, so they cross like this: thread X runs a (and moves on), then
+ * waits in b until thread Y is inside a; then each publish_syncs to its own subscription,
+ * which also reaches the other one, run by the other thread; each stays inside until the
+ * other has published. */
 static void self_cb(void *data, sb_subscription *sub, sb_message *msg) {
-    int second = data != NULL;
     if (sb_message_get_type(msg) != ping)
         return;
-    int inside = atomic_fetch_add(&self_inside, 1) + 1;
-    if (second && atomic_load(&self_crossed) == 0) { /* the first ping only */
-        double end = tu_now_s() + 5.0;
-        while (atomic_load(&self_inside) < 2 && tu_now_s() < end)
-            tu_sleep_us(100);
+    if (data != NULL) { /* b */
+        if (atomic_exchange(&in_b, 1) != 0)
+            return; /* the second ping: the crossing is over */
+        wait_flag(&crossed);
+        publish_sync_self(sub);
+        atomic_store(&published_b, 1);
+        wait_flag(&published_a);
+    } else if (atomic_load(&in_b) && !atomic_exchange(&crossed, 1)) { /* a, while X is in b */
+        publish_sync_self(sub);
+        atomic_store(&published_a, 1);
+        wait_flag(&published_b);
     }
-    if (second || inside == 2) {
-        if (atomic_load(&self_inside) == 2)
-            atomic_fetch_add(&self_crossed, 1);
-        sb_message *m = sb_message_create_bytes(pong, "pong", 5);
-        int rc = sb_publish_sync(sub, m); /* own callback: refused, never a hang */
-        if (rc == SB_E_DEADLOCK)
-            atomic_fetch_add(&self_refused, 1);
-        else
-            atomic_fetch_add(&self_other_rc_bad, 1);
-        sb_message_unref(m);
-        if (!second)
-            tu_sleep_ms(20); /* stay inside a while b's publish reaches a */
-    }
-    atomic_fetch_sub(&self_inside, 1);
 }
 
 static void *publish_shared(void *arg) {
@@ -235,8 +244,8 @@ static void self_sync(void) {
     pthread_create(&y, NULL, publish_shared, NULL);
     pthread_join(x, NULL);
     pthread_join(y, NULL);
-    CHECK(atomic_load(&self_refused) >= 2);
-    CHECK(atomic_load(&self_crossed) >= 1); /* the two threads were inside at once */
+    CHECK_EQ_INT(atomic_load(&crossed), 1); /* the two threads were inside at once */
+    CHECK_EQ_INT(atomic_load(&self_refused), 2);
     CHECK_EQ_INT(atomic_load(&self_other_rc_bad), 0);
     sb_unsubscribe_and_join(a);
     sb_unsubscribe_and_join(b);
@@ -309,9 +318,11 @@ int main(void) {
         run("dedicated callbacks publish_sync to each other", A_PUBLISH_SYNC, sb_subscribe);
         run("pool callbacks joining each other", A_JOIN, sb_subscribe_pool);
         run("dedicated callbacks blocked on each other's full queue", A_BLOCK, sb_subscribe);
-        atomic_store(&self_inside, 0);
         atomic_store(&self_refused, 0);
-        atomic_store(&self_crossed, 0);
+        atomic_store(&in_b, 0);
+        atomic_store(&crossed, 0);
+        atomic_store(&published_a, 0);
+        atomic_store(&published_b, 0);
         self_sync();
         caching_cross();
     }

@@ -529,13 +529,19 @@ impl Mailbox {
     }
 }
 
-/// Buffers up to this many items are freed when the mailbox goes idle: a hundred
-/// thousand idle subscriptions then hold no queue memory, while a busy one keeps its
-/// larger buffers (and allocates nothing at steady state).
+/// Buffers up to this many items are freed when the mailbox goes idle, until it has
+/// delivered `KEEP_BUFFERS_AFTER` messages: a hundred thousand subscriptions that saw a
+/// message or two (one per call, say) then hold no queue memory, while a busy one keeps
+/// its buffers and allocates nothing at steady state, even when its runner keeps up
+/// and every message makes it go idle (batches of one).
 const SMALL_BUFFER: usize = 16;
+const KEEP_BUFFERS_AFTER: u64 = 64;
 
 impl State {
     fn release_small_buffers(&mut self) {
+        if self.handled >= KEEP_BUFFERS_AFTER {
+            return;
+        }
         if self.queue.is_empty() && self.queue.capacity() <= SMALL_BUFFER {
             self.queue = VecDeque::new();
         }
