@@ -21,7 +21,7 @@
  * synchronous subscriptions plain and "-cached" topics unforwarded, the narrower mix).
  *
  * A watchdog thread fails the program ("FAIL watchdog ...", _exit(1)) when a worker (or
- * the teardown) makes no progress for 10 s (60 s under valgrind).
+ * the teardown, 30 s) makes no progress for 10 s (60 s and 180 s under valgrind).
  *
  * Checked on the way and at the end, for every subscription: no overlapping invocations;
  * its own Subscribe came first; its own Unsubscribe was its final message, once, and
@@ -477,10 +477,13 @@ static void *watchdog(void *arg)
             if (p != last[i] || atomic_load(&worker_done[i])) {
                 last[i] = p;
                 since[i] = now;
-            } else if (now - since[i] > stall) {
+            } else if (now - since[i] > (i < NWORKERS ? stall : 3 * stall)) {
+                /* the teardown's own bounded waits (WAIT_UNTIL) report what they waited
+                 * for before this fires */
                 printf("FAIL watchdog: %s %d made no progress for %.0f s (in %s; %ld ops "
                        "done); live subscriptions %d\n",
-                       i < NWORKERS ? "worker" : "teardown", i, stall,
+                       i < NWORKERS ? "worker" : "teardown", i,
+                       i < NWORKERS ? stall : 3 * stall,
                        i < NWORKERS ? op_names[atomic_load(&cur_op[i])] : "teardown",
                        p, nlive);
                 fflush(stdout);
@@ -1138,6 +1141,19 @@ int main(void)
     int nbad = 0, n = 0;
     for (tsub *ts = all_subs; ts != NULL; ts = ts->next) {
         if (ts->keep != NULL) {
+            /* say which one before the watchdog (same 10 s) cuts the wait short */
+            double until = tu_now_s() + 3.0;
+            while (!sb_subscription_is_done(ts->keep) && tu_now_s() < until)
+                tu_sleep_ms(1);
+            if (!sb_subscription_is_done(ts->keep)) {
+                printf("  not done after 3 s: %s, kind %d, behavior %s, subscribed %d, "
+                       "queued %zu, %d calls, %d own unsubscribe\n",
+                       sb_subscription_uniqueid(ts->keep), ts->kind, bnames[ts->behavior],
+                       sb_subscription_is_subscribed(ts->keep),
+                       sb_subscription_queue_length(ts->keep), atomic_load(&ts->count),
+                       atomic_load(&ts->own_unsubscribe));
+                fflush(stdout);
+            }
             WAIT_UNTIL(sb_subscription_is_done(ts->keep) == 1);
             sb_subscription_join(ts->keep);
         }
