@@ -662,7 +662,7 @@ fn run_until_idle_in(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), in_call
                 .mb
                 .finish_and_take(batch, n, last, me, Kind::Synchronous);
         }
-        if !sub.mb.has_items_from(me) {
+        if sub.mb.len() == 0 || !sub.mb.has_items_from(me) {
             return;
         }
         if in_callback {
