@@ -185,7 +185,7 @@ static void run(const char *what, enum action a, subscribe_fn subscribe) {
 
 static sb_topic *shared_topic;
 static atomic_int self_refused, self_other_rc_bad;
-static atomic_int in_b, crossed, published_a, published_b;
+static atomic_int a_entries, in_b, crossed, published_a, published_b;
 
 static void wait_flag(atomic_int *flag) {
     double end = tu_now_s() + 5.0;
@@ -218,7 +218,9 @@ static void self_cb(void *data, sb_subscription *sub, sb_message *msg) {
         publish_sync_self(sub);
         atomic_store(&published_b, 1);
         wait_flag(&published_a);
-    } else if (atomic_load(&in_b) && !atomic_exchange(&crossed, 1)) { /* a, while X is in b */
+    } else if (atomic_fetch_add(&a_entries, 1) == 1) { /* a, the second thread (Y) */
+        wait_flag(&in_b); /* X, done with a, is on its way into b */
+        atomic_store(&crossed, 1);
         publish_sync_self(sub);
         atomic_store(&published_a, 1);
         wait_flag(&published_b);
@@ -319,6 +321,7 @@ int main(void) {
         run("pool callbacks joining each other", A_JOIN, sb_subscribe_pool);
         run("dedicated callbacks blocked on each other's full queue", A_BLOCK, sb_subscribe);
         atomic_store(&self_refused, 0);
+        atomic_store(&a_entries, 0);
         atomic_store(&in_b, 0);
         atomic_store(&crossed, 0);
         atomic_store(&published_a, 0);
