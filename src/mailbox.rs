@@ -144,23 +144,30 @@ static DEFAULT_POLICY: Policy = Policy {
     evicted_pending: 0,
 };
 
+/// `repr(C)`: the fields written rarely come first, so that they (not the lock and the
+/// length, written per message) sit next to the subscription's read-mostly fields.
+#[repr(C)]
 pub(crate) struct Mailbox {
-    state: Mutex<State>,
     /// Wakes a parked dedicated thread.
     wake: Condvar,
     /// Wakes joiners and synchronous waiters when items are handled.
     progress: Condvar,
     /// Wakes publishers blocked on a full queue.
     room: Condvar,
-    /// Queue length, published for lock-free peeks (spin-before-park).
-    len: AtomicUsize,
     /// Mirror of `State::done`, for lock-free peeks (a joiner spins before it sleeps).
     done: AtomicUsize,
+    /// Queue length, published for lock-free peeks (spin-before-park).
+    len: AtomicUsize,
+    state: Mutex<State>,
 }
 
 pub(crate) const DEFAULT_HIGH_WATER: usize = 10_000;
 
 impl Mailbox {
+    /// Offset of the first field written on every push or batch.
+    #[cfg(not(loom))]
+    pub(crate) const FIRST_HOT_OFFSET: usize = std::mem::offset_of!(Mailbox, len);
+
     pub(crate) fn new() -> Mailbox {
         Mailbox {
             state: Mutex::new(State {

@@ -111,6 +111,11 @@ pub fn started_thread_count() -> usize {
     global().started.load(Ordering::SeqCst)
 }
 
+/// Subscriptions wait in the run queue for a worker.
+pub(crate) fn has_queued_work() -> bool {
+    !global().queue.is_empty()
+}
+
 /// Runs `f`, a blocking wait; on a pool worker, lets the pool replace this worker meanwhile.
 pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     if !IS_WORKER.with(Cell::get) {

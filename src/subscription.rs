@@ -26,30 +26,48 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::thread;
+use std::time::{Duration, Instant};
 
 pub(crate) const SUBSCRIPTION_MAGIC: u32 = 0x5342_5342; // "SBSB"
 
 /// A subscription's callback. It never runs concurrently with itself.
 pub type Callback = Box<dyn Fn(&Arc<Subscription>, &Arc<Message>) + Send + Sync>;
 
+/// Field order matters (`repr(C)`): publishers read the first group on every publish,
+/// while the mailbox at the end is written on every push and every batch. Between them
+/// sit fields touched only at subscribe/unsubscribe time, so that the read-mostly group
+/// never shares a cache line with the mailbox's written words (checked by the
+/// assertion below). Sharing one made every publish miss on the filter and
+/// the overflow flag.
 #[repr(C)]
 pub struct Subscription {
+    // Read on every publish, written rarely.
     magic: u32,
     kind: Kind,
+    subscribed: AtomicBool,
+    /// Mirrors `Overflow::Block`, so other policies skip the blocking bookkeeping.
+    blocking_overflow: AtomicBool,
     topic: Arc<Topic>,
+    callback: Callback,
+    pub(crate) filter: Filter,
+    /// Dedicated kind: the fork generation whose process runs this subscription's thread.
+    thread_generation: AtomicU64,
+    // Cold: the spacer.
     /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand.
     number: u64,
     uniqueid: OnceLock<CString>,
-    callback: Callback,
-    pub(crate) filter: Filter,
-    mailbox: Mailbox,
-    subscribed: AtomicBool,
     congestion_warnings: AtomicU64,
-    /// Mirrors `Overflow::Block`, so other policies skip the blocking bookkeeping.
-    blocking_overflow: AtomicBool,
-    /// Dedicated kind: the fork generation whose process runs this subscription's thread.
-    thread_generation: AtomicU64,
+    // Written on every push and batch (its own cold fields first).
+    mailbox: Mailbox,
 }
+
+/// The last read-mostly byte and the first byte the mailbox writes per message are at
+/// least a cache line apart, wherever the allocation starts.
+#[cfg(not(loom))]
+const _: () = assert!(
+    std::mem::offset_of!(Subscription, mailbox) + Mailbox::FIRST_HOT_OFFSET
+        >= std::mem::offset_of!(Subscription, thread_generation) + 8 + 63
+);
 
 thread_local! {
     /// Subscriptions whose callback this thread is running right now (innermost last):
@@ -85,6 +103,11 @@ fn is_running_here(sub: *const Subscription) -> bool {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A runner between two batches waits for this many queued messages...
+const COALESCE_BATCH: usize = 16;
+/// ...for at most this long (see `Subscription::coalesce`).
+const COALESCE_WAIT: Duration = Duration::from_micros(2);
 
 impl Subscription {
     /// Subscribes `callback` to `topic`. The callback's first message is the Subscribe
@@ -382,6 +405,10 @@ impl Subscription {
                 }
                 break;
             }
+            // A worker that waits for more messages must not keep others waiting.
+            if !pool::has_queued_work() {
+                self.coalesce();
+            }
             next = self.mailbox.finish_and_take(batch, n, false, me, self.kind);
         }
         self.mailbox.reschedule();
@@ -439,7 +466,32 @@ impl Subscription {
                     self.mailbox.finish_batch(batch, n, true);
                     return;
                 }
+                self.coalesce();
                 next = self.mailbox.finish_and_take(batch, n, false, me, self.kind);
+            }
+        }
+    }
+
+    /// Called between two batches of a runner. When messages arrived while the batch ran
+    /// but only a few, the publisher is streaming: give it a moment (at most
+    /// `COALESCE_WAIT`) to queue `COALESCE_BATCH` before taking the lock. A runner that
+    /// takes batches of one or two pulls the lock's cache line (and the queue's) away
+    /// from the publisher for every message; W1/W2 measured 10-15 % faster with this.
+    /// An empty queue returns at once, so an isolated message is never delayed; only the
+    /// followers of a burst can be, by at most `COALESCE_WAIT`.
+    fn coalesce(&self) {
+        let len = self.mailbox.len();
+        if len == 0 || len >= COALESCE_BATCH {
+            return;
+        }
+        let start = Instant::now();
+        loop {
+            for _ in 0..8 {
+                std::hint::spin_loop();
+            }
+            let len = self.mailbox.len();
+            if len == 0 || len >= COALESCE_BATCH || start.elapsed() >= COALESCE_WAIT {
+                return;
             }
         }
     }
