@@ -54,7 +54,9 @@ pub(crate) enum Action {
     Schedule,
     /// Wake the dedicated thread, which is parked.
     Wake,
-    /// Synchronous kind, idle: run the queue on this thread now.
+    /// Synchronous kind, idle: run on this thread now. The item comes back in
+    /// `Push::Queued::direct` (deliver it first, then `finish_and_take`), or, when it
+    /// had to queue behind others, is in the queue.
     RunHere,
     /// Synchronous kind, running on another thread: wait until the run is handed to
     /// this thread (its item reached the head of the queue), then run.
@@ -93,6 +95,10 @@ pub(crate) enum Push {
         action: Action,
         /// The queue just crossed its high-water mark.
         congested: Option<usize>,
+        /// `RunHere` on an idle synchronous mailbox: the item was not queued; the caller
+        /// delivers it as a batch of one it already took (no queue round trip, one lock
+        /// acquisition fewer per synchronous delivery).
+        direct: Option<Item>,
     },
 }
 
@@ -274,6 +280,20 @@ impl Mailbox {
                 self.room.notify_all();
             }
         }
+        if kind == Kind::Synchronous && st.run == RunState::Idle && st.queue.is_empty() {
+            // What `take_locked` would do with the item as the only one queued.
+            let me = me.unwrap_or_else(thread_token);
+            st.pushed += 1;
+            st.first_pending = false;
+            st.run = RunState::Running(me);
+            st.in_flight = 1;
+            return Push::Queued {
+                seq: st.pushed,
+                action: Action::RunHere,
+                congested: None,
+                direct: Some(item),
+            };
+        }
         st.queue.push_back(item);
         if st.pushed == 0 {
             st.first_pending = true;
@@ -323,6 +343,7 @@ impl Mailbox {
             seq,
             action,
             congested,
+            direct: None,
         }
     }
 

@@ -45,7 +45,8 @@
 //!    started is delivered before it; the subscriber left in the list gets everything.
 //! 4. `loom_synchronous_handoff`, `loom_synchronous_final`: the synchronous kind. Two
 //!    publishers push with their thread token and follow the action (`RunHere`: run
-//!    here; `WaitTurn`: wait for the hand-off, then run; `Nested`: a callback
+//!    here, starting with the item itself when the idle mailbox handed it back instead
+//!    of queueing it; `WaitTurn`: wait for the hand-off, then run; `Nested`: a callback
 //!    publishing to its own subscription). Every item is delivered on its publisher's
 //!    thread, callbacks never overlap, a publish returns only after its item and any
 //!    item its callbacks published were delivered, both publishers return, and the
@@ -646,9 +647,25 @@ fn loom_unsubscribe_vs_publish() {
 /// callback, which must not wait for another thread), hands those items to the runner.
 /// Checks that each item runs on its publisher's thread (a deferred one, `from ==
 /// None`, on any).
-fn run_until_idle_in(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), in_callback: bool) {
+/// `direct`: the item an idle mailbox handed back instead of queueing.
+fn run_until_idle_in(
+    sub: &Sub,
+    me: ThreadToken,
+    nested: &dyn Fn(usize),
+    in_callback: bool,
+    mut direct: Option<Item>,
+) {
     loop {
-        let mut next = sub.mb.take_batch(me, Kind::Synchronous);
+        let mut next = match direct.take() {
+            Some(it) => {
+                let mut one = VecDeque::from([it]);
+                let (n, last) = sub.deliver(&mut one, nested);
+                assert_eq!(n, 1);
+                sub.mb
+                    .finish_and_take(VecDeque::new(), n, last, me, Kind::Synchronous)
+            }
+            None => sub.mb.take_batch(me, Kind::Synchronous),
+        };
         while let Some(mut batch) = next {
             for it in &batch {
                 assert!(
@@ -677,8 +694,8 @@ fn run_until_idle_in(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), in_call
     }
 }
 
-fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize)) {
-    run_until_idle_in(sub, me, nested, false)
+fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), direct: Option<Item>) {
+    run_until_idle_in(sub, me, nested, false, direct)
 }
 
 /// A callback's publish of `v` to its own (synchronous) subscription: always `Nested`,
@@ -702,22 +719,26 @@ fn publish_nested(sub: &Sub, v: usize) {
 /// the unsubscribe's final item. False when the mailbox was closed.
 fn sync_publish(sub: &Sub, v: usize, last: bool, nested: &dyn Fn(usize)) -> bool {
     let me = thread_token();
-    let action = match sub
+    let (action, direct) = match sub
         .mb
         .push(item(v, last, Some(me)), Kind::Synchronous, true)
     {
-        Push::Queued { action, .. } => action,
+        Push::Queued { action, direct, .. } => (action, direct),
         Push::Closed => return false,
         Push::Dropped => panic!("an unbounded mailbox dropped an item"),
     };
+    assert!(
+        direct.is_none() || action == Action::RunHere,
+        "an item came back with {action:?}"
+    );
     match action {
-        Action::RunHere => run_until_idle(sub, me, nested),
+        Action::RunHere => run_until_idle(sub, me, nested, direct),
         Action::WaitTurn => {
             assert!(
                 sub.mb.wait_turn(me),
                 "wait_turn gave up although this thread's item is queued"
             );
-            run_until_idle(sub, me, nested);
+            run_until_idle(sub, me, nested, None);
         }
         other => panic!("a synchronous push from outside a callback asked for {other:?}"),
     }
@@ -866,8 +887,9 @@ fn loom_synchronous_deferred() {
                 {
                     Push::Queued {
                         action: Action::RunHere,
+                        direct,
                         ..
-                    } => run_until_idle_in(&sub, me, &*nested, true),
+                    } => run_until_idle_in(&sub, me, &*nested, true, direct),
                     Push::Queued {
                         action: Action::Deferred,
                         ..

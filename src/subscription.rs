@@ -273,6 +273,7 @@ impl Subscription {
                 seq,
                 action,
                 congested,
+                direct,
             } => {
                 if let Some(len) = congested {
                     self.congestion_warnings.fetch_add(1, Ordering::Relaxed);
@@ -285,12 +286,12 @@ impl Subscription {
                 match action {
                     Action::Schedule => pool::global().schedule(Arc::clone(self)),
                     Action::RunHere => {
-                        self.run_until_idle(me.unwrap_or_else(crate::sync::thread_token))
+                        self.run_until_idle(me.unwrap_or_else(crate::sync::thread_token), direct)
                     }
                     Action::WaitTurn => {
                         let me = me.unwrap_or_else(crate::sync::thread_token);
                         if pool::blocking(|| self.mailbox.wait_turn(me)) {
-                            self.run_until_idle(me);
+                            self.run_until_idle(me, None);
                         }
                     }
                     Action::Nothing | Action::Wake | Action::Nested | Action::Deferred => {}
@@ -330,16 +331,20 @@ impl Subscription {
         let n = batch.len();
         let mut last = false;
         for item in batch.drain(..) {
-            if !item.last {
-                self.call(&item.msg);
-            } else {
-                last = true;
-                if self.filter.accepts(item.msg.message_type()) {
-                    self.call(&item.msg);
-                }
-            }
+            last |= self.deliver_item(item);
         }
         (n, last)
+    }
+
+    /// Delivers one item (the caller marked this thread running the subscription);
+    /// returns whether it was the final one.
+    fn deliver_item(self: &Arc<Self>, item: Item) -> bool {
+        // The final message is filtered here: it is queued whatever the filter says,
+        // because it closes the mailbox.
+        if !item.last || self.filter.accepts(item.msg.message_type()) {
+            self.call(&item.msg);
+        }
+        item.last
     }
 
     fn call(self: &Arc<Self>, msg: &Arc<Message>) {
@@ -356,9 +361,21 @@ impl Subscription {
 
     /// Runs batches on this thread until the queue is empty. Returns true when the final
     /// message was delivered.
-    fn run_until_idle(self: &Arc<Self>, me: ThreadToken) {
+    /// `direct`: an item the mailbox handed back instead of queueing (`Push::Queued`),
+    /// already counted as this run's first batch.
+    fn run_until_idle(self: &Arc<Self>, me: ThreadToken, mut direct: Option<Item>) {
         loop {
-            let mut next = self.mailbox.take_batch(me, self.kind);
+            let mut next = match direct.take() {
+                Some(item) => {
+                    let last = {
+                        let _running = RunningGuard::enter(Arc::as_ptr(self));
+                        self.deliver_item(item)
+                    };
+                    self.mailbox
+                        .finish_and_take(VecDeque::new(), 1, last, me, self.kind)
+                }
+                None => self.mailbox.take_batch(me, self.kind),
+            };
             while let Some(mut batch) = next {
                 let (n, last) = self.deliver(&mut batch);
                 next = self.mailbox.finish_and_take(batch, n, last, me, self.kind);

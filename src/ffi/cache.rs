@@ -11,6 +11,7 @@ use crate::eid::Eid;
 use crate::error::{set_last_error, Error};
 use crate::message::Message;
 use crate::message_type::DEAD_MAGIC;
+use std::borrow::Cow;
 use std::ffi::{c_char, c_int, CStr};
 use std::sync::Arc;
 
@@ -132,7 +133,13 @@ fn make_cache(
         // SAFETY: NULL or a NUL-terminated string borrowed from the message (header:
         // "borrowed, e.g. from the message's data"). The cache reads it only during the
         // call that asked for it and copies it to keep it.
-        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy())
+        let id = (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })?;
+        // Valid UTF-8 (almost always) is checked by the fast path of `to_str`; the lossy
+        // conversion walks the string chunk by chunk even when nothing needs replacing.
+        Some(
+            id.to_str()
+                .map_or_else(|_| id.to_string_lossy(), Cow::Borrowed),
+        )
     });
     let calc: Option<CalcFn> = calc.map(|f| {
         Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
