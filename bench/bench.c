@@ -1,7 +1,8 @@
 /*
  * switchboard benchmark: the workloads W0-W9 of shared/bench/WORKLOADS.md, run through
  * the public C API. One line per workload run, `<id> key=value ...` (numbers only),
- * then ratio lines `R W1/W0=0.81`.
+ * then ratio lines `R W1/W0=0.81`: the median over the rounds (-n) of each round's
+ * ratio, so that both figures of a ratio come from the same minute.
  *
  *   bench [-w W1[,W3...]]... [-n RUNS] [-t TIMEOUT_S] [-h]
  *
@@ -665,9 +666,10 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: bench [-w W1[,W3...]]... [-n RUNS] [-t TIMEOUT_S] [-h]\n"
             "  -w LIST  run only these workloads (W0..W9; repeatable, comma-separated)\n"
-            "  -n RUNS  run each selected workload RUNS times (default 1)\n"
+            "  -n RUNS  RUNS rounds, each running every selected workload once (default 1)\n"
             "  -t SECS  bound on each wait of a workload (default 20)\n"
-            "Prints `<id> key=value ...` per run, then ratios `R W1/W0=...` (medians).\n");
+            "Prints `<id> key=value ...` per run, then ratios `R W1/W0=...` (the median\n"
+            "of the rounds' ratios).\n");
 }
 
 static int parse_list(char *arg, int *sel)
@@ -738,21 +740,28 @@ int main(int argc, char **argv)
         die("sb_message_type_create");
     g_change = sb_subscription_change_type();
 
-    /* primary figure of each run, for the ratio lines */
+    /* primary figure of each run (-1: none), for the ratio lines */
     double *prim[NW];
-    int nprim[NW] = { 0 };
-    for (int w = 0; w < NW; w++)
-        prim[w] = calloc((size_t)runs, sizeof(double));
+    for (int w = 0; w < NW; w++) {
+        prim[w] = malloc((size_t)runs * sizeof(double));
+        if (!prim[w])
+            die("malloc");
+        for (int k = 0; k < runs; k++)
+            prim[w][k] = -1;
+    }
 
     pthread_t wd;
     if (pthread_create(&wd, NULL, watchdog, NULL) == 0)
         pthread_detach(wd);
 
+    /* Rounds: every selected workload once per round, so that a ratio pairs figures
+     * taken minutes apart at most, not a whole -n series apart (this machine's speed
+     * changes by several times between phases). */
     uint64_t start = now_ns();
-    for (int w = 0; w < NW; w++) {
-        if (!sel[w])
-            continue;
-        for (int k = 0; k < runs; k++) {
+    for (int k = 0; k < runs; k++) {
+        for (int w = 0; w < NW; w++) {
+            if (!sel[w])
+                continue;
             result r;
             uint64_t warn0 = sb_warning_count();
             pthread_mutex_lock(&g_log_mu);
@@ -777,25 +786,27 @@ int main(int argc, char **argv)
             }
             double v = res_get(&r, "msgs_per_s");
             if (v > 0 && res_get(&r, "timeout") < 0)
-                prim[w][nprim[w]++] = v;
+                prim[w][k] = v;
         }
     }
 
-    double med[NW];
-    for (int w = 0; w < NW; w++) {
-        med[w] = -1;
-        if (nprim[w]) {
-            qsort(prim[w], (size_t)nprim[w], sizeof(double), cmp_d);
-            med[w] = nprim[w] % 2 ? prim[w][nprim[w] / 2]
-                                  : (prim[w][nprim[w] / 2 - 1] + prim[w][nprim[w] / 2]) / 2;
-        }
-    }
+    /* Each ratio: the median over the rounds of that round's ratio. */
     static const int ratios[][2] = { { 1, 0 }, { 2, 0 }, { 6, 2 }, { 6, 1 } };
+    double *per_round = malloc((size_t)runs * sizeof(double));
+    if (!per_round)
+        die("malloc");
     for (size_t i = 0; i < sizeof ratios / sizeof ratios[0]; i++) {
-        int a = ratios[i][0], b = ratios[i][1];
-        if (med[a] > 0 && med[b] > 0)
-            printf("R W%d/W%d=%.2f\n", a, b, med[a] / med[b]);
+        int a = ratios[i][0], b = ratios[i][1], n = 0;
+        for (int k = 0; k < runs; k++)
+            if (prim[a][k] > 0 && prim[b][k] > 0)
+                per_round[n++] = prim[a][k] / prim[b][k];
+        if (!n)
+            continue;
+        qsort(per_round, (size_t)n, sizeof(double), cmp_d);
+        double med = n % 2 ? per_round[n / 2] : (per_round[n / 2 - 1] + per_round[n / 2]) / 2;
+        printf("R W%d/W%d=%.2f\n", a, b, med);
     }
+    free(per_round);
     fprintf(stderr, "# total %.1f s\n", secs_since(start));
     for (int w = 0; w < NW; w++)
         free(prim[w]);
