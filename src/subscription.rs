@@ -498,7 +498,9 @@ impl Subscription {
     /// followers of a burst can be, by at most `COALESCE_WAIT`.
     fn coalesce(&self) {
         let len = self.mailbox.len();
-        if len == 0 || len >= COALESCE_BATCH {
+        // Once unsubscribed, the final message is queued or about to be, and a joiner
+        // waits for it: nothing is worth waiting for.
+        if len == 0 || len >= COALESCE_BATCH || !self.subscribed.load(Ordering::Relaxed) {
             return;
         }
         let start = Instant::now();
@@ -507,7 +509,11 @@ impl Subscription {
                 std::hint::spin_loop();
             }
             let len = self.mailbox.len();
-            if len == 0 || len >= COALESCE_BATCH || start.elapsed() >= COALESCE_WAIT {
+            if len == 0
+                || len >= COALESCE_BATCH
+                || start.elapsed() >= COALESCE_WAIT
+                || !self.subscribed.load(Ordering::Relaxed)
+            {
                 return;
             }
         }
