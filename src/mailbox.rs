@@ -116,6 +116,8 @@ pub(crate) struct State {
     /// The dedicated thread is blocked on `wake`.
     parked: bool,
     congested: bool,
+    /// High-water warnings so far.
+    congestion_warnings: u64,
     /// Congestion limits and overflow policy: None (no allocation) while both are the
     /// defaults, as for almost every subscription.
     policy: Option<Box<Policy>>,
@@ -187,6 +189,7 @@ impl Mailbox {
                 waiters: 0,
                 parked: false,
                 congested: false,
+                congestion_warnings: 0,
                 policy: None,
                 in_flight: 0,
                 first_pending: false,
@@ -210,6 +213,11 @@ impl Mailbox {
 
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// High-water warnings so far.
+    pub(crate) fn congestion_warnings(&self) -> u64 {
+        self.state.lock().congestion_warnings
     }
 
     /// Queues `item`; a `last` item closes the mailbox and is never refused or dropped.
@@ -306,6 +314,7 @@ impl Mailbox {
         let backlog = len + st.in_flight;
         let congested = if backlog > st.policy().high_water && !st.congested {
             st.congested = true;
+            st.congestion_warnings += 1;
             Some(backlog)
         } else {
             None

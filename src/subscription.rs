@@ -21,7 +21,7 @@ use crate::topic::Topic;
 use crate::waits;
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
@@ -33,9 +33,27 @@ pub(crate) const SUBSCRIPTION_MAGIC: u32 = 0x5342_5342; // "SBSB"
 /// A subscription's callback. It never runs concurrently with itself.
 pub type Callback = Box<dyn Fn(&Arc<Subscription>, &Arc<Message>) + Send + Sync>;
 
+/// A C-style callback: called with its argument and the addresses of the subscription
+/// and of the message (which are what C handles point to).
+pub type RawCallback = unsafe extern "C" fn(data: *mut c_void, sub: *mut c_void, msg: *mut c_void);
+
+/// What a subscription calls. A C subscriber's function and argument are stored inline
+/// (a boxed closure holding them cost an allocation per subscription).
+enum Handler {
+    Raw { f: RawCallback, data: *mut c_void },
+    Boxed(Callback),
+}
+
+// SAFETY: `Raw`'s argument is the C subscriber's; API.md makes the subscriber promise
+// that it may be used from whichever thread runs the callback. `Boxed` is Send + Sync.
+unsafe impl Send for Handler {}
+// SAFETY: as above; the library never dereferences the argument.
+unsafe impl Sync for Handler {}
+
 /// Field order matters (`repr(C)`): publishers read the first group on every publish,
 /// while the mailbox at the end is written on every push and every batch. Between them
-/// sit fields touched only at subscribe/unsubscribe time, so that the read-mostly group
+/// sit fields publishers never touch (the callback, read by the runner; the rest only at
+/// subscribe/unsubscribe time), so that the read-mostly group
 /// never shares a cache line with the mailbox's written words (checked by the
 /// assertion below). Sharing one made every publish miss on the filter and
 /// the overflow flag.
@@ -48,15 +66,14 @@ pub struct Subscription {
     /// Mirrors `Overflow::Block`, so other policies skip the blocking bookkeeping.
     blocking_overflow: AtomicBool,
     topic: Arc<Topic>,
-    callback: Callback,
     pub(crate) filter: Filter,
     /// Dedicated kind: the fork generation whose process runs this subscription's thread.
     thread_generation: AtomicU64,
-    // Cold: the spacer.
+    // Not touched by publishers: the spacer.
+    callback: Handler,
     /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand.
     number: u64,
     uniqueid: OnceLock<CString>,
-    congestion_warnings: AtomicU64,
     // Written on every push and batch (its own cold fields first).
     mailbox: Mailbox,
 }
@@ -117,6 +134,24 @@ impl Subscription {
         kind: Kind,
         callback: Callback,
     ) -> Result<Arc<Subscription>> {
+        Subscription::subscribe_with(topic, kind, Handler::Boxed(callback))
+    }
+
+    /// As `subscribe`, with a C function and its argument.
+    pub fn subscribe_raw(
+        topic: &Arc<Topic>,
+        kind: Kind,
+        f: RawCallback,
+        data: *mut c_void,
+    ) -> Result<Arc<Subscription>> {
+        Subscription::subscribe_with(topic, kind, Handler::Raw { f, data })
+    }
+
+    fn subscribe_with(
+        topic: &Arc<Topic>,
+        kind: Kind,
+        callback: Handler,
+    ) -> Result<Arc<Subscription>> {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let sub = Arc::new(Subscription {
             magic: SUBSCRIPTION_MAGIC,
@@ -128,7 +163,6 @@ impl Subscription {
             filter: Filter::new(),
             mailbox: Mailbox::new(),
             subscribed: AtomicBool::new(true),
-            congestion_warnings: AtomicU64::new(0),
             blocking_overflow: AtomicBool::new(false),
             thread_generation: AtomicU64::new(fork::generation()),
         });
@@ -177,7 +211,7 @@ impl Subscription {
         self.mailbox.len()
     }
     pub fn congestion_warnings(&self) -> u64 {
-        self.congestion_warnings.load(Ordering::Relaxed)
+        self.mailbox.congestion_warnings()
     }
 
     pub fn accept_message_type(&self, ty: &Arc<MessageType>) {
@@ -276,7 +310,6 @@ impl Subscription {
                 direct,
             } => {
                 if let Some(len) = congested {
-                    self.congestion_warnings.fetch_add(1, Ordering::Relaxed);
                     log::warn(&format!(
                         "subscription {} to topic '{}': {len} messages queued (high-water mark crossed)",
                         self.uniqueid(),
@@ -348,7 +381,19 @@ impl Subscription {
     }
 
     fn call(self: &Arc<Self>, msg: &Arc<Message>) {
-        if catch_unwind(AssertUnwindSafe(|| (self.callback)(self, msg))).is_err() {
+        let run = || match &self.callback {
+            Handler::Boxed(cb) => cb(self, msg),
+            // SAFETY: the function and argument the subscriber registered, called with the
+            // subscription and the message, both alive (borrowed) for the call.
+            Handler::Raw { f, data } => unsafe {
+                f(
+                    *data,
+                    Arc::as_ptr(self).cast_mut().cast(),
+                    Arc::as_ptr(msg).cast_mut().cast(),
+                )
+            },
+        };
+        if catch_unwind(AssertUnwindSafe(run)).is_err() {
             log::log(
                 log::Level::Error,
                 &format!(

@@ -16,8 +16,10 @@ use crate::small_list::SmallList;
 use crate::subscription::Subscription;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
@@ -52,7 +54,55 @@ pub struct Topic {
 static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
 pub(crate) static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> =
     LazyLock::new(|| Arc::new(SmallList::Empty));
-static REGISTRY: LazyLock<Mutex<HashMap<Box<str>, Weak<Topic>>>> = LazyLock::new(Default::default);
+static REGISTRY: LazyLock<Mutex<HashMap<RegKey, Weak<Topic>>>> = LazyLock::new(Default::default);
+
+/// A registry key: the name bytes of the topic the entry maps to, borrowed from that
+/// topic's own `name`, so each name is stored once (W8: 32 bytes less per topic).
+///
+/// Invariant: an entry is inserted only for a topic just created, and removed (under
+/// the registry lock) by that topic's `Drop` before its fields are dropped, or before a
+/// new topic of the same name replaces it. Every key is read under the registry lock,
+/// so the bytes it points to are alive whenever it is read.
+struct RegKey {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl RegKey {
+    fn of(topic: &Topic) -> RegKey {
+        let bytes = topic.name.as_bytes();
+        RegKey {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: see the invariant above: the owning topic's name is alive while its
+        // entry is in the registry, and the registry is only read under its lock.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+// SAFETY: a key is only a view of bytes that never change, read under the registry lock.
+unsafe impl Send for RegKey {}
+
+impl Borrow<[u8]> for RegKey {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+// Hash and Eq as the borrowed bytes', as `Borrow` requires.
+impl Hash for RegKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.bytes().hash(state);
+    }
+}
+impl PartialEq for RegKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+impl Eq for RegKey {}
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Topics already visited by one publish. Most publishes touch one or two topics, so the
@@ -110,7 +160,7 @@ impl Topic {
             return Err(Error::invalid("topic detail contains a NUL byte"));
         }
         let mut reg = REGISTRY.lock();
-        if let Some(live) = reg.get(name).and_then(Weak::upgrade) {
+        if let Some(live) = reg.get(name.as_bytes()).and_then(Weak::upgrade) {
             return Ok(live);
         }
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -125,13 +175,16 @@ impl Topic {
             has_forwards: AtomicBool::new(false),
             write: Mutex::new(()),
         });
-        reg.insert(name.into(), Arc::downgrade(&topic));
+        // A dead topic's entry goes first: `insert` would keep its key, which points into
+        // that topic's name.
+        reg.remove(name.as_bytes());
+        reg.insert(RegKey::of(&topic), Arc::downgrade(&topic));
         Ok(topic)
     }
 
     /// The live topic named `name`.
     pub fn get(name: &str) -> Option<Arc<Topic>> {
-        REGISTRY.lock().get(name).and_then(Weak::upgrade)
+        REGISTRY.lock().get(name.as_bytes()).and_then(Weak::upgrade)
     }
 
     pub(crate) fn magic_ok(&self) -> bool {
@@ -310,7 +363,7 @@ impl Topic {
 impl Drop for Topic {
     fn drop(&mut self) {
         let mut reg = REGISTRY.lock();
-        let name = self.name.to_str().unwrap_or("");
+        let name = self.name.as_bytes();
         if let Some(w) = reg.get(name) {
             if std::ptr::eq(w.as_ptr(), self) {
                 reg.remove(name);
@@ -353,4 +406,48 @@ pub(crate) fn fork_lock() {
 pub(crate) unsafe fn fork_unlock() {
     // SAFETY: per the contract above, the lock is held and its guard was forgotten.
     unsafe { REGISTRY.force_unlock() };
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_keys_borrow_the_topics_names() {
+        let a = Topic::create("test/registry/a").unwrap();
+        let ab = Topic::create("test/registry/ab").unwrap();
+        assert!(Arc::ptr_eq(&Topic::get("test/registry/a").unwrap(), &a));
+        assert!(Arc::ptr_eq(&Topic::get("test/registry/ab").unwrap(), &ab));
+        assert!(Topic::get("test/registry/").is_none());
+        // Creating a live name returns the live topic.
+        assert!(Arc::ptr_eq(&Topic::create("test/registry/a").unwrap(), &a));
+        // A dropped topic leaves no entry (its key pointed into its own name); the name
+        // can be created again, and looked up through the new topic's key.
+        drop(a);
+        assert!(Topic::get("test/registry/a").is_none());
+        let again = Topic::create("test/registry/a").unwrap();
+        assert_eq!(again.name(), "test/registry/a");
+        assert!(Arc::ptr_eq(&Topic::get("test/registry/a").unwrap(), &again));
+        // A dead entry still in the map (its topic's last reference is going away on
+        // another thread) is replaced, key and all.
+        let weak = Arc::downgrade(&again);
+        let reg_holds_dead = {
+            let mut reg = REGISTRY.lock();
+            let key = RegKey::of(&again);
+            reg.remove(key.bytes());
+            reg.insert(key, Weak::new());
+            drop(reg);
+            Topic::get("test/registry/a").is_none()
+        };
+        assert!(reg_holds_dead);
+        let newer = Topic::create("test/registry/a").unwrap();
+        assert!(!Arc::ptr_eq(&newer, &again));
+        drop(again); // its Drop finds the newer topic's entry and leaves it
+        assert!(weak.upgrade().is_none());
+        assert!(Arc::ptr_eq(&Topic::get("test/registry/a").unwrap(), &newer));
+        drop(newer);
+        drop(ab);
+        assert!(Topic::get("test/registry/a").is_none());
+        assert!(Topic::get("test/registry/ab").is_none());
+    }
 }

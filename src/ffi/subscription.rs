@@ -2,11 +2,11 @@
 
 use super::message::{sb_message, sb_message_type};
 use super::topic::sb_topic;
-use super::{act_and_release, boundary, fail_code, fail_null, to_code, Handle, UserData};
+use super::{act_and_release, boundary, fail_code, fail_null, to_code, Handle};
 use crate::error::{set_last_error, Error, Result};
 use crate::filter::{FILTER_NONE, FILTER_SELECTIVE};
 use crate::mailbox::{Kind, Overflow};
-use crate::subscription::{change_type, ChangeView, Subscription};
+use crate::subscription::{change_type, ChangeView, RawCallback, Subscription};
 use std::ffi::{c_char, c_int, c_long, c_uint, c_void};
 
 /// A subscription (opaque, refcounted).
@@ -100,22 +100,17 @@ fn subscribe(
         let Some(cb) = cb else {
             return fail_null(Error::invalid("callback is NULL"));
         };
-        let data = UserData(data);
-        let callback = Box::new(
-            move |sub: &std::sync::Arc<Subscription>, msg: &std::sync::Arc<crate::Message>| {
-                let data = data;
-                // SAFETY: the callback and data the module registered, with borrowed handles
-                // that stay alive for the call.
-                unsafe {
-                    cb(
-                        data.0,
-                        sb_subscription::as_ptr(sub),
-                        sb_message::as_ptr(msg),
-                    )
-                }
-            },
-        );
-        match Subscription::subscribe(&t, kind, callback) {
+        // SAFETY: only the pointee types of the parameters differ (`sb_subscription *`
+        // and `sb_message *` against `void *`): pointers are ABI-compatible whatever they
+        // point to, and the library passes exactly the subscription's and the message's
+        // addresses, which is what those handles are.
+        let raw: RawCallback = unsafe {
+            std::mem::transmute::<
+                unsafe extern "C" fn(*mut c_void, *mut sb_subscription, *mut sb_message),
+                RawCallback,
+            >(cb)
+        };
+        match Subscription::subscribe_raw(&t, kind, raw, data) {
             Ok(s) => sb_subscription::into_raw(s),
             Err(e) => fail_null(e),
         }
