@@ -478,6 +478,59 @@ static void test_basic(void)
     sb_topic_unref(orig);
 }
 
+/* ---- ids of every length: short ones are stored inside the key, long ones apart ---- */
+
+static void test_id_lengths(void)
+{
+    sb_topic *orig = sb_topic_create("cache.idlen");
+    sb_cache *cache = sb_cache_create(snap_id);
+    sb_caching_topic *ct = orig && cache ? sb_caching_topic_create(orig, cache) : NULL;
+    CHECK(ct != NULL);
+    if (ct == NULL)
+        return;
+    /* prefixes of one 31-byte string around the inline limit (22 bytes), so that ids
+     * differ only in length or only past the limit */
+    static const char full[] = "0123456789abcdefghijklmnopqrstu";
+    static const size_t lens[] = {1, 7, 21, 22, 23, 24, 30, 31};
+    enum { N = sizeof lens / sizeof lens[0] };
+    char ids[N][32];
+    sb_message *m[N], *m2[N];
+    for (int i = 0; i < N; i++) {
+        memcpy(ids[i], full, lens[i]);
+        ids[i][lens[i]] = '\0';
+        m[i] = snap_local(snap_type, ids[i], i);
+        CHECK(pub(orig, m[i]) >= 1);
+    }
+    for (int i = 0; i < N; i++) {
+        CHECK(get_is(cache, snap_type, ids[i], m[i]));
+        CHECK(get_is(cache, snap2_type, ids[i], NULL));
+    }
+    CHECK(get_is(cache, snap_type, "0123456789abcdefghij", NULL)); /* 20 bytes */
+    CHECK(get_is(cache, snap_type, "0123456789abcdefghijklmnopqrs", NULL)); /* 29 */
+    CHECK(get_is(cache, snap_type, "0123456789abcdefghijklmnopqrstX", NULL));
+    CHECK_EQ_INT(list_len_free(sb_cache_dump(cache, snap_type)), N);
+    /* replace each, then clear each: the same key is found by its bytes every time */
+    for (int i = 0; i < N; i++) {
+        m2[i] = snap_local(snap_type, ids[i], 100 + i);
+        pub(orig, m2[i]);
+    }
+    for (int i = 0; i < N; i++)
+        CHECK(get_is(cache, snap_type, ids[i], m2[i]));
+    CHECK_EQ_INT(list_len_free(sb_cache_dump(cache, snap_type)), N);
+    for (int i = 0; i < N; i++)
+        pub_clear(orig, m2[i]);
+    CHECK_EQ_INT(list_len_free(sb_cache_dump_all(cache, NULL)), 0);
+
+    ct = sb_caching_unsubscribe_and_join(ct);
+    CHECK(ct == NULL);
+    for (int i = 0; i < N; i++) {
+        sb_message_unref(m[i]);
+        sb_message_unref(m2[i]);
+    }
+    sb_cache_unref(cache);
+    sb_topic_unref(orig);
+}
+
 /* ---- caching subscription change messages: Unsubscribe drops the Subscribe entry ---- */
 
 static void noop_cb(void *data, sb_subscription *sub, sb_message *msg)
@@ -1322,6 +1375,7 @@ int main(void)
     CHECK(sb_eid_cmp(&r1_eid, &r2_eid) < 0);
 
     test_basic();
+    test_id_lengths();
     test_subscription_changes();
     test_shared_cache();
     test_caching_filter();
