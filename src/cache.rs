@@ -764,14 +764,11 @@ mod tests {
         assert!(cache.update(&m1, false, &topic).unwrap().old.is_none());
         // Hold the entry, as a calc function or a dump would.
         let key = cache.key(&ty, "x");
-        let held = Arc::clone(
-            cache
-                .shard(key.hash)
-                .read()
-                .get(&key as &dyn KeyView)
-                .map(|s| &s.entry)
-                .unwrap(),
-        );
+        let entry = || {
+            let shard = cache.shard(key.hash).read();
+            Arc::clone(&shard.get(&key as &dyn KeyView).unwrap().entry)
+        };
+        let held = entry();
         let change = cache.update(&m2, false, &topic).unwrap();
         assert!(Arc::ptr_eq(change.old.as_ref().unwrap(), &m1));
         assert!(
@@ -781,23 +778,9 @@ mod tests {
         assert!(Arc::ptr_eq(&cache.get(&ty, "x").unwrap(), &m2));
         // Nobody holds it now: updated in place, same allocation.
         drop(held);
-        let before = Arc::as_ptr(
-            cache
-                .shard(key.hash)
-                .read()
-                .get(&key as &dyn KeyView)
-                .map(|s| &s.entry)
-                .unwrap(),
-        );
+        let before = Arc::as_ptr(&entry());
         cache.update(&m1, false, &topic);
-        let after = Arc::as_ptr(
-            cache
-                .shard(key.hash)
-                .read()
-                .get(&key as &dyn KeyView)
-                .map(|s| &s.entry)
-                .unwrap(),
-        );
+        let after = Arc::as_ptr(&entry());
         assert_eq!(before, after);
         assert!(Arc::ptr_eq(&cache.get(&ty, "x").unwrap(), &m1));
         // A clear of the last snapshot removes the entry.

@@ -52,11 +52,10 @@ unsafe impl Sync for Handler {}
 
 /// Field order matters (`repr(C)`): publishers read the first group on every publish,
 /// while the mailbox at the end is written on every push and every batch. Between them
-/// sit fields publishers never touch (the callback, read by the runner; the rest only at
-/// subscribe/unsubscribe time), so that the read-mostly group
-/// never shares a cache line with the mailbox's written words (checked by the
-/// assertion below). Sharing one made every publish miss on the filter and
-/// the overflow flag.
+/// sit fields publishers never touch (the callback, read by the runner; the rest only
+/// at subscribe/unsubscribe time), so that the read-mostly group never shares a cache
+/// line with the mailbox's written words (checked by the assertion below). Sharing one
+/// made every publish miss on the filter and the overflow flag.
 #[repr(C)]
 pub struct Subscription {
     // Read on every publish, written rarely.
