@@ -330,15 +330,19 @@ impl Slot {
     /// of the lock, so dropping the copy's reference frees nothing here.
     fn modify<R>(&mut self, f: impl FnOnce(&mut CacheEntry) -> R) -> R {
         let r = f(Arc::make_mut(&mut self.entry));
-        let same = match (&self.local, &self.entry.local) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if !same {
+        if !same_message(&self.local, &self.entry.local) {
             self.local = self.entry.local.clone();
         }
         r
+    }
+}
+
+/// Both None, or the same message.
+fn same_message(a: &Option<Arc<Message>>, b: &Option<Arc<Message>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 
@@ -411,12 +415,12 @@ impl Cache {
         (self.id_fn)(msg)
     }
 
-    /// Runs `f` on the entry of (type, id) under its shard's read lock. `f` must be quick
+    /// Runs `f` on the slot of (type, id) under its shard's read lock. `f` must be quick
     /// and must not drop messages (a destructor is user code).
-    fn read<R>(&self, ty: &MessageType, id: &str, f: impl FnOnce(&CacheEntry) -> R) -> Option<R> {
+    fn read<R>(&self, ty: &MessageType, id: &str, f: impl FnOnce(&Slot) -> R) -> Option<R> {
         let key = self.key(ty, id);
         let shard = self.shard(key.hash).read();
-        shard.get(&key as &dyn KeyView).map(|s| f(&s.entry))
+        shard.get(&key as &dyn KeyView).map(f)
     }
 
     /// Stores `snapshot` (or, with `clear`, removes the snapshot of its eid). Returns what
@@ -497,11 +501,7 @@ impl Cache {
         loop {
             let old_agg = entry.aggregate.clone();
             let new_agg = calc(&entry, new_snapshot);
-            let unchanged = match (&old_agg, &new_agg) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
+            let unchanged = same_message(&old_agg, &new_agg);
             let mut shard = self.shard(key.hash).write();
             let Some(slot) = shard.get_mut(key as &dyn KeyView) else {
                 // Cleared and removed while calc ran: nothing to install.
@@ -561,11 +561,7 @@ impl Cache {
 
     /// The local snapshot (default eid) of (type, id).
     pub fn get(&self, ty: &MessageType, id: &str) -> Option<Arc<Message>> {
-        let key = self.key(ty, id);
-        let shard = self.shard(key.hash).read();
-        shard
-            .get(&key as &dyn KeyView)
-            .and_then(|s| s.local.clone())
+        self.read(ty, id, |s| s.local.clone()).flatten()
     }
 
     /// The snapshot of one eid, or the aggregate when `eid` is None.
@@ -576,16 +572,16 @@ impl Cache {
         eid: Option<&Eid>,
     ) -> Option<Arc<Message>> {
         let local = eid.is_some_and(|e| *e == Eid::default_eid());
-        self.read(ty, id, |e| match eid {
-            None => e.aggregate.clone(),
-            Some(eid) => e.snapshot_of(eid, local).cloned(),
+        self.read(ty, id, |s| match eid {
+            None => s.entry.aggregate.clone(),
+            Some(eid) => s.entry.snapshot_of(eid, local).cloned(),
         })
         .flatten()
     }
 
     /// Every snapshot (local and remote) of (type, id).
     pub fn get_all(&self, ty: &MessageType, id: &str) -> Vec<Arc<Message>> {
-        self.read(ty, id, |e| e.all().cloned().collect())
+        self.read(ty, id, |s| s.entry.all().cloned().collect())
             .unwrap_or_default()
     }
 

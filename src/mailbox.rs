@@ -289,12 +289,9 @@ impl Mailbox {
             }
         }
         if kind == Kind::Synchronous && st.run == RunState::Idle && st.queue.is_empty() {
-            // What `take_locked` would do with the item as the only one queued.
-            let me = me.unwrap_or_else(thread_token);
+            // As if queued and taken at once as a batch of one.
             st.pushed += 1;
-            st.first_pending = false;
-            st.run = RunState::Running(me);
-            st.in_flight = 1;
+            st.start_batch(me.unwrap_or_else(thread_token), 1);
             return Push::Queued {
                 seq: st.pushed,
                 action: Action::RunHere,
@@ -445,9 +442,7 @@ impl Mailbox {
             std::mem::swap(&mut batch, &mut st.queue);
         }
         self.len.store(st.queue.len(), Ordering::Relaxed);
-        st.first_pending = false;
-        st.run = RunState::Running(me);
-        st.in_flight = batch.len();
+        st.start_batch(me, batch.len());
         if st.policy().blocked > 0 {
             self.room.notify_all();
         }
@@ -575,6 +570,13 @@ const SMALL_BUFFER: usize = 16;
 const KEEP_BUFFERS_AFTER: u64 = 64;
 
 impl State {
+    /// `me` runs a batch of `n` items just taken (or handed back: `Push::Queued::direct`).
+    fn start_batch(&mut self, me: ThreadToken, n: usize) {
+        self.first_pending = false;
+        self.run = RunState::Running(me);
+        self.in_flight = n;
+    }
+
     fn release_small_buffers(&mut self) {
         if self.handled >= KEEP_BUFFERS_AFTER {
             return;

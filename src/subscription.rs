@@ -541,24 +541,19 @@ impl Subscription {
     /// An empty queue returns at once, so an isolated message is never delayed; only the
     /// followers of a burst can be, by at most `COALESCE_WAIT`.
     fn coalesce(&self) {
-        let len = self.mailbox.len();
         // Once unsubscribed, the final message is queued or about to be, and a joiner
         // waits for it: nothing is worth waiting for.
-        if len == 0 || len >= COALESCE_BATCH || !self.subscribed.load(Ordering::Relaxed) {
+        let enough = || {
+            let len = self.mailbox.len();
+            len == 0 || len >= COALESCE_BATCH || !self.subscribed.load(Ordering::Relaxed)
+        };
+        if enough() {
             return;
         }
         let start = Instant::now();
-        loop {
+        while !enough() && start.elapsed() < COALESCE_WAIT {
             for _ in 0..8 {
                 std::hint::spin_loop();
-            }
-            let len = self.mailbox.len();
-            if len == 0
-                || len >= COALESCE_BATCH
-                || start.elapsed() >= COALESCE_WAIT
-                || !self.subscribed.load(Ordering::Relaxed)
-            {
-                return;
             }
         }
     }
