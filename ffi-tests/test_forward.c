@@ -278,6 +278,81 @@ static void test_forward_keeps_topics(void)
     sb_topic_unref(src);
 }
 
+/* Many forwards out of one topic, cancelled in a scattered order. A cancelled forward may
+ * stay in the source's list for a while (it leaves with others later): whatever the list
+ * holds, a publish reaches exactly the live forwards, the subscriber count and the cycle
+ * check see only those, and once all are cancelled every topic is released. */
+#define MANY_FWD 100
+
+static void count_cb(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)sub;
+    if (sb_message_get_type(msg) == ptype)
+        atomic_fetch_add((atomic_int *)data, 1);
+}
+
+static void test_many_forwards(void)
+{
+    printf("many forwards\n");
+    sb_topic *src = sb_topic_create("fwd.m.src");
+    sb_topic *dst[MANY_FWD];
+    sb_forward *fw[MANY_FWD];
+    sb_subscription *sub[MANY_FWD];
+    atomic_int got[MANY_FWD];
+    int live[MANY_FWD];
+    char name[64];
+    for (int i = 0; i < MANY_FWD; i++) {
+        snprintf(name, sizeof name, "fwd.m.dst.%d", i);
+        dst[i] = sb_topic_create(name);
+        atomic_init(&got[i], 0);
+        sub[i] = sb_subscribe_synchronous(dst[i], count_cb, &got[i]);
+        fw[i] = sb_forward_all(src, dst[i]);
+        CHECK(sub[i] != NULL && fw[i] != NULL);
+        live[i] = 1;
+    }
+    CHECK_EQ_INT(sb_topic_subscribers(src), MANY_FWD);
+
+    int nlive = MANY_FWD, published = 0;
+    for (int step = 0; step < MANY_FWD; step++) {
+        int k = (step * 37) % MANY_FWD; /* 37 is coprime with 100: each index once */
+        CHECK(sb_forward_cancel(fw[k]) == NULL);
+        live[k] = 0;
+        nlive--;
+        /* the cancelled forward does not close a cycle: dst[k] -> src is allowed */
+        if (step % 10 == 0) {
+            sb_forward *back = sb_forward_all(dst[k], src);
+            CHECK(back != NULL);
+            /* dst[k]'s own subscriber, and through src every live forward */
+            CHECK_EQ_INT(publish_payload(dst[k], ptype, 0, ++published, 0), 1 + nlive);
+            for (int i = 0; i < MANY_FWD; i++)
+                if (live[i])
+                    CHECK_EQ_INT(atomic_load(&got[i]), published);
+            atomic_fetch_sub(&got[k], 1); /* not a forwarded delivery */
+            CHECK(sb_forward_cancel(back) == NULL);
+        } else {
+            CHECK_EQ_INT(publish_payload(src, ptype, 0, ++published, 0), nlive);
+        }
+        CHECK_EQ_INT(sb_topic_subscribers(src), nlive);
+        CHECK_EQ_INT(sb_topic_wants(src, ptype), nlive > 0);
+        int wrong = 0;
+        for (int i = 0; i < MANY_FWD; i++)
+            if (live[i] ? atomic_load(&got[i]) != published : atomic_load(&got[i]) >= published)
+                wrong++;
+        CHECK_EQ_INT(wrong, 0);
+    }
+    CHECK_EQ_INT(publish_payload(src, ptype, 0, ++published, 0), 0);
+    for (int i = 0; i < MANY_FWD; i++) {
+        CHECK(sb_unsubscribe_and_join(sub[i]) == NULL);
+        sb_topic_unref(dst[i]);
+    }
+    sb_topic_unref(src);
+    CHECK_TOPIC_GONE("fwd.m.src");
+    for (int i = 0; i < MANY_FWD; i++) {
+        snprintf(name, sizeof name, "fwd.m.dst.%d", i);
+        CHECK_TOPIC_GONE(name);
+    }
+}
+
 /* concurrent forward/cancel while publishing: never a duplicate, never out of order */
 typedef struct churn_arg {
     sb_topic *src, *dst;
@@ -342,6 +417,7 @@ int main(void)
     test_diamond();
     test_cycles();
     test_forward_keeps_topics();
+    test_many_forwards();
     test_concurrent_forwarding();
     sb_message_type_unref(ptype);
     /* cancelled forwards and finished subscriptions released every topic */

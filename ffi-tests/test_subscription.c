@@ -44,6 +44,16 @@ static void test_lifecycle(int kind)
         return;
     const char *uid = sb_subscription_uniqueid(sub);
     CHECK(uid != NULL && uid[0] != '\0');
+    if (uid != NULL) { /* "<topic name>:<decimal number>" */
+        const char *name = sb_topic_name(t);
+        size_t len = strlen(name);
+        int prefix = strncmp(uid, name, len) == 0; /* then uid has at least len bytes */
+        CHECK(prefix && uid[len] == ':');
+        if (prefix && uid[len] == ':') {
+            const char *num = uid + len + 1;
+            CHECK(num[0] != '\0' && strspn(num, "0123456789") == strlen(num));
+        }
+    }
     CHECK_EQ_INT(sb_subscription_is_subscribed(sub), 1);
     CHECK_EQ_INT(sb_subscription_is_done(sub), 0);
     if (kind == KIND_SYNC) /* the Subscribe message was handled inside sb_subscribe */
@@ -863,6 +873,47 @@ static void test_many_subscriptions(void)
     sb_topic_unref(t);
 }
 
+/* Unsubscribes in a scattered order from a topic with many subscriptions, publishing
+ * between them. An unsubscribed subscription may stay in the topic's list for a while
+ * (it leaves with others later): whatever the list holds, each publish reaches exactly the
+ * live subscriptions, an unsubscribed one never gets anything after its final message,
+ * and the topic is released at the end. */
+static void test_unsubscribe_scattered(void)
+{
+    printf("unsubscribe scattered\n");
+    sb_topic *t = sb_topic_create("sub.scattered");
+    enum { M = 60 };
+    recorder *rec = calloc(M, sizeof *rec);
+    sb_subscription *subs[M];
+    int got_at_unsub[M];
+    for (int i = 0; i < M; i++) {
+        recorder_init(&rec[i], ptype, t);
+        subs[i] = subscribe_kind(i % KIND_COUNT, t, recorder_cb, &rec[i]);
+        CHECK(subs[i] != NULL);
+        got_at_unsub[i] = -1;
+    }
+    int published = 0, nlive = M;
+    for (int step = 0; step < M; step++) {
+        int k = (step * 7) % M; /* 7 is coprime with 60: each index once */
+        CHECK(sb_unsubscribe_and_join(subs[k]) == NULL);
+        nlive--;
+        /* everything published before the unsubscribe, nothing after */
+        CHECK_EQ_INT(atomic_load(&rec[k].payloads), published);
+        got_at_unsub[k] = published;
+        CHECK_EQ_INT(sb_topic_subscribers(t), nlive);
+        CHECK_EQ_INT(sb_topic_wants(t, ptype), nlive > 0);
+        CHECK_EQ_INT(publish_payload(t, ptype, 0, ++published, 0), nlive);
+    }
+    for (int i = 0; i < M; i++) {
+        CHECK_EQ_INT(atomic_load(&rec[i].payloads), got_at_unsub[i]);
+        CHECK_RECORDER_LIFECYCLE(&rec[i]);
+        recorder_destroy(&rec[i]);
+    }
+    free(rec);
+    sb_topic_unref(t);
+    CHECK_TOPIC_GONE("sub.scattered");
+}
+
 int main(void)
 {
     TEST_INIT();
@@ -886,6 +937,7 @@ int main(void)
     }
     test_unsubscribe_others();
     test_many_subscriptions();
+    test_unsubscribe_scattered();
     /* subscriptions released their topics */
     const char *what[] = {"life", "unsub", "atonce", "others", "selfjoin", "reentrant", "filter",
                           "congestion", "congestion.once", "concurrent", "bogus"};

@@ -657,7 +657,9 @@ struct sb_subscription *sb_subscribe_synchronous(struct sb_topic *topic,
 
 /**
  * Unsubscribes and releases the caller's reference; returns at once. The final message
- * (Unsubscribe change) is delivered last. Returns NULL.
+ * (Unsubscribe change) is delivered last. Leaving the topic costs O(1) amortized however
+ * many subscriptions it has (publishing the Unsubscribe change to them is O(their
+ * number), as any publish). Returns NULL.
  */
 struct sb_subscription *sb_unsubscribe(struct sb_subscription *sub);
 
@@ -692,7 +694,8 @@ int sb_subscription_is_subscribed(const struct sb_subscription *sub);
 int sb_subscription_final_message(const struct sb_subscription *sub, const struct sb_message *msg);
 
 /**
- * The subscription's unique id (borrowed).
+ * The subscription's unique id, "<topic name>:<number>" with a number no other
+ * subscription of this process has (borrowed: valid while the subscription lives).
  */
 const char *sb_subscription_uniqueid(const struct sb_subscription *sub);
 
@@ -836,7 +839,9 @@ int sb_publish_sync(struct sb_subscription *sub, struct sb_message *msg);
 struct sb_forward *sb_forward_all(struct sb_topic *from, struct sb_topic *to);
 
 /**
- * Stops a forward and releases it. Returns NULL; NULL-safe.
+ * Stops a forward and releases it: a publish to `from` that starts after this returns does
+ * not follow it. O(1) amortized, however many forwards leave `from`. Returns NULL;
+ * NULL-safe.
  */
 struct sb_forward *sb_forward_cancel(struct sb_forward *forward);
 

@@ -1,25 +1,25 @@
 //! Forwarding: everything published to one topic also reaches another's subscriptions.
 //!
-//! A forward is a link in the source topic's forward list; the publish path follows it
-//! directly (see `topic`). Creating and cancelling forwards is serialized by one lock so
-//! that the cycle check sees a stable graph; publishers never take it.
+//! A forward is an element of the source topic's forward list; the publish path follows
+//! it directly (see `topic`). Creating and cancelling forwards is serialized by one lock so
+//! that the cycle check sees a stable graph; publishers never take it. A cancelled forward
+//! is flagged at once and leaves the list with others later (`small_list::retire`), so a
+//! cancel costs O(1) amortized however many forwards leave the topic.
 
 use crate::error::{Error, Result};
 use crate::message_type::DEAD_MAGIC;
-use crate::topic::{ForwardLink, Topic, EMPTY_FORWARDS};
+use crate::topic::Topic;
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub(crate) const FORWARD_MAGIC: u32 = 0x5342_4657; // "SBFW"
 
 static GRAPH: Mutex<()> = Mutex::new(());
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 #[repr(C)]
 pub struct Forward {
     magic: u32,
-    id: u64,
     from: Arc<Topic>,
     to: Arc<Topic>,
     cancelled: AtomicBool,
@@ -39,20 +39,16 @@ impl Forward {
                 to.name()
             )));
         }
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let list = from.forwards.load().pushed(ForwardLink {
-            id,
-            to: Arc::clone(to),
-        });
-        from.forwards.store(Arc::new(list));
-        from.has_forwards.store(true, Ordering::Release);
-        Ok(Arc::new(Forward {
+        let forward = Arc::new(Forward {
             magic: FORWARD_MAGIC,
-            id,
             from: Arc::clone(from),
             to: Arc::clone(to),
             cancelled: AtomicBool::new(false),
-        }))
+        });
+        let list = from.forwards.load().pushed(Arc::clone(&forward));
+        from.forwards.store(Arc::new(list));
+        from.has_forwards.store(true, Ordering::Release);
+        Ok(forward)
     }
 
     pub(crate) fn magic_ok(&self) -> bool {
@@ -65,22 +61,20 @@ impl Forward {
         &self.to
     }
 
-    /// Stops forwarding. Costs O(forwards out of the source topic).
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Stops forwarding: a publish that starts after this returns skips the forward.
+    /// Costs O(1) amortized (see the module comment).
     pub fn cancel(&self) -> Result<()> {
         if self.cancelled.swap(true, Ordering::AcqRel) {
             return Err(Error::state("forward is already cancelled"));
         }
-        let _g = GRAPH.lock();
-        let current = self.from.forwards.load_full();
-        let list = current.without(|l| l.id == self.id);
-        self.from
-            .has_forwards
-            .store(!list.is_empty(), Ordering::Release);
-        self.from.forwards.store(if list.is_empty() {
-            Arc::clone(&EMPTY_FORWARDS)
-        } else {
-            Arc::new(list)
-        });
+        let g = GRAPH.lock();
+        let replaced = self.from.retire_forward();
+        drop(g);
+        drop(replaced); // may drop the last reference to forwards and topics: unlocked
         Ok(())
     }
 }

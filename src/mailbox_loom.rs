@@ -91,7 +91,7 @@ use loom::sync::atomic::{AtomicBool, AtomicUsize};
 use loom::sync::{Condvar, Mutex};
 use loom::thread;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::{Arc, LazyLock};
 
 /// The one message type of all models (created once, outside any model run).
@@ -175,6 +175,8 @@ struct Sub {
     /// Set (Relaxed) by the callback when it handles the final item: a joiner must see
     /// it, through the mailbox's own synchronization.
     final_handled: AtomicBool,
+    /// `Subscription::subscribed`: cleared by unsubscribe, checked by publishers.
+    subscribed: AtomicBool,
 }
 
 impl Sub {
@@ -184,6 +186,7 @@ impl Sub {
             runners: AtomicUsize::new(0),
             log: Log::new(),
             final_handled: AtomicBool::new(false),
+            subscribed: AtomicBool::new(true),
         })
     }
 
@@ -542,13 +545,30 @@ fn loom_final_pool() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Model 3: subscriber-list swap under a concurrent publish.
+// Model 3: unsubscribe under a concurrent publish. The unsubscriber clears the
+// subscription's flag, then either leaves it in the list (a tombstone, which publishers
+// skip or find closed) or swaps in a list without it (`small_list::retire` does one or the
+// other), then queues the final item.
 
 type SubList = Arc<Vec<Arc<Sub>>>;
 
 #[test]
 fn loom_unsubscribe_vs_publish() {
-    check("unsubscribe_vs_publish", 4, || {
+    unsubscribe_vs_publish(true);
+}
+
+#[test]
+fn loom_unsubscribe_vs_publish_tombstone() {
+    unsubscribe_vs_publish(false);
+}
+
+fn unsubscribe_vs_publish(rebuild: bool) {
+    let name = if rebuild {
+        "unsubscribe_vs_publish"
+    } else {
+        "unsubscribe_vs_publish_tombstone"
+    };
+    check(name, 4, move || {
         // `leaving` unsubscribes; `staying` stays (no runner: its queue is read at the
         // end).
         let leaving = Sub::new();
@@ -575,6 +595,11 @@ fn loom_unsubscribe_vs_publish() {
                     // `deliver_local`: load the snapshot, push to each subscriber in it.
                     let snapshot: SubList = Arc::clone(&subs.lock().unwrap());
                     for sub in snapshot.iter() {
+                        // `Subscription::is_live_for`.
+                        if !sub.subscribed.load(Relaxed) {
+                            assert!(Arc::ptr_eq(sub, &leaving));
+                            continue;
+                        }
                         let push = sub.mb.push(item(v, false, None), Kind::Dedicated, true);
                         let queued = match push {
                             Push::Queued { .. } => true,
@@ -603,8 +628,9 @@ fn loom_unsubscribe_vs_publish() {
             );
             thread::spawn(move || {
                 let before = published.load(Acquire);
-                {
-                    // `remove_subscriber`: swap in a list without the subscription.
+                leaving.subscribed.swap(false, AcqRel);
+                if rebuild {
+                    // `retire_subscriber` rebuilding: swap in a list without it.
                     let mut list = subs.lock().unwrap();
                     let rest: Vec<Arc<Sub>> = list
                         .iter()

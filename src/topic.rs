@@ -6,13 +6,18 @@
 //! each subscription's mailbox: forwarding adds no queue hop. Each topic is visited at
 //! most once per publish and a subscription belongs to exactly one topic, so diamonds
 //! deliver once per subscription.
+//!
+//! Unsubscribing and cancelling a forward cost O(1) amortized, however many subscriptions
+//! or forwards the topic has: the element is flagged (publishers skip it) and the list is
+//! rebuilt only once flagged elements are half of it (`small_list::retire`).
 
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
+use crate::forward::Forward;
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::names::check_name;
-use crate::small_list::SmallList;
+use crate::small_list::{retire, SmallList};
 use crate::subscription::Subscription;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -25,14 +30,16 @@ use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
 pub(crate) const TOPIC_MAGIC: u32 = 0x5342_5450; // "SBTP"
 
-#[derive(Clone)]
-pub(crate) struct ForwardLink {
-    pub(crate) id: u64,
-    pub(crate) to: Arc<Topic>,
-}
-
 type SubList = SmallList<Arc<Subscription>>;
-pub(crate) type ForwardList = SmallList<ForwardLink>;
+pub(crate) type ForwardList = SmallList<Arc<Forward>>;
+
+/// Unsubscribed subscriptions and cancelled forwards still in the lists (see
+/// `small_list::retire`).
+#[derive(Default)]
+struct Retired {
+    subscribers: u32,
+    forwards: u32,
+}
 
 #[repr(C)]
 pub struct Topic {
@@ -43,12 +50,15 @@ pub struct Topic {
     /// Process-unique number; the uniqueid text is built on demand.
     number: u64,
     uniqueid: OnceLock<CString>,
+    /// May hold unsubscribed subscriptions, which publishers skip.
     subscribers: ArcSwap<SubList>,
+    /// Written under the forward graph lock. May hold cancelled forwards, which
+    /// publishers skip.
     pub(crate) forwards: ArcSwap<ForwardList>,
     /// `forwards` is non-empty: lets the common publish skip loading it.
     pub(crate) has_forwards: AtomicBool,
-    /// Serializes writers of `subscribers`.
-    write: Mutex<()>,
+    /// Serializes writers of `subscribers` and of the retirement counts.
+    write: Mutex<Retired>,
 }
 
 static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
@@ -173,7 +183,7 @@ impl Topic {
             subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
             forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
             has_forwards: AtomicBool::new(false),
-            write: Mutex::new(()),
+            write: Mutex::new(Retired::default()),
         });
         // A dead topic's entry goes first: `insert` would keep its key, which points into
         // that topic's name.
@@ -217,18 +227,37 @@ impl Topic {
         self.subscribers.store(Arc::new(list));
     }
 
-    pub(crate) fn remove_subscriber(&self, sub: &Arc<Subscription>) {
-        let _w = self.write.lock();
-        let current = self.subscribers.load_full();
-        if !current.iter().any(|s| Arc::ptr_eq(s, sub)) {
-            return;
+    /// One of this topic's subscriptions was unsubscribed (its flag is already clear, so
+    /// publishers skip it): it leaves the list now or with others later.
+    pub(crate) fn retire_subscriber(&self) {
+        let mut w = self.write.lock();
+        let replaced = retire(
+            &self.subscribers,
+            &mut w.subscribers,
+            |s| !s.is_subscribed(),
+            &EMPTY_SUBS,
+        );
+        drop(w);
+        drop(replaced); // may drop the last reference to subscriptions: not under the lock
+    }
+
+    /// A forward out of this topic was cancelled (its flag is set, so publishers skip
+    /// it): it leaves the list now or with others later. Called under the forward graph
+    /// lock; returns the replaced list, to be dropped once that lock is released (it
+    /// may hold the last reference to forwards, and through them to topics).
+    pub(crate) fn retire_forward(&self) -> Option<Arc<ForwardList>> {
+        let mut w = self.write.lock();
+        let replaced = retire(
+            &self.forwards,
+            &mut w.forwards,
+            |f| f.is_cancelled(),
+            &EMPTY_FORWARDS,
+        );
+        if replaced.is_some() {
+            let any = !self.forwards.load().is_empty();
+            self.has_forwards.store(any, Ordering::Release);
         }
-        let list = current.without(|s| Arc::ptr_eq(s, sub));
-        self.subscribers.store(if list.is_empty() {
-            Arc::clone(&EMPTY_SUBS)
-        } else {
-            Arc::new(list)
-        });
+        replaced
     }
 
     /// Publishes `msg`; returns the number of subscriptions it was queued to (or, for
@@ -258,8 +287,8 @@ impl Topic {
         }
         let forwards = self.forwards.load();
         let mut visited = Visited::new(self);
-        for link in forwards.iter() {
-            count += link.to.publish_forwarded(msg, ctx, &mut visited);
+        for fwd in forwards.iter().filter(|f| !f.is_cancelled()) {
+            count += fwd.to().publish_forwarded(msg, ctx, &mut visited);
         }
         count
     }
@@ -275,8 +304,8 @@ impl Topic {
         }
         let mut count = self.deliver_local(msg, ctx);
         let forwards = self.forwards.load();
-        for link in forwards.iter() {
-            count += link.to.publish_forwarded(msg, ctx, visited);
+        for fwd in forwards.iter().filter(|f| !f.is_cancelled()) {
+            count += fwd.to().publish_forwarded(msg, ctx, visited);
         }
         count
     }
@@ -286,7 +315,7 @@ impl Topic {
         let ty = msg.message_type();
         let mut count = 0;
         for sub in subs.iter() {
-            if ctx.exclude.is_some_and(|e| Arc::ptr_eq(e, sub)) || !sub.accepts(ty) {
+            if ctx.exclude.is_some_and(|e| Arc::ptr_eq(e, sub)) || !sub.is_live_for(ty) {
                 continue;
             }
             if let Some(seq) = sub.offer(msg, false) {
@@ -303,9 +332,9 @@ impl Topic {
     pub(crate) fn for_each_reachable(&self, f: &mut dyn FnMut(&Topic)) {
         fn walk(t: &Topic, visited: &mut Visited, f: &mut dyn FnMut(&Topic)) {
             f(t);
-            for link in t.forwards.load().iter() {
-                if visited.insert(Arc::as_ptr(&link.to)) {
-                    walk(&link.to, visited, f);
+            for fwd in t.forwards.load().iter().filter(|f| !f.is_cancelled()) {
+                if visited.insert(Arc::as_ptr(fwd.to())) {
+                    walk(fwd.to(), visited, f);
                 }
             }
         }
@@ -316,20 +345,28 @@ impl Topic {
     /// Subscriptions a publish here would reach, including through forwards.
     pub fn subscriber_count(&self) -> usize {
         let mut n = 0;
-        self.for_each_reachable(&mut |t| n += t.subscribers.load().len());
+        self.for_each_reachable(&mut |t| {
+            n += t
+                .subscribers
+                .load()
+                .iter()
+                .filter(|s| s.is_subscribed())
+                .count();
+        });
         n
     }
 
     /// Subscriptions of this topic alone.
     pub fn direct_subscribers(&self) -> Vec<Arc<Subscription>> {
-        self.subscribers.load().to_vec()
+        let subs = self.subscribers.load();
+        subs.iter().filter(|s| s.is_subscribed()).cloned().collect()
     }
 
     /// Would a message of type `ty` reach at least one subscription that accepts it?
     pub fn wants(&self, ty: &MessageType) -> bool {
         let mut wanted = false;
         self.for_each_reachable(&mut |t| {
-            wanted = wanted || t.subscribers.load().iter().any(|s| s.accepts(ty));
+            wanted = wanted || t.subscribers.load().iter().any(|s| s.is_live_for(ty));
         });
         wanted
     }

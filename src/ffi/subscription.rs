@@ -151,7 +151,9 @@ pub extern "C" fn sb_subscribe_synchronous(
 }
 
 /// Unsubscribes and releases the caller's reference; returns at once. The final message
-/// (Unsubscribe change) is delivered last. Returns NULL.
+/// (Unsubscribe change) is delivered last. Leaving the topic costs O(1) amortized however
+/// many subscriptions it has (publishing the Unsubscribe change to them is O(their
+/// number), as any publish). Returns NULL.
 #[no_mangle]
 pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscription {
     boundary(|| act_and_release(sub, |s| s.unsubscribe()))
@@ -221,7 +223,8 @@ pub extern "C" fn sb_subscription_final_message(
     )
 }
 
-/// The subscription's unique id (borrowed).
+/// The subscription's unique id, "<topic name>:<number>" with a number no other
+/// subscription of this process has (borrowed: valid while the subscription lives).
 #[no_mangle]
 pub extern "C" fn sb_subscription_uniqueid(sub: *const sb_subscription) -> *const c_char {
     boundary(|| match sb_subscription::borrow(sub) {

@@ -214,7 +214,9 @@ pub extern "C" fn sb_forward_all(from: *mut sb_topic, to: *mut sb_topic) -> *mut
     })
 }
 
-/// Stops a forward and releases it. Returns NULL; NULL-safe.
+/// Stops a forward and releases it: a publish to `from` that starts after this returns does
+/// not follow it. O(1) amortized, however many forwards leave `from`. Returns NULL;
+/// NULL-safe.
 #[no_mangle]
 pub extern "C" fn sb_forward_cancel(forward: *mut sb_forward) -> *mut sb_forward {
     boundary(|| {
