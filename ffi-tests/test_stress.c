@@ -5,7 +5,11 @@
  * unsubscribing subscriptions of all three kinds (some selective, some on a topic T2 that T
  * forwards to; unsubscribed with join, with unsubscribe + join, or with a plain unsubscribe
  * checked at the end), and one thread keeps adding and cancelling a forward T -> T3.
- * Long-lived subscriptions of every kind watch the whole run.
+ * Long-lived subscriptions of every kind watch the whole run. Ballast (NBALLAST selective
+ * subscriptions of T and T2 that accept no published type, NBALLAST forwards out of T to
+ * topics without subscribers) keeps both topics' lists longer than the length up to which
+ * a removal rebuilds the list at once, so the churn runs against lists that hold flagged
+ * (unsubscribed or cancelled) entries for a while.
  *
  * Checked for every subscription: its own Subscribe came first, its final message (own
  * Unsubscribe) came last and once, nothing after it, no overlapping invocations, per
@@ -17,6 +21,7 @@
 #define NPUB 4
 #define NCHURN 3
 #define MAX_CHURN_SUBS 400
+#define NBALLAST 20
 
 static sb_message_type *ptype;
 static sb_topic *T, *T2, *T3;
@@ -108,6 +113,17 @@ static void *churner(void *arg)
     return NULL;
 }
 
+/* Ballast subscriptions accept no published type: they must never see a payload. */
+static atomic_int ballast_payloads;
+
+static void ballast_cb(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)data;
+    (void)sub;
+    if (sb_message_get_type(msg) == ptype)
+        atomic_fetch_add(&ballast_payloads, 1);
+}
+
 static void *forwarder(void *arg)
 {
     (void)arg;
@@ -131,6 +147,24 @@ int main(void)
     T3 = sb_topic_create("stress.t3");
     sb_forward *f12 = sb_forward_all(T, T2);
     CHECK(f12 != NULL);
+
+    /* ballast: never delivered to, never forwarded onwards */
+    sb_message_type *none = make_type("stress.none");
+    sb_subscription *ballast_sub[2 * NBALLAST];
+    sb_topic *ballast_topic[NBALLAST];
+    sb_forward *ballast_fwd[NBALLAST];
+    for (int i = 0; i < 2 * NBALLAST; i++) {
+        ballast_sub[i] = subscribe_kind(i % KIND_COUNT, i % 2 ? T2 : T, ballast_cb, NULL);
+        CHECK(ballast_sub[i] != NULL);
+        CHECK_EQ_INT(sb_subscription_accept_message_type(ballast_sub[i], none), SB_OK);
+    }
+    for (int i = 0; i < NBALLAST; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "stress.b.%d", i);
+        ballast_topic[i] = sb_topic_create(name);
+        ballast_fwd[i] = sb_forward_all(T, ballast_topic[i]);
+        CHECK(ballast_fwd[i] != NULL);
+    }
 
     /* long-lived watchers: one per kind on T, one per kind on T2, one on T3 */
     recorder watch[7];
@@ -209,6 +243,14 @@ int main(void)
     CHECK(total_subs >= 3);
 
     CHECK(sb_forward_cancel(f12) == NULL);
+    for (int i = 0; i < 2 * NBALLAST; i++)
+        CHECK(sb_unsubscribe_and_join(ballast_sub[i]) == NULL);
+    for (int i = 0; i < NBALLAST; i++) {
+        CHECK(sb_forward_cancel(ballast_fwd[i]) == NULL);
+        sb_topic_unref(ballast_topic[i]);
+    }
+    sb_message_type_unref(none);
+    CHECK_EQ_INT(atomic_load(&ballast_payloads), 0);
     CHECK_EQ_INT(sb_topic_subscribers(T), 0);
     CHECK_EQ_INT(sb_topic_subscribers(T2), 0);
     sb_topic_unref(T);
@@ -218,6 +260,11 @@ int main(void)
     CHECK_TOPIC_GONE("stress.t");
     CHECK_TOPIC_GONE("stress.t2");
     CHECK_TOPIC_GONE("stress.t3");
+    for (int i = 0; i < NBALLAST; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "stress.b.%d", i);
+        CHECK_TOPIC_GONE(name);
+    }
 
     /* every message's dtor ran exactly once */
     WAIT_UNTIL(atomic_load(&payload_destroyed) == atomic_load(&payload_created));
