@@ -30,6 +30,13 @@
  * Self-join reports SB_E_DEADLOCK; a join from a callback completes. At the end: every
  * message dtor ran exactly once (created == destroyed), and every topic name used left the
  * registry (sb_topic_get returns NULL).
+ *
+ * Ballast: the even-numbered topics hold NBALLAST selective pool subscriptions that
+ * accept no published type and NBALLAST forwards to topics without subscribers for the
+ * whole run, so their subscriber and forward lists stay longer than the length up to
+ * which a removal rebuilds a list at once: there, subscriptions and forwards leave by
+ * being flagged, under every other operation. (The ballast keeps those topics alive; the
+ * odd-numbered ones keep their create/release churn.) Ballast must never see a payload.
  */
 #include "test_util.h"
 
@@ -44,6 +51,7 @@
 #define NROUTER 4
 #define HELD_TOPICS 4
 #define HELD_TYPES 3
+#define NBALLAST 17
 
 #define TP_MAGIC 0x54505459u
 #define TP_DEAD 0xdeadbeefu
@@ -141,6 +149,27 @@ static int is_builtin(sb_message_type *t)
 {
     return t == sb_subscription_change_type() || t == sb_cache_update_type() ||
            t == sb_cache_clear_type();
+}
+
+/* ---------------- ballast ---------------- */
+
+static sb_subscription *ballast_subs[NTOPICS / 2][NBALLAST];
+static sb_forward *ballast_fwds[NTOPICS / 2][NBALLAST];
+static sb_topic *ballast_dst[NTOPICS / 2][NBALLAST];
+static sb_message_type *ballast_type; /* never published */
+static atomic_int ballast_payloads;
+
+static void ballast_cb(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)data;
+    (void)sub;
+    if (!is_builtin(sb_message_get_type(msg)))
+        atomic_fetch_add(&ballast_payloads, 1);
+}
+
+static void ballast_name(char *buf, size_t len, int k, int j)
+{
+    snprintf(buf, len, "tt.ballast.%d.%d", k, j);
 }
 
 /* ---------------- global findings ---------------- */
@@ -1087,6 +1116,22 @@ int main(void)
     cache = sb_cache_create(pay_id);
     CHECK(pooled_topic && tpool && cache);
 
+    CHECK_EQ_INT(sb_message_type_create("tt.ballast", NULL, &ballast_type), SB_OK);
+    for (int k = 0; k < NTOPICS / 2; k++) {
+        sb_topic *t = sb_topic_create(names[2 * k]);
+        for (int j = 0; j < NBALLAST; j++) {
+            char n[48];
+            ballast_name(n, sizeof n, k, j);
+            ballast_dst[k][j] = sb_topic_create(n);
+            ballast_fwds[k][j] = sb_forward_all(t, ballast_dst[k][j]);
+            ballast_subs[k][j] = sb_subscribe_pool(t, ballast_cb, NULL);
+            CHECK(ballast_fwds[k][j] != NULL && ballast_subs[k][j] != NULL);
+            CHECK_EQ_INT(sb_subscription_accept_message_type(ballast_subs[k][j], ballast_type),
+                         SB_OK);
+        }
+        sb_topic_unref(t); /* the ballast keeps it */
+    }
+
     pthread_t wd;
     pthread_create(&wd, NULL, watchdog, NULL);
     worker ws[NWORKERS];
@@ -1109,6 +1154,16 @@ int main(void)
     double run = tu_now_s() - start;
 
     /* ---- teardown, watched by the watchdog (progress[TEARDOWN]) ---- */
+    for (int k = 0; k < NTOPICS / 2; k++) {
+        for (int j = 0; j < NBALLAST; j++) {
+            CHECK(sb_forward_cancel(ballast_fwds[k][j]) == NULL);
+            CHECK(sb_unsubscribe_and_join(ballast_subs[k][j]) == NULL);
+            sb_topic_unref(ballast_dst[k][j]);
+        }
+        step();
+    }
+    sb_message_type_unref(ballast_type);
+    CHECK_EQ_INT(atomic_load(&ballast_payloads), 0);
     for (int i = 0; i < NFWD; i++) {
         if (fwds[i] != NULL)
             CHECK(sb_forward_cancel(fwds[i]) == NULL);
@@ -1209,6 +1264,15 @@ int main(void)
         if (!tu_last_wait_ok())
             printf("  topic still registered: %s\n", names[i]);
         step();
+    }
+    for (int k = 0; k < NTOPICS / 2; k++) {
+        for (int j = 0; j < NBALLAST; j++) {
+            char n[48];
+            ballast_name(n, sizeof n, k, j);
+            WAIT_UNTIL(!topic_registered(n));
+            if (!tu_last_wait_ok())
+                printf("  topic still registered: %s\n", n);
+        }
     }
     WAIT_UNTIL(atomic_load(&pay_destroyed) == atomic_load(&pay_created));
     CHECK_EQ_INT(atomic_load(&pay_double_dtor), 0);
