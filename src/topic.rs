@@ -285,11 +285,8 @@ impl Topic {
         if !self.has_forwards.load(Ordering::Acquire) {
             return count;
         }
-        let forwards = self.forwards.load();
         let mut visited = Visited::new(self);
-        for fwd in forwards.iter().filter(|f| !f.is_cancelled()) {
-            count += fwd.to().publish_forwarded(msg, ctx, &mut visited);
-        }
+        self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, &mut visited));
         count
     }
 
@@ -303,11 +300,21 @@ impl Topic {
             return 0;
         }
         let mut count = self.deliver_local(msg, ctx);
-        let forwards = self.forwards.load();
-        for fwd in forwards.iter().filter(|f| !f.is_cancelled()) {
-            count += fwd.to().publish_forwarded(msg, ctx, visited);
-        }
+        self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, visited));
         count
+    }
+
+    /// Calls `f` with the destination of each forward out of this topic that is not
+    /// cancelled (a cancelled one may still be in the list, see `retire_forward`).
+    fn for_each_forward_target(&self, mut f: impl FnMut(&Arc<Topic>)) {
+        for fwd in self
+            .forwards
+            .load()
+            .iter()
+            .filter(|fwd| !fwd.is_cancelled())
+        {
+            f(fwd.to());
+        }
     }
 
     fn deliver_local(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
@@ -332,11 +339,11 @@ impl Topic {
     pub(crate) fn for_each_reachable(&self, f: &mut dyn FnMut(&Topic)) {
         fn walk(t: &Topic, visited: &mut Visited, f: &mut dyn FnMut(&Topic)) {
             f(t);
-            for fwd in t.forwards.load().iter().filter(|f| !f.is_cancelled()) {
-                if visited.insert(Arc::as_ptr(fwd.to())) {
-                    walk(fwd.to(), visited, f);
+            t.for_each_forward_target(|to| {
+                if visited.insert(Arc::as_ptr(to)) {
+                    walk(to, visited, f);
                 }
-            }
+            });
         }
         let mut visited = Visited::new(self);
         walk(self, &mut visited, f);
