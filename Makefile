@@ -3,6 +3,7 @@
 #   make demo   build the library and the C examples, then run minimal and the PBX demo
 #   make test   run every test (Rust and C: cargo test)
 #   make bench  build in release mode and run the benchmark (ARGS="-w W1 -n 3" to select)
+#   make tsan   the Rust unit tests and the C tests under ThreadSanitizer (needs rust-src)
 #   make clean  remove build outputs
 
 CARGO   ?= cargo
@@ -15,7 +16,7 @@ HEADER  := $(INCDIR)/switchboard.h
 LINK    := -L$(LIBDIR) -lswitchboard -Wl,-rpath,$(LIBDIR)
 EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so
 
-.PHONY: all lib demo examples test bench clean
+.PHONY: all lib demo examples test tsan bench clean
 
 all: lib
 
@@ -45,6 +46,14 @@ $(OUT)/pbx_module.so: c-examples/pbx_module.c c-examples/endpoint.h $(HEADER) $(
 
 test:
 	$(CARGO) test
+
+# ThreadSanitizer needs the standard library rebuilt with it (-Zbuild-std, hence the
+# rust-src component and RUSTC_BOOTSTRAP on a stable toolchain) and an explicit target,
+# so that build scripts stay uninstrumented. tests/ffi.rs compiles the C tests to match.
+TSAN_TARGET = $(shell rustc -vV | sed -n 's/^host: //p')
+tsan:
+	RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=thread" CARGO_TARGET_DIR=target/tsan \
+	SB_TSAN=1 $(CARGO) test -Zbuild-std --target $(TSAN_TARGET) --lib --test ffi
 
 bench:
 	bash bench/run.sh $(ARGS)

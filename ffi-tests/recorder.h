@@ -202,7 +202,6 @@ static inline void recorder_cb(void *data, sb_subscription *sub, sb_message *msg
         }
     } else if (r->payload_type != NULL && type == r->payload_type) {
         payload_t *p = sb_message_data(msg);
-        atomic_fetch_add(&r->payloads, 1);
         if (p != NULL && p->thread >= 0 && p->thread < REC_MAX_THREADS) {
             if (p->seq <= r->last_seq[p->thread])
                 atomic_fetch_add(&r->order_errors, 1);
@@ -210,6 +209,9 @@ static inline void recorder_cb(void *data, sb_subscription *sub, sb_message *msg
             if (r->publishers != NULL && !pthread_equal(self, r->publishers[p->thread]))
                 atomic_fetch_add(&r->wrong_publisher_thread, 1);
         }
+        /* Counted last: a test that waits for the count may then read last_seq (the
+         * atomic increment publishes the plain write above). */
+        atomic_fetch_add(&r->payloads, 1);
     } else {
         atomic_fetch_add(&r->others, 1);
     }

@@ -2,15 +2,18 @@
 //! `cargo test` builds (target/<profile>/libswitchboard.so).
 //!
 //! One `#[test]` per C file. With `SB_VALGRIND=1` every program runs under valgrind
-//! memcheck (definite leaks and memory errors fail the test). A program that does not
-//! finish in time is killed and the test fails with everything it printed.
+//! memcheck (definite leaks and memory errors fail the test). With `SB_TSAN=1` (set by
+//! `make tsan`, which also builds the library with ThreadSanitizer) every program is
+//! compiled with `-fsanitize=thread` and any report (data race, lock-order inversion)
+//! fails it. A program that does not finish in time is killed and the test fails with
+//! everything it printed.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Seconds before a program is killed (natively / under valgrind).
+/// Seconds before a program is killed (natively / under valgrind or ThreadSanitizer).
 const TIMEOUT_NATIVE: u64 = 120;
 const TIMEOUT_VALGRIND: u64 = 600;
 
@@ -27,8 +30,28 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+fn flag(name: &str) -> bool {
+    matches!(std::env::var(name), Ok(v) if !v.is_empty() && v != "0")
+}
+
 fn valgrind() -> bool {
-    matches!(std::env::var("SB_VALGRIND"), Ok(v) if !v.is_empty() && v != "0")
+    flag("SB_VALGRIND")
+}
+
+fn tsan() -> bool {
+    flag("SB_TSAN")
+}
+
+/// In ThreadSanitizer mode the library itself must be instrumented, or races inside it
+/// would go unseen while every test passes: refuse a plain build.
+fn assert_library_instrumented(lib: &Path) {
+    let bytes = std::fs::read(lib).expect("read libswitchboard.so");
+    let needle = b"__tsan_func_entry";
+    assert!(
+        bytes.windows(needle.len()).any(|w| w == needle),
+        "SB_TSAN=1 but {} is not built with ThreadSanitizer: use `make tsan`",
+        lib.display()
+    );
 }
 
 fn compile(name: &str) -> PathBuf {
@@ -42,6 +65,9 @@ fn compile(name: &str) -> PathBuf {
         "{} not found: `cargo test` should build the cdylib",
         lib.display()
     );
+    if tsan() {
+        assert_library_instrumented(&lib);
+    }
     let out_dir = profile_dir().join("ffi-tests");
     std::fs::create_dir_all(&out_dir).expect("create target/<profile>/ffi-tests");
     let src = crate_dir.join("ffi-tests").join(format!("{name}.c"));
@@ -60,8 +86,12 @@ fn compile(name: &str) -> PathBuf {
     cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-pthread"])
         .arg(format!("-I{}", crate_dir.join("include").display()))
         .arg(format!("-I{}", crate_dir.join("ffi-tests").display()))
-        .arg(&src)
-        .arg(format!("-L{}", lib_dir.display()))
+        .arg(&src);
+    if tsan() {
+        cmd.args(["-fsanitize=thread", "-rdynamic"])
+            .arg(crate_dir.join("ffi-tests").join("tsan_shim.c"));
+    }
+    cmd.arg(format!("-L{}", lib_dir.display()))
         .arg("-lswitchboard")
         .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
         .arg("-o")
@@ -132,6 +162,47 @@ fn valgrind_catches_leaks() {
     }
 }
 
+/// ThreadSanitizer's settings, unless the caller set its own: stop at the first report
+/// (the exit status then fails the test); let test_fork's children start threads after
+/// a fork of a threaded process, which the sanitizer refuses by default (those children
+/// are checked like any other process).
+fn tsan_command(exe: &Path) -> Command {
+    let mut c = Command::new(exe);
+    if std::env::var_os("TSAN_OPTIONS").is_none() {
+        c.env(
+            "TSAN_OPTIONS",
+            "halt_on_error=1 die_after_fork=0 second_deadlock_stack=1",
+        );
+    }
+    c
+}
+
+/// The ThreadSanitizer build sees races between the library's threads and the caller's:
+/// race_canary.c reads, unsynchronized, a counter its subscription's callback writes; the
+/// sanitizer must report it.
+#[test]
+fn tsan_catches_races() {
+    if !tsan() {
+        println!("tsan_catches_races: runs with SB_TSAN=1 (make tsan)");
+        return;
+    }
+    let exe = compile("race_canary");
+    let out = tsan_command(&exe)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("run race_canary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(66),
+        "ThreadSanitizer missed the race:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("WARNING: ThreadSanitizer: data race"),
+        "no data race report:\n{stderr}"
+    );
+}
+
 /// Reads a pipe to the end on a thread of its own (so a full pipe never blocks the child).
 fn drain<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
@@ -144,8 +215,11 @@ fn drain<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>>
 fn run(name: &str) {
     let exe = compile(name);
     let vg = valgrind();
+    let ts = tsan();
     let mut cmd = if vg {
         memcheck(&exe)
+    } else if ts {
+        tsan_command(&exe)
     } else {
         Command::new(&exe)
     };
@@ -156,9 +230,14 @@ fn run(name: &str) {
         // cargo points LD_LIBRARY_PATH at target/<profile> first, where a stale copy of
         // the library may lie (see `compile`): the program's rpath alone says which one.
         .env_remove("LD_LIBRARY_PATH");
-    // test_torture runs SB_TORTURE_SECONDS (default 20); under valgrind 3 s are plenty.
-    if vg && name == "test_torture" && std::env::var_os("SB_TORTURE_SECONDS").is_none() {
-        cmd.env("SB_TORTURE_SECONDS", "3");
+    // test_torture runs SB_TORTURE_SECONDS (default 20); under valgrind 3 s are plenty,
+    // under ThreadSanitizer (several times slower) 10.
+    if name == "test_torture" && std::env::var_os("SB_TORTURE_SECONDS").is_none() {
+        if vg {
+            cmd.env("SB_TORTURE_SECONDS", "3");
+        } else if ts {
+            cmd.env("SB_TORTURE_SECONDS", "10");
+        }
     }
     let mut child = cmd
         .spawn()
@@ -166,7 +245,11 @@ fn run(name: &str) {
     let out = drain(child.stdout.take().expect("stdout piped"));
     let err = drain(child.stderr.take().expect("stderr piped"));
 
-    let timeout = Duration::from_secs(if vg { TIMEOUT_VALGRIND } else { TIMEOUT_NATIVE });
+    let timeout = Duration::from_secs(if vg || ts {
+        TIMEOUT_VALGRIND
+    } else {
+        TIMEOUT_NATIVE
+    });
     let start = Instant::now();
     let mut timed_out = false;
     let status = loop {
@@ -186,7 +269,13 @@ fn run(name: &str) {
     if timed_out || !status.success() {
         panic!(
             "{name}{} {} after {:.1} s\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-            if vg { " (valgrind)" } else { "" },
+            if vg {
+                " (valgrind)"
+            } else if ts {
+                " (ThreadSanitizer)"
+            } else {
+                ""
+            },
             if timed_out {
                 format!("timed out ({} s) and was killed", timeout.as_secs())
             } else {
