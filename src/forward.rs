@@ -17,12 +17,14 @@ pub(crate) const FORWARD_MAGIC: u32 = 0x5342_4657; // "SBFW"
 
 static GRAPH: Mutex<()> = Mutex::new(());
 
+/// `cancelled` sits beside `magic`, in what would be padding: 24 bytes, so a forward
+/// takes a 48-byte block of the allocator instead of 64 (W8 holds 100,000 of them).
 #[repr(C)]
 pub struct Forward {
     magic: u32,
+    cancelled: AtomicBool,
     from: Arc<Topic>,
     to: Arc<Topic>,
-    cancelled: AtomicBool,
 }
 
 impl Forward {
@@ -41,9 +43,9 @@ impl Forward {
         }
         let forward = Arc::new(Forward {
             magic: FORWARD_MAGIC,
+            cancelled: AtomicBool::new(false),
             from: Arc::clone(from),
             to: Arc::clone(to),
-            cancelled: AtomicBool::new(false),
         });
         let list = from.forwards.load().pushed(Arc::clone(&forward));
         from.forwards.store(Arc::new(list));

@@ -38,3 +38,22 @@ pub use router::Router;
 pub use subscription::{Callback, Subscription, SubscriptionChange};
 pub use topic::Topic;
 pub use topic_pool::TopicPool;
+
+/// The sizes W8's memory figure rests on (one topic, one forward, one subscription per
+/// unit): glibc serves an `Arc` of n bytes (n + 16 with the counts) from a block of
+/// n + 24 rounded up to 16, so crossing one of these bounds costs 16 bytes per object.
+#[cfg(all(test, not(loom), target_pointer_width = "64"))]
+mod layout_sizes {
+    use std::mem::size_of;
+
+    #[test]
+    fn objects_stay_within_their_allocator_classes() {
+        assert!(size_of::<crate::Topic>() <= 88, "{}", size_of::<crate::Topic>());
+        assert!(size_of::<crate::Forward>() <= 24, "{}", size_of::<crate::Forward>());
+        assert!(
+            size_of::<crate::Subscription>() <= 264,
+            "{}",
+            size_of::<crate::Subscription>()
+        );
+    }
+}
