@@ -795,7 +795,11 @@ static sb_message *aggregate_of(sb_cache *c, const char *id)
 static void test_aggregates(void)
 {
     sb_topic *orig = sb_topic_create("cache.agg");
-    sb_cache *cache = sb_cache_create_full(snap_id, sum_calc, agg_publish);
+    /* the header's callback typedefs are API names too: use them by name */
+    sb_snapshot_get_id id_fn = snap_id;
+    sb_cache_aggregate_calc_fn calc_fn = sum_calc;
+    sb_cache_aggregate_publish_fn publish_fn = agg_publish;
+    sb_cache *cache = sb_cache_create_full(id_fn, calc_fn, publish_fn);
     CHECK(cache != NULL);
     sb_caching_topic *ct = sb_caching_topic_create(orig, cache);
     CHECK(ct != NULL);

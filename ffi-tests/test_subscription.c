@@ -245,6 +245,7 @@ typedef struct self_join_ctx {
     atomic_int returned_null;
     atomic_int error_set;
     atomic_int unsubscribed_after;
+    atomic_int says_deadlock; /* the last error names the deadlock */
     char err[512];
 } self_join_ctx;
 
@@ -260,6 +261,12 @@ static void self_join_hook(recorder *r, sb_subscription *sub, sb_message *msg)
     if (own == NULL)
         return;
     if (c->plain) {
+        /* a join of its own subscription, still subscribed, would wait forever: it
+         * returns at once with SB_E_DEADLOCK (set a different error first, so we see
+         * that the join set it) */
+        CHECK(sb_topic_create(NULL) == NULL);
+        sb_subscription_join(sub);
+        atomic_store(&c->says_deadlock, tu_contains_ci(sb_last_error(), "deadlock"));
         CHECK(sb_unsubscribe(own) == NULL);
         atomic_store(&c->returned_null, 1);
         atomic_store(&c->error_set, 1);
@@ -275,6 +282,7 @@ static void self_join_hook(recorder *r, sb_subscription *sub, sb_message *msg)
     tu_copy_error(c->err, sizeof c->err);
     atomic_store(&c->returned_null, res == NULL);
     atomic_store(&c->error_set, c->err[0] != '\0' && strcmp(c->err, before) != 0);
+    atomic_store(&c->says_deadlock, tu_contains_ci(c->err, "deadlock"));
     atomic_store(&c->unsubscribed_after, sb_subscription_is_subscribed(sub) == 0);
     atomic_store(&c->ran, 1);
 }
@@ -304,7 +312,8 @@ static void test_unsubscribe_from_own_callback(int kind, int plain)
     sb_subscription_join(extra);
     CHECK_EQ_INT(atomic_load(&ctx.returned_null), 1);
     CHECK_EQ_INT(atomic_load(&ctx.error_set), 1);
-    if (!atomic_load(&ctx.error_set))
+    CHECK_EQ_INT(atomic_load(&ctx.says_deadlock), 1);
+    if (!atomic_load(&ctx.error_set) || !atomic_load(&ctx.says_deadlock))
         printf("  last error after self-join: \"%s\"\n", ctx.err);
     CHECK_EQ_INT(atomic_load(&ctx.unsubscribed_after), 1);
     CHECK_EQ_INT(sb_subscription_is_subscribed(extra), 0);
@@ -738,6 +747,95 @@ static void test_congestion_warning_once(int kind)
     sb_topic_unref(t);
 }
 
+/* A gate that lets gate messages through one at a time: the n-th one to arrive waits
+ * until `passes` reaches n. Holding the runner inside a batch makes the batch
+ * boundaries, where the queue's length decides whether congestion ended, predictable. */
+typedef struct ticket_gate {
+    atomic_int entered;
+    atomic_int passes;
+} ticket_gate;
+
+static void ticket_hook(recorder *r, sb_subscription *sub, sb_message *msg)
+{
+    (void)sub;
+    ticket_gate *g = r->hook_data;
+    if (sb_message_get_type(msg) != ptype)
+        return;
+    payload_t *p = sb_message_data(msg);
+    if (p->tag != TAG_GATE)
+        return;
+    int me = atomic_fetch_add(&g->entered, 1) + 1;
+    double deadline = tu_now_s() + tu_wait_seconds();
+    while (atomic_load(&g->passes) < me && tu_now_s() < deadline)
+        tu_sleep_ms(1);
+}
+
+/* Hysteresis: once over high_water, a queue is congested until a batch ends with fewer
+ * than low_water queued. Falling between the marks and climbing over high_water again
+ * is the same congestion: no second warning. */
+static void test_congestion_hysteresis(int kind)
+{
+    printf("congestion hysteresis %s\n", kind_names[kind]);
+    sb_topic *t = kind_topic("congestion.hyst", kind);
+    recorder rec;
+    ticket_gate gate;
+    atomic_init(&gate.entered, 0);
+    atomic_init(&gate.passes, 0);
+    recorder_init(&rec, ptype, t);
+    rec.hook = ticket_hook;
+    rec.hook_data = &gate;
+    log_capture cap;
+    memset(&cap, 0, sizeof cap);
+    pthread_mutex_init(&cap.mu, NULL);
+    sb_subscription *sub = subscribe_kind(kind, t, recorder_cb, &rec);
+    snprintf(cap.needle, sizeof cap.needle, "%s", sb_subscription_uniqueid(sub));
+    sb_set_log_handler(log_handler, &cap);
+    CHECK_EQ_INT(sb_subscription_set_congestion_limits(sub, 5, 20), SB_OK);
+
+    int seq = 0;
+    /* G1 held; 25 behind it: over 20, the first warning */
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
+    WAIT_UNTIL(atomic_load(&gate.entered) == 1);
+    for (int i = 0; i < 25; i++)
+        CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
+    CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
+    /* G2 queued behind them; G1 goes: its batch ends with 26 queued (still congested),
+     * and the next batch, the 25 and G2, is held at G2 */
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
+    atomic_store(&gate.passes, 1);
+    WAIT_UNTIL(atomic_load(&gate.entered) == 2);
+    /* 9 and G3 queued; G2 goes: its batch ends with 10 queued, between the marks */
+    for (int i = 0; i < 9; i++)
+        CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
+    atomic_store(&gate.passes, 2);
+    WAIT_UNTIL(atomic_load(&gate.entered) == 3);
+    /* held at G3 with 10 in flight; 15 more: 25 over 20 again, the same congestion */
+    for (int i = 0; i < 15; i++)
+        CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
+    CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
+    CHECK_EQ_INT(captured_warnings(&cap), 1);
+    /* everything drains (the last batch ends with nothing queued, below 5) */
+    atomic_store(&gate.passes, 3);
+    WAIT_UNTIL(atomic_load(&rec.payloads) == seq);
+    CHECK_EQ_INT(sb_subscription_queue_length(sub), 0);
+    /* a new crossing after that is a new congestion: a second warning */
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
+    WAIT_UNTIL(atomic_load(&gate.entered) == 4);
+    for (int i = 0; i < 25; i++)
+        CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
+    CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 2);
+    atomic_store(&gate.passes, 4);
+    WAIT_UNTIL(atomic_load(&rec.payloads) == seq);
+    sb_set_log_handler(NULL, NULL);
+    CHECK_EQ_INT(captured_warnings(&cap), 2);
+    CHECK(sb_unsubscribe_and_join(sub) == NULL);
+    CHECK_RECORDER_LIFECYCLE(&rec);
+    recorder_destroy(&rec);
+    pthread_mutex_destroy(&cap.mu);
+    sb_topic_unref(t);
+}
+
 /* ---- concurrent publishers: no overlap, per-thread order ---- */
 
 #define NPUB 4
@@ -932,6 +1030,8 @@ int main(void)
         test_congestion(k);
         if (k != KIND_SYNC) /* a synchronous subscription has no queue to congest */
             test_congestion_warning_once(k);
+        if (k != KIND_SYNC)
+            test_congestion_hysteresis(k);
         test_concurrent_publishers(k);
         test_data_untouched(k);
     }
@@ -940,7 +1040,8 @@ int main(void)
     test_unsubscribe_scattered();
     /* subscriptions released their topics */
     const char *what[] = {"life", "unsub", "atonce", "others", "selfjoin", "reentrant", "filter",
-                          "congestion", "congestion.once", "concurrent", "bogus"};
+                          "congestion", "congestion.once", "congestion.hyst", "concurrent",
+                          "bogus"};
     for (size_t w = 0; w < sizeof what / sizeof what[0]; w++)
         for (int k = 0; k < KIND_COUNT; k++) {
             char name[128];

@@ -484,7 +484,9 @@ struct sb_message_type *sb_message_type_ref(struct sb_message_type *ty);
 void sb_message_type_unref(struct sb_message_type *ty);
 
 /**
- * Declines `name`: later creates of it fail with SB_E_DECLINED.
+ * Declines `name`: later creates of it fail with SB_E_DECLINED, even while a live type
+ * holds the name (handles already out keep working: their messages are still created
+ * and delivered). A decline cannot be undone.
  */
 int sb_message_type_decline(const char *name);
 

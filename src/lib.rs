@@ -48,8 +48,16 @@ mod layout_sizes {
 
     #[test]
     fn objects_stay_within_their_allocator_classes() {
-        assert!(size_of::<crate::Topic>() <= 88, "{}", size_of::<crate::Topic>());
-        assert!(size_of::<crate::Forward>() <= 24, "{}", size_of::<crate::Forward>());
+        assert!(
+            size_of::<crate::Topic>() <= 88,
+            "{}",
+            size_of::<crate::Topic>()
+        );
+        assert!(
+            size_of::<crate::Forward>() <= 24,
+            "{}",
+            size_of::<crate::Forward>()
+        );
         assert!(
             size_of::<crate::Subscription>() <= 264,
             "{}",

@@ -162,6 +162,34 @@ fn valgrind_catches_leaks() {
     }
 }
 
+/// API.md: every exported symbol starts with `sb_`. The library is loaded into PBX
+/// processes that export thousands of names of their own (`ast_*`, `ao2_*`, ...), where
+/// a clash would be fatal.
+#[test]
+fn exports_only_sb_symbols() {
+    let lib = profile_dir().join("deps").join("libswitchboard.so");
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&lib)
+        .output()
+        .expect("run nm (binutils)");
+    assert!(out.status.success(), "nm failed on {}", lib.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert!(
+        names.contains(&"sb_publish") && names.contains(&"sb_last_error"),
+        "nm listed no API function:\n{text}"
+    );
+    let foreign: Vec<&&str> = names.iter().filter(|n| !n.starts_with("sb_")).collect();
+    assert!(
+        foreign.is_empty(),
+        "exported without the sb_ prefix: {foreign:?}"
+    );
+}
+
 /// ThreadSanitizer's settings, unless the caller set its own: stop at the first report
 /// (the exit status then fails the test); let test_fork's children start threads after
 /// a fork of a threaded process, which the sanitizer refuses by default (those children

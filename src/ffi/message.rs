@@ -151,7 +151,9 @@ pub extern "C" fn sb_message_type_unref(ty: *mut sb_message_type) {
     })
 }
 
-/// Declines `name`: later creates of it fail with SB_E_DECLINED.
+/// Declines `name`: later creates of it fail with SB_E_DECLINED, even while a live type
+/// holds the name (handles already out keep working: their messages are still created
+/// and delivered). A decline cannot be undone.
 #[no_mangle]
 pub extern "C" fn sb_message_type_decline(name: *const c_char) -> c_int {
     boundary(|| to_code(str_arg("message type name", name).and_then(MessageType::decline)))
