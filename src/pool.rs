@@ -146,6 +146,18 @@ impl Pool {
         // Pairs with the fence in `worker`: either we see its sleeping count, or it sees
         // our push before it sleeps.
         fence(Ordering::SeqCst);
+        self.wake_or_spawn();
+    }
+
+    /// Work is queued: wake a sleeping worker, or start one if the pool is below its
+    /// maximum and nobody sleeps.
+    ///
+    /// `schedule` alone cannot grow the pool in every case: the sleeping count drops only
+    /// when a woken worker runs, so a burst of subscriptions scheduled while one worker
+    /// sleeps wakes that one and starts nobody. Hence a worker that takes a subscription
+    /// and sees more queued calls this too (each taker passes the wake-up on), so a burst
+    /// gets up to `max_threads` workers even when its callbacks block for long.
+    fn wake_or_spawn(&'static self) {
         if self.sleeping.load(Ordering::SeqCst) > 0 {
             let _cfg = self.config.lock();
             self.wake.notify_one();
@@ -193,6 +205,9 @@ impl Pool {
                 }
             }
             if let Some(sub) = self.queue.pop() {
+                if !self.queue.is_empty() {
+                    self.wake_or_spawn();
+                }
                 if sub.run_pool_turn(me, BATCHES_PER_TURN) {
                     self.queue.push(sub);
                 }
