@@ -660,6 +660,11 @@ static void test_shared_cache(void)
     updrec_stop(&r2);
     ct2 = sb_caching_unsubscribe(ct2);
     CHECK(ct2 == NULL);
+    /* caching stopped at once, without a join: a later publish leaves the cache alone */
+    sb_message *x4 = snap_local(snap_type, "x", 4);
+    pub(o2, x4);
+    CHECK(get_is(cache, snap_type, "x", x3));
+    sb_message_unref(x4);
     /* the cache outlives its caching topics */
     CHECK(get_is(cache, snap_type, "y", y1));
     sb_message_unref(x1);

@@ -41,6 +41,15 @@ static void test_create_get(void)
     CHECK_STR(sb_topic_detail(b), "the b topic");
     CHECK(b != a);
     CHECK(sb_topic_uniqueid(b) != NULL && strcmp(sb_topic_uniqueid(b), uid) != 0);
+    /* the detail counts only when the topic is new: the live one keeps its own */
+    sb_topic *b2 = sb_topic_create_with_detail("topic.b", "another detail");
+    CHECK(b2 == b);
+    CHECK_STR(sb_topic_detail(b2), "the b topic");
+    sb_topic_unref(b2);
+    sb_topic *a3 = sb_topic_create_with_detail("topic.a", "late detail");
+    CHECK(a3 == a);
+    CHECK_STR(sb_topic_detail(a3), ""); /* a plain topic's detail is "" */
+    sb_topic_unref(a3);
 
     /* ref returns its argument */
     CHECK(sb_topic_ref(a) == a);

@@ -84,6 +84,13 @@ static void test_basic(void)
     /* delete */
     CHECK_EQ_INT(sb_topic_pool_delete_topic(pool, "x"), SB_OK);
     CHECK_EQ_INT(sb_topic_pool_topic_exists(pool, "x"), 0);
+    /* its forward is cancelled: a publish to the topic we still hold stays there */
+    recorder_init(&rroot, ptype, root);
+    sroot = sb_subscribe_synchronous(root, recorder_cb, &rroot);
+    CHECK_EQ_INT(publish_payload(x, ptype, 2, 0, 0), 0);
+    CHECK_EQ_INT(atomic_load(&rroot.payloads), 0);
+    CHECK(sb_unsubscribe_and_join(sroot) == NULL);
+    recorder_destroy(&rroot);
     sb_topic_unref(x);
     /* get after delete: exists again, with the same name, still forwarding */
     sb_topic *x3 = sb_topic_pool_get_topic(pool, "x");
