@@ -30,6 +30,9 @@
  *     the pool shrinks back to min_threads (1) and keeps that one; from there, the next
  *     burst of four gated callbacks gets 4 workers again.
  *
+ *  5. test_raise_max - max 1 with one gated callback running and two queued; raising
+ *     the maximum to 3 starts workers for the queued two at once.
+ *
  * From test_stand_ins on, every test leaves the pool configured as FILE_MIN / FILE_MAX /
  * FILE_IDLE_MS (test_stand_ins' configuration), whatever it set meanwhile.
  */
@@ -448,6 +451,26 @@ static void test_idle_timeout(void) {
     CHECK_EQ_INT(sb_pool_configure(FILE_MIN, FILE_MAX, FILE_IDLE_MS), SB_OK);
 }
 
+/* ---- 5: raising max_threads takes effect at once ---- */
+
+/* max 1, three gated callbacks: one runs, two wait in the run queue; raising the maximum
+ * to 3 must give those two workers now, not when the running callback returns (it never
+ * would here: the gate stays closed until all three are inside) */
+static void test_raise_max(void) {
+    printf("test_raise_max\n");
+    CHECK_EQ_INT(sb_pool_configure(1, 1, 60000), SB_OK);
+    gang_t g;
+    gang_start(&g, "pl.raise", 3);
+    gang_publish(&g);
+    gang_check_full(&g, 1);
+    CHECK_EQ_INT(sb_pool_configure(1, 3, 60000), SB_OK);
+    WAIT_UNTIL(atomic_load(&g.inside) == 3);
+    gang_open(&g);
+    WAIT_UNTIL(atomic_load(&g.done) == 3);
+    gang_stop(&g);
+    CHECK_EQ_INT(sb_pool_configure(FILE_MIN, FILE_MAX, FILE_IDLE_MS), SB_OK);
+}
+
 int main(void) {
     TEST_INIT();
     CHECK_EQ_INT(sb_message_type_create("pl.tag", NULL, &ty), SB_OK);
@@ -455,6 +478,7 @@ int main(void) {
     test_stand_ins();
     test_max_threads();
     test_idle_timeout();
+    test_raise_max();
     sb_message_type_unref(ty);
     return TEST_DONE();
 }

@@ -100,6 +100,11 @@ pub fn configure(min_threads: usize, max_threads: usize, idle_timeout: Duration)
     cfg.idle_timeout = idle_timeout;
     drop(cfg);
     pool.wake.notify_all();
+    // A raised maximum: work already queued gets the workers it may now have (each
+    // worker that takes some passes the wake-up on).
+    if !pool.queue.is_empty() {
+        pool.wake_or_spawn();
+    }
     Ok(())
 }
 
@@ -125,19 +130,29 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
         return f();
     }
     let pool = global();
-    {
+    let spawned = {
         let mut cfg = pool.config.lock();
         cfg.blocked += 1;
         pool.active.fetch_sub(1, Ordering::SeqCst);
         if !pool.queue.is_empty() && pool.sleeping.load(Ordering::SeqCst) == 0 {
-            pool.spawn_locked(&mut cfg);
+            pool.spawn_locked(&mut cfg)
+        } else {
+            Ok(())
         }
-    }
+    };
+    warn_if_not_spawned(spawned);
     let r = f();
     let mut cfg = pool.config.lock();
     cfg.blocked -= 1;
     pool.active.fetch_add(1, Ordering::SeqCst);
     r
+}
+
+/// Logs a failed worker start (never with the pool lock held).
+fn warn_if_not_spawned(spawned: std::io::Result<()>) {
+    if let Err(e) = spawned {
+        crate::log::warn(&format!("cannot start a pool worker: {e}"));
+    }
 }
 
 impl Pool {
@@ -163,23 +178,46 @@ impl Pool {
             self.wake.notify_one();
         } else if self.active.load(Ordering::SeqCst) < self.max.load(Ordering::Relaxed) {
             let mut cfg = self.config.lock();
-            if cfg.threads - cfg.blocked < cfg.max {
-                self.spawn_locked(&mut cfg);
-            }
+            let spawned = if cfg.threads - cfg.blocked < cfg.max {
+                self.spawn_locked(&mut cfg)
+            } else {
+                Ok(())
+            };
+            drop(cfg);
+            warn_if_not_spawned(spawned);
         }
     }
 
-    fn spawn_locked(&'static self, cfg: &mut Config) {
-        let spawned = thread::Builder::new()
+    /// Starts a worker. The caller logs a failure after releasing the lock: the log
+    /// handler is the host's code, which may publish (and so schedule, which takes this
+    /// lock) or take locks of its own. A failed start is retried by the next
+    /// `wake_or_spawn` (the next subscription made runnable, or the next worker to block).
+    fn spawn_locked(&'static self, cfg: &mut Config) -> std::io::Result<()> {
+        thread::Builder::new()
             .name("sb-pool".into())
-            .spawn(move || self.worker());
-        match spawned {
-            Ok(_) => {
-                cfg.threads += 1;
-                self.active.fetch_add(1, Ordering::SeqCst);
-            }
-            Err(e) => crate::log::warn(&format!("cannot start a pool worker: {e}")),
+            .spawn(move || self.worker())?;
+        cfg.threads += 1;
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Under the lock, a worker about to retire: leaves the counts, then looks at the
+    /// queue once more. A publisher that pushed meanwhile may have read `active` before
+    /// the decrement and left the work to us (`wake_or_spawn` starts nobody when the pool
+    /// looks full); the fence pairs with the one in `schedule`, so either we see its push
+    /// here and stay, or it sees the lower count and starts a worker (it takes the lock,
+    /// so after we are gone). Returns whether the worker may exit.
+    fn leave_unless_work(&self, cfg: &mut Config) -> bool {
+        cfg.threads -= 1;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.queue.is_empty() {
+            self.started.fetch_sub(1, Ordering::SeqCst);
+            return true;
         }
+        cfg.threads += 1;
+        self.active.fetch_add(1, Ordering::SeqCst);
+        false
     }
 
     fn worker(&'static self) {
@@ -235,10 +273,8 @@ impl Pool {
             }
             self.sleeping.fetch_sub(1, Ordering::SeqCst);
             let surplus = cfg.threads - cfg.blocked > cfg.max;
-            if self.queue.is_empty() && ((timed_out && cfg.threads > cfg.min) || surplus) {
-                cfg.threads -= 1;
-                self.active.fetch_sub(1, Ordering::SeqCst);
-                self.started.fetch_sub(1, Ordering::SeqCst);
+            if ((timed_out && cfg.threads > cfg.min) || surplus) && self.leave_unless_work(&mut cfg)
+            {
                 return;
             }
         }

@@ -355,4 +355,5 @@ c_tests!(
     test_bad_input_more,
     test_deadlock,
     test_pool_limits,
+    test_pool_spawn_failure,
 );
