@@ -4,7 +4,9 @@
 //! when its mailbox goes idle -> scheduled, and a worker then delivers whole batches, so
 //! a burst of messages costs one queue push and at most one wake-up. Workers spin briefly
 //! before they sleep and publishers wake one only when one sleeps, so a busy pool makes no
-//! futex calls. A worker that blocks in a join or a synchronous wait does not count
+//! futex calls. A worker that takes a subscription and sees more queued wakes or starts
+//! the next worker, so a burst reaches `max_threads` workers even when it finds the pool
+//! asleep. A worker that blocks in a join or a synchronous wait does not count
 //! against `max_threads`, so a pool callback that joins another pool subscription cannot
 //! starve it; once it returns, the surplus worker retires at its next turn boundary.
 
