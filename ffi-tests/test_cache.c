@@ -1362,6 +1362,49 @@ static void test_module_unload(void)
     sb_topic_unref(orig);
 }
 
+/* A module unloading its cache frees its snapshots at once, even on a busy topic: after
+ * sb_caching_unsubscribe_and_join and the last sb_cache_unref, every snapshot's dtor (the
+ * module's code) has run, although the finished caching subscription may stay in the
+ * original topic's subscriber list until the list is rebuilt (a topic with 40 other
+ * subscriptions keeps it there until 20 of them leave). */
+static void nop_cb(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)data;
+    (void)sub;
+    (void)msg;
+}
+
+static void test_unload_frees_snapshots_at_once(void)
+{
+    sb_topic *orig = sb_topic_create("cache.busy");
+    sb_subscription *others[40];
+    for (int i = 0; i < 40; i++)
+        others[i] = sb_subscribe_synchronous(orig, nop_cb, NULL);
+    sb_cache *cache = sb_cache_create(snap_id);
+    sb_caching_topic *ct = sb_caching_topic_create(orig, cache);
+    CHECK(cache != NULL && ct != NULL);
+    int destroyed_before = atomic_load(&snaps_destroyed);
+    for (int i = 0; i < 5; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "b%d", i);
+        sb_message *m = snap_local(snap_type, id, i);
+        sb_publish(orig, m);
+        sb_message_unref(m); /* the cache holds the only reference now */
+    }
+    CHECK_EQ_INT(list_len_free(sb_cache_dump(cache, snap_type)), 5);
+    CHECK_EQ_INT(atomic_load(&snaps_destroyed), destroyed_before);
+
+    CHECK(sb_caching_unsubscribe_and_join(ct) == NULL);
+    sb_cache_unref(cache);
+    /* no wait: the dtors ran before those calls returned */
+    CHECK_EQ_INT(atomic_load(&snaps_destroyed), destroyed_before + 5);
+
+    for (int i = 0; i < 40; i++)
+        CHECK(sb_unsubscribe_and_join(others[i]) == NULL);
+    CHECK_EQ_INT(atomic_load(&snaps_destroyed), destroyed_before + 5);
+    sb_topic_unref(orig);
+}
+
 int main(void)
 {
     TEST_INIT();
@@ -1393,6 +1436,7 @@ int main(void)
     test_lists();
     test_null_args();
     test_module_unload();
+    test_unload_frees_snapshots_at_once();
 
     CHECK_EQ_INT(atomic_load(&id_bad_msg), 0);
     /* every snapshot and aggregate was destroyed exactly once */

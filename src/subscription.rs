@@ -39,9 +39,17 @@ pub type RawCallback = unsafe extern "C" fn(data: *mut c_void, sub: *mut c_void,
 
 /// What a subscription calls. A C subscriber's function and argument are stored inline
 /// (a boxed closure holding them cost an allocation per subscription).
+///
+/// A library closure (caching topics, routers) holds references to library objects,
+/// and through them to user data (a cache's snapshots, whose dtors are module code). It
+/// is dropped when the final message has been handled, before a join can return: the
+/// finished subscription itself may stay referenced by its topic's list for a while
+/// (`small_list::retire`), and a module unloaded after its join must not have its dtors
+/// run later from there. The lock is only held to take or drop the reference, never
+/// during the call.
 enum Handler {
     Raw { f: RawCallback, data: *mut c_void },
-    Boxed(Callback),
+    Boxed(parking_lot::Mutex<Option<Arc<Callback>>>),
 }
 
 // SAFETY: `Raw`'s argument is the C subscriber's; API.md makes the subscriber promise
@@ -133,7 +141,11 @@ impl Subscription {
         kind: Kind,
         callback: Callback,
     ) -> Result<Arc<Subscription>> {
-        Subscription::subscribe_with(topic, kind, Handler::Boxed(callback))
+        Subscription::subscribe_with(
+            topic,
+            kind,
+            Handler::Boxed(parking_lot::Mutex::new(Some(Arc::new(callback)))),
+        )
     }
 
     /// As `subscribe`, with a C function and its argument.
@@ -380,12 +392,29 @@ impl Subscription {
         if !item.last || self.filter.accepts(item.msg.message_type()) {
             self.call(&item.msg);
         }
+        if item.last {
+            self.release_handler();
+        }
         item.last
+    }
+
+    /// After the final message: drops a library closure and what it holds (see
+    /// `Handler`). Runs on the runner's thread before the mailbox is marked done.
+    fn release_handler(&self) {
+        if let Handler::Boxed(cb) = &self.callback {
+            let closure = cb.lock().take();
+            drop(closure); // may run user dtors: outside the lock
+        }
     }
 
     fn call(self: &Arc<Self>, msg: &Arc<Message>) {
         let run = || match &self.callback {
-            Handler::Boxed(cb) => cb(self, msg),
+            Handler::Boxed(cb) => {
+                let closure = cb.lock().clone();
+                if let Some(closure) = closure {
+                    closure(self, msg);
+                }
+            }
             // SAFETY: the function and argument the subscriber registered, called with the
             // subscription and the message, both alive (borrowed) for the call.
             Handler::Raw { f, data } => unsafe {
