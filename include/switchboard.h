@@ -843,7 +843,8 @@ struct sb_forward *sb_forward_all(struct sb_topic *from, struct sb_topic *to);
 /**
  * Stops a forward and releases it: a publish to `from` that starts after this returns does
  * not follow it. O(1) amortized, however many forwards leave `from`. Returns NULL;
- * NULL-safe.
+ * NULL-safe. A second cancel of the same handle (a caller bug) fails with SB_E_STATE
+ * when the forward is still known, and releases nothing.
  */
 struct sb_forward *sb_forward_cancel(struct sb_forward *forward);
 

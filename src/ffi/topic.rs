@@ -216,18 +216,21 @@ pub extern "C" fn sb_forward_all(from: *mut sb_topic, to: *mut sb_topic) -> *mut
 
 /// Stops a forward and releases it: a publish to `from` that starts after this returns does
 /// not follow it. O(1) amortized, however many forwards leave `from`. Returns NULL;
-/// NULL-safe.
+/// NULL-safe. A second cancel of the same handle (a caller bug) fails with SB_E_STATE
+/// when the forward is still known, and releases nothing.
 #[no_mangle]
 pub extern "C" fn sb_forward_cancel(forward: *mut sb_forward) -> *mut sb_forward {
     boundary(|| {
         if forward.is_null() {
             return std::ptr::null_mut();
         }
-        match sb_forward::borrow(forward) {
-            Ok(f) => {
-                if let Err(e) = f.cancel() {
-                    set_last_error(&e);
-                }
+        match sb_forward::borrow(forward).and_then(|f| f.cancel()) {
+            // The caller's reference goes only with a cancel that happened: the handle of
+            // a forward already cancelled was released by that cancel (there is no
+            // sb_forward_ref), and a cancelled forward can outlive it in `from`'s list
+            // (`small_list::retire`) with its magic intact; releasing again would free
+            // it under the list.
+            Ok(()) => {
                 let _ = sb_forward::release(forward);
             }
             Err(e) => set_last_error(&e),
