@@ -104,6 +104,12 @@ static void test_message_nulls(void)
     CHECK_NULL_ERR(sb_message_create_full(NULL, d, counting_dtor, NULL));
     CHECK_NULL_ERR(sb_message_create_bytes(NULL, "abc", 3));
     CHECK_NULL_ERR(sb_message_create_bytes(ptype, NULL, 3));
+    /* a length no buffer has (a negative one cast to size_t): an error, not a read */
+    CHECK_NULL_ERR(sb_message_create_bytes(ptype, "abc", (size_t)-1));
+    CHECK(tu_contains_ci(sb_last_error(), "len"));
+    /* a length no allocation can serve: SB_E_NOMEM's text, not an abort */
+    CHECK_NULL_ERR(sb_message_create_bytes(ptype, "abc", (size_t)1 << 62));
+    CHECK(tu_contains_ci(sb_last_error(), "allocate"));
     CHECK_EQ_INT(atomic_load(&dtor_calls), 0); /* failed creates never call the dtor */
     free(d);
 

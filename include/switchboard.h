@@ -518,6 +518,8 @@ struct sb_message *sb_message_create_full(struct sb_message_type *ty,
 
 /**
  * A message carrying a private copy of `len` bytes (`bytes` may be NULL when len is 0).
+ * NULL with SB_E_INVAL for a length above PTRDIFF_MAX, SB_E_NOMEM when the copy cannot
+ * be allocated.
  */
 struct sb_message *sb_message_create_bytes(struct sb_message_type *ty,
                                            const void *bytes,

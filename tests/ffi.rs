@@ -193,13 +193,14 @@ fn exports_only_sb_symbols() {
 /// ThreadSanitizer's settings, unless the caller set its own: stop at the first report
 /// (the exit status then fails the test); let test_fork's children start threads after
 /// a fork of a threaded process, which the sanitizer refuses by default (those children
-/// are checked like any other process).
+/// are checked like any other process); let an impossible allocation fail as malloc does
+/// (test_bad_input asks for one) instead of stopping the program.
 fn tsan_command(exe: &Path) -> Command {
     let mut c = Command::new(exe);
     if std::env::var_os("TSAN_OPTIONS").is_none() {
         c.env(
             "TSAN_OPTIONS",
-            "halt_on_error=1 die_after_fork=0 second_deadlock_stack=1",
+            "halt_on_error=1 die_after_fork=0 second_deadlock_stack=1 allocator_may_return_null=1",
         );
     }
     c

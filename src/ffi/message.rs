@@ -3,7 +3,7 @@
 use super::library::{sb_eid, SB_OK};
 use super::{boundary, fail_code, fail_null, str_arg, to_code, Handle};
 use crate::eid::Eid;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::message::{DataDtor, Message, Payload};
 use crate::message_type::{MessageType, ToJsonFn};
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -236,6 +236,8 @@ pub extern "C" fn sb_message_create_full(
 }
 
 /// A message carrying a private copy of `len` bytes (`bytes` may be NULL when len is 0).
+/// NULL with SB_E_INVAL for a length above PTRDIFF_MAX, SB_E_NOMEM when the copy cannot
+/// be allocated.
 #[no_mangle]
 pub extern "C" fn sb_message_create_bytes(
     ty: *mut sb_message_type,
@@ -246,12 +248,27 @@ pub extern "C" fn sb_message_create_bytes(
         if bytes.is_null() && len > 0 {
             return fail_null(Error::invalid("bytes is NULL but len is not 0"));
         }
-        let copy: Box<[u8]> = if len == 0 {
-            Box::new([])
-        } else {
-            // SAFETY: non-null, and the caller promises len readable bytes.
-            unsafe { std::slice::from_raw_parts(bytes.cast::<u8>(), len) }.into()
-        };
+        // No object is larger than isize::MAX bytes: such a length is a caller's error
+        // (a negative length cast to size_t, say), never a buffer to read.
+        if len > isize::MAX as usize {
+            return fail_null(Error::invalid(format!(
+                "len {len} is not a buffer's length"
+            )));
+        }
+        // The copy is allocated fallibly: out of memory is SB_E_NOMEM, not an abort.
+        let mut buf = Vec::new();
+        if buf.try_reserve_exact(len).is_err() {
+            return fail_null(Error::new(
+                ErrorKind::NoMemory,
+                format!("cannot allocate {len} bytes for the message"),
+            ));
+        }
+        if len > 0 {
+            // SAFETY: non-null, at most isize::MAX, and the caller promises len readable
+            // bytes.
+            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(bytes.cast::<u8>(), len) });
+        }
+        let copy: Box<[u8]> = buf.into_boxed_slice();
         create(ty, || Payload::Bytes(copy), Some(Eid::default_eid()))
     })
 }
