@@ -521,6 +521,18 @@ static void test_id_lengths(void)
         pub_clear(orig, m2[i]);
     CHECK_EQ_INT(list_len_free(sb_cache_dump_all(cache, NULL)), 0);
 
+    /* ids that are not UTF-8 are not cached (the getters could not name them, and
+     * folding bad bytes together would make distinct objects one entry); one warning */
+    uint64_t warnings = sb_warning_count();
+    sb_message *bad1 = snap_local(snap_type, "k\xff", 1);
+    sb_message *bad2 = snap_local(snap_type, "k\xfe", 2);
+    pub(orig, bad1);
+    pub(orig, bad2);
+    CHECK_EQ_INT(list_len_free(sb_cache_dump_all(cache, NULL)), 0);
+    CHECK_EQ_INT(sb_warning_count(), warnings + 1);
+    sb_message_unref(bad1);
+    sb_message_unref(bad2);
+
     ct = sb_caching_unsubscribe_and_join(ct);
     CHECK(ct == NULL);
     for (int i = 0; i < N; i++) {

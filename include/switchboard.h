@@ -121,6 +121,8 @@ typedef struct sb_topic_pool sb_topic_pool;
 /**
  * Returns the object id of a snapshot (borrowed, e.g. from the message's data), or NULL
  * when the message is not cacheable. Called for every message the caching topic sees.
+ * Ids are UTF-8 text, as the getters take them: a snapshot whose id is not is not
+ * cached (one warning per cache through the log handler).
  */
 typedef const char *(*sb_snapshot_get_id)(struct sb_message *msg);
 

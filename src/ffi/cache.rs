@@ -13,6 +13,7 @@ use crate::message::Message;
 use crate::message_type::DEAD_MAGIC;
 use std::borrow::Cow;
 use std::ffi::{c_char, c_int, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// A cache of snapshots (opaque, refcounted).
@@ -92,6 +93,8 @@ fn list_ref<'a>(list: *const sb_message_list) -> Result<&'a MessageList, Error> 
 
 /// Returns the object id of a snapshot (borrowed, e.g. from the message's data), or NULL
 /// when the message is not cacheable. Called for every message the caching topic sees.
+/// Ids are UTF-8 text, as the getters take them: a snapshot whose id is not is not
+/// cached (one warning per cache through the log handler).
 pub type sb_snapshot_get_id = Option<unsafe extern "C" fn(msg: *mut sb_message) -> *const c_char>;
 /// Computes an entry's aggregate after a change (`new_snapshot` NULL on a clear).
 /// Returns a NEW reference: the current aggregate (sb_message_ref'd) for "unchanged",
@@ -127,6 +130,7 @@ fn make_cache(
     let Some(id_fn) = id_fn else {
         return fail_null(Error::invalid("id_fn is NULL"));
     };
+    let warned_not_utf8 = AtomicBool::new(false);
     let id: IdFn = Box::new(move |msg: &Arc<Message>| {
         // SAFETY: the cache's id function, called with a live message.
         let p = unsafe { id_fn(sb_message::as_ptr(msg)) };
@@ -134,12 +138,22 @@ fn make_cache(
         // "borrowed, e.g. from the message's data"). The cache reads it only during the
         // call that asked for it and copies it to keep it.
         let id = (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })?;
-        // Valid UTF-8 (almost always) is checked by the fast path of `to_str`; the lossy
-        // conversion walks the string chunk by chunk even when nothing needs replacing.
-        Some(
-            id.to_str()
-                .map_or_else(|_| id.to_string_lossy(), Cow::Borrowed),
-        )
+        match id.to_str() {
+            Ok(id) => Some(Cow::Borrowed(id)),
+            // Not cached: a lossy conversion would give distinct ids one key (every bad
+            // byte becomes U+FFFD), and the getters refuse such ids anyway. Said once per
+            // cache, not per snapshot.
+            Err(_) => {
+                if !warned_not_utf8.swap(true, Ordering::Relaxed) {
+                    crate::log::warn(&format!(
+                        "cache id function returned an id that is not valid UTF-8 ({:?}): \
+                         such snapshots are not cached",
+                        id
+                    ));
+                }
+                None
+            }
+        }
     });
     let calc: Option<CalcFn> = calc.map(|f| {
         Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
