@@ -616,6 +616,44 @@ static void test_subscription_changes(void)
     sb_topic_unref(orig);
 }
 
+/* With a calc function that also aggregates subscription changes, an Unsubscribe that
+ * retires a Subscribe entry recomputes its aggregate too: no entry is left holding only
+ * an aggregate, so the cache does not grow with every subscription ever made. */
+static sb_message *any_local_calc(sb_cache_entry *entry, sb_message *new_snapshot)
+{
+    (void)new_snapshot;
+    if (sb_cache_entry_get_local(entry) == NULL)
+        return NULL;
+    sb_message *cur = sb_cache_entry_get_aggregate(entry);
+    return cur != NULL ? sb_message_ref(cur) : snap_agg(snap_type, "agg", 1);
+}
+
+static void noop_publish(sb_topic *topic, sb_message *aggregate)
+{
+    (void)topic;
+    (void)aggregate;
+}
+
+static void test_subscription_changes_with_aggregates(void)
+{
+    sb_topic *orig = sb_topic_create("cache.subchg.agg");
+    sb_cache *cache = sb_cache_create_full(snap_or_change_id, any_local_calc, noop_publish);
+    sb_caching_topic *ct = sb_caching_topic_create(orig, cache);
+    CHECK(ct != NULL);
+    sb_message_type *chg = sb_subscription_change_type();
+    size_t base = list_len_free(sb_cache_dump(cache, chg));
+    for (int i = 0; i < 20; i++) {
+        sb_subscription *s = sb_subscribe(orig, noop_cb, NULL);
+        CHECK(sb_unsubscribe_and_join(s) == NULL);
+    }
+    /* the Unsubscribe messages were handled synchronously, within the joins */
+    CHECK_EQ_INT(list_len_free(sb_cache_dump(cache, chg)), base);
+    CHECK_EQ_INT(list_len_free(sb_cache_dump_by_eid(cache, chg, NULL)), base);
+    ct = sb_caching_unsubscribe_and_join(ct);
+    sb_cache_unref(cache);
+    sb_topic_unref(orig);
+}
+
 /* ---- one cache, two caching topics ---- */
 
 static void test_shared_cache(void)
@@ -1441,6 +1479,7 @@ int main(void)
     test_basic();
     test_id_lengths();
     test_subscription_changes();
+    test_subscription_changes_with_aggregates();
     test_shared_cache();
     test_caching_filter();
     test_aggregates();

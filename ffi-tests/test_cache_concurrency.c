@@ -18,6 +18,7 @@
  * the cache holds exactly the last round, every aggregate equals the sum of its snapshots
  * (no stale aggregate was installed), and every message is destroyed exactly once.
  */
+#include <sched.h>
 #include "test_util.h"
 
 #define K 16
@@ -84,10 +85,16 @@ static const char *cc_id(sb_message *msg)
     return s->id;
 }
 
+static atomic_int calc_foreign_new; /* calc got a new_snapshot its entry does not hold */
+
 static sb_message *cc_calc(sb_cache_entry *entry, sb_message *new_snapshot)
 {
-    (void)new_snapshot;
     atomic_fetch_add(&calc_calls, 1);
+    /* the snapshot just stored is one of the entry's (another update may have replaced
+     * it since, but then calc runs on the entry that was changed, not a later one) */
+    if (new_snapshot != NULL && new_snapshot != sb_cache_entry_get_local(entry) &&
+        new_snapshot != sb_cache_entry_get_remote(entry, 0))
+        atomic_fetch_add(&calc_foreign_new, 1);
     long lv = -1, rv = -1;
     int idx = -1;
     sb_message *l = sb_cache_entry_get_local(entry);
@@ -433,6 +440,100 @@ static void update_cb(void *data, sb_subscription *sub, sb_message *msg)
     atomic_fetch_add(&updates_seen, 1);
 }
 
+/* ---- one object updated through two caching topics at once, with a slow calc ----
+ * Two threads publish local snapshots of the same object to the two originals of one
+ * cache; calc yields a few times, so updates overlap while it runs. calc must only ever
+ * be handed a new_snapshot that its entry holds, and the aggregate left at the end must
+ * be computed from the snapshot left at the end. */
+static sb_message_type *race_type, *race_agg_type;
+static atomic_int race_calls, race_foreign_new;
+
+static const char *race_id(sb_message *msg)
+{
+    return sb_message_get_type(msg) == race_type ? "obj" : NULL;
+}
+
+static sb_message *race_calc(sb_cache_entry *entry, sb_message *new_snapshot)
+{
+    atomic_fetch_add(&race_calls, 1);
+    sb_message *l = sb_cache_entry_get_local(entry);
+    if (new_snapshot != NULL && new_snapshot != l)
+        atomic_fetch_add(&race_foreign_new, 1);
+    for (int i = 0; i < 20; i++)
+        sched_yield();
+    if (l == NULL)
+        return NULL;
+    long v = *(const long *)sb_message_data(l);
+    sb_message *cur = sb_cache_entry_get_aggregate(entry);
+    if (cur != NULL && *(const long *)sb_message_data(cur) == v)
+        return sb_message_ref(cur); /* unchanged */
+    long *a = malloc(sizeof *a);
+    *a = v;
+    return sb_message_create_full(race_agg_type, a, free, NULL);
+}
+
+static void race_publish(sb_topic *topic, sb_message *aggregate)
+{
+    (void)topic;
+    (void)aggregate;
+}
+
+typedef struct race_arg {
+    sb_topic *t;
+    long base;
+    int n;
+} race_arg;
+
+static void *race_main(void *p)
+{
+    race_arg *a = p;
+    for (int i = 0; i < a->n; i++) {
+        long *v = malloc(sizeof *v);
+        *v = a->base + i;
+        sb_message *m = sb_message_create(race_type, v, free);
+        sb_publish(a->t, m);
+        sb_message_unref(m);
+    }
+    return NULL;
+}
+
+static void test_same_object_two_topics(void)
+{
+    CHECK_EQ_INT(sb_message_type_create("cc.race", NULL, &race_type), SB_OK);
+    CHECK_EQ_INT(sb_message_type_create("cc.race.agg", NULL, &race_agg_type), SB_OK);
+    sb_topic *o1 = sb_topic_create("cc.race.o1"), *o2 = sb_topic_create("cc.race.o2");
+    sb_cache *cache = sb_cache_create_full(race_id, race_calc, race_publish);
+    sb_caching_topic *c1 = sb_caching_topic_create(o1, cache);
+    sb_caching_topic *c2 = sb_caching_topic_create(o2, cache);
+    CHECK(c1 != NULL && c2 != NULL);
+    int rounds = tu_scale(300, 20), stale = 0;
+    for (int r = 0; r < rounds; r++) {
+        race_arg a1 = {o1, 1000000L * (2 * r + 1), 3}, a2 = {o2, 1000000L * (2 * r + 2), 3};
+        pthread_t t1, t2;
+        pthread_create(&t1, NULL, race_main, &a1);
+        pthread_create(&t2, NULL, race_main, &a2);
+        pthread_join(t1, NULL);
+        pthread_join(t2, NULL);
+        sb_message *local = sb_cache_get(cache, race_type, "obj");
+        sb_message *agg = sb_cache_get_by_eid(cache, race_type, "obj", NULL);
+        if (local == NULL || agg == NULL ||
+            *(const long *)sb_message_data(local) != *(const long *)sb_message_data(agg))
+            stale++;
+        sb_message_unref(local);
+        sb_message_unref(agg);
+    }
+    CHECK(atomic_load(&race_calls) >= 6 * rounds);
+    CHECK_EQ_INT(atomic_load(&race_foreign_new), 0);
+    CHECK_EQ_INT(stale, 0);
+    sb_caching_unsubscribe_and_join(c1);
+    sb_caching_unsubscribe_and_join(c2);
+    sb_cache_unref(cache);
+    sb_topic_unref(o1);
+    sb_topic_unref(o2);
+    sb_message_type_unref(race_type);
+    sb_message_type_unref(race_agg_type);
+}
+
 int main(void)
 {
     TEST_INIT();
@@ -487,6 +588,7 @@ int main(void)
     }
     CHECK_EQ_INT(atomic_load(&went_back), 0);
     CHECK_EQ_INT(atomic_load(&calc_bad), 0);
+    CHECK_EQ_INT(atomic_load(&calc_foreign_new), 0);
 
     /* final state: exactly the last round, and every aggregate is current */
     int G = c.rounds;
@@ -530,5 +632,6 @@ int main(void)
     WAIT_UNTIL(atomic_load(&destroyed) == atomic_load(&created));
     CHECK_EQ_INT(atomic_load(&destroyed), atomic_load(&created));
     sb_message_type_unref(stype);
+    test_same_object_two_topics();
     return TEST_DONE();
 }

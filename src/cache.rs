@@ -468,20 +468,9 @@ impl Cache {
             }
         };
         drop(removed); // outside the lock: may free the last snapshot of a cleared entry
-        let aggregate = match (&self.calc, entry) {
-            (Some(calc), Some(entry)) => {
-                self.recompute_aggregate(calc, &key, entry, (!clear).then_some(snapshot))
-            }
-            _ => None,
-        };
-        if let Some((_, Some(agg))) = &aggregate {
-            match &self.publish {
-                Some(publish) => publish(original, agg),
-                None => {
-                    original.publish(agg);
-                }
-            }
-        }
+        let aggregate = entry.and_then(|entry| {
+            self.refresh_aggregate(&key, entry, (!clear).then_some(snapshot), original)
+        });
         Some(Change {
             snapshot_type: ty,
             old,
@@ -490,57 +479,86 @@ impl Cache {
         })
     }
 
+    /// After a change of `entry` (the snapshot `new_snapshot` stored, or None for a
+    /// removal): recomputes the aggregate when the cache has a calc function, installs
+    /// it, and publishes it to `original` when it changed.
+    fn refresh_aggregate(
+        &self,
+        key: &KeyRef<'_>,
+        entry: Arc<CacheEntry>,
+        new_snapshot: Option<&Arc<Message>>,
+        original: &Arc<Topic>,
+    ) -> Option<AggregateChange> {
+        let calc = self.calc.as_ref()?;
+        let aggregate = self.recompute_aggregate(calc, key, entry, new_snapshot);
+        if let Some((_, Some(agg))) = &aggregate {
+            match &self.publish {
+                Some(publish) => publish(original, agg),
+                None => {
+                    original.publish(agg);
+                }
+            }
+        }
+        aggregate
+    }
+
     /// Runs `calc` outside any lock and installs its result if the entry is unchanged.
+    ///
+    /// If the entry changed while calc ran, this gives up: whoever changed it recomputes
+    /// the aggregate itself (every change does, `update` and `remove`), on an entry that
+    /// includes this change. Retrying here instead would hand calc `new_snapshot` with an
+    /// entry that may no longer hold it (another update replaced it), which the calc
+    /// contract does not allow, and would compute the same aggregate twice.
     fn recompute_aggregate(
         &self,
         calc: &CalcFn,
         key: &KeyRef<'_>,
-        mut entry: Arc<CacheEntry>,
+        entry: Arc<CacheEntry>,
         new_snapshot: Option<&Arc<Message>>,
     ) -> Option<AggregateChange> {
-        loop {
-            let old_agg = entry.aggregate.clone();
-            let new_agg = calc(&entry, new_snapshot);
-            let unchanged = same_message(&old_agg, &new_agg);
-            let mut shard = self.shard(key.hash).write();
-            let Some(slot) = shard.get_mut(key as &dyn KeyView) else {
-                // Cleared and removed while calc ran: nothing to install.
-                drop(shard);
-                return None;
-            };
-            if !Arc::ptr_eq(&slot.entry, &entry) {
-                // Changed while calc ran: recompute on the newer entry. (A shared entry is
-                // never changed in place, so pointer equality means "unchanged".)
-                let newer = Arc::clone(&slot.entry);
-                drop(shard);
-                entry = newer;
-                continue;
-            }
-            if unchanged {
-                // `entry` still holds what is removed: nothing is freed under the lock.
-                if entry.is_vacant() {
-                    shard.remove(key as &dyn KeyView);
-                }
-                drop(shard);
-                return None;
-            }
-            // Let go of our copy first, so the aggregate is set in place when no one else
-            // holds the entry. `old_agg` keeps the replaced aggregate alive.
-            drop(entry);
-            slot.modify(|e| e.aggregate = new_agg.clone());
-            let removed = (slot.entry.is_vacant()).then(|| shard.remove(key as &dyn KeyView));
+        let old_agg = entry.aggregate.clone();
+        let new_agg = calc(&entry, new_snapshot);
+        let unchanged = same_message(&old_agg, &new_agg);
+        let mut shard = self.shard(key.hash).write();
+        let Some(slot) = shard.get_mut(key as &dyn KeyView) else {
+            // Cleared and removed while calc ran: nothing to install.
             drop(shard);
-            drop(removed);
-            return Some((old_agg, new_agg));
+            return None;
+        };
+        if !Arc::ptr_eq(&slot.entry, &entry) {
+            // Changed while calc ran (a shared entry is never changed in place, so
+            // pointer equality means "unchanged"): the changer recomputes. `new_agg`
+            // and `entry` are dropped after the lock.
+            drop(shard);
+            return None;
         }
+        if unchanged {
+            // `entry` still holds what is removed: nothing is freed under the lock.
+            if entry.is_vacant() {
+                shard.remove(key as &dyn KeyView);
+            }
+            drop(shard);
+            return None;
+        }
+        // Let go of our copy first, so the aggregate is set in place when no one else
+        // holds the entry. `old_agg` keeps the replaced aggregate alive.
+        drop(entry);
+        slot.modify(|e| e.aggregate = new_agg.clone());
+        let removed = (slot.entry.is_vacant()).then(|| shard.remove(key as &dyn KeyView));
+        drop(shard);
+        drop(removed);
+        Some((old_agg, new_agg))
     }
 
-    /// Removes the snapshot of `eid` for (type, id) without publishing anything.
-    pub(crate) fn remove(&self, ty: &MessageType, id: &str, eid: &Eid) {
+    /// Removes the snapshot of `eid` for (type, id) without publishing an update of it.
+    /// With a calc function, the aggregate is recomputed (and published when it
+    /// changed), as for a clear, so an entry left without snapshots does not keep a
+    /// stale aggregate (nor its place in the cache) forever.
+    pub(crate) fn remove(&self, ty: &MessageType, id: &str, eid: &Eid, original: &Arc<Topic>) {
         let key = self.key(ty, id);
         let local = *eid == Eid::default_eid();
         let mut removed = None;
-        let old = {
+        let (old, entry) = {
             let mut shard = self.shard(key.hash).write();
             let Some(slot) = shard.get_mut(&key as &dyn KeyView) else {
                 return;
@@ -549,14 +567,18 @@ impl Cache {
                 return;
             }
             let old = slot.modify(|e| e.replace(eid, local, None));
+            let entry = self.calc.is_some().then(|| Arc::clone(&slot.entry));
             if slot.entry.is_vacant() {
                 removed = shard.remove(&key as &dyn KeyView);
             }
-            old
+            (old, entry)
         };
         // Outside the lock: dropping the last reference runs the message's destructor.
         drop(removed);
         drop(old);
+        if let Some(entry) = entry {
+            self.refresh_aggregate(&key, entry, None, original);
+        }
     }
 
     /// The local snapshot (default eid) of (type, id).

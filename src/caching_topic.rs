@@ -181,7 +181,7 @@ fn handle(
         if let Some(change) = msg.value::<SubscriptionChange>() {
             if change.is_unsubscribe() {
                 if let (Some(id), Some(eid)) = (cache.id_of(msg), msg.eid()) {
-                    cache.remove(ty, &id, eid);
+                    cache.remove(ty, &id, eid, original);
                 }
                 return;
             }
