@@ -668,6 +668,27 @@ static void test_shared_cache(void)
         return;
     CHECK(sb_caching_get_topic(ct1) != sb_caching_get_topic(ct2));
     CHECK_STR(sb_topic_name(sb_caching_get_topic(ct2)), "cache.shared2-cached");
+    {
+        /* a second caching topic of the same original (another cache): an update topic
+         * of its own, so neither cache's subscribers see the other's updates */
+        sb_cache *other = sb_cache_create(snap_id);
+        sb_caching_topic *ct3 = sb_caching_topic_create(o2, other);
+        CHECK(ct3 != NULL);
+        CHECK(sb_caching_get_topic(ct3) != sb_caching_get_topic(ct2));
+        CHECK_STR(sb_topic_name(sb_caching_get_topic(ct3)), "cache.shared2-cached-2");
+        updrec r3;
+        updrec_start(&r3, sb_caching_get_topic(ct3));
+        sb_message *z = snap_local(snap_type, "z", 1);
+        pub(o2, z);
+        WAIT_UNTIL(updrec_count(&r3) >= 1);
+        CHECK_STAYS(updrec_count(&r3) == 1, 20);
+        pub_clear(o2, z);
+        WAIT_UNTIL(updrec_count(&r3) >= 2);
+        updrec_stop(&r3);
+        CHECK(sb_caching_unsubscribe_and_join(ct3) == NULL);
+        sb_cache_unref(other);
+        sb_message_unref(z);
+    }
     updrec r1, r2;
     updrec_start(&r1, sb_caching_get_topic(ct1));
     updrec_start(&r2, sb_caching_get_topic(ct2));

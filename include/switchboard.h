@@ -295,7 +295,9 @@ struct sb_message *sb_cache_entry_get_remote(struct sb_cache_entry *entry, size_
 struct sb_caching_topic *sb_caching_topic_create(struct sb_topic *original, struct sb_cache *cache);
 
 /**
- * The topic cache updates are published on (borrowed).
+ * The topic cache updates are published on (borrowed): a topic of this caching topic's
+ * own, named "<original>-cached" ("<original>-cached-2", ... while other caching topics
+ * of the same original live).
  */
 struct sb_topic *sb_caching_get_topic(struct sb_caching_topic *ct);
 

@@ -113,9 +113,10 @@ pub struct CachingTopic {
 
 impl CachingTopic {
     /// Subscribes synchronously to `original`, so `cache` is current when a publish
-    /// returns. Changes are republished on a topic named "<original>-cached".
+    /// returns. Changes are republished on a topic of its own, named "<original>-cached"
+    /// ("<original>-cached-2", ... while other caching topics of `original` live).
     pub fn create(original: &Arc<Topic>, cache: &Arc<Cache>) -> Result<Arc<CachingTopic>> {
-        let topic = Topic::create(&format!("{}-cached", original.name()))?;
+        let topic = Topic::create_distinct(&format!("{}-cached", original.name()))?;
         let (t, c, o) = (Arc::clone(&topic), Arc::clone(cache), Arc::clone(original));
         let callback = Box::new(move |sub: &Arc<Subscription>, msg: &Arc<Message>| {
             handle(sub, msg, &t, &c, &o);

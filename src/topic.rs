@@ -66,7 +66,8 @@ pub struct Topic {
 static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
 pub(crate) static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> =
     LazyLock::new(|| Arc::new(SmallList::Empty));
-static REGISTRY: LazyLock<Mutex<HashMap<RegKey, Weak<Topic>>>> = LazyLock::new(Default::default);
+type RegistryMap = HashMap<RegKey, Weak<Topic>>;
+static REGISTRY: LazyLock<Mutex<RegistryMap>> = LazyLock::new(Default::default);
 
 /// A registry key: the name bytes of the topic the entry maps to, borrowed from that
 /// topic's own `name`, so each name is stored once (W8: 32 bytes less per topic).
@@ -175,6 +176,29 @@ impl Topic {
         if let Some(live) = reg.get(name.as_bytes()).and_then(Weak::upgrade) {
             return Ok(live);
         }
+        Ok(Topic::register_new(&mut reg, name, detail))
+    }
+
+    /// A new topic named `base`, or `base-2`, `base-3`... : the first name no live topic
+    /// holds. For topics that must not be shared with whoever created the same name
+    /// (a caching topic's update topic: two caches over one original would otherwise
+    /// each deliver the other's updates).
+    pub(crate) fn create_distinct(base: &str) -> Result<Arc<Topic>> {
+        check_name("topic", base)?;
+        let mut reg = REGISTRY.lock();
+        let mut name = base.to_owned();
+        let mut k = 1u64;
+        while reg.get(name.as_bytes()).and_then(Weak::upgrade).is_some() {
+            k += 1;
+            name = format!("{base}-{k}");
+            check_name("topic", &name)?;
+        }
+        Ok(Topic::register_new(&mut reg, &name, ""))
+    }
+
+    /// Creates a topic of a name no live topic holds (checked by the caller, under the
+    /// registry lock it passes).
+    fn register_new(reg: &mut RegistryMap, name: &str, detail: &str) -> Arc<Topic> {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let topic = Arc::new(Topic {
             magic: TOPIC_MAGIC,
@@ -192,7 +216,7 @@ impl Topic {
         // that topic's name.
         reg.remove(name.as_bytes());
         reg.insert(RegKey::of(&topic), Arc::downgrade(&topic));
-        Ok(topic)
+        topic
     }
 
     /// The live topic named `name`.

@@ -257,7 +257,9 @@ pub extern "C" fn sb_caching_topic_create(
     )
 }
 
-/// The topic cache updates are published on (borrowed).
+/// The topic cache updates are published on (borrowed): a topic of this caching topic's
+/// own, named "<original>-cached" ("<original>-cached-2", ... while other caching topics
+/// of the same original live).
 #[no_mangle]
 pub extern "C" fn sb_caching_get_topic(ct: *mut sb_caching_topic) -> *mut sb_topic {
     boundary(|| match sb_caching_topic::borrow(ct) {
