@@ -118,18 +118,20 @@ impl PartialEq for RegKey {
 impl Eq for RegKey {}
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Topics already visited by one publish. Most publishes touch one or two topics, so the
-/// first few live inline and no allocation happens.
+/// Topics already visited by one publish, by process-unique number (not by address: a
+/// topic visited and released while the walk goes on could see its address reused by a
+/// new topic that the walk then reaches, and skips). Most publishes touch one or two
+/// topics, so the first few live inline and no allocation happens.
 struct Visited {
-    inline: [*const Topic; 8],
+    inline: [u64; 8],
     n: usize,
-    more: Vec<*const Topic>,
+    more: Vec<u64>,
 }
 
 impl Visited {
-    fn new(first: *const Topic) -> Visited {
-        let mut inline = [std::ptr::null(); 8];
-        inline[0] = first;
+    fn new(first: &Topic) -> Visited {
+        let mut inline = [0; 8];
+        inline[0] = first.number;
         Visited {
             inline,
             n: 1,
@@ -137,7 +139,8 @@ impl Visited {
         }
     }
     /// Records `t`; false when it was already there.
-    fn insert(&mut self, t: *const Topic) -> bool {
+    fn insert(&mut self, t: &Topic) -> bool {
+        let t = t.number;
         if self.inline[..self.n].contains(&t) || self.more.contains(&t) {
             return false;
         }
@@ -369,7 +372,7 @@ impl Topic {
         fn walk(t: &Topic, visited: &mut Visited, f: &mut dyn FnMut(&Topic)) {
             f(t);
             t.for_each_forward_target(|to| {
-                if visited.insert(Arc::as_ptr(to)) {
+                if visited.insert(to) {
                     walk(to, visited, f);
                 }
             });
