@@ -7,6 +7,7 @@
  *    the library must not call it with its pool lock held (a publish from the handler
  *    that makes a pool subscription runnable takes that lock: it would wait forever on
  *    its own thread);
+ *  - the failure is reported once, not once per retry;
  *  - the work that needed the worker is not lost: once threads can be created again,
  *    the next subscription made runnable starts a worker, which also runs what waited.
  *
@@ -27,7 +28,7 @@
 static sb_message_type *ty;
 static sb_topic *t_log;
 static atomic_int a_inside, a_open;
-static atomic_int got_b, got_l, got_c;
+static atomic_int got_b, got_l, got_c, got_d;
 static atomic_int failures_logged, handler_published, handler_returned;
 
 static int is_payload(sb_message *msg) { return sb_message_get_type(msg) == ty; }
@@ -89,15 +90,18 @@ int main(void)
     sb_topic *t_a = sb_topic_create("psf.a");
     sb_topic *t_b = sb_topic_create("psf.b");
     sb_topic *t_c = sb_topic_create("psf.c");
+    sb_topic *t_d = sb_topic_create("psf.d");
     t_log = sb_topic_create("psf.log");
     sb_subscription *a = sb_subscribe_pool(t_a, gate_cb, NULL);
     sb_subscription *b = sb_subscribe_pool(t_b, count_cb, &got_b);
     sb_subscription *l = sb_subscribe_pool(t_log, count_cb, &got_l);
     sb_subscription *c = sb_subscribe_pool(t_c, count_cb, &got_c);
-    CHECK(a && b && l && c);
+    sb_subscription *d = sb_subscribe_pool(t_d, count_cb, &got_d);
+    CHECK(a && b && l && c && d);
     /* every Subscribe message handled: all four are idle (so a publish schedules them) */
     WAIT_UNTIL(sb_subscription_queue_length(a) == 0 && sb_subscription_queue_length(b) == 0 &&
-               sb_subscription_queue_length(l) == 0 && sb_subscription_queue_length(c) == 0);
+               sb_subscription_queue_length(l) == 0 && sb_subscription_queue_length(c) == 0 &&
+               sb_subscription_queue_length(d) == 0);
     tu_sleep_ms(20);
 
     publish_one(t_a);
@@ -119,6 +123,11 @@ int main(void)
     CHECK_EQ_INT(atomic_load(&handler_returned), 1);
     CHECK(sb_warning_count() > warnings_before);
     CHECK_STAYS(atomic_load(&got_b) == 0 && atomic_load(&got_l) == 0, 50);
+    /* more work while threads are still refused: retried, not reported again (a
+     * warning per attempt would flood the log) */
+    publish_one(t_d);
+    CHECK_EQ_INT(atomic_load(&failures_logged), 1);
+    CHECK_EQ_INT(sb_warning_count(), warnings_before + 1);
 
     /* threads can be created again: the next subscription made runnable (C) starts a
      * worker, and B and L, waiting in the run queue, get delivered too, while A still
@@ -126,7 +135,8 @@ int main(void)
     CHECK(setrlimit(RLIMIT_NPROC, &saved) == 0);
     publish_one(t_c);
     WAIT_UNTIL(atomic_load(&got_c) == 1);
-    WAIT_UNTIL(atomic_load(&got_b) == 1 && atomic_load(&got_l) == 1);
+    WAIT_UNTIL(atomic_load(&got_b) == 1 && atomic_load(&got_l) == 1 &&
+               atomic_load(&got_d) == 1);
     CHECK_EQ_INT(atomic_load(&a_open), 0);
 
     atomic_store(&a_open, 1);
@@ -135,6 +145,8 @@ int main(void)
     CHECK(sb_unsubscribe_and_join(b) == NULL);
     CHECK(sb_unsubscribe_and_join(l) == NULL);
     CHECK(sb_unsubscribe_and_join(c) == NULL);
+    CHECK(sb_unsubscribe_and_join(d) == NULL);
+    sb_topic_unref(t_d);
     sb_topic_unref(t_a);
     sb_topic_unref(t_b);
     sb_topic_unref(t_c);

@@ -15,7 +15,7 @@ use crate::subscription::Subscription;
 use crate::sync::std_sync::{Condvar, Mutex, MutexGuard};
 use crossbeam_queue::SegQueue;
 use std::cell::Cell;
-use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::Duration;
@@ -136,11 +136,8 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
         let mut cfg = pool.config.lock();
         cfg.blocked += 1;
         pool.active.fetch_sub(1, Ordering::SeqCst);
-        if !pool.queue.is_empty() && pool.sleeping.load(Ordering::SeqCst) == 0 {
-            pool.spawn_locked(&mut cfg)
-        } else {
-            Ok(())
-        }
+        (!pool.queue.is_empty() && pool.sleeping.load(Ordering::SeqCst) == 0)
+            .then(|| pool.spawn_locked(&mut cfg))
     };
     warn_if_not_spawned(spawned);
     let r = f();
@@ -150,10 +147,24 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Logs a failed worker start (never with the pool lock held).
-fn warn_if_not_spawned(spawned: std::io::Result<()>) {
-    if let Err(e) = spawned {
-        crate::log::warn(&format!("cannot start a pool worker: {e}"));
+/// Logs a failed worker start (never with the pool lock held); None: no start was tried.
+///
+/// Once per streak of failures: when the system refuses threads (RLIMIT_NPROC, memory),
+/// every schedule retries the start, and a warning per attempt would flood the host's log
+/// (20,000 lines in a tenth of a second were measured). The next successful start ends
+/// the streak, and the next failure is reported again.
+fn warn_if_not_spawned(spawned: Option<std::io::Result<()>>) {
+    static FAILING: AtomicBool = AtomicBool::new(false);
+    match spawned {
+        None => {}
+        Some(Ok(())) => FAILING.store(false, Ordering::Relaxed),
+        Some(Err(e)) if !FAILING.swap(true, Ordering::Relaxed) => {
+            crate::log::warn(&format!(
+                "cannot start a pool worker: {e} (retried as work arrives; not \
+                 reported again until a start succeeds)"
+            ));
+        }
+        Some(Err(_)) => {}
     }
 }
 
@@ -180,11 +191,8 @@ impl Pool {
             self.wake.notify_one();
         } else if self.active.load(Ordering::SeqCst) < self.max.load(Ordering::Relaxed) {
             let mut cfg = self.config.lock();
-            let spawned = if cfg.threads - cfg.blocked < cfg.max {
-                self.spawn_locked(&mut cfg)
-            } else {
-                Ok(())
-            };
+            let spawned =
+                (cfg.threads - cfg.blocked < cfg.max).then(|| self.spawn_locked(&mut cfg));
             drop(cfg);
             warn_if_not_spawned(spawned);
         }
