@@ -22,7 +22,7 @@ use crate::subscription::Subscription;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -121,11 +121,13 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Topics already visited by one publish, by process-unique number (not by address: a
 /// topic visited and released while the walk goes on could see its address reused by a
 /// new topic that the walk then reaches, and skips). Most publishes touch one or two
-/// topics, so the first few live inline and no allocation happens.
+/// topics, so the first few live inline and no allocation happens; past those, a hash
+/// set, so that a topic forwarding to thousands of others is not walked in quadratic
+/// time (10,000 forwards took 8.6 ms per publish with a list).
 struct Visited {
     inline: [u64; 8],
     n: usize,
-    more: Vec<u64>,
+    more: HashSet<u64>,
 }
 
 impl Visited {
@@ -135,22 +137,22 @@ impl Visited {
         Visited {
             inline,
             n: 1,
-            more: Vec::new(),
+            more: HashSet::new(),
         }
     }
     /// Records `t`; false when it was already there.
     fn insert(&mut self, t: &Topic) -> bool {
         let t = t.number;
-        if self.inline[..self.n].contains(&t) || self.more.contains(&t) {
+        if self.inline[..self.n].contains(&t) {
             return false;
         }
         if self.n < self.inline.len() {
             self.inline[self.n] = t;
             self.n += 1;
+            true
         } else {
-            self.more.push(t);
+            self.more.insert(t)
         }
-        true
     }
 }
 
