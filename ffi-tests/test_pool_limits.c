@@ -33,6 +33,9 @@
  *  5. test_raise_max - max 1 with one gated callback running and two queued; raising
  *     the maximum to 3 starts workers for the queued two at once.
  *
+ *  6. test_stand_in_bound - 80 pool callbacks block in sb_publish_sync: the pool stands in
+ *     for blocked workers only up to its bound (2 + 64 workers), and all 80 complete.
+ *
  * From test_stand_ins on, every test leaves the pool configured as FILE_MIN / FILE_MAX /
  * FILE_IDLE_MS (test_stand_ins' configuration), whatever it set meanwhile.
  */
@@ -471,6 +474,81 @@ static void test_raise_max(void) {
     CHECK_EQ_INT(sb_pool_configure(FILE_MIN, FILE_MAX, FILE_IDLE_MS), SB_OK);
 }
 
+/* ---- 6: stand-ins for blocked workers are bounded ---- */
+
+/* Pool callbacks that block in a library wait (sb_publish_sync to a dedicated
+ * subscription held at a gate) each get a stand-in worker, but not without bound: with
+ * max_threads 2 the pool stops at 2 + 64 workers (the bound is max(64, 8 x max)), the
+ * rest of the burst waits in the run queue, and everything completes once the consumer
+ * moves again. */
+#define SI_SUBS 80
+#define SI_LIMIT (2 + 64)
+static sb_subscription *si_target;
+static atomic_int si_inside, si_done;
+static pthread_mutex_t si_mu = PTHREAD_MUTEX_INITIALIZER;
+static int si_open;
+
+static void si_target_cb(void *data, sb_subscription *sub, sb_message *msg) {
+    (void)data; (void)sub;
+    if (tag_of(msg) != TAG_GANG)
+        return;
+    double end = tu_now_s() + 3 * tu_wait_seconds();
+    pthread_mutex_lock(&si_mu);
+    while (!si_open && tu_now_s() < end) {
+        pthread_mutex_unlock(&si_mu);
+        tu_sleep_ms(2);
+        pthread_mutex_lock(&si_mu);
+    }
+    pthread_mutex_unlock(&si_mu);
+}
+
+static void si_cb(void *data, sb_subscription *sub, sb_message *msg) {
+    (void)data; (void)sub;
+    if (tag_of(msg) != TAG_GANG)
+        return;
+    atomic_fetch_add(&si_inside, 1);
+    int tag = TAG_GANG;
+    sb_message *m = sb_message_create_bytes(ty, &tag, sizeof tag);
+    sb_publish_sync(si_target, m); /* blocks in the library until the target handled it */
+    sb_message_unref(m);
+    atomic_fetch_add(&si_done, 1);
+}
+
+static void test_stand_in_bound(void) {
+    printf("test_stand_in_bound\n");
+    CHECK_EQ_INT(sb_pool_configure(1, 2, 60000), SB_OK);
+    sb_topic *tt = sb_topic_create("pl.si.target");
+    sb_topic *ts = sb_topic_create("pl.si");
+    si_target = sb_subscribe(tt, si_target_cb, NULL);
+    sb_subscription *subs[SI_SUBS];
+    for (int i = 0; i < SI_SUBS; i++)
+        subs[i] = sb_subscribe_pool(ts, si_cb, NULL);
+    tu_sleep_ms(50); /* the Subscribe messages handled */
+    int tag = TAG_GANG;
+    sb_message *m = sb_message_create_bytes(ty, &tag, sizeof tag);
+    CHECK_EQ_INT(sb_publish(ts, m), SI_SUBS);
+    sb_message_unref(m);
+    /* every worker ends up blocked: the two, then each stand-in, up to the bound */
+    WAIT_UNTIL(atomic_load(&si_inside) >= SI_LIMIT);
+    CHECK_STAYS(atomic_load(&si_inside) == SI_LIMIT, 200);
+    CHECK(pool_threads() <= SI_LIMIT);
+    CHECK_EQ_INT(atomic_load(&si_done), 0);
+    printf("  %d callbacks blocked, %d pool threads\n", atomic_load(&si_inside), pool_threads());
+
+    pthread_mutex_lock(&si_mu);
+    si_open = 1;
+    pthread_mutex_unlock(&si_mu);
+    WAIT_UNTIL(atomic_load(&si_done) == SI_SUBS);
+    for (int i = 0; i < SI_SUBS; i++)
+        CHECK(sb_unsubscribe_and_join(subs[i]) == NULL);
+    CHECK(sb_unsubscribe_and_join(si_target) == NULL);
+    sb_topic_unref(tt);
+    sb_topic_unref(ts);
+    /* the stand-ins retire at their next turn: back to at most max_threads */
+    WAIT_UNTIL(pool_threads() <= 2);
+    CHECK_EQ_INT(sb_pool_configure(FILE_MIN, FILE_MAX, FILE_IDLE_MS), SB_OK);
+}
+
 int main(void) {
     TEST_INIT();
     CHECK_EQ_INT(sb_message_type_create("pl.tag", NULL, &ty), SB_OK);
@@ -479,6 +557,7 @@ int main(void) {
     test_max_threads();
     test_idle_timeout();
     test_raise_max();
+    test_stand_in_bound();
     sb_message_type_unref(ty);
     return TEST_DONE();
 }

@@ -410,6 +410,9 @@ const char *sb_strerror(int code);
  * Configures the shared worker pool: at least `min_threads` kept alive, at most
  * `max_threads` running callbacks (workers blocked in a join don't count), idle workers
  * above the minimum exit after `idle_timeout_ms`. Defaults: 1, CPUs (>= 2), 20000.
+ * A worker blocked in a library wait (join, sb_publish_sync, a full SB_OVERFLOW_BLOCK
+ * queue) gets a stand-in, up to max(64, 8 x max_threads) stand-ins; past that, queued
+ * work waits for a blocked worker to return. Takes effect at once.
  * Returns SB_OK, or SB_E_INVAL when max_threads is 0 or below min_threads.
  */
 int sb_pool_configure(unsigned int min_threads,

@@ -40,6 +40,22 @@ struct Config {
     blocked: usize,
 }
 
+impl Config {
+    /// Workers beyond `max` are stand-ins for blocked ones; their number is bounded, so
+    /// that a stalled consumer (say, a full `SB_OVERFLOW_BLOCK` queue every pool
+    /// callback pushes to) cannot turn each callback into a thread of its own (1,500
+    /// blocked callbacks made 1,413 threads before the bound). Past it, blocked
+    /// callbacks keep their workers and queued work waits for one to return.
+    fn stand_in_limit(&self) -> usize {
+        (8 * self.max).max(64)
+    }
+    /// A worker may be started: fewer than `max` run callbacks, and the stand-ins are
+    /// within their bound.
+    fn may_start_worker(&self) -> bool {
+        self.threads - self.blocked < self.max && self.threads < self.max + self.stand_in_limit()
+    }
+}
+
 pub(crate) struct Pool {
     queue: SegQueue<Arc<Subscription>>,
     sleeping: AtomicUsize,
@@ -136,8 +152,10 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
         let mut cfg = pool.config.lock();
         cfg.blocked += 1;
         pool.active.fetch_sub(1, Ordering::SeqCst);
-        (!pool.queue.is_empty() && pool.sleeping.load(Ordering::SeqCst) == 0)
-            .then(|| pool.spawn_locked(&mut cfg))
+        (!pool.queue.is_empty()
+            && pool.sleeping.load(Ordering::SeqCst) == 0
+            && cfg.may_start_worker())
+        .then(|| pool.spawn_locked(&mut cfg))
     };
     warn_if_not_spawned(spawned);
     let r = f();
@@ -191,8 +209,7 @@ impl Pool {
             self.wake.notify_one();
         } else if self.active.load(Ordering::SeqCst) < self.max.load(Ordering::Relaxed) {
             let mut cfg = self.config.lock();
-            let spawned =
-                (cfg.threads - cfg.blocked < cfg.max).then(|| self.spawn_locked(&mut cfg));
+            let spawned = cfg.may_start_worker().then(|| self.spawn_locked(&mut cfg));
             drop(cfg);
             warn_if_not_spawned(spawned);
         }
