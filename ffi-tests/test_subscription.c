@@ -836,6 +836,51 @@ static void test_congestion_hysteresis(int kind)
     sb_topic_unref(t);
 }
 
+/* The default marks (5000 / 10000) are far apart: a subscriber keeping up with bursts
+ * whose backlog swings between 6,000 and 10,000+ is warned about once, not at every
+ * burst (as with marks a tenth apart, which flooded the log). Same gating as above. */
+static void test_congestion_default_marks(int kind)
+{
+    printf("congestion default marks %s\n", kind_names[kind]);
+    sb_topic *t = kind_topic("congestion.defaults", kind);
+    recorder rec;
+    ticket_gate gate;
+    atomic_init(&gate.entered, 0);
+    atomic_init(&gate.passes, 0);
+    recorder_init(&rec, ptype, t);
+    rec.hook = ticket_hook;
+    rec.hook_data = &gate;
+    sb_subscription *sub = subscribe_kind(kind, t, recorder_cb, &rec);
+    CHECK(sub != NULL);
+    int seq = 0;
+    /* G1 held; 10,001 behind it: over 10,000, the first warning */
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
+    WAIT_UNTIL(atomic_load(&gate.entered) == 1);
+    for (int i = 0; i < 10001; i++)
+        publish_payload(t, ptype, 0, seq++, 0);
+    CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
+    /* G2 behind them; G1 goes; the batch of 10,001 and G2 is held at G2 */
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
+    atomic_store(&gate.passes, 1);
+    WAIT_UNTIL(atomic_load(&gate.entered) == 2);
+    /* 5,999 and G3 queued; G2 goes: its batch ends with 6,000 queued */
+    for (int i = 0; i < 5999; i++)
+        publish_payload(t, ptype, 0, seq++, 0);
+    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
+    atomic_store(&gate.passes, 2);
+    WAIT_UNTIL(atomic_load(&gate.entered) == 3);
+    /* held at G3 with 6,000 in flight; 4,001 more: over 10,000 again, same congestion */
+    for (int i = 0; i < 4001; i++)
+        publish_payload(t, ptype, 0, seq++, 0);
+    CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
+    atomic_store(&gate.passes, 3);
+    WAIT_UNTIL(atomic_load(&rec.payloads) == seq);
+    CHECK(sb_unsubscribe_and_join(sub) == NULL);
+    CHECK_RECORDER_LIFECYCLE(&rec);
+    recorder_destroy(&rec);
+    sb_topic_unref(t);
+}
+
 /* ---- concurrent publishers: no overlap, per-thread order ---- */
 
 #define NPUB 4
@@ -1032,6 +1077,8 @@ int main(void)
             test_congestion_warning_once(k);
         if (k != KIND_SYNC)
             test_congestion_hysteresis(k);
+        if (k == KIND_POOL)
+            test_congestion_default_marks(k);
         test_concurrent_publishers(k);
         test_data_untouched(k);
     }
@@ -1040,7 +1087,8 @@ int main(void)
     test_unsubscribe_scattered();
     /* subscriptions released their topics */
     const char *what[] = {"life", "unsub", "atonce", "others", "selfjoin", "reentrant", "filter",
-                          "congestion", "congestion.once", "congestion.hyst", "concurrent",
+                          "congestion", "congestion.once", "congestion.hyst", "congestion.defaults",
+                          "concurrent",
                           "bogus"};
     for (size_t w = 0; w < sizeof what / sizeof what[0]; w++)
         for (int k = 0; k < KIND_COUNT; k++) {

@@ -278,6 +278,8 @@ pub extern "C" fn sb_subscription_set_filter(
 
 /// Warn (log line + counter) once when more than `high_water` messages are queued, and
 /// again only after the queue fell below `low_water`. Needs 0 <= low <= high, high > 0.
+/// Defaults: 5000 and 10000 (a wide gap: a subscriber that keeps up with bursts whose
+/// backlog swings across one mark is warned about once, not at every burst).
 #[no_mangle]
 pub extern "C" fn sb_subscription_set_congestion_limits(
     sub: *mut sb_subscription,
