@@ -465,6 +465,8 @@ int sb_eid_cmp(const struct sb_eid *a, const struct sb_eid *b);
  * Creates (or finds) the message type `name`. On success `*out` is a new reference and
  * SB_OK is returned; SB_E_DECLINED (with `*out` = NULL) when the name was declined.
  * `vtable` may be NULL; it is copied. A live type of the same name is returned as is.
+ * A type's name and id stay with the process once created (ids are never reused), so
+ * names form a bounded set: one per kind of event, never one per call or channel.
  */
 int sb_message_type_create(const char *name,
                            const struct sb_message_vtable *vtable,

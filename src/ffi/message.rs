@@ -77,6 +77,8 @@ pub(crate) fn malloc_string(s: &str) -> *mut c_char {
 /// Creates (or finds) the message type `name`. On success `*out` is a new reference and
 /// SB_OK is returned; SB_E_DECLINED (with `*out` = NULL) when the name was declined.
 /// `vtable` may be NULL; it is copied. A live type of the same name is returned as is.
+/// A type's name and id stay with the process once created (ids are never reused), so
+/// names form a bounded set: one per kind of event, never one per call or channel.
 #[no_mangle]
 pub extern "C" fn sb_message_type_create(
     name: *const c_char,
