@@ -193,7 +193,12 @@ impl Topic {
         let mut reg = REGISTRY.lock();
         let mut name = base.to_owned();
         let mut k = 1u64;
-        while reg.get(name.as_bytes()).and_then(Weak::upgrade).is_some() {
+        // `strong_count`, not `upgrade`: an upgraded reference dropped here, under the
+        // registry lock, could be a dying topic's last one, and its drop takes this lock.
+        while reg
+            .get(name.as_bytes())
+            .is_some_and(|w| w.strong_count() > 0)
+        {
             k += 1;
             name = format!("{base}-{k}");
             check_name("topic", &name)?;
