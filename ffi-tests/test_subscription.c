@@ -772,11 +772,22 @@ static void ticket_hook(recorder *r, sb_subscription *sub, sb_message *msg)
 
 /* Hysteresis: once over high_water, a queue is congested until a batch ends with fewer
  * than low_water queued. Falling between the marks and climbing over high_water again
- * is the same congestion: no second warning. */
-static void test_congestion_hysteresis(int kind)
+ * is the same congestion: no second warning; a crossing after it fell below low_water
+ * is a new one. With low <= 0, the default marks (5000 / 10000), which are far apart: a
+ * subscriber keeping up with bursts whose backlog swings between 7,500 and 10,000+ is
+ * warned once, not at every burst (marks a tenth apart flooded the log). */
+static void congestion_swing(int kind, const char *what, long low, long high)
 {
-    printf("congestion hysteresis %s\n", kind_names[kind]);
-    sb_topic *t = kind_topic("congestion.hyst", kind);
+    printf("congestion %s %s\n", what, kind_names[kind]);
+    int defaults = low <= 0;
+    if (defaults) {
+        low = 5000;
+        high = 10000;
+    }
+    const long mid = (low + high) / 2; /* between the marks */
+    char name[64];
+    snprintf(name, sizeof name, "congestion.%s", what);
+    sb_topic *t = kind_topic(name, kind);
     recorder rec;
     ticket_gate gate;
     atomic_init(&gate.entered, 0);
@@ -790,39 +801,40 @@ static void test_congestion_hysteresis(int kind)
     sb_subscription *sub = subscribe_kind(kind, t, recorder_cb, &rec);
     snprintf(cap.needle, sizeof cap.needle, "%s", sb_subscription_uniqueid(sub));
     sb_set_log_handler(log_handler, &cap);
-    CHECK_EQ_INT(sb_subscription_set_congestion_limits(sub, 5, 20), SB_OK);
+    if (!defaults)
+        CHECK_EQ_INT(sb_subscription_set_congestion_limits(sub, low, high), SB_OK);
 
     int seq = 0;
-    /* G1 held; 25 behind it: over 20, the first warning */
+    /* G1 held; high + 5 behind it: over high, the first warning */
     CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
     WAIT_UNTIL(atomic_load(&gate.entered) == 1);
-    for (int i = 0; i < 25; i++)
+    for (long i = 0; i < high + 5; i++)
         CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
     CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
-    /* G2 queued behind them; G1 goes: its batch ends with 26 queued (still congested),
-     * and the next batch, the 25 and G2, is held at G2 */
+    /* G2 queued behind them; G1 goes: its batch ends with all those queued (still
+     * congested), and the next batch, them and G2, is held at G2 */
     CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
     atomic_store(&gate.passes, 1);
     WAIT_UNTIL(atomic_load(&gate.entered) == 2);
-    /* 9 and G3 queued; G2 goes: its batch ends with 10 queued, between the marks */
-    for (int i = 0; i < 9; i++)
+    /* mid - 1 and G3 queued; G2 goes: its batch ends with mid queued, between the marks */
+    for (long i = 0; i < mid - 1; i++)
         CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
     CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
     atomic_store(&gate.passes, 2);
     WAIT_UNTIL(atomic_load(&gate.entered) == 3);
-    /* held at G3 with 10 in flight; 15 more: 25 over 20 again, the same congestion */
-    for (int i = 0; i < 15; i++)
+    /* held at G3 with mid in flight; more, to over high again: the same congestion */
+    for (long i = 0; i < high - mid + 5; i++)
         CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
     CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
     CHECK_EQ_INT(captured_warnings(&cap), 1);
-    /* everything drains (the last batch ends with nothing queued, below 5) */
+    /* everything drains (the last batch ends with nothing queued, below low) */
     atomic_store(&gate.passes, 3);
     WAIT_UNTIL(atomic_load(&rec.payloads) == seq);
     CHECK_EQ_INT(sb_subscription_queue_length(sub), 0);
     /* a new crossing after that is a new congestion: a second warning */
     CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
     WAIT_UNTIL(atomic_load(&gate.entered) == 4);
-    for (int i = 0; i < 25; i++)
+    for (long i = 0; i < high + 5; i++)
         CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, 0), 1);
     CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 2);
     atomic_store(&gate.passes, 4);
@@ -833,51 +845,6 @@ static void test_congestion_hysteresis(int kind)
     CHECK_RECORDER_LIFECYCLE(&rec);
     recorder_destroy(&rec);
     pthread_mutex_destroy(&cap.mu);
-    sb_topic_unref(t);
-}
-
-/* The default marks (5000 / 10000) are far apart: a subscriber keeping up with bursts
- * whose backlog swings between 6,000 and 10,000+ is warned about once, not at every
- * burst (as with marks a tenth apart, which flooded the log). Same gating as above. */
-static void test_congestion_default_marks(int kind)
-{
-    printf("congestion default marks %s\n", kind_names[kind]);
-    sb_topic *t = kind_topic("congestion.defaults", kind);
-    recorder rec;
-    ticket_gate gate;
-    atomic_init(&gate.entered, 0);
-    atomic_init(&gate.passes, 0);
-    recorder_init(&rec, ptype, t);
-    rec.hook = ticket_hook;
-    rec.hook_data = &gate;
-    sb_subscription *sub = subscribe_kind(kind, t, recorder_cb, &rec);
-    CHECK(sub != NULL);
-    int seq = 0;
-    /* G1 held; 10,001 behind it: over 10,000, the first warning */
-    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
-    WAIT_UNTIL(atomic_load(&gate.entered) == 1);
-    for (int i = 0; i < 10001; i++)
-        publish_payload(t, ptype, 0, seq++, 0);
-    CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
-    /* G2 behind them; G1 goes; the batch of 10,001 and G2 is held at G2 */
-    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
-    atomic_store(&gate.passes, 1);
-    WAIT_UNTIL(atomic_load(&gate.entered) == 2);
-    /* 5,999 and G3 queued; G2 goes: its batch ends with 6,000 queued */
-    for (int i = 0; i < 5999; i++)
-        publish_payload(t, ptype, 0, seq++, 0);
-    CHECK_EQ_INT(publish_payload(t, ptype, 0, seq++, TAG_GATE), 1);
-    atomic_store(&gate.passes, 2);
-    WAIT_UNTIL(atomic_load(&gate.entered) == 3);
-    /* held at G3 with 6,000 in flight; 4,001 more: over 10,000 again, same congestion */
-    for (int i = 0; i < 4001; i++)
-        publish_payload(t, ptype, 0, seq++, 0);
-    CHECK_EQ_INT(sb_subscription_congestion_warnings(sub), 1);
-    atomic_store(&gate.passes, 3);
-    WAIT_UNTIL(atomic_load(&rec.payloads) == seq);
-    CHECK(sb_unsubscribe_and_join(sub) == NULL);
-    CHECK_RECORDER_LIFECYCLE(&rec);
-    recorder_destroy(&rec);
     sb_topic_unref(t);
 }
 
@@ -1076,9 +1043,9 @@ int main(void)
         if (k != KIND_SYNC) /* a synchronous subscription has no queue to congest */
             test_congestion_warning_once(k);
         if (k != KIND_SYNC)
-            test_congestion_hysteresis(k);
+            congestion_swing(k, "hyst", 5, 20);
         if (k == KIND_POOL)
-            test_congestion_default_marks(k);
+            congestion_swing(k, "defaults", 0, 0);
         test_concurrent_publishers(k);
         test_data_untouched(k);
     }
