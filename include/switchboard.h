@@ -52,6 +52,21 @@
 #define SB_E_DEADLOCK -5
 
 /**
+ * A cluster call waited longer than its configured time.
+ */
+#define SB_E_TIMEOUT -6
+
+/**
+ * The cluster's servers are unreachable, refused us, or authentication / TLS failed.
+ */
+#define SB_E_UNAVAILABLE -7
+
+/**
+ * A bug of the library caught at the boundary (a panic); please report it.
+ */
+#define SB_E_INTERNAL -8
+
+/**
  * Log levels passed to an `sb_log_fn`.
  */
 #define SB_LOG_ERROR 1

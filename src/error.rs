@@ -15,6 +15,12 @@ pub const SB_E_DECLINED: i32 = -3;
 pub const SB_E_STATE: i32 = -4;
 /// A join would wait on the calling thread itself.
 pub const SB_E_DEADLOCK: i32 = -5;
+/// A cluster call waited longer than its configured time.
+pub const SB_E_TIMEOUT: i32 = -6;
+/// The cluster's servers are unreachable, refused us, or authentication / TLS failed.
+pub const SB_E_UNAVAILABLE: i32 = -7;
+/// A bug of the library caught at the boundary (a panic); please report it.
+pub const SB_E_INTERNAL: i32 = -8;
 
 /// What went wrong, as a code the C side can switch on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +30,9 @@ pub enum ErrorKind {
     Declined,
     State,
     Deadlock,
+    Timeout,
+    Unavailable,
+    Internal,
 }
 
 impl ErrorKind {
@@ -34,6 +43,9 @@ impl ErrorKind {
             ErrorKind::Declined => SB_E_DECLINED,
             ErrorKind::State => SB_E_STATE,
             ErrorKind::Deadlock => SB_E_DEADLOCK,
+            ErrorKind::Timeout => SB_E_TIMEOUT,
+            ErrorKind::Unavailable => SB_E_UNAVAILABLE,
+            ErrorKind::Internal => SB_E_INTERNAL,
         }
     }
 }
@@ -82,6 +94,9 @@ pub fn strerror(code: i32) -> &'static std::ffi::CStr {
         SB_E_DECLINED => c"message type declined",
         SB_E_STATE => c"object in the wrong state",
         SB_E_DEADLOCK => c"operation would deadlock",
+        SB_E_TIMEOUT => c"timed out",
+        SB_E_UNAVAILABLE => c"cluster servers unavailable",
+        SB_E_INTERNAL => c"internal error of the library",
         _ => c"unknown error code",
     }
 }

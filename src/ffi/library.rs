@@ -8,7 +8,10 @@ use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::error::{SB_E_DEADLOCK, SB_E_DECLINED, SB_E_INVAL, SB_E_NOMEM, SB_E_STATE, SB_OK};
+pub use crate::error::{
+    SB_E_DEADLOCK, SB_E_DECLINED, SB_E_INTERNAL, SB_E_INVAL, SB_E_NOMEM, SB_E_STATE, SB_E_TIMEOUT,
+    SB_E_UNAVAILABLE, SB_OK,
+};
 
 /// Log levels passed to an `sb_log_fn`.
 pub const SB_LOG_ERROR: c_int = 1;
