@@ -411,7 +411,8 @@ impl Cache {
         &self.shards[(hash >> SHARD_SHIFT) as usize & (SHARDS - 1)].0
     }
 
-    pub(crate) fn id_of<'m>(&self, msg: &'m Arc<Message>) -> Option<Cow<'m, str>> {
+    /// The id the cache keys `msg` under (the id function's answer; user code).
+    pub fn id_of<'m>(&self, msg: &'m Arc<Message>) -> Option<Cow<'m, str>> {
         (self.id_fn)(msg)
     }
 

@@ -96,6 +96,7 @@ impl Filter {
             MODE_ALL
         };
         self.mode.store(mode, Ordering::Release);
+        crate::tap::interest_changed();
     }
 
     /// Accepts `ty` and switches to selective filtering.

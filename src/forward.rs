@@ -50,6 +50,7 @@ impl Forward {
         let list = from.forwards.load().pushed(Arc::clone(&forward));
         from.forwards.store(Arc::new(list));
         from.has_forwards.store(true, Ordering::Release);
+        crate::tap::interest_changed();
         Ok(forward)
     }
 
@@ -76,6 +77,7 @@ impl Forward {
         let g = GRAPH.lock();
         let replaced = self.from.retire_forward();
         drop(g);
+        crate::tap::interest_changed();
         drop(replaced); // may drop the last reference to forwards and topics: unlocked
         Ok(())
     }

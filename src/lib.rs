@@ -20,6 +20,7 @@ pub mod router;
 mod small_list;
 pub mod subscription;
 mod sync;
+pub mod tap;
 pub mod topic;
 pub mod topic_pool;
 mod waits;

@@ -48,7 +48,7 @@ unsafe impl Sync for Message {}
 
 /// CLOCK_REALTIME in ns. Straight from clock_gettime (a vDSO call): `SystemTime`'s
 /// checked arithmetic showed up in the publish profile.
-fn now_realtime_ns() -> u64 {
+pub(crate) fn now_realtime_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -68,6 +68,17 @@ impl Message {
 
     /// A message from `eid`, or an aggregate when `eid` is None.
     pub fn with_eid(mtype: &Arc<MessageType>, payload: Payload, eid: Option<Eid>) -> Arc<Message> {
+        Message::with_eid_at(mtype, payload, eid, now_realtime_ns())
+    }
+
+    /// A message from `eid` stamped `timestamp_ns` (CLOCK_REALTIME): a message that
+    /// another node made keeps its own time.
+    pub fn with_eid_at(
+        mtype: &Arc<MessageType>,
+        payload: Payload,
+        eid: Option<Eid>,
+        timestamp_ns: u64,
+    ) -> Arc<Message> {
         Arc::new(Message {
             magic: MESSAGE_MAGIC,
             // SAFETY: the registry holds a reference to every type forever, so this
@@ -75,7 +86,7 @@ impl Message {
             // from ever being released.
             mtype: ManuallyDrop::new(unsafe { Arc::from_raw(Arc::as_ptr(mtype)) }),
             payload,
-            timestamp_ns: now_realtime_ns(),
+            timestamp_ns,
             eid,
         })
     }

@@ -71,6 +71,16 @@ impl MessageType {
         ty
     }
 
+    /// The type named `name`, if one was ever created (never creates one).
+    pub fn find(name: &str) -> Option<Arc<MessageType>> {
+        REGISTRY.lock().by_name.get(name).cloned()
+    }
+
+    /// Every type created so far (types are a bounded set: see the module comment).
+    pub fn all() -> Vec<Arc<MessageType>> {
+        REGISTRY.lock().by_name.values().cloned().collect()
+    }
+
     /// A type the library itself uses (never declined).
     pub(crate) fn builtin(name: &str) -> Arc<MessageType> {
         MessageType::intern(name, None)

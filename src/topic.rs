@@ -19,6 +19,7 @@ use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::names::check_name;
 use crate::small_list::{retire, SmallList};
 use crate::subscription::Subscription;
+use crate::tap;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::borrow::Borrow;
@@ -59,6 +60,8 @@ pub struct Topic {
     pub(crate) forwards: ArcSwap<ForwardList>,
     /// `forwards` is non-empty: lets the common publish skip loading it.
     pub(crate) has_forwards: AtomicBool,
+    /// A tap is installed (`tap`): lets every other publish skip the tap map.
+    has_tap: AtomicBool,
     /// Serializes writers of `subscribers` and of the retirement counts.
     write: Mutex<Retired>,
 }
@@ -220,6 +223,7 @@ impl Topic {
             subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
             forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
             has_forwards: AtomicBool::new(false),
+            has_tap: AtomicBool::new(false),
             write: Mutex::new(Retired::default()),
         });
         // A dead topic's entry goes first: `insert` would keep its key, which points into
@@ -264,6 +268,21 @@ impl Topic {
         }
         let list = self.subscribers.load().pushed(Arc::clone(sub));
         self.subscribers.store(Arc::new(list));
+        tap::interest_changed();
+    }
+
+    /// Process-unique number of this topic.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    pub(crate) fn set_has_tap(&self, on: bool) {
+        self.has_tap.store(on, Ordering::Release);
+    }
+
+    /// Runs this topic's tap, if any; true when it claimed the publish.
+    fn run_tap(&self, msg: &Arc<Message>, through_tap: bool) -> bool {
+        self.has_tap.load(Ordering::Acquire) && tap::run(self, msg, through_tap)
     }
 
     /// One of this topic's subscriptions was unsubscribed (its flag is already clear, so
@@ -277,6 +296,7 @@ impl Topic {
             &EMPTY_SUBS,
         );
         drop(w);
+        tap::interest_changed();
         drop(replaced); // may drop the last reference to subscriptions: not under the lock
     }
 
@@ -321,25 +341,31 @@ impl Topic {
 
     pub(crate) fn publish_ctx(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
         let mut count = self.deliver_local(msg, ctx);
+        let tapped = self.run_tap(msg, false);
         if !self.has_forwards.load(Ordering::Acquire) {
             return count;
         }
         let mut visited = Visited::new(self);
-        self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, &mut visited));
+        self.for_each_forward_target(|to| {
+            count += to.publish_forwarded(msg, ctx, &mut visited, tapped)
+        });
         count
     }
 
+    /// `through_tap`: the walk passed a tapped topic on its way here (see `tap`).
     fn publish_forwarded(
         &self,
         msg: &Arc<Message>,
         ctx: &mut PublishCtx<'_>,
         visited: &mut Visited,
+        through_tap: bool,
     ) -> usize {
         if !visited.insert(self) {
             return 0;
         }
         let mut count = self.deliver_local(msg, ctx);
-        self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, visited));
+        let tapped = self.run_tap(msg, through_tap) || through_tap;
+        self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, visited, tapped));
         count
     }
 

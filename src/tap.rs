@@ -1,0 +1,73 @@
+//! Taps: observers that the publish walk calls inline, and the interest epoch.
+//!
+//! A layer above the core (the cluster) needs to see every publish that reaches some
+//! topics, on the publisher's thread and in publish order, without being a subscription
+//! (a subscription's callback may run later on another thread, and subscriptions are
+//! visible to everyone counting them). A tap is that: one per topic at most, called by
+//! the walk with `through_tap` telling whether this publish already passed another
+//! tapped topic on its way here (so a layer can act once per publish, at the first tapped
+//! topic). A tap must be quick and must not block: it runs inside `sb_publish`.
+//!
+//! Topics without a tap pay one relaxed load of a flag they already share a cache line
+//! with; the taps themselves live in a global copy-on-write map keyed by topic number.
+//!
+//! The interest epoch counts changes to who wants what (subscribe, unsubscribe, filter
+//! changes, forwards): a layer that mirrors `Topic::wants` elsewhere polls it to know
+//! when to look again.
+
+use crate::message::Message;
+use crate::topic::Topic;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+
+/// An inline observer of publishes reaching a topic.
+pub trait Tap: Send + Sync {
+    /// `msg` was published to `topic` or forwarded into it. `through_tap`: the publish
+    /// reached `topic` through a topic whose tap claimed it. Returns whether this tap
+    /// claims the publish (the topics it reaches from here are then `through_tap`).
+    fn on_publish(&self, topic: &Topic, msg: &Arc<Message>, through_tap: bool) -> bool;
+}
+
+type TapMap = HashMap<u64, Arc<dyn Tap>>;
+static TAPS: LazyLock<ArcSwap<TapMap>> = LazyLock::new(Default::default);
+/// Serializes writers of `TAPS` (readers never lock).
+static TAPS_WRITE: Mutex<()> = Mutex::new(());
+
+static INTEREST_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Installs `tap` on `topic` (replacing any), or removes it with None. A publish that
+/// starts after this returns sees the change.
+pub fn set_tap(topic: &Topic, tap: Option<Arc<dyn Tap>>) {
+    let _w = TAPS_WRITE.lock();
+    let mut map = TapMap::clone(&TAPS.load());
+    match tap {
+        Some(t) => {
+            map.insert(topic.number(), t);
+        }
+        None => {
+            map.remove(&topic.number());
+        }
+    }
+    topic.set_has_tap(map.contains_key(&topic.number()));
+    TAPS.store(Arc::new(map));
+}
+
+/// Calls `topic`'s tap, if it has one; returns whether the tap claimed the publish.
+pub(crate) fn run(topic: &Topic, msg: &Arc<Message>, through_tap: bool) -> bool {
+    let taps = TAPS.load();
+    taps.get(&topic.number())
+        .is_some_and(|tap| tap.on_publish(topic, msg, through_tap))
+}
+
+/// The current interest epoch (see the module comment).
+pub fn interest_epoch() -> u64 {
+    INTEREST_EPOCH.load(Ordering::Acquire)
+}
+
+/// Someone's interest changed.
+pub(crate) fn interest_changed() {
+    INTEREST_EPOCH.fetch_add(1, Ordering::AcqRel);
+}
