@@ -78,6 +78,15 @@
 #define SB_LOG_DEBUG 4
 
 /**
+ * Node states of sb_cluster_node.state.
+ */
+typedef enum sb_node_state {
+  SB_NODE_UP = 1,
+  SB_NODE_DOWN = 2,
+  SB_NODE_LEFT = 3,
+} sb_node_state;
+
+/**
  * A cache of snapshots (opaque, refcounted).
  */
 typedef struct sb_cache sb_cache;
@@ -91,6 +100,16 @@ typedef struct sb_cache_entry sb_cache_entry;
  * A caching topic (opaque; released by sb_caching_unsubscribe*).
  */
 typedef struct sb_caching_topic sb_caching_topic;
+
+/**
+ * A joined cluster (opaque). Released by sb_cluster_leave.
+ */
+typedef struct sb_cluster sb_cluster;
+
+/**
+ * Cluster configuration (opaque; string keys, see sb_cluster_config_set).
+ */
+typedef struct sb_cluster_config sb_cluster_config;
 
 /**
  * A forward from one topic to another (opaque; released by sb_forward_cancel).
@@ -167,6 +186,60 @@ typedef struct sb_eid {
 } sb_eid;
 
 /**
+ * Encodes a message's data for the wire: returns malloc()'d bytes (released with
+ * free() by the library) and their length in *len; NULL: the message is not sent.
+ * Called on a library thread.
+ */
+typedef char *(*sb_message_encode_fn)(const struct sb_message *msg, size_t *len);
+
+/**
+ * Destructor of a message's data; runs exactly once, when the last reference goes.
+ */
+typedef void (*sb_data_dtor)(void *data);
+
+/**
+ * Decodes bytes from the wire into message data, setting *dtor to the function that
+ * frees it (or leaving it NULL); NULL: the arrival is dropped and counted. `bytes` is
+ * borrowed for the call. Called on a library thread.
+ */
+typedef void *(*sb_message_decode_fn)(const void *bytes, size_t len, sb_data_dtor *dtor);
+
+/**
+ * Counters of one joined cluster (sb_cluster_get_stats). Fields are only ever appended.
+ */
+typedef struct sb_cluster_stats {
+  /**
+   * Messages sent to other nodes (shared topics and sb_cluster_publish_to).
+   */
+  uint64_t sent;
+  /**
+   * Messages that arrived and were published here (including loaded snapshots).
+   */
+  uint64_t received;
+  /**
+   * Messages dropped because the outgoing queue (out_queue_limit) was full.
+   */
+  uint64_t dropped_out;
+  /**
+   * Arrivals dropped: no decoder, unknown type, decode failure, bad wire data, or the
+   * server reporting this node as a slow consumer.
+   */
+  uint64_t dropped_in;
+  /**
+   * Reconnections to the servers since joining.
+   */
+  uint64_t reconnects;
+  /**
+   * 1 while connected to a server.
+   */
+  uint32_t connected;
+  /**
+   * Nodes up, this one included.
+   */
+  uint32_t nodes_up;
+} sb_cluster_stats;
+
+/**
  * Receives every log line of the library (warnings such as congestion, errors such as
  * a panicking callback). Called on whichever thread logs; must not block for long.
  */
@@ -181,11 +254,6 @@ typedef struct sb_message_vtable {
    */
   char *(*to_json)(const struct sb_message *msg);
 } sb_message_vtable;
-
-/**
- * Destructor of a message's data; runs exactly once, when the last reference goes.
- */
-typedef void (*sb_data_dtor)(void *data);
 
 /**
  * A subscription callback. `msg` and `sub` are borrowed for the call; invocations of
@@ -227,6 +295,26 @@ typedef struct sb_cache_update {
    */
   struct sb_message *new_snapshot;
 } sb_cache_update;
+
+/**
+ * Data of a node message (type sb_cluster_node_type()). Every field, `name` included,
+ * is borrowed from the message and valid while it lives.
+ */
+typedef struct sb_cluster_node {
+  struct sb_eid eid;
+  /**
+   * The node's configured node_name (UTF-8).
+   */
+  const char *name;
+  /**
+   * An sb_node_state.
+   */
+  int state;
+  /**
+   * When its last heartbeat arrived here (CLOCK_REALTIME, ns).
+   */
+  uint64_t last_seen_ns;
+} sb_cluster_node;
 
 /**
  * Deliver every type (except declined ones).
@@ -404,6 +492,121 @@ struct sb_message *sb_message_list_get(const struct sb_message_list *list, size_
  * Frees a list and its references. NULL-safe.
  */
 void sb_message_list_free(struct sb_message_list *list);
+
+/**
+ * A new, empty cluster configuration (owned by the caller: sb_cluster_config_free).
+ * Not thread-safe: set it from one thread, then hand it to sb_cluster_join.
+ */
+struct sb_cluster_config *sb_cluster_config_new(void);
+
+/**
+ * Sets `key` to `value` (both borrowed, copied). A key set before is overwritten; ""
+ * unsets an optional key. SB_E_INVAL, naming the key, for an unknown key or a bad value.
+ *
+ * Keys (defaults in brackets): servers (required; comma-separated nats://host:port or
+ * tls://host:port), prefix [sb] (1-64 of A-Z a-z 0-9 _ -; clusters with different
+ * prefixes never see each other), node_name [host name], heartbeat_ms [1000],
+ * down_after_missed [3], connect_timeout_ms [5000], out_queue_limit [100000],
+ * store_replicas [1] (replicas of the shared caches' store; 3 on a three-server NATS
+ * cluster survives losing one), user, password, token, creds_file, tls_ca_file,
+ * tls_cert_file, tls_key_file, tls_required [0].
+ */
+int sb_cluster_config_set(struct sb_cluster_config *cfg, const char *key, const char *value);
+
+/**
+ * Frees a configuration (NULL is a no-op). It may be freed once sb_cluster_join returns.
+ */
+void sb_cluster_config_free(struct sb_cluster_config *cfg);
+
+/**
+ * Joins the cluster `cfg` describes; returns once connected (a new handle, released by
+ * sb_cluster_leave), or NULL with SB_E_UNAVAILABLE (servers unreachable, refused us,
+ * auth or TLS failed: the server's reason is in sb_last_error()), SB_E_TIMEOUT (no
+ * answer within connect_timeout_ms) or SB_E_INVAL (bad configuration). This process's
+ * default eid (sb_eid_default) is its node id. `cfg` is borrowed.
+ */
+struct sb_cluster *sb_cluster_join(const struct sb_cluster_config *cfg);
+
+/**
+ * Leaves the cluster and releases the handle; returns NULL (`c = sb_cluster_leave(c);`).
+ * Announces the departure (other nodes mark this one left and clear its entries at
+ * once), sends what is queued (waiting at most 1 s), stops sharing, clears remote
+ * entries from local shared caches (cache updates are published) and stops the
+ * cluster's threads. In a forked child the handle is only released (SB_E_STATE).
+ */
+struct sb_cluster *sb_cluster_leave(struct sb_cluster *c);
+
+/**
+ * Shares `topic` (borrowed; the cluster keeps a reference until unshared or left) with
+ * every node: local messages that reach it are sent to the other nodes, and their
+ * messages of that topic name are published here with the sender's eid and timestamp.
+ * Returns once this node's subscriptions are in place (SB_E_TIMEOUT after
+ * connect_timeout_ms; they complete in the background).
+ */
+int sb_cluster_share_topic(struct sb_cluster *c, struct sb_topic *topic);
+
+/**
+ * Stops sharing `topic` (SB_E_STATE when it is not shared).
+ */
+int sb_cluster_unshare_topic(struct sb_cluster *c, struct sb_topic *topic);
+
+/**
+ * Sets the wire codec of `type` (both NULL: removes it). Types without a codec are not
+ * sent, except bytes messages, which need none. The buffer `encode` returns is released
+ * with free(). Both run on library threads.
+ */
+int sb_message_type_set_codec(struct sb_message_type *ty,
+                              sb_message_encode_fn encode,
+                              sb_message_decode_fn decode);
+
+/**
+ * Sends `msg` (borrowed) to one node only: published there on its topic named like
+ * `topic`, which that node shares; not published here. SB_E_STATE when that node is not
+ * up, SB_E_INVAL when the message cannot be encoded. Never waits for the network.
+ */
+int sb_cluster_publish_to(struct sb_cluster *c,
+                          const struct sb_eid *node,
+                          struct sb_topic *topic,
+                          struct sb_message *msg);
+
+/**
+ * Also publishes local messages of `topic` whose type has to_json as JSON, for programs
+ * outside the bus, on subject "<prefix>.json.<topic>.<type>" (README: Wire format).
+ */
+int sb_cluster_export_json(struct sb_cluster *c, struct sb_topic *topic);
+
+/**
+ * Shares `ct`'s original topic (as sb_cluster_share_topic) and its cache's state: this
+ * node's snapshots are kept in the cluster's store, and every other live node's are
+ * loaded here as remote entries. Returns SB_OK once the local cache holds them, or
+ * SB_E_TIMEOUT after connect_timeout_ms (sharing completes in the background). The
+ * cluster keeps a reference to `ct` (borrowed) until it leaves.
+ */
+int sb_cluster_share_cache(struct sb_cluster *c, struct sb_caching_topic *ct);
+
+/**
+ * Type of node messages (borrowed, lives forever); their data is a
+ * `const sb_cluster_node *`, borrowed from the message.
+ */
+struct sb_message_type *sb_cluster_node_type(void);
+
+/**
+ * The topic node messages are published on at each change of a node's state (up, down,
+ * left, up again). Borrowed: valid while the cluster handle is.
+ */
+struct sb_topic *sb_cluster_topic(struct sb_cluster *c);
+
+/**
+ * One node message per known node, this one included (a new list: free it with
+ * sb_message_list_free). Down and left nodes stay listed until they come back, or for
+ * 10 minutes.
+ */
+struct sb_message_list *sb_cluster_nodes(struct sb_cluster *c);
+
+/**
+ * Fills `*out` with the cluster's counters.
+ */
+int sb_cluster_get_stats(struct sb_cluster *c, struct sb_cluster_stats *out);
 
 /**
  * The library version, e.g. "0.1.0". Static string.

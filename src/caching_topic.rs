@@ -93,6 +93,13 @@ pub struct CacheClear {
     snapshot: Arc<Message>,
 }
 
+impl CacheClear {
+    /// The snapshot whose entry goes.
+    pub fn snapshot(&self) -> &Arc<Message> {
+        &self.snapshot
+    }
+}
+
 /// A message that, published to an original topic, removes `snapshot`'s entry.
 pub fn clear_message(snapshot: &Arc<Message>) -> Arc<Message> {
     Message::with_value(

@@ -5,6 +5,8 @@
 
 pub mod cache;
 pub mod caching_topic;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod eid;
 pub mod error;
 pub mod filter;

@@ -96,6 +96,9 @@ impl MessageType {
     pub fn id(&self) -> u32 {
         self.id
     }
+    pub fn has_to_json(&self) -> bool {
+        self.to_json.read().is_some()
+    }
     pub fn to_json(&self, msg: &Message) -> Option<String> {
         // Clone out of the lock: to_json is user code.
         let f = self.to_json.read().clone();

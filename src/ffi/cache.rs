@@ -70,7 +70,7 @@ impl Drop for MessageList {
     }
 }
 
-fn list_out(items: Vec<Arc<Message>>) -> *mut sb_message_list {
+pub(crate) fn list_out(items: Vec<Arc<Message>>) -> *mut sb_message_list {
     Box::into_raw(Box::new(MessageList {
         magic: LIST_MAGIC,
         items,

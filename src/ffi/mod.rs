@@ -19,6 +19,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 pub mod cache;
+pub mod cluster;
 pub mod library;
 pub mod message;
 pub mod router;

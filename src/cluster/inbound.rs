@@ -1,0 +1,402 @@
+//! The delivery thread: turns arrivals into local publishes, and keeps shared caches in
+//! line with what the store and the node table say.
+//!
+//! Everything that changes local state because of the network happens here, in one
+//! order: messages, node events, loads and clears are applied in the order the io
+//! thread saw them.
+
+use super::nodes::{Node, STATE_DOWN, STATE_LEFT};
+use super::wire::{self, Envelope, FLAG_BYTES, FLAG_CLEAR};
+use super::{codec, Inner, NodeMessage, SharedTopic};
+use crate::caching_topic::clear_message;
+use crate::eid::Eid;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Message, Payload};
+use crate::message_type::MessageType;
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// One stored snapshot read from the store.
+pub(crate) struct StoredEntry {
+    pub key: wire::SnapshotKey,
+    pub value: bytes::Bytes,
+}
+
+pub(crate) enum Inbound {
+    /// A NATS message on a `m` or `d` subject (`rest` is the subject after `P.`).
+    Msg {
+        rest: String,
+        body: bytes::Bytes,
+    },
+    /// A node changed state: publish it; clear its entries when it is gone.
+    Node(Node),
+    /// Make the remote entries of `eid` (every eid in `asserted` when `eid` is None) in
+    /// the shared cache(s) equal what the store holds. `topic`: one cache, else all.
+    Reconcile {
+        topic: Option<String>,
+        asserted: HashMap<Eid, u64>,
+        entries: Vec<StoredEntry>,
+        done: Option<std::sync::mpsc::Sender<Result<()>>>,
+    },
+    /// Leaving: clear every remote entry of these topics' caches.
+    ClearRemote(Vec<SharedTopic>),
+    Stop,
+}
+
+/// Bounded: when delivery falls behind, the io thread's forwarders wait, the client's
+/// own buffers fill and the server reports us as a slow consumer (counted as drops).
+const CAPACITY: usize = 65_536;
+
+#[derive(Clone)]
+pub(crate) struct InboundTx(tokio::sync::mpsc::Sender<Inbound>);
+pub(crate) type InboundRx = tokio::sync::mpsc::Receiver<Inbound>;
+
+pub(crate) fn channel() -> (InboundTx, InboundRx) {
+    let (tx, rx) = tokio::sync::mpsc::channel(CAPACITY);
+    (InboundTx(tx), rx)
+}
+
+impl InboundTx {
+    /// From the async side: waits for room.
+    pub async fn send(&self, item: Inbound) -> bool {
+        self.0.send(item).await.is_ok()
+    }
+    /// From a plain thread (never the io thread).
+    pub fn send_blocking(&self, item: Inbound) {
+        let _ = self.0.blocking_send(item);
+    }
+    pub fn stop(&self) {
+        // try_send: never block a leave on a full queue; a closed queue stops anyway.
+        let _ = self.0.try_send(Inbound::Stop).or_else(|_| {
+            if is_delivery_thread() {
+                Ok(())
+            } else {
+                self.0.blocking_send(Inbound::Stop)
+            }
+        });
+    }
+    pub fn clear_remote(&self, topics: Vec<SharedTopic>) {
+        if is_delivery_thread() {
+            // Called from a callback running on this very thread: do it now.
+            clear_remote(&topics);
+        } else {
+            self.send_blocking(Inbound::ClearRemote(topics));
+        }
+    }
+}
+
+thread_local! {
+    static ON_DELIVERY_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+pub(crate) fn is_delivery_thread() -> bool {
+    ON_DELIVERY_THREAD.with(Cell::get)
+}
+
+pub(crate) fn start(inner: Arc<Inner>, rx: InboundRx) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("sb-cluster-in".into())
+        .spawn(move || {
+            ON_DELIVERY_THREAD.with(|c| c.set(true));
+            Delivery::new(inner).run(rx)
+        })
+        .map_err(|e| Error::new(ErrorKind::NoMemory, format!("cannot start a thread: {e}")))
+}
+
+/// Duplicate detection per sender: the highest sequence number seen and a bitmap of the
+/// 64 below it. A message arrives twice only while a subscription is being replaced by
+/// a narrower or wider one (both deliver for a moment).
+struct SeenWindow {
+    session: u32,
+    highest: u64,
+    bits: u64,
+}
+
+impl SeenWindow {
+    /// True when (session, seq) is new.
+    fn admit(&mut self, session: u32, seq: u64) -> bool {
+        if session != self.session {
+            *self = SeenWindow {
+                session,
+                highest: seq,
+                bits: 1,
+            };
+            return true;
+        }
+        if seq > self.highest {
+            let shift = seq - self.highest;
+            self.bits = if shift >= 64 { 0 } else { self.bits << shift };
+            self.bits |= 1;
+            self.highest = seq;
+            return true;
+        }
+        let back = self.highest - seq;
+        if back >= 64 {
+            return true; // too old to tell: let it through rather than lose it
+        }
+        let mask = 1u64 << back;
+        let fresh = self.bits & mask == 0;
+        self.bits |= mask;
+        fresh
+    }
+}
+
+struct Delivery {
+    inner: Arc<Inner>,
+    seen: HashMap<Eid, SeenWindow>,
+    /// Types already warned about (once each).
+    warned: HashSet<String>,
+}
+
+impl Delivery {
+    fn new(inner: Arc<Inner>) -> Delivery {
+        Delivery {
+            inner,
+            seen: HashMap::new(),
+            warned: HashSet::new(),
+        }
+    }
+
+    fn run(mut self, mut rx: InboundRx) {
+        while let Some(item) = rx.blocking_recv() {
+            match item {
+                Inbound::Msg { rest, body } => self.on_message(&rest, &body),
+                Inbound::Node(node) => self.on_node(&node),
+                Inbound::Reconcile {
+                    topic,
+                    asserted,
+                    entries,
+                    done,
+                } => {
+                    self.reconcile(topic.as_deref(), &asserted, &entries);
+                    if let Some(done) = done {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                Inbound::ClearRemote(topics) => clear_remote(&topics),
+                Inbound::Stop => break,
+            }
+        }
+    }
+
+    fn drop_in(&mut self, type_name: &str, why: &str) {
+        self.inner.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+        if self.warned.len() < 1024 && self.warned.insert(type_name.to_owned()) {
+            crate::log::warn(&format!(
+                "cluster: dropped an arrival of type '{type_name}': {why} (warned once per type)"
+            ));
+        }
+    }
+
+    /// Builds the message a body carries (type by name, decoded payload).
+    fn decode(&mut self, type_name: &str, env: &Envelope, payload: &[u8]) -> Option<Arc<Message>> {
+        let (ty, payload) = if env.flags & FLAG_BYTES != 0 {
+            let ty = match MessageType::find(type_name) {
+                Some(t) => t,
+                None => match MessageType::create(type_name, None) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.drop_in(type_name, &e.message);
+                        return None;
+                    }
+                },
+            };
+            (ty, Payload::Bytes(payload.into()))
+        } else {
+            let Some(ty) = MessageType::find(type_name) else {
+                self.drop_in(type_name, "no such message type on this node");
+                return None;
+            };
+            let decoded = codec::get(&ty).and_then(|c| c.decode.as_ref().map(|d| d(payload)));
+            match decoded {
+                Some(Some(p)) => (ty, p),
+                Some(None) => {
+                    self.drop_in(type_name, "its decoder refused the data");
+                    return None;
+                }
+                None => {
+                    self.drop_in(type_name, "the type has no decoder on this node");
+                    return None;
+                }
+            }
+        };
+        Some(Message::with_eid_at(
+            &ty,
+            payload,
+            Some(env.eid),
+            env.timestamp_ns,
+        ))
+    }
+
+    fn on_message(&mut self, rest: &str, body: &[u8]) {
+        let addr = match wire::parse_message_subject(rest) {
+            Ok(a) => a,
+            Err(e) => return self.drop_in("?", &format!("bad subject: {e}")),
+        };
+        if addr.to.is_some_and(|to| to != self.inner.me) {
+            return;
+        }
+        let (env, payload) = match Envelope::read(body) {
+            Ok(x) => x,
+            Err(e) => return self.drop_in(&addr.type_name, &format!("bad body: {e}")),
+        };
+        if env.eid == self.inner.me {
+            return; // our own (another process with our eid, or an echo)
+        }
+        let window = self.seen.entry(env.eid).or_insert(SeenWindow {
+            session: env.session,
+            highest: 0,
+            bits: 0,
+        });
+        if !window.admit(env.session, env.seq) {
+            return;
+        }
+        let topic = self
+            .inner
+            .topics
+            .read()
+            .get(&addr.topic)
+            .filter(|st| st.shared)
+            .map(|st| Arc::clone(&st.topic));
+        let Some(topic) = topic else {
+            return self.drop_in(
+                &addr.type_name,
+                &format!("topic '{}' is not shared here", addr.topic),
+            );
+        };
+        let Some(msg) = self.decode(&addr.type_name, &env, payload) else {
+            return;
+        };
+        let msg = if env.flags & FLAG_CLEAR != 0 {
+            clear_message(&msg)
+        } else {
+            msg
+        };
+        self.inner.stats.received.fetch_add(1, Ordering::Relaxed);
+        topic.publish(&msg);
+    }
+
+    fn on_node(&mut self, node: &Node) {
+        self.inner
+            .cluster_topic
+            .publish(&NodeMessage::message(node));
+        if node.state == STATE_DOWN || node.state == STATE_LEFT {
+            self.seen.remove(&node.eid);
+            let topics = self.inner.topics.read();
+            for st in topics.values() {
+                clear_eid(st, |eid| *eid == node.eid);
+            }
+        }
+    }
+
+    /// See `Inbound::Reconcile`. For each eid: a stored snapshot newer than the cached
+    /// one (same node's clock) is published; a cached one the store lacks and older
+    /// than the node's last assertion is cleared (newer ones came live after it).
+    fn reconcile(
+        &mut self,
+        only: Option<&str>,
+        asserted: &HashMap<Eid, u64>,
+        entries: &[StoredEntry],
+    ) {
+        let shared: Vec<(String, Arc<crate::topic::Topic>, Arc<crate::cache::Cache>)> = {
+            let topics = self.inner.topics.read();
+            topics
+                .iter()
+                .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
+                .filter_map(|(name, st)| {
+                    st.caching
+                        .as_ref()
+                        .map(|ct| (name.clone(), Arc::clone(&st.topic), Arc::clone(ct.cache())))
+                })
+                .collect()
+        };
+        for (name, topic, cache) in shared {
+            let mut present: HashSet<(Eid, String, String)> = HashSet::new();
+            for e in entries.iter().filter(|e| e.key.topic == name) {
+                if e.key.eid == self.inner.me || !asserted.contains_key(&e.key.eid) {
+                    continue;
+                }
+                present.insert((e.key.eid, e.key.type_name.clone(), e.key.id.clone()));
+                let (env, payload) = match Envelope::read(&e.value) {
+                    Ok(x) => x,
+                    Err(err) => {
+                        self.drop_in(&e.key.type_name, &format!("bad stored value: {err}"));
+                        continue;
+                    }
+                };
+                if env.eid != e.key.eid {
+                    self.drop_in(&e.key.type_name, "stored value of another node");
+                    continue;
+                }
+                if let Some(ty) = MessageType::find(&e.key.type_name) {
+                    if let Some(cur) = cache.get_by_eid(&ty, &e.key.id, Some(&e.key.eid)) {
+                        if cur.timestamp_ns() >= env.timestamp_ns {
+                            continue;
+                        }
+                    }
+                }
+                if let Some(msg) = self.decode(&e.key.type_name, &env, payload) {
+                    self.inner.stats.received.fetch_add(1, Ordering::Relaxed);
+                    topic.publish(&msg);
+                }
+            }
+            for (eid, asserted_ns) in asserted {
+                if *eid == self.inner.me {
+                    continue;
+                }
+                for snap in cache.dump_by_eid(None, eid) {
+                    let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
+                        continue;
+                    };
+                    let key = (*eid, snap.message_type().name().to_owned(), id);
+                    if !present.contains(&key) && snap.timestamp_ns() < *asserted_ns {
+                        topic.publish(&clear_message(&snap));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Clears, through the normal clear path, the entries of `st`'s cache whose eid matches.
+fn clear_eid(st: &SharedTopic, matches: impl Fn(&Eid) -> bool) {
+    let Some(ct) = &st.caching else { return };
+    for snap in ct.cache().dump_all(None) {
+        if snap.eid().is_some_and(&matches) {
+            st.topic.publish(&clear_message(&snap));
+        }
+    }
+}
+
+fn clear_remote(topics: &[SharedTopic]) {
+    let me = Eid::default_eid();
+    for st in topics {
+        clear_eid(st, |eid| *eid != me);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeenWindow;
+
+    #[test]
+    fn window_admits_each_sequence_once() {
+        let mut w = SeenWindow {
+            session: 1,
+            highest: 0,
+            bits: 0,
+        };
+        assert!(w.admit(1, 1));
+        assert!(w.admit(1, 3));
+        assert!(!w.admit(1, 3));
+        assert!(w.admit(1, 2)); // late but new
+        assert!(!w.admit(1, 2));
+        assert!(w.admit(1, 200));
+        assert!(w.admit(1, 100)); // too old to tell: let through
+        assert!(w.admit(2, 1)); // a new session starts over
+        assert!(!w.admit(2, 1));
+    }
+}

@@ -1,0 +1,873 @@
+//! The io thread: one single-threaded async runtime that owns the NATS connection.
+//!
+//! Tasks on it: the main loop (commands, heartbeats in and out, node liveness, interest),
+//! the sender (drains the outgoing queue), one forwarder per subscribed subject (hands
+//! arrivals to the delivery thread in order), and store jobs (assert, load, purge) that
+//! run beside the main loop so that heartbeats never wait for the store.
+
+use super::inbound::{Inbound, InboundTx as InSender, StoredEntry};
+use super::nodes::{Event, STATE_DOWN, STATE_LEFT};
+use super::wire::{self, Envelope, Heartbeat, FLAG_BYTES, FLAG_CLEAR, NODE_LEFT, NODE_UP};
+use super::{codec, Inner, Out};
+use crate::eid::Eid;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{now_realtime_ns, Message};
+use crate::message_type::MessageType;
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+type Reply = std::sync::mpsc::Sender<Result<()>>;
+
+pub(crate) enum Cmd {
+    /// Re-check interest now; answer once the subscriptions are in place.
+    Interest(Option<Reply>),
+    ShareCache {
+        topic: String,
+        done: Reply,
+    },
+    Leave(std::sync::mpsc::Sender<()>),
+    Stop,
+    Connection(ConnEvent),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ConnEvent {
+    Connected,
+    Disconnected,
+    SlowConsumer,
+}
+
+/// A type no subscription accepts by name: a topic that wants it wants every type.
+fn any_type() -> &'static Arc<MessageType> {
+    static TYPE: LazyLock<Arc<MessageType>> =
+        LazyLock::new(|| MessageType::builtin("sb_cluster_any_type"));
+    &TYPE
+}
+
+pub(crate) fn run(
+    inner: Arc<Inner>,
+    cmds: UnboundedReceiver<Cmd>,
+    in_tx: InSender,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(Error::new(
+                ErrorKind::NoMemory,
+                format!("cannot start the cluster runtime: {e}"),
+            )));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let client = match connect(&inner).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let io = Io::new(inner, client, in_tx);
+        io.main(cmds, ready).await;
+    });
+    // Dropping the runtime cancels what is left (forwarders, the connection).
+    drop(rt);
+}
+
+async fn connect(inner: &Arc<Inner>) -> Result<async_nats::Client> {
+    let cfg = &inner.cfg;
+    let timeout = Duration::from_millis(u64::from(cfg.connect_timeout_ms));
+    let events = inner.cmd.clone();
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("switchboard {}", cfg.node_name))
+        .no_echo()
+        .connection_timeout(timeout)
+        .retain_servers_order()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64 * 100).clamp(50, 2000))
+        })
+        .event_callback(move |ev| {
+            let events = events.clone();
+            async move {
+                let ev = match ev {
+                    async_nats::Event::Connected => Some(ConnEvent::Connected),
+                    async_nats::Event::Disconnected => Some(ConnEvent::Disconnected),
+                    async_nats::Event::SlowConsumer(_) => Some(ConnEvent::SlowConsumer),
+                    _ => None,
+                };
+                if let Some(ev) = ev {
+                    let _ = events.send(Cmd::Connection(ev));
+                }
+            }
+        });
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &cfg.token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(f) = &cfg.creds_file {
+        opts = opts
+            .credentials_file(f)
+            .await
+            .map_err(|e| Error::invalid(format!("cluster config 'creds_file' = '{f}': {e}")))?;
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.into());
+    }
+    if let (Some(c), Some(k)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts.add_client_certificate(c.into(), k.into());
+    }
+    if cfg.wants_tls() {
+        opts = opts.require_tls(true);
+    }
+    let servers: Vec<async_nats::ServerAddr> = cfg
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| Error::invalid(format!("cluster config 'servers': '{s}': {e}")))
+        })
+        .collect::<Result<_>>()?;
+    // One bound for the whole attempt, however many servers are listed.
+    match tokio::time::timeout(timeout, opts.connect(servers)).await {
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "could not connect to {} within connect_timeout_ms ({} ms)",
+                cfg.servers.join(","),
+                cfg.connect_timeout_ms
+            ),
+        )),
+        Ok(Err(e)) => {
+            let kind = match e.kind() {
+                async_nats::ConnectErrorKind::TimedOut => ErrorKind::Timeout,
+                _ => ErrorKind::Unavailable,
+            };
+            Err(Error::new(
+                kind,
+                format!("cannot join the cluster at {}: {e}", cfg.servers.join(",")),
+            ))
+        }
+        Ok(Ok(c)) => Ok(c),
+    }
+}
+
+/// State the main loop and the store jobs share.
+struct Shared {
+    inner: Arc<Inner>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    in_tx: InSender,
+    /// When we last wrote all of our snapshots (our clock, ns); in every heartbeat.
+    asserted_ns: AtomicU64,
+    /// The store bucket was created or found (a shared cache exists).
+    bucket_ready: AtomicBool,
+    /// Names of shared-cache topics whose state we keep in the store.
+    cache_topics: parking_lot::Mutex<HashSet<String>>,
+}
+
+struct Io {
+    s: Arc<Shared>,
+    /// Subscribed subject -> its forwarder.
+    subs: HashMap<String, tokio::task::AbortHandle>,
+    interest_epoch: u64,
+    connected: bool,
+    ever_disconnected: bool,
+}
+
+impl Io {
+    fn new(inner: Arc<Inner>, client: async_nats::Client, in_tx: InSender) -> Io {
+        let js = jetstream::new(client.clone());
+        Io {
+            s: Arc::new(Shared {
+                inner,
+                client,
+                js,
+                in_tx,
+                asserted_ns: AtomicU64::new(0),
+                bucket_ready: AtomicBool::new(false),
+                cache_topics: parking_lot::Mutex::new(HashSet::new()),
+            }),
+            subs: HashMap::new(),
+            interest_epoch: u64::MAX,
+            connected: true,
+            ever_disconnected: false,
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        &self.s.inner.cfg.prefix
+    }
+
+    async fn main(mut self, mut cmds: UnboundedReceiver<Cmd>, ready: Reply) {
+        let inner = Arc::clone(&self.s.inner);
+        inner.stats.connected.store(true, Ordering::Relaxed);
+        let hb_subject = format!("{}.hb", self.prefix());
+        let direct = format!("{}.d.{}.>", self.prefix(), wire::eid_token(&inner.me));
+        let mut hb_sub = match self.s.client.subscribe(hb_subject.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready.send(Err(Error::new(ErrorKind::Unavailable, format!("{e}"))));
+                return;
+            }
+        };
+        if let Err(e) = self.subscribe(direct).await {
+            let _ = ready.send(Err(e));
+            return;
+        }
+        {
+            let now = Instant::now();
+            inner
+                .nodes
+                .lock()
+                .set_self(&self.heartbeat(NODE_UP), now, now_realtime_ns());
+        }
+        self.send_heartbeat(NODE_UP).await;
+        if let Err(e) = self.flush().await {
+            let _ = ready.send(Err(e));
+            return;
+        }
+        let _ = ready.send(Ok(()));
+
+        let sender = tokio::spawn(sender(Arc::clone(&self.s)));
+        let hb_period = Duration::from_millis(u64::from(inner.cfg.heartbeat_ms));
+        let mut next_hb = Instant::now() + hb_period;
+        let tick_period =
+            (hb_period / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
+        let mut ticker = tokio::time::interval(tick_period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None | Some(Cmd::Stop) => break,
+                    Some(Cmd::Leave(done)) => {
+                        self.leave().await;
+                        let _ = done.send(());
+                        break;
+                    }
+                    Some(Cmd::Interest(reply)) => {
+                        let r = self.refresh_interest().await;
+                        if let Some(reply) = reply {
+                            let _ = reply.send(r);
+                        }
+                    }
+                    Some(Cmd::ShareCache { topic, done }) => {
+                        self.s.cache_topics.lock().insert(topic.clone());
+                        tokio::spawn(share_cache(Arc::clone(&self.s), topic, done));
+                    }
+                    Some(Cmd::Connection(ev)) => self.on_connection(ev).await,
+                },
+                msg = hb_sub.next() => {
+                    if let Some(msg) = msg {
+                        self.on_heartbeat(&msg.payload).await;
+                    }
+                }
+                _ = ticker.tick() => {
+                    if self.interest_epoch != crate::tap::interest_epoch() {
+                        let _ = self.refresh_interest().await;
+                    }
+                    if Instant::now() >= next_hb {
+                        next_hb += hb_period;
+                        if next_hb < Instant::now() {
+                            next_hb = Instant::now() + hb_period;
+                        }
+                        if self.connected {
+                            self.send_heartbeat(NODE_UP).await;
+                        }
+                    }
+                    if self.connected {
+                        let events = inner.nodes.lock().tick(Instant::now());
+                        self.on_events(events).await;
+                    }
+                }
+            }
+        }
+        sender.abort();
+        for (_, h) in self.subs.drain() {
+            h.abort();
+        }
+        inner.stats.connected.store(false, Ordering::Relaxed);
+    }
+
+    fn heartbeat(&self, state: u8) -> Heartbeat {
+        let inner = &self.s.inner;
+        Heartbeat {
+            state,
+            eid: inner.me,
+            session: inner.session,
+            heartbeat_ms: inner.cfg.heartbeat_ms,
+            asserted_ns: self.s.asserted_ns.load(Ordering::Acquire),
+            name: inner.cfg.node_name.clone(),
+        }
+    }
+
+    async fn send_heartbeat(&self, state: u8) {
+        let subject = format!("{}.hb", self.prefix());
+        let _ = self
+            .s
+            .client
+            .publish(subject, Bytes::from(self.heartbeat(state).encode()))
+            .await;
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let limit = Duration::from_millis(u64::from(self.s.inner.cfg.connect_timeout_ms));
+        match tokio::time::timeout(limit, self.s.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::new(ErrorKind::Unavailable, format!("flush: {e}"))),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                "the server did not answer in time",
+            )),
+        }
+    }
+
+    async fn subscribe(&mut self, subject: String) -> Result<()> {
+        let mut sub = self
+            .s
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unavailable, format!("subscribe {subject}: {e}")))?;
+        let in_tx = self.s.in_tx.clone();
+        let skip = self.prefix().len() + 1;
+        let task = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let rest = m.subject.get(skip..).unwrap_or("").to_owned();
+                if !in_tx
+                    .send(Inbound::Msg {
+                        rest,
+                        body: m.payload,
+                    })
+                    .await
+                {
+                    break;
+                }
+            }
+        });
+        self.subs.insert(subject, task.abort_handle());
+        Ok(())
+    }
+
+    /// The subjects the shared topics' local subscribers want.
+    fn wanted_subjects(&self) -> HashSet<String> {
+        let p = self.prefix();
+        let mut want = HashSet::new();
+        let topics = self.s.inner.topics.read();
+        let types = MessageType::all();
+        for st in topics.values().filter(|st| st.shared) {
+            if st.topic.wants(any_type()) {
+                want.insert(format!("{p}.m.{}.>", st.token));
+                continue;
+            }
+            for ty in &types {
+                if st.topic.wants(ty) {
+                    want.insert(format!("{p}.m.{}.{}", st.token, wire::escaped(ty.name())));
+                }
+            }
+        }
+        want
+    }
+
+    async fn refresh_interest(&mut self) -> Result<()> {
+        self.interest_epoch = crate::tap::interest_epoch();
+        let want = self.wanted_subjects();
+        let direct_prefix = format!("{}.d.", self.prefix());
+        // Subscribe the new ones first: for a moment both deliver, and the receiver's
+        // duplicate window drops the second copy; the other order could lose messages.
+        let mut first_error = None;
+        for subject in &want {
+            if !self.subs.contains_key(subject) {
+                if let Err(e) = self.subscribe(subject.clone()).await {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.subs.retain(|subject, task| {
+            let keep = want.contains(subject) || subject.starts_with(&direct_prefix);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        self.flush().await
+    }
+
+    async fn on_heartbeat(&mut self, body: &[u8]) {
+        let hb = match Heartbeat::decode(body) {
+            Ok(hb) => hb,
+            Err(_) => {
+                self.s
+                    .inner
+                    .stats
+                    .dropped_in
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let events = self
+            .s
+            .inner
+            .nodes
+            .lock()
+            .on_heartbeat(&hb, Instant::now(), now_realtime_ns());
+        self.on_events(events).await;
+    }
+
+    async fn on_events(&mut self, events: Vec<Event>) {
+        for ev in events {
+            match ev {
+                Event::StateChanged { eid, state } => {
+                    let node = self.s.inner.nodes.lock().get(&eid).cloned();
+                    if let Some(node) = node {
+                        self.s.in_tx.send(Inbound::Node(node)).await;
+                    }
+                    if (state == STATE_DOWN || state == STATE_LEFT)
+                        && self.s.bucket_ready.load(Ordering::Acquire)
+                    {
+                        // Late joiners must not load a gone node's snapshots.
+                        tokio::spawn(purge(
+                            Arc::clone(&self.s),
+                            format!("{}.>", wire::eid_token(&eid)),
+                        ));
+                    }
+                }
+                Event::Reread { eid, .. } => {
+                    if self.s.bucket_ready.load(Ordering::Acquire) {
+                        tokio::spawn(reread(Arc::clone(&self.s), Some(eid)));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_connection(&mut self, ev: ConnEvent) {
+        let inner = &self.s.inner;
+        match ev {
+            ConnEvent::Disconnected => {
+                self.connected = false;
+                self.ever_disconnected = true;
+                inner.stats.connected.store(false, Ordering::Relaxed);
+            }
+            ConnEvent::Connected => {
+                if self.connected {
+                    return;
+                }
+                self.connected = true;
+                inner.stats.connected.store(true, Ordering::Relaxed);
+                inner.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                // We heard nobody while away: that says nothing about them. Give every
+                // node a fresh period before judging it.
+                inner.nodes.lock().grace(Instant::now());
+                self.send_heartbeat(NODE_UP).await;
+                if self.s.bucket_ready.load(Ordering::Acquire) {
+                    tokio::spawn(after_reconnect(Arc::clone(&self.s)));
+                }
+            }
+            ConnEvent::SlowConsumer => {
+                inner.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn leave(&mut self) {
+        let inner = Arc::clone(&self.s.inner);
+        let deadline = Instant::now() + super::LEAVE_DRAIN;
+        while inner.queued() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if self.s.bucket_ready.load(Ordering::Acquire) {
+            let own = format!("{}.>", wire::eid_token(&inner.me));
+            let _ = tokio::time::timeout(super::LEAVE_DRAIN, purge(Arc::clone(&self.s), own)).await;
+        }
+        self.send_heartbeat(NODE_LEFT).await;
+        let _ = tokio::time::timeout(super::LEAVE_DRAIN, self.s.client.flush()).await;
+    }
+}
+
+/// Drains the outgoing queue for as long as the io thread runs.
+async fn sender(s: Arc<Shared>) {
+    let mut seq = 0u64;
+    let mut type_tokens: HashMap<u32, String> = HashMap::new();
+    let p = s.inner.cfg.prefix.clone();
+    loop {
+        while let Some(item) = s.inner.pop() {
+            let (subject, body, headers, counts) =
+                match encode_item(&s, &p, item, &mut seq, &mut type_tokens) {
+                    Some(x) => x,
+                    None => continue,
+                };
+            let r = match headers {
+                Some(h) => s.client.publish_with_headers(subject, h, body).await,
+                None => s.client.publish(subject, body).await,
+            };
+            if r.is_ok() && counts {
+                s.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        s.inner.out_notify.notified().await;
+    }
+}
+
+fn type_token<'a>(cache: &'a mut HashMap<u32, String>, ty: &MessageType) -> &'a str {
+    cache
+        .entry(ty.id())
+        .or_insert_with(|| wire::escaped(ty.name()))
+}
+
+/// The envelope plus encoded data of `msg`; None when it cannot be encoded.
+fn body_of(msg: &Message, me: Eid, session: u32, seq: u64, clear: bool) -> Option<Vec<u8>> {
+    let (data, is_bytes) = codec::encode(msg)?;
+    let mut body = Vec::with_capacity(wire::ENVELOPE_LEN + data.len());
+    let mut flags = 0;
+    if is_bytes {
+        flags |= FLAG_BYTES;
+    }
+    if clear {
+        flags |= FLAG_CLEAR;
+    }
+    Envelope {
+        flags,
+        eid: me,
+        session,
+        seq,
+        timestamp_ns: msg.timestamp_ns(),
+    }
+    .write(&mut body);
+    body.extend_from_slice(&data);
+    Some(body)
+}
+
+type Encoded = (String, Bytes, Option<async_nats::HeaderMap>, bool);
+
+fn encode_item(
+    s: &Shared,
+    p: &str,
+    item: Out,
+    seq: &mut u64,
+    types: &mut HashMap<u32, String>,
+) -> Option<Encoded> {
+    let inner = &s.inner;
+    match item {
+        Out::Broadcast { token, msg, clear } => {
+            let body = body_of(&msg, inner.me, inner.session, *seq + 1, clear)?;
+            *seq += 1;
+            let subject = format!("{p}.m.{token}.{}", type_token(types, msg.message_type()));
+            Some((subject, body.into(), None, true))
+        }
+        Out::Direct { to, token, msg } => {
+            let body = body_of(&msg, inner.me, inner.session, *seq + 1, false)?;
+            *seq += 1;
+            let subject = format!(
+                "{p}.d.{}.{token}.{}",
+                wire::eid_token(&to),
+                type_token(types, msg.message_type())
+            );
+            Some((subject, body.into(), None, true))
+        }
+        Out::Json { token, msg } => {
+            let json = msg.message_type().to_json(&msg)?;
+            let subject = format!("{p}.json.{token}.{}", type_token(types, msg.message_type()));
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Sb-Eid", inner.me.to_string().as_str());
+            h.insert("Sb-Timestamp", msg.timestamp_ns().to_string().as_str());
+            h.insert("Sb-Type", msg.message_type().name());
+            h.insert("Sb-Node", inner.cfg.node_name.as_str());
+            Some((subject, json.into(), Some(h), false))
+        }
+        Out::Snapshot {
+            token,
+            cache,
+            old,
+            new,
+        } => {
+            let snap = new.as_ref().or(old.as_ref())?;
+            let id = cache.id_of(snap)?.into_owned();
+            let key = wire::snapshot_key(&inner.me, &token, snap.message_type().name(), &id);
+            let subject = format!("$KV.{}.{key}", inner.bucket);
+            match &new {
+                Some(n) => {
+                    let body = body_of(n, inner.me, inner.session, 0, false)?;
+                    Some((subject, body.into(), None, false))
+                }
+                None => {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("KV-Operation", "DEL");
+                    Some((subject, Bytes::new(), Some(h), false))
+                }
+            }
+        }
+    }
+}
+
+fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("cluster store (JetStream key-value) {what}: {e}"),
+    )
+}
+
+async fn bucket(s: &Shared) -> Result<jetstream::kv::Store> {
+    let name = s.inner.bucket.clone();
+    if let Ok(kv) = s.js.get_key_value(name.clone()).await {
+        s.bucket_ready.store(true, Ordering::Release);
+        return Ok(kv);
+    }
+    let kv =
+        s.js.create_key_value(jetstream::kv::Config {
+            bucket: name,
+            history: 1,
+            num_replicas: s.inner.cfg.store_replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| store_error("unavailable (is JetStream enabled on the servers?)", e))?;
+    s.bucket_ready.store(true, Ordering::Release);
+    Ok(kv)
+}
+
+/// Reads the newest value of every key matching `filter` (key syntax, wildcards allowed).
+async fn read_keys(s: &Shared, filter: &str) -> Result<Vec<(String, Bytes)>> {
+    let stream =
+        s.js.get_stream(format!("KV_{}", s.inner.bucket))
+            .await
+            .map_err(|e| store_error("not found", e))?;
+    let prefix = format!("$KV.{}.", s.inner.bucket);
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{prefix}{filter}"),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| store_error("read", e))?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut msgs = consumer
+        .messages()
+        .await
+        .map_err(|e| store_error("read", e))?;
+    while let Some(m) = msgs.next().await {
+        let m = m.map_err(|e| store_error("read", e))?;
+        let pending = m.info().map(|i| i.pending).unwrap_or(0);
+        let deleted = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some();
+        if !deleted {
+            if let Some(key) = m.subject.strip_prefix(&prefix) {
+                out.push((key.to_owned(), m.payload.clone()));
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Removes every key matching `filter` (key syntax) from the store.
+async fn purge(s: Arc<Shared>, filter: String) -> Result<()> {
+    let stream =
+        s.js.get_stream(format!("KV_{}", s.inner.bucket))
+            .await
+            .map_err(|e| store_error("not found", e))?;
+    stream
+        .purge()
+        .filter(format!("$KV.{}.{filter}", s.inner.bucket))
+        .await
+        .map_err(|e| store_error("purge", e))?;
+    Ok(())
+}
+
+/// Writes all of our snapshots of the shared caches named (replacing what the store had
+/// of ours there), then our presence with a new assertion time, and tells everyone.
+async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
+    let kv = bucket(s).await?;
+    let inner = &s.inner;
+    let me = inner.me;
+    let mut puts = Vec::new();
+    {
+        let shared = inner.topics.read();
+        for name in topics {
+            let Some(st) = shared.get(name) else { continue };
+            let Some(ct) = &st.caching else { continue };
+            puts.push((Arc::clone(&st.token), Arc::clone(ct.cache())));
+        }
+    }
+    let asserted = now_realtime_ns();
+    for (token, cache) in &puts {
+        purge(
+            Arc::clone(s),
+            format!("{}.c.{token}.>", wire::eid_token(&me)),
+        )
+        .await?;
+        for snap in cache.dump_by_eid(None, &me) {
+            let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
+                continue;
+            };
+            let Some(body) = body_of(&snap, me, inner.session, 0, false) else {
+                continue;
+            };
+            let key = wire::snapshot_key(&me, token, snap.message_type().name(), &id);
+            s.client
+                .publish(format!("$KV.{}.{key}", inner.bucket), body.into())
+                .await
+                .map_err(|e| store_error("write", e))?;
+        }
+    }
+    s.asserted_ns.store(asserted, Ordering::Release);
+    let presence = Heartbeat {
+        state: NODE_UP,
+        eid: me,
+        session: inner.session,
+        heartbeat_ms: inner.cfg.heartbeat_ms,
+        asserted_ns: asserted,
+        name: inner.cfg.node_name.clone(),
+    };
+    // Acknowledged: once stored, every snapshot written before it is stored too (one
+    // stream, one connection, in order).
+    kv.put(wire::presence_key(&me), Bytes::from(presence.encode()))
+        .await
+        .map_err(|e| store_error("write", e))?;
+    let _ = s
+        .client
+        .publish(
+            format!("{}.hb", inner.cfg.prefix),
+            Bytes::from(presence.encode()),
+        )
+        .await;
+    Ok(())
+}
+
+/// Presence records: who has state in the store, and when each last asserted it.
+async fn presences(s: &Shared) -> Result<Vec<Heartbeat>> {
+    Ok(read_keys(s, "*.n")
+        .await?
+        .into_iter()
+        .filter_map(|(_, v)| Heartbeat::decode(&v).ok())
+        .collect())
+}
+
+fn parse_entries(raw: Vec<(String, Bytes)>, s: &Shared) -> Vec<StoredEntry> {
+    raw.into_iter()
+        .filter_map(|(key, value)| match wire::parse_snapshot_key(&key) {
+            Ok(key) => Some(StoredEntry { key, value }),
+            Err(_) => {
+                s.inner.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        })
+        .collect()
+}
+
+async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
+    let r = async {
+        assert_own(&s, std::slice::from_ref(&topic)).await?;
+        let token = wire::escaped(&topic);
+        let entries = parse_entries(read_keys(&s, &format!("*.c.{token}.>")).await?, &s);
+        let mut asserted = HashMap::new();
+        let now = Instant::now();
+        let mut events = Vec::new();
+        for p in presences(&s).await? {
+            asserted.insert(p.eid, p.asserted_ns);
+            events.extend(
+                s.inner
+                    .nodes
+                    .lock()
+                    .on_heartbeat(&p, now, now_realtime_ns())
+                    .into_iter()
+                    .filter(|e| matches!(e, Event::StateChanged { .. })),
+            );
+        }
+        for ev in events {
+            if let Event::StateChanged { eid, .. } = ev {
+                let node = s.inner.nodes.lock().get(&eid).cloned();
+                if let Some(node) = node {
+                    s.in_tx.send(Inbound::Node(node)).await;
+                }
+            }
+        }
+        Ok::<_, Error>((entries, asserted))
+    }
+    .await;
+    match r {
+        Ok((entries, asserted)) => {
+            s.in_tx
+                .send(Inbound::Reconcile {
+                    topic: Some(topic),
+                    asserted,
+                    entries,
+                    done: Some(done),
+                })
+                .await;
+        }
+        Err(e) => {
+            let _ = done.send(Err(e));
+        }
+    }
+}
+
+/// Re-reads one node's snapshots (all nodes' with None) and reconciles the caches.
+async fn reread(s: Arc<Shared>, eid: Option<Eid>) {
+    let filter = match eid {
+        Some(e) => format!("{}.c.>", wire::eid_token(&e)),
+        None => "*.c.>".to_owned(),
+    };
+    let entries = match read_keys(&s, &filter).await {
+        Ok(raw) => parse_entries(raw, &s),
+        Err(e) => {
+            crate::log::warn(&format!("cluster: re-reading stored snapshots failed: {e}"));
+            return;
+        }
+    };
+    let asserted: HashMap<Eid, u64> = {
+        let nodes = s.inner.nodes.lock();
+        nodes
+            .all()
+            .into_iter()
+            .filter(|n| n.state == super::nodes::STATE_UP && eid.is_none_or(|e| e == n.eid))
+            .map(|n| (n.eid, n.asserted_ns))
+            .collect()
+    };
+    s.in_tx
+        .send(Inbound::Reconcile {
+            topic: None,
+            asserted,
+            entries,
+            done: None,
+        })
+        .await;
+}
+
+/// After a reconnect the store may have lost everything (a restarted server): write ours
+/// again, and after a heartbeat period (the others do the same) re-read theirs.
+async fn after_reconnect(s: Arc<Shared>) {
+    let topics: Vec<String> = s.cache_topics.lock().iter().cloned().collect();
+    if let Err(e) = assert_own(&s, &topics).await {
+        crate::log::warn(&format!(
+            "cluster: re-asserting snapshots after a reconnect failed: {e}"
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms))).await;
+    reread(s, None).await;
+}

@@ -1,0 +1,621 @@
+//! Cluster mode: nodes share topics and caches through NATS servers.
+//!
+//! A layer above the core: the core never learns about the network. What it sees of the
+//! cluster is what any module could do: taps (inline observers of the publish walk, see
+//! `tap`) on shared topics and on shared caches' update topics, and ordinary publishes of
+//! what arrives, with the sender's eid and timestamp.
+//!
+//! Threads (per joined cluster):
+//! - `sb-cluster-io`: a single-threaded async runtime owning the NATS connection: the
+//!   sender task (drains the outgoing queue, encodes, publishes), heartbeats, the node
+//!   table, interest (which subjects to subscribe), the key-value store;
+//! - `sb-cluster-in`: delivery: decodes arrivals (user decoders run here) and publishes
+//!   them on the local topics, applies loads and clears to shared caches, publishes node
+//!   events. Kept apart from the io thread so that a slow local subscriber (a synchronous
+//!   one runs inside that publish) delays deliveries, never heartbeats.
+//!
+//! Publishers never wait for the network: a tap pushes into a bounded queue (the oldest
+//! item is dropped when it is full, counted in `dropped_out`) and wakes the sender.
+
+pub mod codec;
+pub mod config;
+mod inbound;
+mod io;
+pub mod nodes;
+pub mod wire;
+
+use crate::cache::Cache;
+use crate::caching_topic::{clear_type, update_type, CacheClear, CacheUpdate, CachingTopic};
+use crate::eid::Eid;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
+use crate::message_type::MessageType;
+use crate::tap::{self, Tap};
+use crate::topic::Topic;
+use config::Config;
+use crossbeam_queue::ArrayQueue;
+use nodes::NodeTable;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::ffi::{c_char, CString};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub(crate) const CLUSTER_MAGIC: u32 = 0x5342_434c; // "SBCL"
+
+/// Type of node messages on the cluster topic.
+pub fn node_type() -> &'static Arc<MessageType> {
+    static TYPE: LazyLock<Arc<MessageType>> =
+        LazyLock::new(|| MessageType::builtin("sb_cluster_node"));
+    &TYPE
+}
+
+/// C view of a node (`sb_cluster_node`).
+#[repr(C)]
+pub struct NodeView {
+    pub eid: Eid,
+    pub name: *const c_char,
+    pub state: i32,
+    pub last_seen_ns: u64,
+}
+
+/// Payload of a node message; `view` first, so the payload's address is the C view's.
+#[repr(C)]
+pub struct NodeMessage {
+    view: NodeView,
+    name: CString,
+}
+
+// SAFETY: the view's name points into `name`, owned by the same immutable value.
+unsafe impl Send for NodeMessage {}
+// SAFETY: as above.
+unsafe impl Sync for NodeMessage {}
+
+impl NodeMessage {
+    pub fn message(node: &nodes::Node) -> Arc<Message> {
+        let name = CString::new(node.name.replace('\0', "?")).expect("NULs replaced");
+        let value = NodeMessage {
+            view: NodeView {
+                eid: node.eid,
+                name: name.as_ptr(),
+                state: node.state,
+                last_seen_ns: node.last_seen_ns,
+            },
+            name,
+        };
+        Message::with_eid(
+            node_type(),
+            crate::message::Payload::Value(Box::new(value)),
+            Some(node.eid),
+        )
+    }
+    pub fn view(&self) -> &NodeView {
+        &self.view
+    }
+}
+
+/// Counters of `sb_cluster_get_stats`.
+#[derive(Default)]
+pub struct Stats {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub dropped_out: AtomicU64,
+    pub dropped_in: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+/// A snapshot of the counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatsSnapshot {
+    pub sent: u64,
+    pub received: u64,
+    pub dropped_out: u64,
+    pub dropped_in: u64,
+    pub reconnects: u64,
+    pub connected: bool,
+    pub nodes_up: u32,
+}
+
+/// What the sender task publishes.
+pub(crate) enum Out {
+    /// A message of a shared topic, to every node (`clear`: a cache clear of `msg`).
+    Broadcast {
+        token: Arc<str>,
+        msg: Arc<Message>,
+        clear: bool,
+    },
+    /// A message for one node.
+    Direct {
+        to: Eid,
+        token: Arc<str>,
+        msg: Arc<Message>,
+    },
+    /// JSON export of a local message.
+    Json { token: Arc<str>, msg: Arc<Message> },
+    /// A change of one of our snapshots in a shared cache: store it (or delete it).
+    Snapshot {
+        token: Arc<str>,
+        cache: Arc<Cache>,
+        old: Option<Arc<Message>>,
+        new: Option<Arc<Message>>,
+    },
+}
+
+/// A topic this node shares, exports, or both.
+pub(crate) struct SharedTopic {
+    pub topic: Arc<Topic>,
+    /// The topic name as a subject token.
+    pub token: Arc<str>,
+    pub shared: bool,
+    pub export_json: bool,
+    /// Set when shared through `share_cache`.
+    pub caching: Option<Arc<CachingTopic>>,
+}
+
+pub(crate) struct Inner {
+    pub cfg: Config,
+    pub me: Eid,
+    pub session: u32,
+    fork_gen: u64,
+    pub bucket: String,
+    pub cluster_topic: Arc<Topic>,
+    out: ArrayQueue<Out>,
+    pub out_notify: tokio::sync::Notify,
+    pub stats: Stats,
+    pub nodes: Mutex<NodeTable>,
+    /// By topic name.
+    pub topics: RwLock<HashMap<String, SharedTopic>>,
+    pub cmd: tokio::sync::mpsc::UnboundedSender<io::Cmd>,
+}
+
+impl Inner {
+    /// Queues an item for the sender; never blocks (drops the oldest when full).
+    fn push(&self, item: Out) {
+        if let Some(old) = self.out.force_push(item) {
+            self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+            drop(old);
+        }
+        self.out_notify.notify_one();
+    }
+
+    pub(crate) fn pop(&self) -> Option<Out> {
+        self.out.pop()
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    fn in_this_process(&self) -> bool {
+        self.fork_gen == crate::fork::generation()
+    }
+
+    fn is_local(&self, msg: &Message) -> bool {
+        msg.eid() == Some(&self.me)
+    }
+}
+
+/// The tap of a shared or exported topic.
+struct TopicTap {
+    inner: Arc<Inner>,
+    token: Arc<str>,
+    shared: bool,
+    export_json: bool,
+}
+
+impl Tap for TopicTap {
+    fn on_publish(&self, _topic: &Topic, msg: &Arc<Message>, through_tap: bool) -> bool {
+        let inner = &self.inner;
+        if !inner.in_this_process() {
+            return false;
+        }
+        if self.shared && !through_tap {
+            if Arc::ptr_eq(msg.message_type(), clear_type()) {
+                if let Some(snap) = msg.value::<CacheClear>().map(CacheClear::snapshot) {
+                    if inner.is_local(snap) && codec::sendable(snap) {
+                        inner.push(Out::Broadcast {
+                            token: Arc::clone(&self.token),
+                            msg: Arc::clone(snap),
+                            clear: true,
+                        });
+                    }
+                }
+            } else if inner.is_local(msg) && codec::sendable(msg) {
+                inner.push(Out::Broadcast {
+                    token: Arc::clone(&self.token),
+                    msg: Arc::clone(msg),
+                    clear: false,
+                });
+            }
+        }
+        if self.export_json && inner.is_local(msg) && msg.message_type().has_to_json() {
+            inner.push(Out::Json {
+                token: Arc::clone(&self.token),
+                msg: Arc::clone(msg),
+            });
+        }
+        self.shared
+    }
+}
+
+/// The tap of a shared cache's update topic: our own snapshots' changes go to the store.
+struct CacheTap {
+    inner: Arc<Inner>,
+    token: Arc<str>,
+    cache: Arc<Cache>,
+}
+
+impl Tap for CacheTap {
+    fn on_publish(&self, _topic: &Topic, msg: &Arc<Message>, _through_tap: bool) -> bool {
+        let inner = &self.inner;
+        if !inner.in_this_process() || !Arc::ptr_eq(msg.message_type(), update_type()) {
+            return false;
+        }
+        let Some(u) = msg.value::<CacheUpdate>() else {
+            return false;
+        };
+        let local = |m: Option<&Arc<Message>>| m.is_some_and(|m| inner.is_local(m));
+        let (old, new) = (u.old(), u.new_snapshot());
+        if local(new) || (new.is_none() && local(old)) {
+            inner.push(Out::Snapshot {
+                token: Arc::clone(&self.token),
+                cache: Arc::clone(&self.cache),
+                old: old.cloned(),
+                new: new.cloned(),
+            });
+        }
+        false
+    }
+}
+
+/// A joined cluster (`sb_cluster`).
+#[repr(C)]
+pub struct Cluster {
+    magic: u32,
+    inner: Arc<Inner>,
+    io_thread: Mutex<Option<JoinHandle<()>>>,
+    in_thread: Mutex<Option<JoinHandle<()>>>,
+    in_tx: inbound::InboundTx,
+    left: AtomicBool,
+}
+
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(crate::message::now_realtime_ns());
+    h.write_u32(std::process::id());
+    (h.finish() as u32).max(1)
+}
+
+impl Cluster {
+    /// Connects and starts the cluster's threads; returns once connected.
+    pub fn join(cfg: &Config) -> Result<Arc<Cluster>> {
+        cfg.validate()?;
+        crate::fork::install();
+        let me = Eid::default_eid();
+        let cluster_topic = Topic::create(&format!("cluster:{}", cfg.prefix))?;
+        let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            cfg: cfg.clone(),
+            me,
+            session: random_u32(),
+            fork_gen: crate::fork::generation(),
+            bucket: format!("{}_state", cfg.prefix),
+            cluster_topic,
+            out: ArrayQueue::new(cfg.out_queue_limit),
+            out_notify: tokio::sync::Notify::new(),
+            stats: Stats::default(),
+            nodes: Mutex::new(NodeTable::new(me, cfg.down_after_missed)),
+            topics: RwLock::new(HashMap::new()),
+            cmd: cmd_tx,
+        });
+        let (in_tx, in_rx) = inbound::channel();
+        let in_thread = inbound::start(Arc::clone(&inner), in_rx)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let io_inner = Arc::clone(&inner);
+        let io_in_tx = in_tx.clone();
+        let io_thread = std::thread::Builder::new()
+            .name("sb-cluster-io".into())
+            .spawn(move || io::run(io_inner, cmd_rx, io_in_tx, ready_tx))
+            .map_err(|e| Error::new(ErrorKind::NoMemory, format!("cannot start a thread: {e}")));
+        let io_thread = match io_thread {
+            Ok(t) => t,
+            Err(e) => {
+                in_tx.stop();
+                let _ = in_thread.join();
+                return Err(e);
+            }
+        };
+        // The io thread answers once connected or failed; its own timeout bounds this,
+        // with a margin in case it is stuck.
+        let limit = Duration::from_millis(u64::from(cfg.connect_timeout_ms) + 5000);
+        let outcome = ready_rx.recv_timeout(limit).unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                "cluster connection did not complete in time",
+            ))
+        });
+        if let Err(e) = outcome {
+            let _ = inner.cmd.send(io::Cmd::Stop);
+            in_tx.stop();
+            let _ = io_thread.join();
+            let _ = in_thread.join();
+            return Err(e);
+        }
+        Ok(Arc::new(Cluster {
+            magic: CLUSTER_MAGIC,
+            inner,
+            io_thread: Mutex::new(Some(io_thread)),
+            in_thread: Mutex::new(Some(in_thread)),
+            in_tx,
+            left: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn magic_ok(&self) -> bool {
+        self.magic == CLUSTER_MAGIC
+    }
+
+    fn usable(&self) -> Result<&Arc<Inner>> {
+        if !self.inner.in_this_process() {
+            return Err(Error::state(
+                "this cluster handle belongs to the parent process (fork): join again in the child",
+            ));
+        }
+        if self.left.load(Ordering::Acquire) {
+            return Err(Error::state("the cluster was left"));
+        }
+        Ok(&self.inner)
+    }
+
+    pub fn topic(&self) -> &Arc<Topic> {
+        &self.inner.cluster_topic
+    }
+
+    pub fn me(&self) -> Eid {
+        self.inner.me
+    }
+
+    /// Installs (or refreshes) the tap of `name`'s entry; removes entry and tap when the
+    /// topic is neither shared nor exported any more.
+    fn retap(inner: &Arc<Inner>, topics: &mut HashMap<String, SharedTopic>, name: &str) {
+        let Some(st) = topics.get(name) else { return };
+        if !st.shared && !st.export_json {
+            let st = topics.remove(name).expect("present");
+            tap::set_tap(&st.topic, None);
+            if let Some(ct) = &st.caching {
+                tap::set_tap(ct.topic(), None);
+            }
+            return;
+        }
+        tap::set_tap(
+            &st.topic,
+            Some(Arc::new(TopicTap {
+                inner: Arc::clone(inner),
+                token: Arc::clone(&st.token),
+                shared: st.shared,
+                export_json: st.export_json,
+            })),
+        );
+    }
+
+    fn entry<'a>(
+        topics: &'a mut HashMap<String, SharedTopic>,
+        topic: &Arc<Topic>,
+    ) -> Result<&'a mut SharedTopic> {
+        let st = topics
+            .entry(topic.name().to_owned())
+            .or_insert_with(|| SharedTopic {
+                topic: Arc::clone(topic),
+                token: wire::escaped(topic.name()).into(),
+                shared: false,
+                export_json: false,
+                caching: None,
+            });
+        if !Arc::ptr_eq(&st.topic, topic) {
+            return Err(Error::invalid(format!(
+                "another topic named '{}' is already shared",
+                topic.name()
+            )));
+        }
+        Ok(st)
+    }
+
+    /// Waits (bounded by the connect timeout) until the io thread has subscribed what
+    /// the node's interest asks for.
+    fn sync_interest(inner: &Inner) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if inner.cmd.send(io::Cmd::Interest(Some(tx))).is_err() {
+            return Err(Error::state("the cluster's io thread has stopped"));
+        }
+        match rx.recv_timeout(Duration::from_millis(u64::from(inner.cfg.connect_timeout_ms))) {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                "subscribing to the cluster's subjects took longer than connect_timeout_ms (it goes on in the background)",
+            )),
+        }
+    }
+
+    pub fn share_topic(&self, topic: &Arc<Topic>) -> Result<()> {
+        let inner = self.usable()?;
+        {
+            let mut topics = inner.topics.write();
+            Cluster::entry(&mut topics, topic)?.shared = true;
+            Cluster::retap(inner, &mut topics, topic.name());
+        }
+        Cluster::sync_interest(inner)
+    }
+
+    pub fn unshare_topic(&self, topic: &Arc<Topic>) -> Result<()> {
+        let inner = self.usable()?;
+        {
+            let mut topics = inner.topics.write();
+            match topics.get_mut(topic.name()) {
+                Some(st) if st.shared && Arc::ptr_eq(&st.topic, topic) => {
+                    st.shared = false;
+                    if let Some(ct) = st.caching.take() {
+                        tap::set_tap(ct.topic(), None);
+                    }
+                }
+                _ => {
+                    return Err(Error::state(format!(
+                        "topic '{}' is not shared",
+                        topic.name()
+                    )))
+                }
+            }
+            Cluster::retap(inner, &mut topics, topic.name());
+        }
+        let _ = inner.cmd.send(io::Cmd::Interest(None));
+        Ok(())
+    }
+
+    pub fn export_json(&self, topic: &Arc<Topic>) -> Result<()> {
+        let inner = self.usable()?;
+        let mut topics = inner.topics.write();
+        Cluster::entry(&mut topics, topic)?.export_json = true;
+        Cluster::retap(inner, &mut topics, topic.name());
+        Ok(())
+    }
+
+    pub fn share_cache(&self, ct: &Arc<CachingTopic>) -> Result<()> {
+        let inner = self.usable()?;
+        let original = Arc::clone(ct.subscription().topic());
+        let token;
+        {
+            let mut topics = inner.topics.write();
+            let st = Cluster::entry(&mut topics, &original)?;
+            if let Some(existing) = &st.caching {
+                if !Arc::ptr_eq(existing, ct) {
+                    return Err(Error::invalid(format!(
+                        "topic '{}' is already shared with another cache",
+                        original.name()
+                    )));
+                }
+            }
+            st.shared = true;
+            st.caching = Some(Arc::clone(ct));
+            token = Arc::clone(&st.token);
+            Cluster::retap(inner, &mut topics, original.name());
+        }
+        tap::set_tap(
+            ct.topic(),
+            Some(Arc::new(CacheTap {
+                inner: Arc::clone(inner),
+                token,
+                cache: Arc::clone(ct.cache()),
+            })),
+        );
+        Cluster::sync_interest(inner)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        if inner
+            .cmd
+            .send(io::Cmd::ShareCache {
+                topic: original.name().to_owned(),
+                done: tx,
+            })
+            .is_err()
+        {
+            return Err(Error::state("the cluster's io thread has stopped"));
+        }
+        match rx.recv_timeout(Duration::from_millis(u64::from(inner.cfg.connect_timeout_ms))) {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                "loading the other nodes' snapshots took longer than connect_timeout_ms (sharing goes on in the background)",
+            )),
+        }
+    }
+
+    pub fn publish_to(&self, node: &Eid, topic: &Arc<Topic>, msg: &Arc<Message>) -> Result<()> {
+        let inner = self.usable()?;
+        if !inner.nodes.lock().is_up(node) || *node == inner.me {
+            return Err(Error::state(format!("node {node} is not up")));
+        }
+        if !codec::sendable(msg) {
+            return Err(Error::invalid(format!(
+                "message type '{}' has no codec and is not a bytes message",
+                msg.message_type().name()
+            )));
+        }
+        inner.push(Out::Direct {
+            to: *node,
+            token: wire::escaped(topic.name()).into(),
+            msg: Arc::clone(msg),
+        });
+        Ok(())
+    }
+
+    /// One node message per known node, this one included.
+    pub fn nodes(&self) -> Result<Vec<Arc<Message>>> {
+        let inner = self.usable()?;
+        let nodes = inner.nodes.lock().all();
+        Ok(nodes.iter().map(NodeMessage::message).collect())
+    }
+
+    pub fn stats(&self) -> Result<StatsSnapshot> {
+        let inner = self.usable()?;
+        let s = &inner.stats;
+        Ok(StatsSnapshot {
+            sent: s.sent.load(Ordering::Relaxed),
+            received: s.received.load(Ordering::Relaxed),
+            dropped_out: s.dropped_out.load(Ordering::Relaxed),
+            dropped_in: s.dropped_in.load(Ordering::Relaxed),
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            connected: s.connected.load(Ordering::Relaxed),
+            nodes_up: inner.nodes.lock().up_count() as u32,
+        })
+    }
+
+    /// Announces the departure, sends what is queued (at most 1 s), stops sharing, clears
+    /// remote entries from local caches and stops the threads.
+    pub fn leave(&self) -> Result<()> {
+        if !self.inner.in_this_process() {
+            return Err(Error::state(
+                "this cluster handle belongs to the parent process (fork); it is released without leaving",
+            ));
+        }
+        if self.left.swap(true, Ordering::AcqRel) {
+            return Err(Error::state("the cluster was already left"));
+        }
+        let inner = &self.inner;
+        // No new outgoing traffic from here on.
+        let topics: Vec<SharedTopic> = inner.topics.write().drain().map(|(_, v)| v).collect();
+        for st in &topics {
+            tap::set_tap(&st.topic, None);
+            if let Some(ct) = &st.caching {
+                tap::set_tap(ct.topic(), None);
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        if inner.cmd.send(io::Cmd::Leave(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+        }
+        // Remote entries go from the caches this node shared.
+        self.in_tx.clear_remote(topics);
+        self.in_tx.stop();
+        let on_in_thread = inbound::is_delivery_thread();
+        if let Some(t) = self.io_thread.lock().take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.in_thread.lock().take() {
+            if !on_in_thread {
+                let _ = t.join();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.magic = crate::message_type::DEAD_MAGIC;
+    }
+}
+
+/// How long `leave` waits for queued messages to go out.
+pub(crate) const LEAVE_DRAIN: Duration = Duration::from_secs(1);

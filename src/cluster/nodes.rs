@@ -1,0 +1,277 @@
+//! The node table: who is in the cluster, as heartbeats tell. Pure bookkeeping with the
+//! time passed in, so every transition is unit-tested without a network.
+//!
+//! A node is up while heartbeats arrive; down once none came for `heartbeat_ms x
+//! down_after_missed` (its own heartbeat period, our count); left when it said so. A
+//! heartbeat with a new session is a restart; a new `asserted_ns` means its stored
+//! snapshots changed wholesale (a reconnect): both tell the others to re-read them.
+
+#[cfg(test)]
+use super::wire::NODE_UP;
+use super::wire::{Heartbeat, NODE_LEFT};
+use crate::eid::Eid;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+pub(crate) const STATE_UP: i32 = 1;
+pub(crate) const STATE_DOWN: i32 = 2;
+pub(crate) const STATE_LEFT: i32 = 3;
+
+/// How long a down or left node stays listed.
+pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub eid: Eid,
+    pub name: String,
+    pub state: i32,
+    pub session: u32,
+    pub heartbeat_ms: u32,
+    pub asserted_ns: u64,
+    /// CLOCK_REALTIME of the last heartbeat, for `sb_cluster_node.last_seen_ns`.
+    pub last_seen_ns: u64,
+    last_seen: Instant,
+    changed: Instant,
+}
+
+/// What a heartbeat or a tick changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The node's state changed (to `state`); `fresh_state` is set when its stored
+    /// snapshots must be (re-)read: a node seen for the first time, back from down, a
+    /// new session or a new assertion.
+    StateChanged { eid: Eid, state: i32 },
+    /// The node's stored snapshots must be re-read (same state).
+    Reread { eid: Eid, restarted: bool },
+}
+
+pub struct NodeTable {
+    me: Eid,
+    down_after_missed: u32,
+    nodes: HashMap<Eid, Node>,
+}
+
+impl NodeTable {
+    pub fn new(me: Eid, down_after_missed: u32) -> NodeTable {
+        NodeTable {
+            me,
+            down_after_missed,
+            nodes: HashMap::new(),
+        }
+    }
+
+    pub fn get(&self, eid: &Eid) -> Option<&Node> {
+        self.nodes.get(eid)
+    }
+
+    pub fn is_up(&self, eid: &Eid) -> bool {
+        self.nodes.get(eid).is_some_and(|n| n.state == STATE_UP)
+    }
+
+    pub fn up_count(&self) -> usize {
+        self.nodes.values().filter(|n| n.state == STATE_UP).count()
+    }
+
+    pub fn all(&self) -> Vec<Node> {
+        let mut v: Vec<Node> = self.nodes.values().cloned().collect();
+        v.sort_by_key(|n| n.eid);
+        v
+    }
+
+    /// Records our own entry (always up while joined).
+    pub fn set_self(&mut self, hb: &Heartbeat, now: Instant, now_ns: u64) {
+        self.apply(hb, now, now_ns);
+    }
+
+    /// A heartbeat (or presence record) arrived.
+    pub fn on_heartbeat(&mut self, hb: &Heartbeat, now: Instant, now_ns: u64) -> Vec<Event> {
+        if hb.eid == self.me {
+            return Vec::new();
+        }
+        self.apply(hb, now, now_ns)
+    }
+
+    fn apply(&mut self, hb: &Heartbeat, now: Instant, now_ns: u64) -> Vec<Event> {
+        let new_state = if hb.state == NODE_LEFT {
+            STATE_LEFT
+        } else {
+            STATE_UP
+        };
+        let mut events = Vec::new();
+        match self.nodes.get_mut(&hb.eid) {
+            None => {
+                if new_state == STATE_LEFT {
+                    return events; // never knew it
+                }
+                self.nodes.insert(
+                    hb.eid,
+                    Node {
+                        eid: hb.eid,
+                        name: hb.name.clone(),
+                        state: STATE_UP,
+                        session: hb.session,
+                        heartbeat_ms: hb.heartbeat_ms,
+                        asserted_ns: hb.asserted_ns,
+                        last_seen_ns: now_ns,
+                        last_seen: now,
+                        changed: now,
+                    },
+                );
+                events.push(Event::StateChanged {
+                    eid: hb.eid,
+                    state: STATE_UP,
+                });
+                events.push(Event::Reread {
+                    eid: hb.eid,
+                    restarted: false,
+                });
+            }
+            Some(n) => {
+                let restarted = n.session != hb.session;
+                if n.state == STATE_LEFT && !restarted && new_state == STATE_UP {
+                    // A late heartbeat of a session that already said goodbye.
+                    return events;
+                }
+                let reasserted = n.asserted_ns != hb.asserted_ns;
+                let was = n.state;
+                n.name.clone_from(&hb.name);
+                n.session = hb.session;
+                n.heartbeat_ms = hb.heartbeat_ms;
+                n.asserted_ns = hb.asserted_ns;
+                n.last_seen_ns = now_ns;
+                n.last_seen = now;
+                if was != new_state {
+                    n.state = new_state;
+                    n.changed = now;
+                    events.push(Event::StateChanged {
+                        eid: hb.eid,
+                        state: new_state,
+                    });
+                } else if restarted && new_state == STATE_UP {
+                    // Restarted before we noticed it was gone: a change of session is
+                    // reported as "up again".
+                    n.changed = now;
+                    events.push(Event::StateChanged {
+                        eid: hb.eid,
+                        state: STATE_UP,
+                    });
+                }
+                if new_state == STATE_UP && (restarted || reasserted || was != STATE_UP) {
+                    events.push(Event::Reread {
+                        eid: hb.eid,
+                        restarted,
+                    });
+                }
+            }
+        }
+        events
+    }
+
+    /// Restarts every up node's silence count (after we were disconnected: not hearing
+    /// anyone then says nothing about them).
+    pub fn grace(&mut self, now: Instant) {
+        for n in self.nodes.values_mut() {
+            n.last_seen = now;
+        }
+    }
+
+    /// Marks silent nodes down and forgets long-gone ones.
+    pub fn tick(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        let missed = self.down_after_missed;
+        let me = self.me;
+        for n in self.nodes.values_mut() {
+            if n.eid == me || n.state != STATE_UP {
+                continue;
+            }
+            let limit = Duration::from_millis(u64::from(n.heartbeat_ms) * u64::from(missed));
+            if now.saturating_duration_since(n.last_seen) > limit {
+                n.state = STATE_DOWN;
+                n.changed = now;
+                events.push(Event::StateChanged {
+                    eid: n.eid,
+                    state: STATE_DOWN,
+                });
+            }
+        }
+        self.nodes
+            .retain(|_, n| n.state == STATE_UP || now.duration_since(n.changed) < FORGET_AFTER);
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(eid: u8, session: u32, asserted: u64, state: u8) -> Heartbeat {
+        Heartbeat {
+            state,
+            eid: Eid {
+                bytes: [0, 0, 0, 0, 0, eid],
+            },
+            session,
+            heartbeat_ms: 100,
+            asserted_ns: asserted,
+            name: format!("n{eid}"),
+        }
+    }
+
+    #[test]
+    fn lifecycle() {
+        let me = hb(9, 0, 0, NODE_UP).eid;
+        let mut t = NodeTable::new(me, 3);
+        let t0 = Instant::now();
+        let ev = t.on_heartbeat(&hb(1, 1, 0, NODE_UP), t0, 0);
+        assert_eq!(ev.len(), 2);
+        assert!(t.is_up(&hb(1, 1, 0, NODE_UP).eid));
+        // steady heartbeats: nothing
+        assert!(t
+            .on_heartbeat(&hb(1, 1, 0, NODE_UP), t0 + Duration::from_millis(100), 0)
+            .is_empty());
+        // 300 ms of silence is not yet down, 301+ is
+        assert!(t.tick(t0 + Duration::from_millis(399)).is_empty());
+        let ev = t.tick(t0 + Duration::from_millis(402));
+        assert_eq!(
+            ev,
+            vec![Event::StateChanged {
+                eid: hb(1, 1, 0, 0).eid,
+                state: STATE_DOWN
+            }]
+        );
+        // back up: state change and a re-read
+        let ev = t.on_heartbeat(&hb(1, 1, 0, NODE_UP), t0 + Duration::from_millis(500), 0);
+        assert_eq!(ev.len(), 2);
+        // new assertion: re-read only
+        let ev = t.on_heartbeat(&hb(1, 1, 5, NODE_UP), t0 + Duration::from_millis(600), 0);
+        assert_eq!(
+            ev,
+            vec![Event::Reread {
+                eid: hb(1, 1, 0, 0).eid,
+                restarted: false
+            }]
+        );
+        // restart (new session) while up: up again + re-read as restarted
+        let ev = t.on_heartbeat(&hb(1, 2, 5, NODE_UP), t0 + Duration::from_millis(700), 0);
+        assert_eq!(ev.len(), 2);
+        assert!(matches!(
+            ev[1],
+            Event::Reread {
+                restarted: true,
+                ..
+            }
+        ));
+        // leave, then a stale heartbeat of the same session is ignored
+        let ev = t.on_heartbeat(&hb(1, 2, 5, NODE_LEFT), t0 + Duration::from_millis(800), 0);
+        assert_eq!(ev.len(), 1);
+        assert!(t
+            .on_heartbeat(&hb(1, 2, 5, NODE_UP), t0 + Duration::from_millis(810), 0)
+            .is_empty());
+        // forgotten after ten minutes
+        t.tick(t0 + FORGET_AFTER + Duration::from_secs(1));
+        assert!(t.get(&hb(1, 0, 0, 0).eid).is_none());
+        // our own heartbeats never count
+        assert!(t.on_heartbeat(&hb(9, 1, 0, NODE_UP), t0, 0).is_empty());
+        assert!(t.get(&me).is_none());
+    }
+}
