@@ -590,6 +590,37 @@ static inline int nh_server_write_conf(nh_server *s)
     return fclose(f) == 0 ? 0 : -1;
 }
 
+/* Removes the temp dirs that test programs killed before their cleanup left behind:
+ * /tmp/sb-nats-* whose owner (the pid in its "owner" file) is gone. Once per process. */
+static inline void nh_sweep_stale_dirs(void)
+{
+    static atomic_int swept;
+    if (atomic_exchange(&swept, 1))
+        return;
+    DIR *d = opendir("/tmp");
+    if (d == NULL)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, "sb-nats-", 8) != 0 || strlen(e->d_name) != 14)
+            continue;
+        char path[NH_PATH];
+        snprintf(path, sizeof path, "/tmp/%s/owner", e->d_name);
+        FILE *f = fopen(path, "r");
+        int pid = 0;
+        if (f == NULL)
+            continue;
+        if (fscanf(f, "%d", &pid) != 1)
+            pid = 0;
+        fclose(f);
+        if (pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH) {
+            snprintf(path, sizeof path, "/tmp/%s", e->d_name);
+            nh_rm_rf(path);
+        }
+    }
+    closedir(d);
+}
+
 /* Prepares s (temp dir, certificates, ports, names; no config yet). */
 static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
 {
@@ -619,11 +650,19 @@ static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
     s->opts.token = s->token[0] ? s->token : NULL;
     s->opts.extra_conf = NULL;
 
+    nh_sweep_stale_dirs();
     snprintf(s->dir, sizeof s->dir, "/tmp/sb-nats-XXXXXX");
     if (mkdtemp(s->dir) == NULL) {
         nh_log("mkdtemp: %s", strerror(errno));
         s->dir[0] = '\0';
         return -1;
+    }
+    char owner[NH_PATH];
+    snprintf(owner, sizeof owner, "%s/owner", s->dir);
+    FILE *of = fopen(owner, "w");
+    if (of != NULL) {
+        fprintf(of, "%d\n", (int)getpid());
+        fclose(of);
     }
     snprintf(s->conf, sizeof s->conf, "%s/server.conf", s->dir);
     snprintf(s->store, sizeof s->store, "%s/jetstream", s->dir);

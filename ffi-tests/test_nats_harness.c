@@ -476,13 +476,18 @@ int main(int argc, char **argv)
     if (!nh_require_server())
         return TEST_DONE();
 
-    test_ports();
-    test_lone_server();
-    test_user_password();
-    test_token();
-    test_tls();
-    test_children();
-    test_cluster();
+    struct {
+        const char *name;
+        void (*fn)(void);
+    } tests[] = {{"ports", test_ports},   {"lone server", test_lone_server},
+                 {"user/password", test_user_password}, {"token", test_token},
+                 {"TLS", test_tls},       {"children", test_children},
+                 {"cluster", test_cluster}};
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        double t0 = tu_now_s();
+        tests[i].fn();
+        printf("%s: %.1f s\n", tests[i].name, tu_now_s() - t0);
+    }
 
     /* every server and child we started has been reaped */
     int st;
