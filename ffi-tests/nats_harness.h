@@ -11,6 +11,10 @@
  * which `make nats-server` installs). A test that needs it calls nh_require_server() first:
  * without the binary that records a failure saying how to install it.
  *
+ * Utilities
+ *   nh_require_server()            1 if $SB_NATS_SERVER is there, else a recorded failure
+ *   nh_free_port() / nh_free_ports(ports, n)   free loopback ports (bind port 0, read, close)
+ *   nh_run(argv, log, ms)          run a command (openssl ...), bounded
  * Servers
  *   nh_server_start(s, opts)       temp dir, config, free ports; start and wait until it
  *                                  accepts clients and sends INFO (JetStream always on)
