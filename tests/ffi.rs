@@ -6,7 +6,8 @@
 //! `make tsan`, which also builds the library with ThreadSanitizer) every program is
 //! compiled with `-fsanitize=thread` and any report (data race, lock-order inversion)
 //! fails it. A program that does not finish in time is killed and the test fails with
-//! everything it printed.
+//! everything it printed. Every program gets `SB_NATS_SERVER`, the nats-server binary that
+//! the cluster tests start (see `nats_server`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,26 @@ fn profile_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("test executable lives in target/<profile>/deps")
         .to_path_buf()
+}
+
+/// The nats-server binary the C tests start (ffi-tests/nats_harness.h): `SB_NATS_SERVER` if
+/// set, else `.tools/nats/bin/nats-server`, which `make nats-server` installs. None if
+/// neither exists; the tests that need a server then fail and say how to install it.
+fn nats_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SB_NATS_SERVER").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return Some(if p.is_absolute() {
+            p
+        } else {
+            crate_dir().join(p)
+        });
+    }
+    let p = crate_dir()
+        .join(".tools")
+        .join("nats")
+        .join("bin")
+        .join("nats-server");
+    p.exists().then_some(p)
 }
 
 fn flag(name: &str) -> bool {
@@ -259,6 +280,10 @@ fn run(name: &str) {
         // cargo points LD_LIBRARY_PATH at target/<profile> first, where a stale copy of
         // the library may lie (see `compile`): the program's rpath alone says which one.
         .env_remove("LD_LIBRARY_PATH");
+    match nats_server() {
+        Some(p) => cmd.env("SB_NATS_SERVER", p),
+        None => cmd.env_remove("SB_NATS_SERVER"),
+    };
     // test_torture runs SB_TORTURE_SECONDS (default 20); under valgrind 3 s are plenty,
     // under ThreadSanitizer (several times slower) 10.
     if name == "test_torture" && std::env::var_os("SB_TORTURE_SECONDS").is_none() {
@@ -357,4 +382,5 @@ c_tests!(
     test_deadlock,
     test_pool_limits,
     test_pool_spawn_failure,
+    test_nats_harness,
 );
