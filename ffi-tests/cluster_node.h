@@ -18,6 +18,7 @@
  *   pubc T TYPE N                  N messages of a codec type (value i)
  *   pubto EID T TYPE TEXT          sb_cluster_publish_to
  *   count T                        ok total remote order_violations codec_values_ok
+ *                                  (order: "TAG:i" per sender and tag, i = 0, 1, 2...)
  *   stats                          ok sent received dropped_out dropped_in reconnects connected nodes_up
  *   nodes                          ok N eid=state...   (sb_cluster_nodes)
  *   events                         ok N LAST_EID LAST_STATE (node messages seen on sb_cluster_topic)
@@ -42,6 +43,9 @@
 #error "include nats_harness.h before cluster_node.h"
 #endif
 
+/* The code of the last failure on this thread, for "err" replies. */
+#define CN_LAST_CODE (-1)
+
 #define CN_TOPICS 8
 #define CN_SENDERS 8
 
@@ -52,6 +56,7 @@ typedef struct cn_topic {
     atomic_long total, remote, order_bad, codec_ok;
     /* order: per sender eid, the last index seen (callbacks are serialized per sub) */
     sb_eid senders[CN_SENDERS];
+    char tags[CN_SENDERS][16];
     long last[CN_SENDERS];
     int nsenders;
     sb_cache *cache;
@@ -59,6 +64,13 @@ typedef struct cn_topic {
     sb_subscription *updates_sub;
     atomic_long updates;
 } cn_topic;
+
+static void cn_sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
 
 static struct {
     sb_cluster *cluster;
@@ -189,14 +201,17 @@ static void cn_on_message(void *data, sb_subscription *sub, sb_message *msg)
     if (colon == NULL || e == NULL)
         return;
     long idx = strtol(colon + 1, NULL, 10);
+    char tag[16];
+    snprintf(tag, sizeof tag, "%.*s", (int)(colon - d), d);
     int k;
     for (k = 0; k < t->nsenders; k++)
-        if (sb_eid_cmp(&t->senders[k], e) == 0)
+        if (sb_eid_cmp(&t->senders[k], e) == 0 && strcmp(t->tags[k], tag) == 0)
             break;
     if (k == t->nsenders) {
         if (k == CN_SENDERS)
             return;
         t->senders[k] = *e;
+        memcpy(t->tags[k], tag, sizeof tag);
         t->last[k] = -1;
         t->nsenders++;
     }
@@ -335,7 +350,7 @@ static int cn_command(char *line)
     if (strcmp(cmd, "eid") == 0 && argc == 2) {
         sb_eid e;
         if (sb_eid_from_str(argv[1], &e) != SB_OK || sb_eid_set_default(&e) != SB_OK)
-            return cn_reply_err(sb_last_error_code()), 0;
+            return cn_reply_err(CN_LAST_CODE), 0;
     } else if (strcmp(cmd, "join") == 0 && argc >= 5) {
         sb_cluster_config *cfg = sb_cluster_config_new();
         int rc = sb_cluster_config_set(cfg, "servers", argv[1]);
@@ -360,7 +375,7 @@ static int cn_command(char *line)
         cn.cluster = sb_cluster_join(cfg);
         sb_cluster_config_free(cfg);
         if (cn.cluster == NULL)
-            return cn_reply_err(sb_last_error_code()), 0;
+            return cn_reply_err(CN_LAST_CODE), 0;
         if (cn.events_sub == NULL)
             cn.events_sub = sb_subscribe(sb_cluster_topic(cn.cluster), cn_on_event, NULL);
     } else if (strcmp(cmd, "topic") == 0 && argc >= 2) {
@@ -376,7 +391,7 @@ static int cn_command(char *line)
             return cn_reply_err(rc), 0;
     } else if (strcmp(cmd, "forward") == 0 && argc == 3 && t && cn_find(argv[2])) {
         if (sb_forward_all(t->topic, cn_find(argv[2])->topic) == NULL)
-            return cn_reply_err(sb_last_error_code()), 0;
+            return cn_reply_err(CN_LAST_CODE), 0;
     } else if (strcmp(cmd, "pub") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);
@@ -431,7 +446,7 @@ static int cn_command(char *line)
     } else if (strcmp(cmd, "nodes") == 0) {
         sb_message_list *l = sb_cluster_nodes(cn.cluster);
         if (l == NULL)
-            return cn_reply_err(sb_last_error_code()), 0;
+            return cn_reply_err(CN_LAST_CODE), 0;
         char out[2048];
         int off = snprintf(out, sizeof out, "ok %zu", sb_message_list_len(l));
         for (size_t i = 0; i < sb_message_list_len(l) && off < (int)sizeof out - 64; i++) {
@@ -458,7 +473,7 @@ static int cn_command(char *line)
                        : sb_cache_create(cn_snapshot_id);
         t->ct = sb_caching_topic_create(t->topic, t->cache);
         if (t->ct == NULL)
-            return cn_reply_err(sb_last_error_code()), 0;
+            return cn_reply_err(CN_LAST_CODE), 0;
         t->updates_sub = sb_subscribe(sb_caching_get_topic(t->ct), cn_on_update, t);
     } else if (strcmp(cmd, "sharecache") == 0 && t && t->ct) {
         int rc = sb_cluster_share_cache(cn.cluster, t->ct);
@@ -555,7 +570,7 @@ static int cn_command(char *line)
         int st = 0;
         long long deadline = nh_now_ms() + 20000;
         while (waitpid(pid, &st, WNOHANG) == 0 && nh_now_ms() < deadline)
-            usleep(10000);
+            cn_sleep_ms(10);
         return nh_node_reply("ok %d", WIFEXITED(st) ? WEXITSTATUS(st) : 99), 0;
     } else if (strcmp(cmd, "leave") == 0) {
         cn.cluster = sb_cluster_leave(cn.cluster);

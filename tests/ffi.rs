@@ -383,4 +383,5 @@ c_tests!(
     test_pool_limits,
     test_pool_spawn_failure,
     test_nats_harness,
+    test_cluster_topics,
 );

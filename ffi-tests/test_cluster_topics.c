@@ -1,0 +1,265 @@
+/*
+ * test_cluster_topics.c - shared topics between node processes over a real nats-server:
+ * bytes and codec messages in order, no echo, no loops through forwards, types created
+ * on arrival, undecodable arrivals counted, selective import, sb_cluster_publish_to,
+ * prefix isolation, JSON export read by a plain NATS client, the node list and node
+ * events, a forked child.
+ */
+#include "test_util.h"
+#include "nats_harness.h"
+#include "cluster_node.h"
+
+#define EID_A "00:00:00:00:00:0a"
+#define EID_B "00:00:00:00:00:0b"
+#define EID_C "00:00:00:00:00:0c"
+#define EID_D "00:00:00:00:00:0d"
+
+static nh_server srv;
+static nh_child a, b, c;
+
+static long long count_of(nh_child *n, const char *topic, int field)
+{
+    long long v[4] = {-1, -1, -1, -1};
+    if (cn_nums(n, v, 4, "count %s", topic) != 4)
+        return -1;
+    return v[field];
+}
+
+static long long stat_of(nh_child *n, int field)
+{
+    long long v[7] = {-1, -1, -1, -1, -1, -1, -1};
+    if (cn_nums(n, v, 7, "stats") != 7)
+        return -1;
+    return v[field];
+}
+enum { ST_SENT, ST_RECEIVED, ST_DROPPED_OUT, ST_DROPPED_IN, ST_RECONNECTS, ST_CONNECTED, ST_UP };
+enum { CT_TOTAL, CT_REMOTE, CT_ORDER_BAD, CT_CODEC_OK };
+
+static void join_node(nh_child *n, const char *eid, const char *name, const char *prefix)
+{
+    CN_OK(n, "eid %s", eid);
+    CN_OK(n, "join %s %s %s 200", srv.url, prefix, name);
+}
+
+static void test_bytes_in_order_no_echo(void)
+{
+    nh_child *all[] = {&a, &b, &c};
+    for (int i = 0; i < 3; i++) {
+        CN_OK(all[i], "topic chat");
+        CN_OK(all[i], "share chat");
+    }
+    int n = tu_scale(2000, 200);
+    CN_OK(&a, "pub chat text %d a", n);
+    CN_OK(&b, "pub chat text %d b", n);
+    /* each node: its own n locally plus the other's n; c: both remotely */
+    WAIT_UNTIL(count_of(&a, "chat", CT_TOTAL) == 2 * n && count_of(&b, "chat", CT_TOTAL) == 2 * n &&
+               count_of(&c, "chat", CT_TOTAL) == 2 * n);
+    CHECK_EQ_INT(count_of(&a, "chat", CT_REMOTE), n); /* no echo: only b's */
+    CHECK_EQ_INT(count_of(&b, "chat", CT_REMOTE), n);
+    CHECK_EQ_INT(count_of(&c, "chat", CT_REMOTE), 2 * n);
+    for (int i = 0; i < 3; i++)
+        CHECK_EQ_INT(count_of(all[i], "chat", CT_ORDER_BAD), 0);
+    CHECK_EQ_INT(stat_of(&a, ST_SENT), n);
+    CHECK_EQ_INT(stat_of(&a, ST_RECEIVED), n);
+    CHECK_EQ_INT(stat_of(&c, ST_RECEIVED), 2 * n);
+    /* nothing more arrives later (no echo, no duplicates) */
+    cn_sleep_ms(300);
+    CHECK_EQ_INT(count_of(&c, "chat", CT_TOTAL), 2 * n);
+}
+
+static void test_codec_and_undecodable(void)
+{
+    long long before_total = count_of(&b, "chat", CT_TOTAL);
+    long long before_drop = stat_of(&b, ST_DROPPED_IN);
+    /* b and c know the codec type (cn_type sets the codec on first use) */
+    CN_OK(&b, "pubc chat codecv 0");
+    CN_OK(&c, "pubc chat codecv 0");
+    CN_OK(&a, "pubc chat codecv 100");
+    WAIT_UNTIL(count_of(&b, "chat", CT_CODEC_OK) == 100 && count_of(&c, "chat", CT_CODEC_OK) == 100);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_TOTAL), before_total + 100);
+    /* an encoder whose bytes the decoders refuse: dropped and counted */
+    CN_OK(&b, "pubc chat codecbad 0");
+    CN_OK(&a, "pubc chat codecbad 7");
+    WAIT_UNTIL(stat_of(&b, ST_DROPPED_IN) == before_drop + 7);
+    /* a codec type b never created: unknown there, dropped and counted */
+    CN_OK(&a, "pubc chat codeconlya 5");
+    WAIT_UNTIL(stat_of(&b, ST_DROPPED_IN) == before_drop + 12);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_TOTAL), before_total + 100);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_CODEC_OK), 100);
+}
+
+static void test_type_created_on_arrival(void)
+{
+    long long before = count_of(&b, "chat", CT_TOTAL);
+    /* "fresh" was never created on b: a bytes message creates it there */
+    CN_OK(&a, "pub chat fresh 3 f");
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before + 3);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_ORDER_BAD), 0);
+}
+
+static void test_forwards_no_loops(void)
+{
+    nh_child *two[] = {&a, &b};
+    for (int i = 0; i < 2; i++) {
+        CN_OK(two[i], "topic dev");
+        CN_OK(two[i], "topic all");
+        CN_OK(two[i], "forward dev all");
+        CN_OK(two[i], "share dev");
+        CN_OK(two[i], "share all");
+    }
+    long long sent0 = stat_of(&a, ST_SENT);
+    CN_OK(&a, "pub dev text 10 d");
+    WAIT_UNTIL(count_of(&b, "dev", CT_TOTAL) == 10 && count_of(&b, "all", CT_TOTAL) == 10);
+    cn_sleep_ms(300);
+    /* once per subscription, cluster-wide: b's "all" got each message once, not twice */
+    CHECK_EQ_INT(count_of(&b, "dev", CT_TOTAL), 10);
+    CHECK_EQ_INT(count_of(&b, "all", CT_TOTAL), 10);
+    CHECK_EQ_INT(count_of(&a, "all", CT_TOTAL), 10);
+    /* sent once, on "dev" (not again on "all", reached through it) */
+    CHECK_EQ_INT(stat_of(&a, ST_SENT), sent0 + 10);
+    /* and nothing came back to a */
+    CHECK_EQ_INT(count_of(&a, "dev", CT_REMOTE), 0);
+}
+
+static void test_selective_import(void)
+{
+    /* b's only subscriber of "sel" accepts "wanted": b must not even receive the rest */
+    CN_OK(&b, "topic sel wanted");
+    CN_OK(&b, "share sel");
+    CN_OK(&a, "topic sel");
+    CN_OK(&a, "share sel");
+    long long recv0 = stat_of(&b, ST_RECEIVED);
+    long long drop0 = stat_of(&b, ST_DROPPED_IN);
+    CN_OK(&a, "pub sel unwanted 50 u");
+    CN_OK(&a, "pub sel wanted 50 w");
+    WAIT_UNTIL(count_of(&b, "sel", CT_TOTAL) == 50);
+    cn_sleep_ms(300);
+    CHECK_EQ_INT(stat_of(&b, ST_RECEIVED), recv0 + 50);
+    CHECK_EQ_INT(stat_of(&b, ST_DROPPED_IN), drop0);
+    CHECK_EQ_INT(count_of(&b, "sel", CT_TOTAL), 50);
+}
+
+static void test_publish_to(void)
+{
+    long long b0 = count_of(&b, "chat", CT_TOTAL), c0 = count_of(&c, "chat", CT_TOTAL);
+    CN_OK(&a, "pubto %s chat text direct:0", EID_B);
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == b0 + 1);
+    cn_sleep_ms(200);
+    CHECK_EQ_INT(count_of(&c, "chat", CT_TOTAL), c0);
+    /* not published on a itself */
+    const char *r = cn_cmd(&a, "pubto 00:00:00:00:00:99 chat text x:0");
+    CHECK(r != NULL && strncmp(r, "err -4 ", 7) == 0); /* SB_E_STATE: that node is not up */
+}
+
+static void test_prefix_isolation(const char *argv0)
+{
+    nh_child d;
+    CHECK(cn_spawn(argv0, &d) == 0);
+    join_node(&d, EID_D, "d", "other");
+    CN_OK(&d, "topic chat");
+    CN_OK(&d, "share chat");
+    long long a0 = count_of(&a, "chat", CT_TOTAL);
+    CN_OK(&a, "pub chat text 5 iso");
+    CN_OK(&d, "pub chat text 5 iso");
+    /* both publish; a's own 5 arrive, nothing crosses the prefixes */
+    WAIT_UNTIL(count_of(&a, "chat", CT_TOTAL) == a0 + 5 && count_of(&d, "chat", CT_TOTAL) == 5);
+    cn_sleep_ms(300);
+    CHECK_EQ_INT(count_of(&a, "chat", CT_TOTAL), a0 + 5);
+    CHECK_EQ_INT(count_of(&d, "chat", CT_REMOTE), 0);
+    const char *r = cn_cmd(&d, "nodes");
+    CHECK(r != NULL && strncmp(r, "ok 1 ", 5) == 0); /* d sees only itself */
+    CHECK_EQ_INT(cn_stop(&d), 0);
+}
+
+static void test_json_export(void)
+{
+    nh_plain p;
+    CHECK(nh_plain_connect(&p, &srv, 5000) == 0);
+    CHECK(nh_plain_sub(&p, "sb.json.chat.>", NULL, 1) == 0);
+    CHECK(nh_plain_flush(&p, 5000) == 0);
+    CN_OK(&a, "json chat");
+    CN_OK(&a, "pub chat jsonmsg 1 js");
+    CN_OK(&a, "pub chat text 1 notjson"); /* no to_json: not exported */
+    nh_msg m;
+    memset(&m, 0, sizeof m);
+    CHECK(nh_plain_next_msg(&p, &m, 5000) == 0);
+    CHECK_STR(m.subject, "sb.json.chat.jsonmsg");
+    CHECK(m.payload != NULL && strcmp(m.payload, "{\"text\":\"js:0\"}") == 0);
+    char h[64] = "";
+    CHECK(nh_msg_header(&m, "Sb-Eid", h, sizeof h) == 0);
+    CHECK_STR(h, EID_A);
+    CHECK(nh_msg_header(&m, "Sb-Type", h, sizeof h) == 0);
+    CHECK_STR(h, "jsonmsg");
+    /* nothing else: the text message has no to_json */
+    CHECK(nh_plain_next_msg(&p, &m, 300) != 0);
+    nh_msg_free(&m);
+    nh_plain_close(&p);
+}
+
+static void test_nodes_and_events(void)
+{
+    const char *r = cn_cmd(&a, "nodes");
+    CHECK(r != NULL && strncmp(r, "ok 3 ", 5) == 0);
+    CHECK(r != NULL && strstr(r, EID_B "=1/b") != NULL);
+    CHECK(r != NULL && strstr(r, EID_C "=1/c") != NULL);
+    CHECK(r != NULL && strstr(r, EID_A "=1/a") != NULL);
+    CHECK_EQ_INT(stat_of(&a, ST_UP), 3);
+    long long ev0 = cn_num(&a, "events");
+    /* clean leave of c: seen by a as LEFT within 1 s (bound generous for slow runs) */
+    long long t0 = nh_now_ms();
+    CN_OK(&c, "leave");
+    WAIT_UNTIL(cn_num(&a, "events") > ev0);
+    const char *e = cn_cmd(&a, "events");
+    CHECK(e != NULL && strstr(e, EID_C " 3") != NULL);
+    long long took = nh_now_ms() - t0;
+    if (!tu_slow())
+        CHECK(took < 1000);
+    r = cn_cmd(&a, "nodes");
+    CHECK(r != NULL && strstr(r, EID_C "=3/c") != NULL); /* still listed, as left */
+    CHECK_EQ_INT(stat_of(&a, ST_UP), 2);
+}
+
+static void test_fork(void)
+{
+    long long b0 = count_of(&b, "chat", CT_TOTAL);
+    const char *r = cn_cmd(&a, "fork %s sb", srv.url);
+    CHECK(r != NULL && strcmp(r, "ok 0") == 0);
+    /* the child's own join worked: its message reached b */
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == b0 + 1);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1 && strcmp(argv[1], "node") == 0)
+        return cn_node_main();
+    TEST_INIT();
+    if (!nh_require_server())
+        return TEST_DONE();
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    CHECK(cn_spawn(argv[0], &a) == 0);
+    CHECK(cn_spawn(argv[0], &b) == 0);
+    CHECK(cn_spawn(argv[0], &c) == 0);
+    join_node(&a, EID_A, "a", "sb");
+    join_node(&b, EID_B, "b", "sb");
+    join_node(&c, EID_C, "c", "sb");
+    WAIT_UNTIL(stat_of(&a, ST_UP) == 3 && stat_of(&b, ST_UP) == 3 && stat_of(&c, ST_UP) == 3);
+
+    test_bytes_in_order_no_echo();
+    test_codec_and_undecodable();
+    test_type_created_on_arrival();
+    test_forwards_no_loops();
+    test_selective_import();
+    test_publish_to();
+    test_prefix_isolation(argv[0]);
+    test_json_export();
+    test_nodes_and_events();
+    test_fork();
+
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    CHECK_EQ_INT(cn_stop(&b), 0);
+    CHECK_EQ_INT(cn_stop(&c), 0);
+    nh_server_free(&srv);
+    return TEST_DONE();
+}
