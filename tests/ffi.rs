@@ -384,4 +384,5 @@ c_tests!(
     test_pool_spawn_failure,
     test_nats_harness,
     test_cluster_topics,
+    test_cluster_cache,
 );

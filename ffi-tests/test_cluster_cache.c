@@ -1,0 +1,195 @@
+/*
+ * test_cluster_cache.c - shared caches between node processes over a real nats-server:
+ * dump / dump_all / get_by_eid / aggregates over nodes, clears, a late join of 10,000
+ * entries, kill -9 of a node cleared everywhere within heartbeat_ms x down_after_missed
+ * + 1 s (and not loaded by a later joiner), a clean leave seen within 1 s, and a node
+ * restarted with the same eid whose new session drops what it does not re-assert.
+ */
+#include "test_util.h"
+#include "nats_harness.h"
+#include "cluster_node.h"
+
+#define EID_A "00:00:00:00:00:0a"
+#define EID_B "00:00:00:00:00:0b"
+#define EID_C "00:00:00:00:00:0c"
+#define EID_D "00:00:00:00:00:0d"
+#define HB_MS 200
+#define MISSED 3
+
+static nh_server srv;
+static const char *argv0;
+
+/* dump T TYPE -> all, local, remote */
+static long long dump_of(nh_child *n, const char *type, int field)
+{
+    long long v[3] = {-1, -1, -1};
+    if (cn_nums(n, v, 3, "dump reg %s", type) != 3)
+        return -1;
+    return v[field];
+}
+enum { D_ALL, D_LOCAL, D_REMOTE };
+
+static long long get_of(nh_child *n, const char *type, const char *id, const char *eid)
+{
+    const char *r = cn_cmd(n, "get reg %s %s %s", type, id, eid);
+    if (r == NULL || strcmp(r, "ok none") == 0)
+        return -1;
+    return strtoll(r + 2, NULL, 10);
+}
+
+static long long agg_of(nh_child *n, const char *type, const char *id)
+{
+    const char *r = cn_cmd(n, "agg reg %s %s", type, id);
+    if (r == NULL || strcmp(r, "ok none") == 0)
+        return -1;
+    return strtoll(r + 2, NULL, 10);
+}
+
+static void start_node(nh_child *n, const char *eid, const char *name)
+{
+    CHECK(cn_spawn(argv0, n) == 0);
+    CN_OK(n, "eid %s", eid);
+    CN_OK(n, "join %s sb %s %d down_after_missed=%d", srv.url, name, HB_MS, MISSED);
+    CN_OK(n, "topic reg");
+    CN_OK(n, "cache reg agg");
+}
+
+static void test_shared_cache(nh_child *a, nh_child *b)
+{
+    /* a snapshot cached before sharing is shared too */
+    CN_OK(a, "put reg snapreg alice 1");
+    CN_OK(a, "sharecache reg");
+    CN_OK(b, "sharecache reg");
+    CHECK_EQ_INT(get_of(b, "snapreg", "alice", EID_A), 1); /* held when share returned */
+    CN_OK(a, "put reg snapreg bob 2");
+    CN_OK(b, "put reg snapreg alice 10");
+    WAIT_UNTIL(dump_of(b, "snapreg", D_ALL) == 3 && dump_of(a, "snapreg", D_ALL) == 3);
+    CHECK_EQ_INT(dump_of(b, "snapreg", D_LOCAL), 1);
+    CHECK_EQ_INT(dump_of(b, "snapreg", D_REMOTE), 2);
+    CHECK_EQ_INT(dump_of(a, "snapreg", D_LOCAL), 2);
+    CHECK_EQ_INT(get_of(b, "snapreg", "bob", EID_A), 2);
+    CHECK_EQ_INT(get_of(a, "snapreg", "alice", EID_B), 10);
+    /* the aggregate sums every node's snapshot of the object, on both nodes */
+    WAIT_UNTIL(agg_of(a, "snapreg", "alice") == 11 && agg_of(b, "snapreg", "alice") == 11);
+    /* an update replaces, a clear removes, everywhere */
+    CN_OK(a, "put reg snapreg alice 5");
+    WAIT_UNTIL(get_of(b, "snapreg", "alice", EID_A) == 5);
+    WAIT_UNTIL(agg_of(b, "snapreg", "alice") == 15);
+    CN_OK(a, "clear reg snapreg bob");
+    WAIT_UNTIL(get_of(b, "snapreg", "bob", EID_A) == -1);
+    CHECK_EQ_INT(dump_of(b, "snapreg", D_ALL), 2);
+    /* remote entries go through the update path: b saw cache updates for them */
+    CHECK(cn_num(b, "updates reg") >= 4);
+}
+
+static void test_late_join(nh_child *a, nh_child *b, nh_child *c)
+{
+    int n = tu_scale(10000, 1000);
+    CN_OK(a, "putn reg snaplate %d L", n);
+    CN_OK(b, "putn reg snaplate %d M", n);
+    WAIT_UNTIL(dump_of(b, "snaplate", D_REMOTE) == n);
+    start_node(c, EID_C, "c");
+    long long t0 = nh_now_ms();
+    CN_OK(c, "sharecache reg");
+    long long took = nh_now_ms() - t0;
+    /* every live node's snapshots are there when sharecache returns */
+    CHECK_EQ_INT(dump_of(c, "snaplate", D_REMOTE), 2 * n);
+    CHECK_EQ_INT(dump_of(c, "snapreg", D_REMOTE), 2);
+    CHECK_EQ_INT(get_of(c, "snaplate", "L7", EID_A), 7);
+    CHECK_EQ_INT(get_of(c, "snaplate", "M9", EID_B), 9);
+    printf("late join of %d entries: %lld ms\n", 2 * n, took);
+}
+
+static void test_clean_leave(nh_child *b, nh_child *c)
+{
+    CN_OK(c, "put reg snapreg carol 3");
+    WAIT_UNTIL(get_of(b, "snapreg", "carol", EID_C) == 3);
+    long long t0 = nh_now_ms();
+    CN_OK(c, "leave");
+    WAIT_UNTIL(get_of(b, "snapreg", "carol", EID_C) == -1 &&
+               dump_of(b, "snaplate", D_REMOTE) == tu_scale(10000, 1000));
+    long long took = nh_now_ms() - t0;
+    if (!tu_slow())
+        CHECK(took < 1000);
+    printf("clean leave cleared in %lld ms\n", took);
+    /* c (still a process) cleared the remote entries of its own caches when leaving */
+    CHECK_EQ_INT(dump_of(c, "snaplate", D_REMOTE), 0);
+    CHECK_EQ_INT(cn_stop(c), 0);
+}
+
+static void test_kill9(nh_child *a, nh_child *b)
+{
+    int n = tu_scale(10000, 1000);
+    CHECK_EQ_INT(dump_of(b, "snaplate", D_REMOTE), n);
+    long long t0 = nh_now_ms();
+    nh_child_kill9(a);
+    CHECK_EQ_INT(nh_child_wait(a, 5000), 137);
+    WAIT_UNTIL(dump_of(b, "snaplate", D_REMOTE) == 0 && dump_of(b, "snapreg", D_REMOTE) == 0);
+    long long took = nh_now_ms() - t0;
+    long long bound = HB_MS * MISSED + 1000;
+    if (!tu_slow())
+        CHECK(took <= bound);
+    printf("kill -9: entries cleared in %lld ms (bound %lld ms)\n", took, bound);
+    /* aggregates recomputed without a's snapshot */
+    WAIT_UNTIL(agg_of(b, "snapreg", "alice") == 10);
+    const char *e = cn_cmd(b, "events");
+    CHECK(e != NULL && strstr(e, EID_A " 2") != NULL); /* SB_NODE_DOWN */
+    /* a later joiner does not load the dead node's snapshots */
+    nh_child d;
+    start_node(&d, EID_D, "d");
+    CN_OK(&d, "sharecache reg");
+    CHECK_EQ_INT(dump_of(&d, "snaplate", D_REMOTE), n); /* b's only */
+    CHECK_EQ_INT(get_of(&d, "snaplate", "L1", EID_A), -1);
+    CHECK_EQ_INT(cn_stop(&d), 0);
+}
+
+static void test_new_session(nh_child *b)
+{
+    /* a node restarted with the same eid before the others noticed it was gone: what the
+     * new session does not re-assert is cleared everywhere */
+    nh_child a2, a3;
+    start_node(&a2, EID_A, "a2");
+    CN_OK(&a2, "put reg snapsess x1 1");
+    CN_OK(&a2, "put reg snapsess x2 2");
+    CN_OK(&a2, "sharecache reg");
+    WAIT_UNTIL(get_of(b, "snapsess", "x1", EID_A) == 1 && get_of(b, "snapsess", "x2", EID_A) == 2);
+    nh_child_kill9(&a2);
+    nh_child_wait(&a2, 5000);
+    start_node(&a3, EID_A, "a3");
+    CN_OK(&a3, "put reg snapsess x1 11");
+    CN_OK(&a3, "sharecache reg");
+    WAIT_UNTIL(get_of(b, "snapsess", "x1", EID_A) == 11 && get_of(b, "snapsess", "x2", EID_A) == -1);
+    /* and it stays that way (a3 keeps heartbeating: not marked down) */
+    cn_sleep_ms(HB_MS * (MISSED + 2));
+    CHECK_EQ_INT(get_of(b, "snapsess", "x1", EID_A), 11);
+    const char *r = cn_cmd(b, "nodes");
+    CHECK(r != NULL && strstr(r, EID_A "=1/a3") != NULL);
+    CHECK_EQ_INT(cn_stop(&a3), 0);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1 && strcmp(argv[1], "node") == 0)
+        return cn_node_main();
+    argv0 = argv[0];
+    TEST_INIT();
+    if (!nh_require_server())
+        return TEST_DONE();
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    nh_child a, b, c;
+    start_node(&a, EID_A, "a");
+    start_node(&b, EID_B, "b");
+
+    test_shared_cache(&a, &b);
+    test_late_join(&a, &b, &c);
+    test_clean_leave(&b, &c);
+    test_kill9(&a, &b);
+    test_new_session(&b);
+
+    CHECK_EQ_INT(cn_stop(&b), 0);
+    nh_child_close(&a, 1000);
+    nh_server_free(&srv);
+    return TEST_DONE();
+}
