@@ -658,7 +658,7 @@ static int cn_ok_at(nh_child *c, const char *file, int line, const char *cmdline
     } while (0)
 
 /* Reads up to n numbers that follow "ok" in the node's reply to cmd. Returns how many. */
-static int cn_nums(nh_child *c, long long *out, int n, const char *fmt, ...)
+static inline int cn_nums(nh_child *c, long long *out, int n, const char *fmt, ...)
 {
     char buf[4096];
     va_list ap;
@@ -682,7 +682,7 @@ static int cn_nums(nh_child *c, long long *out, int n, const char *fmt, ...)
 }
 
 /* The first number of the reply to cmd (-1 if none). */
-static long long cn_num(nh_child *c, const char *cmdline)
+static inline long long cn_num(nh_child *c, const char *cmdline)
 {
     long long v = -1;
     if (cn_nums(c, &v, 1, "%s", cmdline) != 1)
@@ -691,14 +691,14 @@ static long long cn_num(nh_child *c, const char *cmdline)
 }
 
 /* Starts a node process (this program with argv[1] = "node"). */
-static int cn_spawn(const char *argv0, nh_child *c)
+static inline int cn_spawn(const char *argv0, nh_child *c)
 {
     char *args[] = {(char *)argv0, (char *)"node", NULL};
     return nh_child_spawn(args, c);
 }
 
 /* Ends a node: "quit", wait for it; kills it if it does not go. Returns its exit code. */
-static int cn_stop(nh_child *c)
+static inline int cn_stop(nh_child *c)
 {
     if (c->pid > 0 && c->fd >= 0) {
         nh_child_send(c, "quit");

@@ -385,4 +385,5 @@ c_tests!(
     test_nats_harness,
     test_cluster_topics,
     test_cluster_cache,
+    test_cluster_faults,
 );

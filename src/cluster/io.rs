@@ -190,7 +190,9 @@ struct Io {
 
 impl Io {
     fn new(inner: Arc<Inner>, client: async_nats::Client, in_tx: InSender) -> Io {
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        // Short tries: callers retry within their own bounds (see `bucket`).
+        js.set_timeout(Duration::from_secs(2));
         Io {
             s: Arc::new(Shared {
                 inner,
@@ -625,7 +627,14 @@ fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
 
 async fn bucket(s: &Shared) -> Result<jetstream::kv::Store> {
     let name = s.inner.bucket.clone();
-    if let Ok(kv) = s.js.get_key_value(name.clone()).await {
+    let t0 = Instant::now();
+    let r = s.js.get_key_value(name.clone()).await;
+    eprintln!(
+        "DBG get_key_value {:?} in {:?}",
+        r.as_ref().err(),
+        t0.elapsed()
+    );
+    if let Ok(kv) = r {
         s.bucket_ready.store(true, Ordering::Release);
         return Ok(kv);
     }
@@ -780,51 +789,66 @@ fn parse_entries(raw: Vec<(String, Bytes)>, s: &Shared) -> Vec<StoredEntry> {
         .collect()
 }
 
+/// Writes our snapshots of `topic`'s cache, then reads every node's: what `share_cache`
+/// returns with. Tries again until it works (a store electing a new leader answers
+/// nothing for seconds); `done` gets the first success, or the error once
+/// connect_timeout_ms has passed (and the tries go on in the background).
 async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
-    let r = async {
-        assert_own(&s, std::slice::from_ref(&topic)).await?;
-        let token = wire::escaped(&topic);
-        let entries = parse_entries(read_keys(&s, &format!("*.c.{token}.>")).await?, &s);
-        let mut asserted = HashMap::new();
-        let now = Instant::now();
-        let mut events = Vec::new();
-        for p in presences(&s).await? {
-            asserted.insert(p.eid, p.asserted_ns);
-            events.extend(
-                s.inner
-                    .nodes
-                    .lock()
-                    .on_heartbeat(&p, now, now_realtime_ns())
-                    .into_iter()
-                    .filter(|e| matches!(e, Event::StateChanged { .. })),
-            );
-        }
-        for ev in events {
-            if let Event::StateChanged { eid, .. } = ev {
-                let node = s.inner.nodes.lock().get(&eid).cloned();
-                if let Some(node) = node {
-                    s.in_tx.send(Inbound::Node(node)).await;
+    let deadline =
+        Instant::now() + Duration::from_millis(u64::from(s.inner.cfg.connect_timeout_ms));
+    let mut done = Some(done);
+    loop {
+        match load_cache(&s, &topic).await {
+            Ok((entries, asserted)) => {
+                s.in_tx
+                    .send(Inbound::Reconcile {
+                        topic: Some(topic),
+                        asserted,
+                        entries,
+                        done,
+                    })
+                    .await;
+                return;
+            }
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    if let Some(d) = done.take() {
+                        let _ = d.send(Err(e));
+                    }
                 }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        Ok::<_, Error>((entries, asserted))
     }
-    .await;
-    match r {
-        Ok((entries, asserted)) => {
-            s.in_tx
-                .send(Inbound::Reconcile {
-                    topic: Some(topic),
-                    asserted,
-                    entries,
-                    done: Some(done),
-                })
-                .await;
-        }
-        Err(e) => {
-            let _ = done.send(Err(e));
+}
+
+async fn load_cache(s: &Arc<Shared>, topic: &str) -> Result<(Vec<StoredEntry>, HashMap<Eid, u64>)> {
+    assert_own(s, &[topic.to_owned()]).await?;
+    let token = wire::escaped(topic);
+    let entries = parse_entries(read_keys(s, &format!("*.c.{token}.>")).await?, s);
+    let mut asserted = HashMap::new();
+    let now = Instant::now();
+    let mut events = Vec::new();
+    for p in presences(s).await? {
+        asserted.insert(p.eid, p.asserted_ns);
+        events.extend(
+            s.inner
+                .nodes
+                .lock()
+                .on_heartbeat(&p, now, now_realtime_ns())
+                .into_iter()
+                .filter(|e| matches!(e, Event::StateChanged { .. })),
+        );
+    }
+    for ev in events {
+        if let Event::StateChanged { eid, .. } = ev {
+            let node = s.inner.nodes.lock().get(&eid).cloned();
+            if let Some(node) = node {
+                s.in_tx.send(Inbound::Node(node)).await;
+            }
         }
     }
+    Ok((entries, asserted))
 }
 
 /// Re-reads one node's snapshots (all nodes' with None) and reconciles the caches.

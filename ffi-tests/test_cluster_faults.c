@@ -1,0 +1,174 @@
+/*
+ * test_cluster_faults.c - real faults under a cluster:
+ *  - the server killed (kill -9) and restarted with an empty store: publishers never
+ *    block while it is gone, both nodes reconnect, and their shared caches converge
+ *    (each re-asserts its snapshots, then re-reads the others');
+ *  - a three-server NATS cluster losing the server a node uses: the node moves to
+ *    another server, messages and cache state keep flowing both ways.
+ */
+#include "test_util.h"
+#include "nats_harness.h"
+#include "cluster_node.h"
+
+#define EID_A "00:00:00:00:00:0a"
+#define EID_B "00:00:00:00:00:0b"
+#define HB_MS 200
+
+static const char *argv0;
+
+static long long stat_of(nh_child *n, int field)
+{
+    long long v[7] = {-1, -1, -1, -1, -1, -1, -1};
+    if (cn_nums(n, v, 7, "stats") != 7)
+        return -1;
+    return v[field];
+}
+enum { ST_SENT, ST_RECEIVED, ST_DROPPED_OUT, ST_DROPPED_IN, ST_RECONNECTS, ST_CONNECTED, ST_UP };
+
+static long long dump_remote(nh_child *n, const char *type)
+{
+    long long v[3] = {-1, -1, -1};
+    if (cn_nums(n, v, 3, "dump reg %s", type) != 3)
+        return -1;
+    return v[2];
+}
+
+static long long get_of(nh_child *n, const char *type, const char *id, const char *eid)
+{
+    const char *r = cn_cmd(n, "get reg %s %s %s", type, id, eid);
+    if (r == NULL || strcmp(r, "ok none") == 0)
+        return -1;
+    return strtoll(r + 2, NULL, 10);
+}
+
+static long long count_total(nh_child *n, const char *topic)
+{
+    long long v[4] = {-1, -1, -1, -1};
+    if (cn_nums(n, v, 4, "count %s", topic) != 4)
+        return -1;
+    return v[0];
+}
+
+static void start_node(nh_child *n, const char *eid, const char *name, const char *servers,
+                       const char *extra)
+{
+    CHECK(cn_spawn(argv0, n) == 0);
+    CN_OK(n, "eid %s", eid);
+    CN_OK(n, "join %s sb %s %d %s", servers, name, HB_MS, extra);
+    CN_OK(n, "topic reg");
+    CN_OK(n, "cache reg");
+    CN_OK(n, "sharecache reg");
+}
+
+static void test_server_restart_empty_store(void)
+{
+    nh_server srv;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    nh_child a, b;
+    start_node(&a, EID_A, "a", srv.url, "");
+    start_node(&b, EID_B, "b", srv.url, "");
+    CN_OK(&a, "putn reg snapf 100 k");
+    CN_OK(&b, "putn reg snapg 50 j");
+    WAIT_UNTIL(dump_remote(&b, "snapf") == 100 && dump_remote(&a, "snapg") == 50);
+
+    nh_server_kill9(&srv);
+    WAIT_UNTIL(stat_of(&a, ST_CONNECTED) == 0 && stat_of(&b, ST_CONNECTED) == 0);
+    /* the network is gone: publishing never waits for it */
+    long long t0 = nh_now_ms();
+    CN_OK(&a, "putn reg snapf 100 k"); /* same ids: values unchanged */
+    CN_OK(&a, "put reg snapf k5 500");
+    CN_OK(&a, "put reg snapf knew 7");
+    CN_OK(&a, "pub reg text 2000 offline");
+    long long took = nh_now_ms() - t0;
+    if (!tu_slow())
+        CHECK(took < 2000);
+    printf("publishing with the server down: %lld ms\n", took);
+
+    /* back, with an empty store */
+    CHECK(nh_server_restart(&srv, 1) == 0);
+    WAIT_UNTIL(stat_of(&a, ST_CONNECTED) == 1 && stat_of(&b, ST_CONNECTED) == 1);
+    CHECK(stat_of(&a, ST_RECONNECTS) >= 1);
+    /* caches converge: b has a's current state, a has b's */
+    WAIT_UNTIL(dump_remote(&b, "snapf") == 101 && get_of(&b, "snapf", "k5", EID_A) == 500 &&
+               get_of(&b, "snapf", "knew", EID_A) == 7);
+    WAIT_UNTIL(dump_remote(&a, "snapg") == 50);
+    /* the store was refilled: a late joiner loads both nodes' state */
+    nh_child c;
+    start_node(&c, "00:00:00:00:00:0c", "c", srv.url, "");
+    CHECK_EQ_INT(dump_remote(&c, "snapf"), 101);
+    CHECK_EQ_INT(dump_remote(&c, "snapg"), 50);
+    CHECK_EQ_INT(get_of(&c, "snapf", "k5", EID_A), 500);
+    CHECK_EQ_INT(cn_stop(&c), 0);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    CHECK_EQ_INT(cn_stop(&b), 0);
+    nh_server_free(&srv);
+}
+
+static void test_cluster_loses_a_server(void)
+{
+    nh_cluster cl;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    if (nh_cluster_start(&cl, 3, &opts) != 0) {
+        CHECK(!"three-server cluster started");
+        nh_cluster_free(&cl);
+        return;
+    }
+    /* a uses server 0 first, b server 1; each lists the others to fail over to */
+    char a_servers[256], b_servers[256];
+    snprintf(a_servers, sizeof a_servers, "%s,%s,%s", cl.servers[0].url, cl.servers[1].url,
+             cl.servers[2].url);
+    snprintf(b_servers, sizeof b_servers, "%s,%s,%s", cl.servers[1].url, cl.servers[2].url,
+             cl.servers[0].url);
+    nh_child a, b;
+    start_node(&a, EID_A, "a", a_servers, "store_replicas=3");
+    start_node(&b, EID_B, "b", b_servers, "store_replicas=3");
+    CN_OK(&a, "topic chat");
+    CN_OK(&b, "topic chat");
+    CN_OK(&a, "share chat");
+    CN_OK(&b, "share chat");
+    CN_OK(&a, "putn reg snapc 20 q");
+    WAIT_UNTIL(dump_remote(&b, "snapc") == 20);
+
+    nh_cluster_kill9(&cl, 0);
+    /* a moves to another server */
+    WAIT_UNTIL(stat_of(&a, ST_RECONNECTS) >= 1 && stat_of(&a, ST_CONNECTED) == 1);
+    CN_OK(&a, "pub chat text 100 after");
+    CN_OK(&a, "put reg snapc q3 333");
+    CN_OK(&b, "pub chat text 100 fromb");
+    WAIT_UNTIL(count_total(&b, "chat") == 200 && count_total(&a, "chat") == 200);
+    WAIT_UNTIL(get_of(&b, "snapc", "q3", EID_A) == 333);
+    CHECK_EQ_INT(dump_remote(&b, "snapc"), 20);
+    /* neither node was ever taken for down by the other */
+    const char *e = cn_cmd(&b, "nodes");
+    CHECK(e != NULL && strstr(e, EID_A "=1/a") != NULL);
+    /* the store survived (three replicas): a late joiner on server 2 loads a's state (the
+     * store's own leader election after the loss may take seconds: a longer timeout) */
+    CHECK(nh_cluster_wait_ready(&cl, 20000) == 0);
+    nh_child c;
+    long long t0 = nh_now_ms();
+    start_node(&c, "00:00:00:00:00:0c", "c", cl.servers[2].url,
+               "store_replicas=3 connect_timeout_ms=30000");
+    printf("late joiner after the loss: %lld ms\n", nh_now_ms() - t0);
+    CHECK_EQ_INT(dump_remote(&c, "snapc"), 20);
+    CHECK_EQ_INT(get_of(&c, "snapc", "q3", EID_A), 333);
+    CHECK_EQ_INT(cn_stop(&c), 0);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    CHECK_EQ_INT(cn_stop(&b), 0);
+    nh_cluster_free(&cl);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1 && strcmp(argv[1], "node") == 0)
+        return cn_node_main();
+    argv0 = argv[0];
+    TEST_INIT();
+    if (!nh_require_server())
+        return TEST_DONE();
+    test_server_restart_empty_store();
+    test_cluster_loses_a_server();
+    return TEST_DONE();
+}
