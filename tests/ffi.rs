@@ -386,4 +386,5 @@ c_tests!(
     test_cluster_topics,
     test_cluster_cache,
     test_cluster_faults,
+    test_cluster_config,
 );

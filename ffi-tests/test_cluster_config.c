@@ -1,0 +1,232 @@
+/*
+ * test_cluster_config.c - joining: configuration errors name the key, unreachable or
+ * silent servers give SB_E_UNAVAILABLE / SB_E_TIMEOUT with the reason, credentials
+ * (user/password, token) are accepted and wrong ones refused, TLS with a test CA works
+ * and an unknown CA is refused, NULL handles are refused, and leaving then joining
+ * again in one process works.
+ */
+#include "test_util.h"
+#include "nats_harness.h"
+
+static sb_cluster_config *cfg_for(const char *servers)
+{
+    sb_cluster_config *cfg = sb_cluster_config_new();
+    CHECK(cfg != NULL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "servers", servers), SB_OK);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "connect_timeout_ms", "3000"), SB_OK);
+    return cfg;
+}
+
+static void test_bad_config(void)
+{
+    sb_cluster_config *cfg = sb_cluster_config_new();
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "no_such_key", "1"), SB_E_INVAL);
+    CHECK(strstr(sb_last_error(), "no_such_key") != NULL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "heartbeat_ms", "soon"), SB_E_INVAL);
+    CHECK(strstr(sb_last_error(), "heartbeat_ms") != NULL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "heartbeat_ms", "0"), SB_E_INVAL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "down_after_missed", "-1"), SB_E_INVAL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "servers", "http://127.0.0.1:1"), SB_E_INVAL);
+    CHECK(strstr(sb_last_error(), "servers") != NULL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "prefix", "has.dot"), SB_E_INVAL);
+    CHECK(strstr(sb_last_error(), "prefix") != NULL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "tls_required", "yes"), SB_E_INVAL);
+    CHECK_EQ_INT(sb_cluster_config_set(NULL, "prefix", "x"), SB_E_INVAL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, NULL, "x"), SB_E_INVAL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "prefix", NULL), SB_E_INVAL);
+    /* a later set of the same key overwrites */
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "heartbeat_ms", "500"), SB_OK);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "heartbeat_ms", "700"), SB_OK);
+    /* servers is required */
+    CHECK(sb_cluster_join(cfg) == NULL);
+    CHECK(strstr(sb_last_error(), "servers") != NULL);
+    /* user without password */
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "servers", "nats://127.0.0.1:1"), SB_OK);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "user", "u"), SB_OK);
+    CHECK(sb_cluster_join(cfg) == NULL);
+    CHECK(strstr(sb_last_error(), "password") != NULL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "user", ""), SB_OK); /* "" unsets */
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "tls_ca_file", "/nonexistent/ca.pem"), SB_OK);
+    CHECK(sb_cluster_join(cfg) == NULL);
+    CHECK(strstr(sb_last_error(), "tls_ca_file") != NULL);
+    sb_cluster_config_free(cfg);
+    sb_cluster_config_free(NULL);
+    CHECK(sb_cluster_join(NULL) == NULL);
+    /* NULL handles */
+    CHECK_EQ_INT(sb_cluster_share_topic(NULL, NULL), SB_E_INVAL);
+    CHECK_EQ_INT(sb_cluster_get_stats(NULL, NULL), SB_E_INVAL);
+    CHECK(sb_cluster_nodes(NULL) == NULL);
+    CHECK(sb_cluster_topic(NULL) == NULL);
+    CHECK(sb_cluster_leave(NULL) == NULL);
+    CHECK(sb_cluster_node_type() != NULL);
+}
+
+static void test_unreachable(void)
+{
+    /* nothing listens: refused at once */
+    int port = nh_free_port();
+    char url[64];
+    snprintf(url, sizeof url, "nats://127.0.0.1:%d", port);
+    sb_cluster_config *cfg = cfg_for(url);
+    long long t0 = nh_now_ms();
+    CHECK(sb_cluster_join(cfg) == NULL);
+    CHECK(nh_now_ms() - t0 < 3000 + 2000);
+    CHECK(strstr(sb_last_error(), url) != NULL);
+    sb_cluster_config_free(cfg);
+
+    /* something listens but never answers: SB_E_TIMEOUT after connect_timeout_ms */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    CHECK(listen(fd, 4) == 0);
+    socklen_t sl = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &sl);
+    snprintf(url, sizeof url, "nats://127.0.0.1:%d", ntohs(sa.sin_port));
+    cfg = cfg_for(url);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "connect_timeout_ms", "500"), SB_OK);
+    t0 = nh_now_ms();
+    sb_cluster *c = sb_cluster_join(cfg);
+    long long took = nh_now_ms() - t0;
+    CHECK(c == NULL);
+    CHECK(strstr(sb_last_error(), "connect_timeout_ms") != NULL ||
+          strstr(sb_last_error(), "timed out") != NULL);
+    CHECK(took >= 400 && took < 500 + 6000);
+    sb_cluster_config_free(cfg);
+    close(fd);
+}
+
+static sb_cluster *join_with(const nh_server *s, const char *k1, const char *v1, const char *k2,
+                             const char *v2, const char *url)
+{
+    sb_cluster_config *cfg = cfg_for(url ? url : s->url);
+    if (k1)
+        CHECK_EQ_INT(sb_cluster_config_set(cfg, k1, v1), SB_OK);
+    if (k2)
+        CHECK_EQ_INT(sb_cluster_config_set(cfg, k2, v2), SB_OK);
+    sb_cluster *c = sb_cluster_join(cfg);
+    sb_cluster_config_free(cfg);
+    return c;
+}
+
+static void test_credentials(void)
+{
+    nh_server s;
+    nh_server_opts o;
+    memset(&o, 0, sizeof o);
+    o.user = "pbx";
+    o.password = "s3cret";
+    CHECK(nh_server_start(&s, &o) == 0);
+    sb_cluster *c = join_with(&s, "user", "pbx", "password", "s3cret", NULL);
+    CHECK(c != NULL);
+    c = sb_cluster_leave(c);
+    c = join_with(&s, "user", "pbx", "password", "wrong", NULL);
+    CHECK(c == NULL);
+    CHECK(strstr(sb_last_error(), "uthoriz") != NULL); /* the server's reason */
+    c = join_with(&s, NULL, NULL, NULL, NULL, NULL);
+    CHECK(c == NULL);
+    nh_server_free(&s);
+
+    memset(&o, 0, sizeof o);
+    o.token = "t0ken";
+    CHECK(nh_server_start(&s, &o) == 0);
+    c = join_with(&s, "token", "t0ken", NULL, NULL, NULL);
+    CHECK(c != NULL);
+    c = sb_cluster_leave(c);
+    c = join_with(&s, "token", "nope", NULL, NULL, NULL);
+    CHECK(c == NULL);
+    CHECK(strstr(sb_last_error(), "uthoriz") != NULL);
+    nh_server_free(&s);
+}
+
+static void test_tls(void)
+{
+    nh_server s;
+    nh_server_opts o;
+    memset(&o, 0, sizeof o);
+    o.tls = 1;
+    if (nh_server_start(&s, &o) != 0) {
+        CHECK(!"TLS server started");
+        return;
+    }
+    sb_cluster *c = join_with(&s, "tls_ca_file", s.ca_file, NULL, NULL, s.tls_url);
+    CHECK(c != NULL);
+    if (c == NULL)
+        printf("TLS join: %s\n", sb_last_error());
+    sb_cluster_stats st;
+    memset(&st, 0, sizeof st);
+    CHECK_EQ_INT(sb_cluster_get_stats(c, &st), SB_OK);
+    CHECK_EQ_INT(st.connected, 1);
+    c = sb_cluster_leave(c);
+    /* without our CA the server's certificate is not trusted */
+    c = join_with(&s, "tls_required", "1", NULL, NULL, s.tls_url);
+    CHECK(c == NULL);
+    CHECK(strlen(sb_last_error()) > 0);
+    nh_server_free(&s);
+
+    /* the server requires a client certificate of its CA */
+    memset(&o, 0, sizeof o);
+    o.tls = 1;
+    o.tls_verify = 1;
+    CHECK(nh_server_start(&s, &o) == 0);
+    c = join_with(&s, "tls_ca_file", s.ca_file, NULL, NULL, s.tls_url);
+    CHECK(c == NULL);
+    sb_cluster_config *cfg = cfg_for(s.tls_url);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "tls_ca_file", s.ca_file), SB_OK);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "tls_cert_file", s.client_cert_file), SB_OK);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "tls_key_file", s.client_key_file), SB_OK);
+    c = sb_cluster_join(cfg);
+    CHECK(c != NULL);
+    if (c == NULL)
+        printf("TLS client cert join: %s\n", sb_last_error());
+    sb_cluster_config_free(cfg);
+    c = sb_cluster_leave(c);
+    nh_server_free(&s);
+}
+
+static void test_leave_and_join_again(void)
+{
+    nh_server s;
+    nh_server_opts o;
+    memset(&o, 0, sizeof o);
+    CHECK(nh_server_start(&s, &o) == 0);
+    sb_topic *t = sb_topic_create("again");
+    for (int i = 0; i < 3; i++) {
+        sb_cluster *c = join_with(&s, "node_name", "again", NULL, NULL, NULL);
+        CHECK(c != NULL);
+        CHECK_EQ_INT(sb_cluster_share_topic(c, t), SB_OK);
+        CHECK_EQ_INT(sb_cluster_share_topic(c, t), SB_OK); /* sharing twice is harmless */
+        sb_message_list *l = sb_cluster_nodes(c);
+        CHECK(l != NULL && sb_message_list_len(l) == 1);
+        if (l && sb_message_list_len(l) == 1) {
+            const sb_cluster_node *n = (const sb_cluster_node *)sb_message_data(sb_message_list_get(l, 0));
+            sb_eid me = sb_eid_default();
+            CHECK(sb_eid_cmp(&n->eid, &me) == 0);
+            CHECK_STR(n->name, "again");
+            CHECK_EQ_INT(n->state, SB_NODE_UP);
+            CHECK(sb_message_get_type(sb_message_list_get(l, 0)) == sb_cluster_node_type());
+        }
+        sb_message_list_free(l);
+        CHECK_EQ_INT(sb_cluster_unshare_topic(c, t), SB_OK);
+        CHECK_EQ_INT(sb_cluster_unshare_topic(c, t), SB_E_STATE);
+        c = sb_cluster_leave(c);
+        CHECK(c == NULL);
+    }
+    sb_topic_unref(t);
+    nh_server_free(&s);
+}
+
+int main(void)
+{
+    TEST_INIT();
+    test_bad_config();
+    test_unreachable();
+    if (nh_require_server()) {
+        test_credentials();
+        test_tls();
+        test_leave_and_join_again();
+    }
+    return TEST_DONE();
+}
