@@ -144,7 +144,7 @@ impl SeenWindow {
     }
 }
 
-struct Delivery {
+pub(crate) struct Delivery {
     inner: Arc<Inner>,
     seen: HashMap<Eid, SeenWindow>,
     /// Types already warned about (once each).
@@ -152,7 +152,7 @@ struct Delivery {
 }
 
 impl Delivery {
-    fn new(inner: Arc<Inner>) -> Delivery {
+    pub(crate) fn new(inner: Arc<Inner>) -> Delivery {
         Delivery {
             inner,
             seen: HashMap::new(),
@@ -231,7 +231,7 @@ impl Delivery {
         ))
     }
 
-    fn on_message(&mut self, rest: &str, body: &[u8]) {
+    pub(crate) fn on_message(&mut self, rest: &str, body: &[u8]) {
         let addr = match wire::parse_message_subject(rest) {
             Ok(a) => a,
             Err(e) => return self.drop_in("?", &format!("bad subject: {e}")),
@@ -295,7 +295,7 @@ impl Delivery {
     /// See `Inbound::Reconcile`. For each eid: a stored snapshot newer than the cached
     /// one (same node's clock) is published; a cached one the store lacks and older
     /// than the node's last assertion is cleared (newer ones came live after it).
-    fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         only: Option<&str>,
         asserted: &HashMap<Eid, u64>,

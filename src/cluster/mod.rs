@@ -22,6 +22,8 @@ pub mod config;
 mod inbound;
 mod io;
 pub mod nodes;
+#[doc(hidden)]
+pub mod offline;
 pub mod wire;
 
 use crate::cache::Cache;
