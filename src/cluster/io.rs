@@ -625,30 +625,40 @@ fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
     )
 }
 
+/// Finds the store's bucket, or creates it. One try: callers retry within their bounds.
 async fn bucket(s: &Shared) -> Result<jetstream::kv::Store> {
     let name = s.inner.bucket.clone();
-    let t0 = Instant::now();
-    let r = s.js.get_key_value(name.clone()).await;
-    eprintln!(
-        "DBG get_key_value {:?} in {:?}",
-        r.as_ref().err(),
-        t0.elapsed()
-    );
-    if let Ok(kv) = r {
-        s.bucket_ready.store(true, Ordering::Release);
-        return Ok(kv);
-    }
-    let kv =
-        s.js.create_key_value(jetstream::kv::Config {
-            bucket: name,
-            history: 1,
-            num_replicas: s.inner.cfg.store_replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| store_error("unavailable (is JetStream enabled on the servers?)", e))?;
+    let kv = match s.js.get_key_value(name.clone()).await {
+        Ok(kv) => kv,
+        Err(e)
+            if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket && !timed_out(&e) =>
+        {
+            s.js.create_key_value(jetstream::kv::Config {
+                bucket: name,
+                history: 1,
+                num_replicas: s.inner.cfg.store_replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| store_error("unavailable (is JetStream enabled on the servers?)", e))?
+        }
+        Err(e) => return Err(store_error("did not answer", e)),
+    };
     s.bucket_ready.store(true, Ordering::Release);
     Ok(kv)
+}
+
+/// Whether a JetStream error is a request that got no answer in time (the bucket may
+/// well exist: do not try to create it).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if x.to_string().contains("timed out") {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
 }
 
 /// Reads the newest value of every key matching `filter` (key syntax, wildcards allowed).
