@@ -155,6 +155,25 @@ typedef struct sb_message *(*sb_cache_aggregate_calc_fn)(struct sb_cache_entry *
 typedef void (*sb_cache_aggregate_publish_fn)(struct sb_topic *topic, struct sb_message *aggregate);
 
 /**
+ * As sb_snapshot_get_id, with the `data` given to sb_cache_create_with_data.
+ */
+typedef const char *(*sb_snapshot_get_id_with_data)(void *data, struct sb_message *msg);
+
+/**
+ * As sb_cache_aggregate_calc_fn, with the `data` given to sb_cache_create_with_data.
+ */
+typedef struct sb_message *(*sb_cache_aggregate_calc_with_data_fn)(void *data,
+                                                                   struct sb_cache_entry *entry,
+                                                                   struct sb_message *new_snapshot);
+
+/**
+ * As sb_cache_aggregate_publish_fn, with the `data` given to sb_cache_create_with_data.
+ */
+typedef void (*sb_cache_aggregate_publish_with_data_fn)(void *data,
+                                                        struct sb_topic *topic,
+                                                        struct sb_message *aggregate);
+
+/**
  * Filter modes (an unsigned int, so any value C passes is checked, never UB).
  */
 typedef unsigned int sb_subscription_filter;
@@ -277,6 +296,21 @@ struct sb_cache *sb_cache_create(sb_snapshot_get_id id_fn);
 struct sb_cache *sb_cache_create_full(sb_snapshot_get_id id_fn,
                                       sb_cache_aggregate_calc_fn calc,
                                       sb_cache_aggregate_publish_fn publish);
+
+/**
+ * As sb_cache_create_full, with callbacks that receive `data` as their first argument
+ * (so one set of functions can serve several caches, or a module can reach its own state
+ * without globals). `calc` and `publish` may be NULL, as in sb_cache_create_full.
+ * The library never touches `data` itself, and does not free it: it must stay valid as
+ * long as a callback may run, that is until every caching topic using the cache has been
+ * joined (sb_caching_unsubscribe_and_join) and no other thread is still publishing to
+ * their original topics; free it after that. Returns a new reference, or NULL
+ * (SB_E_INVAL) when `id_fn` is NULL.
+ */
+struct sb_cache *sb_cache_create_with_data(sb_snapshot_get_id_with_data id_fn,
+                                           sb_cache_aggregate_calc_with_data_fn calc,
+                                           sb_cache_aggregate_publish_with_data_fn publish,
+                                           void *data);
 
 /**
  * Takes a new reference; returns `cache`.
@@ -406,18 +440,34 @@ struct sb_message *sb_message_list_get(const struct sb_message_list *list, size_
 void sb_message_list_free(struct sb_message_list *list);
 
 /**
- * The library version, e.g. "0.1.0". Static string.
+ * The library version, e.g. "0.1.0": SB_VERSION_MAJOR.SB_VERSION_MINOR.SB_VERSION_PATCH
+ * of the library actually loaded (compare with the macros of the header you compiled
+ * against). Static string: never NULL, never freed.
  */
 const char *sb_version(void);
 
 /**
- * Why the last failing call on this thread failed. Never NULL; valid until the next
- * failing call on this thread.
+ * Why the last failing call on this thread failed. Never NULL. Borrowed: a per-thread
+ * buffer whose text changes only when a call on this thread fails (a successful call
+ * leaves the text alone; sb_last_error_code() says whether the latest call failed).
+ * Does not change the last error itself.
  */
 const char *sb_last_error(void);
 
 /**
- * Static name of an `SB_*` code. Never NULL.
+ * The SB_E_* code of the latest call made on this thread, or 0 (SB_OK) when it
+ * succeeded. Every exported function sets it: to 0 when it succeeds, to its failure's
+ * code when it fails (including the functions that return NULL, void or a count, and
+ * sb_unsubscribe_and_join and friends refused with SB_E_DEADLOCK). The two exceptions
+ * are sb_last_error() and sb_last_error_code() themselves, which leave it alone. A NULL
+ * from a lookup that found nothing (sb_cache_get of an unknown id, ...) is a success.
+ * Calls made by a callback are calls of their own: once the library call that ran the
+ * callback returns, the code is that call's.
+ */
+int sb_last_error_code(void);
+
+/**
+ * Static name of an `SB_*` code. Never NULL; not to be freed.
  */
 const char *sb_strerror(int code);
 
@@ -515,7 +565,8 @@ void sb_message_type_unref(struct sb_message_type *ty);
 int sb_message_type_decline(const char *name);
 
 /**
- * 1 when `name` was declined, else 0 (also for NULL).
+ * 1 when `name` was declined, else 0; SB_E_INVAL (negative) for a NULL or non-UTF-8
+ * name. `name` is borrowed for the call.
  */
 int sb_message_type_declined(const char *name);
 
@@ -647,7 +698,8 @@ struct sb_router *sb_router_unsubscribe(struct sb_router *r);
 struct sb_router *sb_router_unsubscribe_and_join(struct sb_router *r);
 
 /**
- * 1 once the router's final message was handled.
+ * 1 once the router's final message was handled, 0 before; SB_E_INVAL (negative) for a
+ * NULL or dead handle.
  */
 int sb_router_is_done(struct sb_router *r);
 
@@ -702,22 +754,28 @@ struct sb_subscription *sb_unsubscribe_and_join(struct sb_subscription *sub);
 /**
  * Waits until the final message was handled (the caller keeps its reference). From the
  * subscription's own callback, or from a callback while the subscription's callback runs
- * on a thread that waits for this one, it returns at once with last error SB_E_DEADLOCK.
+ * on a thread that waits for this one, it returns at once with SB_E_DEADLOCK.
+ * Returns SB_OK once the final message was handled, SB_E_DEADLOCK when the wait was
+ * refused, SB_E_INVAL for a NULL or dead handle.
  */
-void sb_subscription_join(struct sb_subscription *sub);
+int sb_subscription_join(struct sb_subscription *sub);
 
 /**
- * 1 once the final message was handled.
+ * 1 once the final message was handled, 0 before. A NULL or dead handle is
+ * SB_E_INVAL (negative), so a loop `while (!sb_subscription_is_done(s))` ends; test
+ * `> 0` / `== 1` for "done".
  */
 int sb_subscription_is_done(struct sb_subscription *sub);
 
 /**
- * 1 until the subscription is unsubscribed.
+ * 1 until the subscription is unsubscribed, then 0; SB_E_INVAL (negative) for a NULL or
+ * dead handle.
  */
 int sb_subscription_is_subscribed(const struct sb_subscription *sub);
 
 /**
- * 1 when `msg` is `sub`'s final message.
+ * 1 when `msg` is `sub`'s final message, else 0; SB_E_INVAL (negative) for a NULL or
+ * dead handle. Both arguments are borrowed.
  */
 int sb_subscription_final_message(const struct sb_subscription *sub, const struct sb_message *msg);
 
@@ -830,7 +888,8 @@ size_t sb_topic_subscribers(const struct sb_topic *topic);
 
 /**
  * 1 when a message of `type` published here would reach at least one subscription that
- * accepts it, else 0. Lets producers skip building messages nobody reads.
+ * accepts it, else 0. Lets producers skip building messages nobody reads. SB_E_INVAL
+ * (negative) for a NULL or dead handle: test `> 0` before skipping work.
  */
 int sb_topic_wants(const struct sb_topic *topic, const struct sb_message_type *ty);
 
@@ -892,7 +951,8 @@ struct sb_topic *sb_topic_pool_get_topic(struct sb_topic_pool *pool, const char 
 int sb_topic_pool_delete_topic(struct sb_topic_pool *pool, const char *name);
 
 /**
- * 1 when the pool has a topic for `name`, else 0.
+ * 1 when the pool has a topic for `name`, else 0; SB_E_INVAL (negative) for a NULL or
+ * dead pool or a NULL name.
  */
 int sb_topic_pool_topic_exists(const struct sb_topic_pool *pool, const char *name);
 

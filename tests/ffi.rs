@@ -357,4 +357,5 @@ c_tests!(
     test_deadlock,
     test_pool_limits,
     test_pool_spawn_failure,
+    test_edges,
 );

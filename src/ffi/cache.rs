@@ -4,7 +4,7 @@ use super::library::sb_eid;
 use super::message::{sb_message, sb_message_type};
 use super::subscription::{sb_subscription_filter, set_filter_mode};
 use super::topic::sb_topic;
-use super::{act_and_release, boundary, fail_code, fail_null, str_arg, to_code, Handle};
+use super::{act_and_release, boundary, fail_code, fail_null, str_arg, to_code, Handle, UserData};
 use crate::cache::{AggregatePublishFn, Cache, CacheEntry, CalcFn, IdFn};
 use crate::caching_topic::{clear_message, clear_type, update_type, CachingTopic, UpdateView};
 use crate::eid::Eid;
@@ -12,7 +12,7 @@ use crate::error::{set_last_error, Error};
 use crate::message::Message;
 use crate::message_type::DEAD_MAGIC;
 use std::borrow::Cow;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -109,6 +109,22 @@ pub type sb_cache_aggregate_calc_fn = Option<
 pub type sb_cache_aggregate_publish_fn =
     Option<unsafe extern "C" fn(topic: *mut sb_topic, aggregate: *mut sb_message)>;
 
+/// As sb_snapshot_get_id, with the `data` given to sb_cache_create_with_data.
+pub type sb_snapshot_get_id_with_data =
+    Option<unsafe extern "C" fn(data: *mut c_void, msg: *mut sb_message) -> *const c_char>;
+/// As sb_cache_aggregate_calc_fn, with the `data` given to sb_cache_create_with_data.
+pub type sb_cache_aggregate_calc_with_data_fn = Option<
+    unsafe extern "C" fn(
+        data: *mut c_void,
+        entry: *mut sb_cache_entry,
+        new_snapshot: *mut sb_message,
+    ) -> *mut sb_message,
+>;
+/// As sb_cache_aggregate_publish_fn, with the `data` given to sb_cache_create_with_data.
+pub type sb_cache_aggregate_publish_with_data_fn = Option<
+    unsafe extern "C" fn(data: *mut c_void, topic: *mut sb_topic, aggregate: *mut sb_message),
+>;
+
 /// Data of a cache update message (type `sb_cache_update_type()`).
 #[repr(C)]
 pub struct sb_cache_update {
@@ -122,18 +138,11 @@ pub struct sb_cache_update {
 
 const _: () = assert!(std::mem::size_of::<sb_cache_update>() == std::mem::size_of::<UpdateView>());
 
-fn make_cache(
-    id_fn: sb_snapshot_get_id,
-    calc: sb_cache_aggregate_calc_fn,
-    publish: sb_cache_aggregate_publish_fn,
-) -> *mut sb_cache {
-    let Some(id_fn) = id_fn else {
-        return fail_null(Error::invalid("id_fn is NULL"));
-    };
+/// The id function a C id callback becomes: `call(msg)` is the callback's answer.
+fn c_id_fn(call: impl Fn(*mut sb_message) -> *const c_char + Send + Sync + 'static) -> IdFn {
     let warned_not_utf8 = AtomicBool::new(false);
-    let id: IdFn = Box::new(move |msg: &Arc<Message>| {
-        // SAFETY: the cache's id function, called with a live message.
-        let p = unsafe { id_fn(sb_message::as_ptr(msg)) };
+    Box::new(move |msg: &Arc<Message>| {
+        let p = call(sb_message::as_ptr(msg));
         // SAFETY: NULL or a NUL-terminated string borrowed from the message (header:
         // "borrowed, e.g. from the message's data"). The cache reads it only during the
         // call that asked for it and copies it to keep it.
@@ -154,22 +163,44 @@ fn make_cache(
                 None
             }
         }
-    });
-    let calc: Option<CalcFn> = calc.map(|f| {
-        Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
-            let new_ptr = new.map_or(std::ptr::null_mut(), sb_message::as_ptr);
-            // SAFETY: the cache's calc function, with a borrowed entry and snapshot.
-            let agg = unsafe { f(sb_cache_entry::as_ptr(entry), new_ptr) };
-            // SAFETY: calc returns NULL or a new reference, which we take over.
-            (!agg.is_null()).then(|| unsafe { Arc::from_raw(agg.cast_const().cast::<Message>()) })
-        }) as CalcFn
-    });
-    let publish: Option<AggregatePublishFn> = publish.map(|f| {
-        Box::new(move |topic: &Arc<crate::Topic>, agg: &Arc<Message>| {
-            // SAFETY: the cache's publish function, with borrowed arguments.
-            unsafe { f(sb_topic::as_ptr(topic), sb_message::as_ptr(agg)) }
-        }) as AggregatePublishFn
-    });
+    })
+}
+
+/// The calc function a C calc callback becomes: `call(entry, new)` returns NULL or a new
+/// reference.
+fn c_calc_fn(
+    call: impl Fn(*mut sb_cache_entry, *mut sb_message) -> *mut sb_message + Send + Sync + 'static,
+) -> CalcFn {
+    Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
+        let new_ptr = new.map_or(std::ptr::null_mut(), sb_message::as_ptr);
+        let agg = call(sb_cache_entry::as_ptr(entry), new_ptr);
+        // SAFETY: calc returns NULL or a new reference, which we take over.
+        (!agg.is_null()).then(|| unsafe { Arc::from_raw(agg.cast_const().cast::<Message>()) })
+    })
+}
+
+/// The publish function a C publish callback becomes (both arguments borrowed).
+fn c_publish_fn(
+    call: impl Fn(*mut sb_topic, *mut sb_message) + Send + Sync + 'static,
+) -> AggregatePublishFn {
+    Box::new(move |topic: &Arc<crate::Topic>, agg: &Arc<Message>| {
+        call(sb_topic::as_ptr(topic), sb_message::as_ptr(agg))
+    })
+}
+
+fn make_cache(
+    id_fn: sb_snapshot_get_id,
+    calc: sb_cache_aggregate_calc_fn,
+    publish: sb_cache_aggregate_publish_fn,
+) -> *mut sb_cache {
+    let Some(id_fn) = id_fn else {
+        return fail_null(Error::invalid("id_fn is NULL"));
+    };
+    // SAFETY (each closure): the cache's own C callbacks, called with live handles that
+    // the library keeps alive for the call.
+    let id = c_id_fn(move |m| unsafe { id_fn(m) });
+    let calc = calc.map(|f| c_calc_fn(move |e, m| unsafe { f(e, m) }));
+    let publish = publish.map(|f| c_publish_fn(move |t, m| unsafe { f(t, m) }));
     sb_cache::into_raw(Cache::with_aggregate(id, calc, publish))
 }
 
@@ -189,6 +220,48 @@ pub extern "C" fn sb_cache_create_full(
     publish: sb_cache_aggregate_publish_fn,
 ) -> *mut sb_cache {
     boundary(|| make_cache(id_fn, calc, publish))
+}
+
+/// As sb_cache_create_full, with callbacks that receive `data` as their first argument
+/// (so one set of functions can serve several caches, or a module can reach its own state
+/// without globals). `calc` and `publish` may be NULL, as in sb_cache_create_full.
+/// The library never touches `data` itself, and does not free it: it must stay valid as
+/// long as a callback may run, that is until every caching topic using the cache has been
+/// joined (sb_caching_unsubscribe_and_join) and no other thread is still publishing to
+/// their original topics; free it after that. Returns a new reference, or NULL
+/// (SB_E_INVAL) when `id_fn` is NULL.
+#[no_mangle]
+pub extern "C" fn sb_cache_create_with_data(
+    id_fn: sb_snapshot_get_id_with_data,
+    calc: sb_cache_aggregate_calc_with_data_fn,
+    publish: sb_cache_aggregate_publish_with_data_fn,
+    data: *mut c_void,
+) -> *mut sb_cache {
+    boundary(|| {
+        let Some(id_fn) = id_fn else {
+            return fail_null(Error::invalid("id_fn is NULL"));
+        };
+        let data = UserData(data);
+        // SAFETY (each closure): the cache's own C callbacks, called with the caller's
+        // `data` and live handles that the library keeps alive for the call.
+        let id = c_id_fn(move |m| {
+            let d = data;
+            unsafe { id_fn(d.0, m) }
+        });
+        let calc = calc.map(|f| {
+            c_calc_fn(move |e, m| {
+                let d = data;
+                unsafe { f(d.0, e, m) }
+            })
+        });
+        let publish = publish.map(|f| {
+            c_publish_fn(move |t, m| {
+                let d = data;
+                unsafe { f(d.0, t, m) }
+            })
+        });
+        sb_cache::into_raw(Cache::with_aggregate(id, calc, publish))
+    })
 }
 
 /// Takes a new reference; returns `cache`.

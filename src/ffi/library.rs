@@ -35,6 +35,12 @@ pub struct sb_eid {
 
 const _: () = assert!(std::mem::size_of::<sb_eid>() == std::mem::size_of::<Eid>());
 
+impl super::FailureValue for sb_eid {
+    fn failure() -> Self {
+        sb_eid { bytes: [0; 6] }
+    }
+}
+
 impl From<Eid> for sb_eid {
     fn from(e: Eid) -> sb_eid {
         sb_eid { bytes: e.bytes }
@@ -51,23 +57,42 @@ impl From<&sb_eid> for Eid {
 pub type sb_log_fn =
     Option<unsafe extern "C" fn(data: *mut c_void, level: c_int, text: *const c_char)>;
 
-/// The library version, e.g. "0.1.0". Static string.
+/// The library version, e.g. "0.1.0": SB_VERSION_MAJOR.SB_VERSION_MINOR.SB_VERSION_PATCH
+/// of the library actually loaded (compare with the macros of the header you compiled
+/// against). Static string: never NULL, never freed.
 #[no_mangle]
 pub extern "C" fn sb_version() -> *const c_char {
-    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    boundary(|| concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast())
 }
 
-/// Why the last failing call on this thread failed. Never NULL; valid until the next
-/// failing call on this thread.
+/// Why the last failing call on this thread failed. Never NULL. Borrowed: a per-thread
+/// buffer whose text changes only when a call on this thread fails (a successful call
+/// leaves the text alone; sb_last_error_code() says whether the latest call failed).
+/// Does not change the last error itself.
 #[no_mangle]
 pub extern "C" fn sb_last_error() -> *const c_char {
-    boundary(error::last_error_ptr)
+    // No `boundary`: that would reset the code this function must leave alone. Reading
+    // a thread-local cannot panic (a thread being torn down gets "").
+    error::last_error_ptr()
 }
 
-/// Static name of an `SB_*` code. Never NULL.
+/// The SB_E_* code of the latest call made on this thread, or 0 (SB_OK) when it
+/// succeeded. Every exported function sets it: to 0 when it succeeds, to its failure's
+/// code when it fails (including the functions that return NULL, void or a count, and
+/// sb_unsubscribe_and_join and friends refused with SB_E_DEADLOCK). The two exceptions
+/// are sb_last_error() and sb_last_error_code() themselves, which leave it alone. A NULL
+/// from a lookup that found nothing (sb_cache_get of an unknown id, ...) is a success.
+/// Calls made by a callback are calls of their own: once the library call that ran the
+/// callback returns, the code is that call's.
+#[no_mangle]
+pub extern "C" fn sb_last_error_code() -> c_int {
+    error::last_error_code()
+}
+
+/// Static name of an `SB_*` code. Never NULL; not to be freed.
 #[no_mangle]
 pub extern "C" fn sb_strerror(code: c_int) -> *const c_char {
-    error::strerror(code).as_ptr()
+    boundary(|| error::strerror(code).as_ptr())
 }
 
 /// Configures the shared worker pool: at least `min_threads` kept alive, at most
@@ -129,10 +154,7 @@ pub extern "C" fn sb_warning_count() -> u64 {
 /// This node's entity id (set by `sb_eid_set_default`, else derived from the host).
 #[no_mangle]
 pub extern "C" fn sb_eid_default() -> sb_eid {
-    match std::panic::catch_unwind(Eid::default_eid) {
-        Ok(e) => e.into(),
-        Err(_) => sb_eid { bytes: [0; 6] },
-    }
+    boundary(|| Eid::default_eid().into())
 }
 
 /// Sets this node's entity id. SB_E_INVAL when `eid` is NULL.

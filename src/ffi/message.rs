@@ -161,15 +161,13 @@ pub extern "C" fn sb_message_type_decline(name: *const c_char) -> c_int {
     boundary(|| to_code(str_arg("message type name", name).and_then(MessageType::decline)))
 }
 
-/// 1 when `name` was declined, else 0 (also for NULL).
+/// 1 when `name` was declined, else 0; SB_E_INVAL (negative) for a NULL or non-UTF-8
+/// name. `name` is borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_message_type_declined(name: *const c_char) -> c_int {
     boundary(|| match str_arg("message type name", name) {
         Ok(n) => MessageType::is_declined(n) as c_int,
-        Err(e) => {
-            crate::error::set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 
@@ -192,12 +190,30 @@ pub extern "C" fn sb_message_to_json(msg: *const sb_message) -> *mut c_char {
     })
 }
 
+/// The types whose messages only the library makes: their data is a struct the library
+/// lays out (`sb_subscription_change`, `sb_cache_update`) and their subscribers read it
+/// as such, or a marker the cache acts on (`sb_cache_clear_create`).
+fn library_owned(t: &MessageType) -> bool {
+    [
+        crate::subscription::change_type(),
+        crate::caching_topic::update_type(),
+        crate::caching_topic::clear_type(),
+    ]
+    .iter()
+    .any(|owned| std::ptr::eq(owned.as_ref(), t))
+}
+
 fn create(
     ty: *mut sb_message_type,
     payload: impl FnOnce() -> Payload,
     eid: Option<Eid>,
 ) -> *mut sb_message {
     match sb_message_type::borrow(ty) {
+        Ok(t) if library_owned(&t) => fail_null(Error::invalid(format!(
+            "message type '{}' belongs to the library: its messages are made by the library \
+             only (sb_cache_clear_create for a clear)",
+            t.name()
+        ))),
         Ok(t) => sb_message::into_raw(Message::with_eid(&t, payload(), eid)),
         Err(e) => fail_null(e),
     }

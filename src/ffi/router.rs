@@ -187,15 +187,13 @@ pub extern "C" fn sb_router_unsubscribe_and_join(r: *mut sb_router) -> *mut sb_r
     unsubscribe(r, true)
 }
 
-/// 1 once the router's final message was handled.
+/// 1 once the router's final message was handled, 0 before; SB_E_INVAL (negative) for a
+/// NULL or dead handle.
 #[no_mangle]
 pub extern "C" fn sb_router_is_done(r: *mut sb_router) -> c_int {
     boundary(|| match sb_router::borrow(r) {
         Ok(router) => router.subscription().is_done() as c_int,
-        Err(e) => {
-            set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 

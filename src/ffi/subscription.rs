@@ -172,41 +172,37 @@ pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_
 
 /// Waits until the final message was handled (the caller keeps its reference). From the
 /// subscription's own callback, or from a callback while the subscription's callback runs
-/// on a thread that waits for this one, it returns at once with last error SB_E_DEADLOCK.
+/// on a thread that waits for this one, it returns at once with SB_E_DEADLOCK.
+/// Returns SB_OK once the final message was handled, SB_E_DEADLOCK when the wait was
+/// refused, SB_E_INVAL for a NULL or dead handle.
 #[no_mangle]
-pub extern "C" fn sb_subscription_join(sub: *mut sb_subscription) {
-    boundary(|| {
-        if let Err(e) = sb_subscription::borrow(sub).and_then(|s| s.join()) {
-            set_last_error(&e);
-        }
-    })
+pub extern "C" fn sb_subscription_join(sub: *mut sb_subscription) -> c_int {
+    boundary(|| to_code(sb_subscription::borrow(sub).and_then(|s| s.join())))
 }
 
-/// 1 once the final message was handled.
+/// 1 once the final message was handled, 0 before. A NULL or dead handle is
+/// SB_E_INVAL (negative), so a loop `while (!sb_subscription_is_done(s))` ends; test
+/// `> 0` / `== 1` for "done".
 #[no_mangle]
 pub extern "C" fn sb_subscription_is_done(sub: *mut sb_subscription) -> c_int {
     boundary(|| match sb_subscription::borrow(sub) {
         Ok(s) => s.is_done() as c_int,
-        Err(e) => {
-            set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 
-/// 1 until the subscription is unsubscribed.
+/// 1 until the subscription is unsubscribed, then 0; SB_E_INVAL (negative) for a NULL or
+/// dead handle.
 #[no_mangle]
 pub extern "C" fn sb_subscription_is_subscribed(sub: *const sb_subscription) -> c_int {
     boundary(|| match sb_subscription::borrow(sub) {
         Ok(s) => s.is_subscribed() as c_int,
-        Err(e) => {
-            set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 
-/// 1 when `msg` is `sub`'s final message.
+/// 1 when `msg` is `sub`'s final message, else 0; SB_E_INVAL (negative) for a NULL or
+/// dead handle. Both arguments are borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_final_message(
     sub: *const sb_subscription,
@@ -215,10 +211,7 @@ pub extern "C" fn sb_subscription_final_message(
     boundary(
         || match (sb_subscription::borrow(sub), sb_message::borrow(msg)) {
             (Ok(s), Ok(m)) => s.is_final_message(&m) as c_int,
-            (Err(e), _) | (_, Err(e)) => {
-                set_last_error(&e);
-                0
-            }
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
         },
     )
 }

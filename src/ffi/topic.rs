@@ -137,16 +137,14 @@ pub extern "C" fn sb_topic_subscribers(topic: *const sb_topic) -> usize {
 }
 
 /// 1 when a message of `type` published here would reach at least one subscription that
-/// accepts it, else 0. Lets producers skip building messages nobody reads.
+/// accepts it, else 0. Lets producers skip building messages nobody reads. SB_E_INVAL
+/// (negative) for a NULL or dead handle: test `> 0` before skipping work.
 #[no_mangle]
 pub extern "C" fn sb_topic_wants(topic: *const sb_topic, ty: *const sb_message_type) -> c_int {
     boundary(
         || match (sb_topic::borrow(topic), sb_message_type::borrow(ty)) {
             (Ok(t), Ok(ty)) => t.wants(&ty) as c_int,
-            (Err(e), _) | (_, Err(e)) => {
-                set_last_error(&e);
-                0
-            }
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
         },
     )
 }
@@ -278,7 +276,8 @@ pub extern "C" fn sb_topic_pool_delete_topic(
     })
 }
 
-/// 1 when the pool has a topic for `name`, else 0.
+/// 1 when the pool has a topic for `name`, else 0; SB_E_INVAL (negative) for a NULL or
+/// dead pool or a NULL name.
 #[no_mangle]
 pub extern "C" fn sb_topic_pool_topic_exists(
     pool: *const sb_topic_pool,
@@ -287,10 +286,7 @@ pub extern "C" fn sb_topic_pool_topic_exists(
     boundary(|| {
         match sb_topic_pool::borrow(pool).and_then(|p| Ok(p.topic_exists(str_arg("name", name)?))) {
             Ok(b) => b as c_int,
-            Err(e) => {
-                set_last_error(&e);
-                0
-            }
+            Err(e) => fail_code(e),
         }
     })
 }
