@@ -67,6 +67,11 @@
 #define SB_E_INTERNAL -8
 
 /**
+ * Lines waiting for the handler at most; beyond, lines are dropped (and counted).
+ */
+#define QUEUE_CAPACITY 1024
+
+/**
  * Log levels passed to an `sb_log_fn`.
  */
 #define SB_LOG_ERROR 1
@@ -187,7 +192,12 @@ typedef struct sb_eid {
 
 /**
  * Receives every log line of the library (warnings such as congestion, errors such as
- * a panicking callback). Called on whichever thread logs; must not block for long.
+ * a panicking callback). `text` is borrowed for the call. Called on a thread of the
+ * library (the log thread), one line at a time in the order they were logged, never on
+ * the thread that logged: a slow handler delays other log lines, not publishers (lines
+ * beyond a queue of 1024 are dropped and counted, see sb_log_dropped). It may call the
+ * library, including sb_set_log_handler. It must not throw a C++ exception or longjmp
+ * out.
  */
 typedef void (*sb_log_fn)(void *data, int level, const char *text);
 
@@ -492,9 +502,23 @@ void sb_string_free(char *s);
 
 /**
  * Routes the library's log lines to `fn` (NULL: back to stderr). `data` is passed back
- * untouched.
+ * untouched (borrowed: the library never frees it).
+ *
+ * Replacing or removing a handler waits: lines logged before this call are delivered to
+ * the previous handler (on this thread if the log thread has not taken them yet), and
+ * the call of the previous handler in flight on the log thread, if any, returns first.
+ * Once this returns, the previous handler is never called again, so the module that
+ * installed it may be unloaded (dlclose) and its `data` freed. Do not call it while
+ * holding a lock the handler takes. Called from inside the handler itself it does not
+ * wait; the change applies when that call returns.
  */
 void sb_set_log_handler(sb_log_fn handler, void *data);
+
+/**
+ * Log lines dropped since the process started because the handler fell more than 1024
+ * lines behind (a warning line saying how many is delivered once it catches up).
+ */
+uint64_t sb_log_dropped(void);
 
 /**
  * Number of warnings the library has logged since the process started.

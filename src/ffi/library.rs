@@ -53,7 +53,12 @@ impl From<&sb_eid> for Eid {
 }
 
 /// Receives every log line of the library (warnings such as congestion, errors such as
-/// a panicking callback). Called on whichever thread logs; must not block for long.
+/// a panicking callback). `text` is borrowed for the call. Called on a thread of the
+/// library (the log thread), one line at a time in the order they were logged, never on
+/// the thread that logged: a slow handler delays other log lines, not publishers (lines
+/// beyond a queue of 1024 are dropped and counted, see sb_log_dropped). It may call the
+/// library, including sb_set_log_handler. It must not throw a C++ exception or longjmp
+/// out.
 pub type sb_log_fn =
     Option<unsafe extern "C" fn(data: *mut c_void, level: c_int, text: *const c_char)>;
 
@@ -128,7 +133,15 @@ pub extern "C" fn sb_string_free(s: *mut c_char) {
 }
 
 /// Routes the library's log lines to `fn` (NULL: back to stderr). `data` is passed back
-/// untouched.
+/// untouched (borrowed: the library never frees it).
+///
+/// Replacing or removing a handler waits: lines logged before this call are delivered to
+/// the previous handler (on this thread if the log thread has not taken them yet), and
+/// the call of the previous handler in flight on the log thread, if any, returns first.
+/// Once this returns, the previous handler is never called again, so the module that
+/// installed it may be unloaded (dlclose) and its `data` freed. Do not call it while
+/// holding a lock the handler takes. Called from inside the handler itself it does not
+/// wait; the change applies when that call returns.
 #[no_mangle]
 pub extern "C" fn sb_set_log_handler(handler: sb_log_fn, data: *mut c_void) {
     boundary(|| match handler {
@@ -143,6 +156,13 @@ pub extern "C" fn sb_set_log_handler(handler: sb_log_fn, data: *mut c_void) {
             })));
         }
     })
+}
+
+/// Log lines dropped since the process started because the handler fell more than 1024
+/// lines behind (a warning line saying how many is delivered once it catches up).
+#[no_mangle]
+pub extern "C" fn sb_log_dropped() -> u64 {
+    boundary(log::dropped_count)
 }
 
 /// Number of warnings the library has logged since the process started.
