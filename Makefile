@@ -4,6 +4,8 @@
 #   make test   run every test (Rust and C: cargo test)
 #   make bench  build in release mode and run the benchmark (ARGS="-w W1 -n 3" to select)
 #   make tsan   the Rust unit tests and the C tests under ThreadSanitizer (needs rust-src)
+#   make install    install the library, header and pkg-config file (PREFIX, DESTDIR)
+#   make uninstall  remove what make install installed (same PREFIX, DESTDIR)
 #   make clean  remove build outputs
 
 CARGO   ?= cargo
@@ -16,7 +18,22 @@ HEADER  := $(INCDIR)/switchboard.h
 LINK    := -L$(LIBDIR) -lswitchboard -Wl,-rpath,$(LIBDIR)
 EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so
 
-.PHONY: all lib demo examples test tsan bench clean
+.PHONY: all lib demo examples test tsan bench clean install uninstall
+
+# Installation (GNU conventions): make install PREFIX=/usr DESTDIR=$(pkgdir)
+PREFIX     ?= /usr/local
+libdir     ?= $(PREFIX)/lib
+includedir ?= $(PREFIX)/include
+pkgconfigdir ?= $(libdir)/pkgconfig
+STRIP      ?= strip
+INSTALL    ?= install
+# The library to install comes from here (tests point it at their own build).
+BUILD_DIR  ?= $(LIBDIR)
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+MAJOR      := $(firstword $(subst ., ,$(VERSION)))
+SONAME     := libswitchboard.so.$(MAJOR)
+REALNAME   := libswitchboard.so.$(VERSION)
+STAGE      := target/install-stage
 
 all: lib
 
@@ -57,6 +74,36 @@ tsan:
 
 bench:
 	bash bench/run.sh $(ARGS)
+
+# The installed shared library is linked from the static one with switchboard.map, so
+# that every sb_* symbol carries the version SWITCHBOARD_0 (rustc gives a cdylib a
+# version script of its own, which wins over one passed to its link), with the soname
+# libswitchboard.so.MAJOR and -z nodelete as the cargo-built one; both libraries lose
+# their debug info.
+install: lib
+	rm -rf $(STAGE) && mkdir -p $(STAGE)
+	$(CC) -shared -o $(STAGE)/$(REALNAME) \
+		-Wl,--whole-archive $(BUILD_DIR)/libswitchboard.a -Wl,--no-whole-archive \
+		-Wl,--version-script=switchboard.map -Wl,-soname,$(SONAME) -Wl,-z,nodelete \
+		-Wl,--gc-sections -Wl,-z,relro -Wl,-z,now -lgcc_s -lpthread -ldl -lm -lc
+	$(STRIP) --strip-debug $(STAGE)/$(REALNAME)
+	cp $(BUILD_DIR)/libswitchboard.a $(STAGE)/libswitchboard.a
+	$(STRIP) --strip-debug $(STAGE)/libswitchboard.a
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(libdir)|' \
+		-e 's|@INCLUDEDIR@|$(includedir)|' -e 's|@VERSION@|$(VERSION)|' \
+		switchboard.pc.in > $(STAGE)/switchboard.pc
+	$(INSTALL) -d $(DESTDIR)$(libdir) $(DESTDIR)$(includedir) $(DESTDIR)$(pkgconfigdir)
+	$(INSTALL) -m 755 $(STAGE)/$(REALNAME) $(DESTDIR)$(libdir)/$(REALNAME)
+	ln -sf $(REALNAME) $(DESTDIR)$(libdir)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(libdir)/libswitchboard.so
+	$(INSTALL) -m 644 $(STAGE)/libswitchboard.a $(DESTDIR)$(libdir)/libswitchboard.a
+	$(INSTALL) -m 644 $(HEADER) $(DESTDIR)$(includedir)/switchboard.h
+	$(INSTALL) -m 644 $(STAGE)/switchboard.pc $(DESTDIR)$(pkgconfigdir)/switchboard.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(libdir)/$(REALNAME) $(DESTDIR)$(libdir)/$(SONAME) \
+		$(DESTDIR)$(libdir)/libswitchboard.so $(DESTDIR)$(libdir)/libswitchboard.a \
+		$(DESTDIR)$(includedir)/switchboard.h $(DESTDIR)$(pkgconfigdir)/switchboard.pc
 
 clean:
 	$(CARGO) clean

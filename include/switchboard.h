@@ -21,6 +21,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The version of this header: sb_version() returns the loaded library's, as
+ * "MAJOR.MINOR.PATCH". The major version is the one in the soname
+ * (libswitchboard.so.0). */
+#define SB_VERSION_MAJOR 0
+#define SB_VERSION_MINOR 1
+#define SB_VERSION_PATCH 0
+
+
 /**
  * Success.
  */
@@ -291,7 +299,7 @@ typedef struct sb_cache_update {
 
 #ifdef __cplusplus
 extern "C" {
-#endif // __cplusplus
+#endif /* __cplusplus */
 
 /**
  * A cache keyed by (message type, `id_fn(msg)`, eid). New reference.
@@ -986,7 +994,7 @@ int sb_topic_pool_topic_exists(const struct sb_topic_pool *pool, const char *nam
 void sb_topic_pool_unref(struct sb_topic_pool *pool);
 
 #ifdef __cplusplus
-}  // extern "C"
-#endif  // __cplusplus
+} /* extern "C" */
+#endif /* __cplusplus */
 
 #endif  /* SWITCHBOARD_H */
