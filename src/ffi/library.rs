@@ -57,14 +57,15 @@ impl From<&sb_eid> for Eid {
 /// library (the log thread), one line at a time in the order they were logged, never on
 /// the thread that logged: a slow handler delays other log lines, not publishers (lines
 /// beyond a queue of 1024 are dropped and counted, see sb_log_dropped). It may call the
-/// library, including sb_set_log_handler. It must not throw a C++ exception or longjmp
-/// out.
+/// library, including sb_set_log_handler. It must return normally: no C++ exception may
+/// propagate out of it and no longjmp may leave it.
 pub type sb_log_fn =
     Option<unsafe extern "C" fn(data: *mut c_void, level: c_int, text: *const c_char)>;
 
 /// The library version, e.g. "0.1.0": SB_VERSION_MAJOR.SB_VERSION_MINOR.SB_VERSION_PATCH
 /// of the library actually loaded (compare with the macros of the header you compiled
 /// against). Static string: never NULL, never freed.
+/// Ownership: borrowed (static).
 #[no_mangle]
 pub extern "C" fn sb_version() -> *const c_char {
     boundary(|| concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast())
@@ -74,6 +75,7 @@ pub extern "C" fn sb_version() -> *const c_char {
 /// buffer whose text changes only when a call on this thread fails (a successful call
 /// leaves the text alone; sb_last_error_code() says whether the latest call failed).
 /// Does not change the last error itself.
+/// Ownership: borrowed (per-thread buffer; never free it).
 #[no_mangle]
 pub extern "C" fn sb_last_error() -> *const c_char {
     // No `boundary`: that would reset the code this function must leave alone. Reading
@@ -89,12 +91,14 @@ pub extern "C" fn sb_last_error() -> *const c_char {
 /// from a lookup that found nothing (sb_cache_get of an unknown id, ...) is a success.
 /// Calls made by a callback are calls of their own: once the library call that ran the
 /// callback returns, the code is that call's.
+/// Ownership: no pointers.
 #[no_mangle]
 pub extern "C" fn sb_last_error_code() -> c_int {
     error::last_error_code()
 }
 
 /// Static name of an `SB_*` code. Never NULL; not to be freed.
+/// Ownership: borrowed (static).
 #[no_mangle]
 pub extern "C" fn sb_strerror(code: c_int) -> *const c_char {
     boundary(|| error::strerror(code).as_ptr())
@@ -107,6 +111,7 @@ pub extern "C" fn sb_strerror(code: c_int) -> *const c_char {
 /// queue) gets a stand-in, up to max(64, 8 x max_threads) stand-ins; past that, queued
 /// work waits for a blocked worker to return. Takes effect at once.
 /// Returns SB_OK, or SB_E_INVAL when max_threads is 0 or below min_threads.
+/// Ownership: no pointers.
 #[no_mangle]
 pub extern "C" fn sb_pool_configure(
     min_threads: c_uint,
@@ -124,6 +129,7 @@ pub extern "C" fn sb_pool_configure(
 
 /// Frees a string the library returned (e.g. by `sb_message_to_json`). NULL-safe.
 /// Such strings are malloc()'d, so free() works as well.
+/// Ownership: takes ownership of `s`.
 #[no_mangle]
 pub extern "C" fn sb_string_free(s: *mut c_char) {
     boundary(|| {
@@ -142,6 +148,8 @@ pub extern "C" fn sb_string_free(s: *mut c_char) {
 /// installed it may be unloaded (dlclose) and its `data` freed. Do not call it while
 /// holding a lock the handler takes. Called from inside the handler itself it does not
 /// wait; the change applies when that call returns.
+/// Ownership: `data` stays the caller's (borrowed by the library until the handler is
+/// replaced and this call returned).
 #[no_mangle]
 pub extern "C" fn sb_set_log_handler(handler: sb_log_fn, data: *mut c_void) {
     boundary(|| match handler {
@@ -160,24 +168,28 @@ pub extern "C" fn sb_set_log_handler(handler: sb_log_fn, data: *mut c_void) {
 
 /// Log lines dropped since the process started because the handler fell more than 1024
 /// lines behind (a warning line saying how many is delivered once it catches up).
+/// Ownership: no pointers.
 #[no_mangle]
 pub extern "C" fn sb_log_dropped() -> u64 {
     boundary(log::dropped_count)
 }
 
 /// Number of warnings the library has logged since the process started.
+/// Ownership: no pointers.
 #[no_mangle]
 pub extern "C" fn sb_warning_count() -> u64 {
     boundary(log::warning_count)
 }
 
 /// This node's entity id (set by `sb_eid_set_default`, else derived from the host).
+/// Ownership: returned by value.
 #[no_mangle]
 pub extern "C" fn sb_eid_default() -> sb_eid {
     boundary(|| Eid::default_eid().into())
 }
 
 /// Sets this node's entity id. SB_E_INVAL when `eid` is NULL.
+/// Ownership: `eid` is borrowed for the call (copied).
 #[no_mangle]
 pub extern "C" fn sb_eid_set_default(eid: *const sb_eid) -> c_int {
     boundary(|| match ref_arg("eid", eid) {
@@ -190,6 +202,8 @@ pub extern "C" fn sb_eid_set_default(eid: *const sb_eid) -> c_int {
 }
 
 /// Writes "aa:bb:cc:dd:ee:ff" and a NUL into `buf` (needs len >= 18).
+/// Returns SB_OK, or SB_E_INVAL for a NULL argument or a short buffer. Ownership: both
+/// pointers are borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_eid_to_str(eid: *const sb_eid, buf: *mut c_char, len: usize) -> c_int {
     boundary(|| {
@@ -217,6 +231,8 @@ pub extern "C" fn sb_eid_to_str(eid: *const sb_eid, buf: *mut c_char, len: usize
 }
 
 /// Parses "aa:bb:cc:dd:ee:ff" into `*out`.
+/// Returns SB_OK, or SB_E_INVAL (and `*out` unchanged) for a NULL argument or malformed
+/// text. Ownership: both pointers are borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_eid_from_str(s: *const c_char, out: *mut sb_eid) -> c_int {
     boundary(|| {
@@ -239,6 +255,7 @@ pub extern "C" fn sb_eid_from_str(s: *const c_char, out: *mut sb_eid) -> c_int {
 }
 
 /// Compares two eids like memcmp (<0, 0, >0). NULL sorts first.
+/// Ownership: both borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_eid_cmp(a: *const sb_eid, b: *const sb_eid) -> c_int {
     boundary(|| {
