@@ -745,8 +745,8 @@ struct sb_message *sb_message_create(struct sb_message_type *ty, void *data, sb_
 
 /**
  * As sb_message_create, from node `eid`; a NULL eid makes an aggregate message.
- * `eid` is borrowed for the call (copied). Ownership otherwise as sb_message_create
- * (NULL data allowed; library-owned types refused).
+ * NULL data is allowed and library-owned types are refused, as in sb_message_create.
+ * Ownership: `eid` is borrowed for the call (copied); otherwise as sb_message_create.
  */
 struct sb_message *sb_message_create_full(struct sb_message_type *ty,
                                           void *data,

@@ -134,3 +134,58 @@ fn header_compiles_as_cxx98() {
 fn header_compiles_as_cxx17() {
     compile(&cxx(), "c++", &[&["-std=c++17"], C_WARNINGS].concat());
 }
+
+/// Every function the header declares says who owns what: its comment has an
+/// "Ownership:" line (the header's opening comment defines the words).
+#[test]
+fn every_function_states_ownership() {
+    let header = std::fs::read_to_string(crate_dir().join("include").join("switchboard.h"))
+        .expect("read include/switchboard.h");
+    let mut doc = String::new();
+    let mut in_doc = false;
+    let mut missing = Vec::new();
+    let mut functions = 0;
+    for line in header.lines() {
+        let t = line.trim();
+        if t.starts_with("/**") {
+            in_doc = true;
+            doc.clear();
+        }
+        if in_doc {
+            doc.push_str(t);
+            doc.push('\n');
+            if t.ends_with("*/") {
+                in_doc = false;
+            }
+            continue;
+        }
+        // A declaration: `<type> sb_name(...);` at the start of a line.
+        let decl = !line.starts_with(' ')
+            && !t.starts_with('#')
+            && !t.starts_with("/*")
+            && !t.starts_with('*')
+            && !t.starts_with("typedef")
+            && t.contains("sb_")
+            && t.contains('(');
+        if decl {
+            functions += 1;
+            let before_paren = t.split('(').next().unwrap_or("");
+            let name = before_paren
+                .rsplit([' ', '*'])
+                .next()
+                .unwrap_or("")
+                .to_string();
+            if !doc.contains("Ownership:") {
+                missing.push(name);
+            }
+            doc.clear();
+        } else if !t.is_empty() {
+            doc.clear();
+        }
+    }
+    assert!(
+        functions > 100,
+        "found only {functions} functions in the header"
+    );
+    assert!(missing.is_empty(), "no Ownership: line for {missing:?}");
+}

@@ -259,8 +259,8 @@ pub extern "C" fn sb_message_create(
 }
 
 /// As sb_message_create, from node `eid`; a NULL eid makes an aggregate message.
-/// `eid` is borrowed for the call (copied). Ownership otherwise as sb_message_create
-/// (NULL data allowed; library-owned types refused).
+/// NULL data is allowed and library-owned types are refused, as in sb_message_create.
+/// Ownership: `eid` is borrowed for the call (copied); otherwise as sb_message_create.
 #[no_mangle]
 pub extern "C" fn sb_message_create_full(
     ty: *mut sb_message_type,
