@@ -225,9 +225,10 @@ typedef struct sb_eid {
  * a panicking callback). `text` is borrowed for the call. Called on a thread of the
  * library (the log thread), one line at a time in the order they were logged, never on
  * the thread that logged: a slow handler delays other log lines, not publishers (lines
- * beyond a queue of 1024 are dropped and counted, see sb_log_dropped). It may call the
- * library, including sb_set_log_handler. It must return normally: no C++ exception may
- * propagate out of it and no longjmp may leave it.
+ * beyond a queue of 1024 are dropped and counted, see sb_log_dropped; lines still queued
+ * when the process exits are not delivered). It may call the library, including
+ * sb_set_log_handler. It must return normally: no C++ exception may propagate out of it
+ * and no longjmp may leave it.
  */
 typedef void (*sb_log_fn)(void *data, int level, const char *text);
 

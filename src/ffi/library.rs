@@ -56,9 +56,10 @@ impl From<&sb_eid> for Eid {
 /// a panicking callback). `text` is borrowed for the call. Called on a thread of the
 /// library (the log thread), one line at a time in the order they were logged, never on
 /// the thread that logged: a slow handler delays other log lines, not publishers (lines
-/// beyond a queue of 1024 are dropped and counted, see sb_log_dropped). It may call the
-/// library, including sb_set_log_handler. It must return normally: no C++ exception may
-/// propagate out of it and no longjmp may leave it.
+/// beyond a queue of 1024 are dropped and counted, see sb_log_dropped; lines still queued
+/// when the process exits are not delivered). It may call the library, including
+/// sb_set_log_handler. It must return normally: no C++ exception may propagate out of it
+/// and no longjmp may leave it.
 pub type sb_log_fn =
     Option<unsafe extern "C" fn(data: *mut c_void, level: c_int, text: *const c_char)>;
 
@@ -94,6 +95,7 @@ pub extern "C" fn sb_last_error() -> *const c_char {
 /// Ownership: no pointers.
 #[no_mangle]
 pub extern "C" fn sb_last_error_code() -> c_int {
+    // No `boundary`, which would reset the code: a thread-local read cannot panic.
     error::last_error_code()
 }
 
