@@ -367,4 +367,5 @@ c_tests!(
     test_pool_limits,
     test_pool_spawn_failure,
     test_edges,
+    test_log,
 );
