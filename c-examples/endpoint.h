@@ -37,7 +37,8 @@ struct host_api {
 	atomic_long known_devices; /* devices in the cache dump of the latest load (-1: none) */
 	atomic_long updates;       /* endpoint snapshot updates handled by the router's cache route */
 	atomic_long others;        /* messages handled by the router's default route */
-	atomic_long violations;    /* callbacks that ran while module_loaded == 0, misroutes, etc. */
+	atomic_long late_callbacks; /* callbacks that ran after unload_module() returned */
+	atomic_long violations;     /* misroutes, broken update sequences, a join returning early */
 };
 
 /* Entry points a module exports (looked up with dlsym). */

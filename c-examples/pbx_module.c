@@ -46,7 +46,7 @@ static void complain(struct host_api *api, const char *what, const char *name)
 static void check_loaded(struct host_api *api)
 {
 	if (!atomic_load(&api->module_loaded))
-		atomic_fetch_add(&api->violations, 1);
+		atomic_fetch_add(&api->late_callbacks, 1);
 }
 
 static void track(struct host_api *api, const struct endpoint_state *st, sb_message *old_snap,

@@ -43,9 +43,6 @@
 #error "include nats_harness.h before cluster_node.h"
 #endif
 
-/* The code of the last failure on this thread, for "err" replies. */
-#define CN_LAST_CODE (-1)
-
 #define CN_TOPICS 8
 #define CN_SENDERS 8
 
@@ -350,7 +347,7 @@ static int cn_command(char *line)
     if (strcmp(cmd, "eid") == 0 && argc == 2) {
         sb_eid e;
         if (sb_eid_from_str(argv[1], &e) != SB_OK || sb_eid_set_default(&e) != SB_OK)
-            return cn_reply_err(CN_LAST_CODE), 0;
+            return cn_reply_err(sb_last_error_code()), 0;
     } else if (strcmp(cmd, "join") == 0 && argc >= 5) {
         sb_cluster_config *cfg = sb_cluster_config_new();
         int rc = sb_cluster_config_set(cfg, "servers", argv[1]);
@@ -375,7 +372,7 @@ static int cn_command(char *line)
         cn.cluster = sb_cluster_join(cfg);
         sb_cluster_config_free(cfg);
         if (cn.cluster == NULL)
-            return cn_reply_err(CN_LAST_CODE), 0;
+            return cn_reply_err(sb_last_error_code()), 0;
         if (cn.events_sub == NULL)
             cn.events_sub = sb_subscribe(sb_cluster_topic(cn.cluster), cn_on_event, NULL);
     } else if (strcmp(cmd, "topic") == 0 && argc >= 2) {
@@ -391,7 +388,7 @@ static int cn_command(char *line)
             return cn_reply_err(rc), 0;
     } else if (strcmp(cmd, "forward") == 0 && argc == 3 && t && cn_find(argv[2])) {
         if (sb_forward_all(t->topic, cn_find(argv[2])->topic) == NULL)
-            return cn_reply_err(CN_LAST_CODE), 0;
+            return cn_reply_err(sb_last_error_code()), 0;
     } else if (strcmp(cmd, "pub") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);
@@ -446,7 +443,7 @@ static int cn_command(char *line)
     } else if (strcmp(cmd, "nodes") == 0) {
         sb_message_list *l = sb_cluster_nodes(cn.cluster);
         if (l == NULL)
-            return cn_reply_err(CN_LAST_CODE), 0;
+            return cn_reply_err(sb_last_error_code()), 0;
         char out[2048];
         int off = snprintf(out, sizeof out, "ok %zu", sb_message_list_len(l));
         for (size_t i = 0; i < sb_message_list_len(l) && off < (int)sizeof out - 64; i++) {
@@ -473,7 +470,7 @@ static int cn_command(char *line)
                        : sb_cache_create(cn_snapshot_id);
         t->ct = sb_caching_topic_create(t->topic, t->cache);
         if (t->ct == NULL)
-            return cn_reply_err(CN_LAST_CODE), 0;
+            return cn_reply_err(sb_last_error_code()), 0;
         t->updates_sub = sb_subscribe(sb_caching_get_topic(t->ct), cn_on_update, t);
     } else if (strcmp(cmd, "sharecache") == 0 && t && t->ct) {
         int rc = sb_cluster_share_cache(cn.cluster, t->ct);

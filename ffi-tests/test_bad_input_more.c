@@ -102,8 +102,9 @@ static void check_nothing_registered(const char *label, const char *name, sb_top
         CHECK(t == NULL);
         sb_topic_unref(t);
     }
-    CHECK_EQ_INT(sb_message_type_declined(name), 0);
-    CHECK_EQ_INT(sb_topic_pool_topic_exists(pool, name), 0);
+    /* "no", or a negative code for a name that is not text */
+    CHECK(sb_message_type_declined(name) <= 0);
+    CHECK(sb_topic_pool_topic_exists(pool, name) <= 0);
 }
 
 static void test_bad_names(void)
@@ -160,7 +161,7 @@ static void test_bad_names(void)
         CHECK_EQ_INT(sb_message_type_decline(nm), SB_E_INVAL);
         check_fresh(__FILE__, __LINE__, "sb_message_type_decline(bad name)");
         note_error_len();
-        CHECK_EQ_INT(sb_message_type_declined(nm), 0);
+        CHECK(sb_message_type_declined(nm) <= 0);
 
         /* topic pools */
         CHECK_NULL_FRESH(sb_topic_pool_get_topic(pool, nm));
@@ -169,7 +170,7 @@ static void test_bad_names(void)
         CHECK_EQ_INT(sb_topic_pool_delete_topic(pool, nm), SB_E_INVAL);
         check_fresh(__FILE__, __LINE__, "sb_topic_pool_delete_topic(bad name)");
         note_error_len();
-        CHECK_EQ_INT(sb_topic_pool_topic_exists(pool, nm), 0);
+        CHECK(sb_topic_pool_topic_exists(pool, nm) <= 0);
 
         /* entity ids: out is left alone */
         sb_eid e;

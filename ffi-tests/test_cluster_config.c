@@ -39,6 +39,7 @@ static void test_bad_config(void)
     CHECK_EQ_INT(sb_cluster_config_set(cfg, "heartbeat_ms", "700"), SB_OK);
     /* servers is required */
     CHECK(sb_cluster_join(cfg) == NULL);
+    CHECK_EQ_INT(sb_last_error_code(), SB_E_INVAL);
     CHECK(strstr(sb_last_error(), "servers") != NULL);
     /* user without password */
     CHECK_EQ_INT(sb_cluster_config_set(cfg, "servers", "nats://127.0.0.1:1"), SB_OK);
@@ -70,6 +71,7 @@ static void test_unreachable(void)
     sb_cluster_config *cfg = cfg_for(url);
     long long t0 = nh_now_ms();
     CHECK(sb_cluster_join(cfg) == NULL);
+    CHECK_EQ_INT(sb_last_error_code(), SB_E_UNAVAILABLE);
     CHECK(nh_now_ms() - t0 < 3000 + 2000);
     CHECK(strstr(sb_last_error(), url) != NULL);
     sb_cluster_config_free(cfg);
@@ -91,6 +93,7 @@ static void test_unreachable(void)
     sb_cluster *c = sb_cluster_join(cfg);
     long long took = nh_now_ms() - t0;
     CHECK(c == NULL);
+    CHECK_EQ_INT(sb_last_error_code(), SB_E_TIMEOUT);
     CHECK(strstr(sb_last_error(), "connect_timeout_ms") != NULL ||
           strstr(sb_last_error(), "timed out") != NULL);
     CHECK(took >= 400 && took < 500 + 6000);
@@ -124,6 +127,7 @@ static void test_credentials(void)
     c = sb_cluster_leave(c);
     c = join_with(&s, "user", "pbx", "password", "wrong", NULL);
     CHECK(c == NULL);
+    CHECK_EQ_INT(sb_last_error_code(), SB_E_UNAVAILABLE);
     CHECK(strstr(sb_last_error(), "uthoriz") != NULL); /* the server's reason */
     c = join_with(&s, NULL, NULL, NULL, NULL, NULL);
     CHECK(c == NULL);
@@ -163,7 +167,7 @@ static void test_tls(void)
     /* without our CA the server's certificate is not trusted */
     c = join_with(&s, "tls_required", "1", NULL, NULL, s.tls_url);
     CHECK(c == NULL);
-    CHECK(strlen(sb_last_error()) > 0);
+    CHECK_EQ_INT(sb_last_error_code(), SB_E_UNAVAILABLE);
     nh_server_free(&s);
 
     /* the server requires a client certificate of its CA */

@@ -1,6 +1,6 @@
 /*
  * test_library.c - Library and Entity id sections of API.md:
- * sb_version, sb_strerror, sb_last_error (per thread), sb_pool_configure (incl. reconfiguring
+ * sb_version (and the header's SB_VERSION_* macros), sb_strerror, sb_last_error (per thread), sb_pool_configure (incl. reconfiguring
  * while pool subscriptions run), sb_string_free, sb_eid_*.
  */
 #include "recorder.h"
@@ -21,6 +21,12 @@ static void test_version(void)
             digit = 1;
     CHECK(digit); /* a version has a number in it */
     CHECK(sb_version() != NULL && strcmp(sb_version(), v) == 0); /* stable */
+
+    /* the header's macros name the library this test runs with */
+    char macros[64];
+    snprintf(macros, sizeof macros, "%d.%d.%d", SB_VERSION_MAJOR, SB_VERSION_MINOR,
+             SB_VERSION_PATCH);
+    CHECK_STR(v, macros);
 }
 
 static void test_strerror(void)

@@ -108,16 +108,20 @@ int main(void)
     WAIT_UNTIL(atomic_load(&a_inside) == 1); /* the pool's one worker is held */
     CHECK_EQ_INT(sb_pool_configure(1, 2, 60000), SB_OK); /* room for a second, not started */
 
+    /* installed while threads can still be created, as a host does at startup: the
+     * library's log thread, which calls the handler, starts now */
+    sb_set_log_handler(log_handler, NULL);
     struct rlimit saved;
     CHECK(getrlimit(RLIMIT_NPROC, &saved) == 0);
     struct rlimit one = {1, saved.rlim_max};
     CHECK(setrlimit(RLIMIT_NPROC, &one) == 0);
-    sb_set_log_handler(log_handler, NULL);
     unsigned long long warnings_before = sb_warning_count();
 
     /* B needs a second worker, which cannot start: the failure is logged, and the
      * handler's own publish (to L, idle) returns instead of waiting on the pool lock */
     publish_one(t_b);
+    CHECK(sb_warning_count() > warnings_before);
+    WAIT_UNTIL(atomic_load(&handler_returned) == 1);
     CHECK(atomic_load(&failures_logged) >= 1);
     CHECK_EQ_INT(atomic_load(&handler_published), 1);
     CHECK_EQ_INT(atomic_load(&handler_returned), 1);

@@ -1098,6 +1098,8 @@ static void test_congestion(int pool)
     WAIT_UNTIL(sb_warning_count() - w0 >= 1);
     CHECK_STAYS(sb_warning_count() - w0 == 1, 20); /* still held: nothing drains */
     CHECK_EQ_INT(sb_warning_count() - w0, 1);
+    /* the line reaches the handler from the library's log thread */
+    WAIT_UNTIL((cap_counts(&cap, &warnings, &matching), warnings >= 1));
     cap_counts(&cap, &warnings, &matching);
     CHECK_EQ_INT(warnings, 1);
     CHECK_EQ_INT(matching, 1); /* a warning-level line naming the router's subscription */

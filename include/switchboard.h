@@ -1,15 +1,32 @@
 /*
  * switchboard: a typed, refcounted message bus for telephony software.
  *
- * Ownership, in one place:
- *  - A function that creates or looks up an object returns a NEW REFERENCE; the caller
- *    drops it with the matching *_unref (NULL-safe, thread-safe). *_ref(x) returns x.
- *  - Accessors return BORROWED pointers, valid while the owning object lives.
- *  - A callback's msg is borrowed for the duration of the call: sb_message_ref() it to
- *    keep it. sb_publish() never takes the caller's reference.
- *  - Failures: pointer-returning calls return NULL, int-returning calls a negative SB_E_*
- *    code; sb_last_error() then describes the failure (per thread).
- *  - Every function is thread-safe unless its comment says otherwise.
+ * Ownership. Each function's comment has an "Ownership:" line, in these words:
+ *  - NEW REFERENCE: the caller owns it and drops it with the matching *_unref
+ *    (NULL-safe, thread-safe), or with the function named (sb_unsubscribe*,
+ *    sb_router_unsubscribe*, sb_caching_unsubscribe*, sb_forward_cancel,
+ *    sb_message_list_free). *_ref(x) returns a new reference to x.
+ *  - BORROWED: valid while the object it comes from lives (an argument: for the call);
+ *    the library never frees it. Take a reference (*_ref) to keep it longer.
+ *  - TAKES OWNERSHIP: the caller's reference (or data) passes to the library; do not use
+ *    it afterwards (the x = sb_unsubscribe(x) idiom returns NULL for that reason).
+ *  A callback's msg is borrowed for the duration of the call. sb_publish() never takes
+ *  the caller's reference. A message may carry NULL data.
+ *
+ * Errors. Pointer-returning calls return NULL on failure, int-returning calls a negative
+ * SB_E_* code; yes/no functions return 1 / 0, or a negative code for a NULL or dead
+ * handle. sb_last_error_code() is the code of the latest call on the calling thread (0
+ * after a success, for every function but itself and sb_last_error()); sb_last_error()
+ * describes the latest failure. SB_E_INTERNAL is a bug of the library caught before it
+ * reached you: please report it.
+ *
+ * Callbacks (subscriptions, routes, cache functions, dtors, to_json, the log handler)
+ * must return normally: a C++ exception must not propagate out of one, and longjmp must
+ * not leave one. They may call the library. A successful join (sb_subscription_join,
+ * sb_unsubscribe_and_join and the router / caching variants) happens after the last
+ * callback: whatever the callbacks wrote is visible to the thread that joined.
+ *
+ * Every function is thread-safe unless its comment says otherwise.
  */
 
 
@@ -20,6 +37,14 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* The version of this header: sb_version() returns the loaded library's, as
+ * "MAJOR.MINOR.PATCH". The major version is the one in the soname
+ * (libswitchboard.so.0). */
+#define SB_VERSION_MAJOR 0
+#define SB_VERSION_MINOR 1
+#define SB_VERSION_PATCH 0
+
 
 /**
  * Success.
@@ -67,6 +92,11 @@
 #define SB_E_INTERNAL -8
 
 /**
+ * Lines waiting for the handler at most; beyond, lines are dropped (and counted).
+ */
+#define QUEUE_CAPACITY 1024
+
+/**
  * Log levels passed to an `sb_log_fn`.
  */
 #define SB_LOG_ERROR 1
@@ -76,15 +106,6 @@
 #define SB_LOG_NOTICE 3
 
 #define SB_LOG_DEBUG 4
-
-/**
- * Node states of sb_cluster_node.state.
- */
-typedef enum sb_node_state {
-  SB_NODE_UP = 1,
-  SB_NODE_DOWN = 2,
-  SB_NODE_LEFT = 3,
-} sb_node_state;
 
 /**
  * A cache of snapshots (opaque, refcounted).
@@ -153,25 +174,49 @@ typedef struct sb_topic sb_topic;
 typedef struct sb_topic_pool sb_topic_pool;
 
 /**
- * Returns the object id of a snapshot (borrowed, e.g. from the message's data), or NULL
- * when the message is not cacheable. Called for every message the caching topic sees.
- * Ids are UTF-8 text, as the getters take them: a snapshot whose id is not is not
- * cached (one warning per cache through the log handler).
+ * Returns the object id of a snapshot (borrowed, e.g. from the message's data, and read
+ * only during the call), or NULL when the message is not cacheable. `msg` is borrowed
+ * for the call. Called for every message the caching topic sees, on the publisher's
+ * thread. Ids are UTF-8 text, as the getters take them: a snapshot whose id is not is
+ * not cached (one warning per cache through the log handler). Like every callback it
+ * must return normally (no C++ exception, no longjmp out).
  */
 typedef const char *(*sb_snapshot_get_id)(struct sb_message *msg);
 
 /**
- * Computes an entry's aggregate after a change (`new_snapshot` NULL on a clear).
- * Returns a NEW reference: the current aggregate (sb_message_ref'd) for "unchanged",
- * NULL for "no aggregate".
+ * Computes an entry's aggregate after a change (`new_snapshot` NULL on a clear). `entry`
+ * and `new_snapshot` are borrowed for the call. Returns a NEW reference, which the cache
+ * takes over: the current aggregate (sb_message_ref'd) for "unchanged", NULL for "no
+ * aggregate". Must return normally (no C++ exception, no longjmp out).
  */
 typedef struct sb_message *(*sb_cache_aggregate_calc_fn)(struct sb_cache_entry *entry,
                                                          struct sb_message *new_snapshot);
 
 /**
- * Publishes a changed aggregate to the original topic (both arguments borrowed).
+ * Publishes a changed aggregate to the original topic (both arguments borrowed for the
+ * call: sb_publish does not take a reference either). Must return normally (no C++
+ * exception, no longjmp out).
  */
 typedef void (*sb_cache_aggregate_publish_fn)(struct sb_topic *topic, struct sb_message *aggregate);
+
+/**
+ * As sb_snapshot_get_id, with the `data` given to sb_cache_create_with_data.
+ */
+typedef const char *(*sb_snapshot_get_id_with_data)(void *data, struct sb_message *msg);
+
+/**
+ * As sb_cache_aggregate_calc_fn, with the `data` given to sb_cache_create_with_data.
+ */
+typedef struct sb_message *(*sb_cache_aggregate_calc_with_data_fn)(void *data,
+                                                                   struct sb_cache_entry *entry,
+                                                                   struct sb_message *new_snapshot);
+
+/**
+ * As sb_cache_aggregate_publish_fn, with the `data` given to sb_cache_create_with_data.
+ */
+typedef void (*sb_cache_aggregate_publish_with_data_fn)(void *data,
+                                                        struct sb_topic *topic,
+                                                        struct sb_message *aggregate);
 
 /**
  * Filter modes (an unsigned int, so any value C passes is checked, never UB).
@@ -193,7 +238,9 @@ typedef struct sb_eid {
 typedef char *(*sb_message_encode_fn)(const struct sb_message *msg, size_t *len);
 
 /**
- * Destructor of a message's data; runs exactly once, when the last reference goes.
+ * Destructor of a message's data; runs exactly once, when the last reference goes, on
+ * whichever thread drops it (also with NULL data). Takes ownership of `data`. Must
+ * return normally (no C++ exception, no longjmp out).
  */
 typedef void (*sb_data_dtor)(void *data);
 
@@ -241,7 +288,13 @@ typedef struct sb_cluster_stats {
 
 /**
  * Receives every log line of the library (warnings such as congestion, errors such as
- * a panicking callback). Called on whichever thread logs; must not block for long.
+ * a panicking callback). `text` is borrowed for the call. Called on a thread of the
+ * library (the log thread), one line at a time in the order they were logged, never on
+ * the thread that logged: a slow handler delays other log lines, not publishers (lines
+ * beyond a queue of 1024 are dropped and counted, see sb_log_dropped; lines still queued
+ * when the process exits are not delivered). It may call the library, including
+ * sb_set_log_handler. It must return normally: no C++ exception may propagate out of it
+ * and no longjmp may leave it.
  */
 typedef void (*sb_log_fn)(void *data, int level, const char *text);
 
@@ -250,14 +303,20 @@ typedef void (*sb_log_fn)(void *data, int level, const char *text);
  */
 typedef struct sb_message_vtable {
   /**
-   * Optional: renders a message as malloc()'d JSON text, freed by the library.
+   * Optional: renders a message as malloc()'d JSON text, which the library takes over
+   * (and frees); `msg` is borrowed for the call. Must return normally (no C++
+   * exception, no longjmp out).
    */
   char *(*to_json)(const struct sb_message *msg);
 } sb_message_vtable;
 
 /**
- * A subscription callback. `msg` and `sub` are borrowed for the call; invocations of
- * one subscription never overlap.
+ * A subscription callback. `msg` and `sub` are borrowed for the call (sb_message_ref /
+ * sb_subscription_ref them to keep them); invocations of one subscription never
+ * overlap. It may call the library (publish, subscribe, unsubscribe, even its own
+ * sb_unsubscribe_and_join, which then does not wait). It must return normally: no C++
+ * exception may propagate out of it and no longjmp may leave it (either would skip the
+ * library's cleanup and is undefined behaviour).
  */
 typedef void (*sb_subscription_cb)(void *data, struct sb_subscription *sub, struct sb_message *msg);
 
@@ -267,31 +326,50 @@ typedef void (*sb_subscription_cb)(void *data, struct sb_subscription *sub, stru
 typedef unsigned int sb_overflow;
 
 /**
- * Data of a subscription change message (type `sb_subscription_change_type()`).
+ * Node states of sb_cluster_node.state (an int, so any value is checked, never UB).
+ */
+typedef int sb_node_state;
+
+/**
+ * Data of a subscription change message (type `sb_subscription_change_type()`), read
+ * with sb_message_data(). Every field is borrowed from the message: valid while the
+ * message lives (for the duration of the callback, or longer if you sb_message_ref the
+ * message); take your own reference (sb_topic_ref) or copy (strdup) to keep one longer.
  */
 typedef struct sb_subscription_change {
+  /**
+   * The topic subscribed to or left (borrowed from the message, which holds a
+   * reference).
+   */
   struct sb_topic *topic;
+  /**
+   * The uniqueid of the subscription that changed (borrowed from the message).
+   */
   const char *uniqueid;
   /**
-   * "Subscribe" or "Unsubscribe".
+   * "Subscribe" or "Unsubscribe" (static text).
    */
   const char *description;
 } sb_subscription_change;
 
 /**
- * Data of a cache update message (type `sb_cache_update_type()`).
+ * Data of a cache update message (type `sb_cache_update_type()`), read with
+ * sb_message_data(). The update message holds a reference to each snapshot: every field
+ * is borrowed from it, valid while the update message lives (the duration of the
+ * callback, or longer if you sb_message_ref the update). To keep a snapshot past that,
+ * sb_message_ref the snapshot itself.
  */
 typedef struct sb_cache_update {
   /**
-   * Type of the snapshots.
+   * Type of the snapshots (borrowed; types live until the process ends).
    */
   struct sb_message_type *type;
   /**
-   * Previous snapshot, or NULL when the entry is new.
+   * Previous snapshot, or NULL when the entry is new (borrowed from the update).
    */
   struct sb_message *old_snapshot;
   /**
-   * New snapshot, or NULL on a clear.
+   * New snapshot, or NULL on a clear (borrowed from the update).
    */
   struct sb_message *new_snapshot;
 } sb_cache_update;
@@ -309,12 +387,27 @@ typedef struct sb_cluster_node {
   /**
    * An sb_node_state.
    */
-  int state;
+  sb_node_state state;
   /**
    * When its last heartbeat arrived here (CLOCK_REALTIME, ns).
    */
   uint64_t last_seen_ns;
 } sb_cluster_node;
+
+/**
+ * The node sends heartbeats.
+ */
+#define SB_NODE_UP 1
+
+/**
+ * The node missed `down_after_missed` heartbeats.
+ */
+#define SB_NODE_DOWN 2
+
+/**
+ * The node left the cluster (sb_cluster_leave).
+ */
+#define SB_NODE_LEFT 3
 
 /**
  * Deliver every type (except declined ones).
@@ -350,10 +443,12 @@ typedef struct sb_cluster_node {
 
 #ifdef __cplusplus
 extern "C" {
-#endif // __cplusplus
+#endif /* __cplusplus */
 
 /**
  * A cache keyed by (message type, `id_fn(msg)`, eid). New reference.
+ * Ownership: returns a new reference (drop it with sb_cache_unref); `id_fn` is called
+ * until the cache and every caching topic using it are gone.
  */
 struct sb_cache *sb_cache_create(sb_snapshot_get_id id_fn);
 
@@ -361,39 +456,70 @@ struct sb_cache *sb_cache_create(sb_snapshot_get_id id_fn);
  * A cache with aggregates: `calc` recomputes an entry's aggregate on every change; when
  * it changes, `publish(original, aggregate)` is called (NULL: sb_publish to the original
  * topic) and an (old, new) aggregate update is published on the caching topic.
+ * Ownership: returns a new reference (sb_cache_unref). `calc` returns a new reference
+ * the cache takes over; `publish` borrows its arguments for the call.
  */
 struct sb_cache *sb_cache_create_full(sb_snapshot_get_id id_fn,
                                       sb_cache_aggregate_calc_fn calc,
                                       sb_cache_aggregate_publish_fn publish);
 
 /**
+ * As sb_cache_create_full, with callbacks that receive `data` as their first argument
+ * (so one set of functions can serve several caches, or a module can reach its own state
+ * without globals). `calc` and `publish` may be NULL, as in sb_cache_create_full.
+ * The library never touches `data` itself, and does not free it: it must stay valid as
+ * long as a callback may run, that is until every caching topic using the cache has been
+ * joined (sb_caching_unsubscribe_and_join) and no other thread is still publishing to
+ * their original topics; free it after that. Returns a new reference, or NULL
+ * (SB_E_INVAL) when `id_fn` is NULL.
+ * Ownership: returns a new reference (sb_cache_unref); `data` stays the caller's.
+ */
+struct sb_cache *sb_cache_create_with_data(sb_snapshot_get_id_with_data id_fn,
+                                           sb_cache_aggregate_calc_with_data_fn calc,
+                                           sb_cache_aggregate_publish_with_data_fn publish,
+                                           void *data);
+
+/**
  * Takes a new reference; returns `cache`.
+ * Ownership: returns a new reference to the same cache; `cache` is borrowed.
  */
 struct sb_cache *sb_cache_ref(struct sb_cache *cache);
 
 /**
  * Drops a reference. NULL-safe.
+ * Ownership: takes ownership of (releases) one reference. Caching topics using the
+ * cache keep their own.
  */
 void sb_cache_unref(struct sb_cache *cache);
 
 /**
  * The entry's aggregate (borrowed), or NULL.
+ * Ownership: `entry` is borrowed (valid only inside the calc call that received it);
+ * the result is borrowed from the entry: sb_message_ref it to keep it past the call.
  */
 struct sb_message *sb_cache_entry_get_aggregate(struct sb_cache_entry *entry);
 
 /**
  * The entry's local snapshot (borrowed), or NULL.
+ * Ownership: borrowed from the entry, as sb_cache_entry_get_aggregate.
  */
 struct sb_message *sb_cache_entry_get_local(struct sb_cache_entry *entry);
 
 /**
  * The entry's `idx`-th remote snapshot (borrowed; ordered by eid), or NULL past the end.
+ * Ownership: borrowed from the entry, as sb_cache_entry_get_aggregate.
  */
 struct sb_message *sb_cache_entry_get_remote(struct sb_cache_entry *entry, size_t idx);
 
 /**
  * Subscribes synchronously to `original` and keeps `cache` current from its messages;
  * updates are published on sb_caching_get_topic(). Released by sb_caching_unsubscribe*.
+ * Ownership: `original` and `cache` are borrowed for the call; the caching topic takes
+ * references of its own: it keeps `original`, `cache` (and so the snapshots in it) and
+ * its update topic alive until it is released with sb_caching_unsubscribe /
+ * sb_caching_unsubscribe_and_join (after the join everything it held is released).
+ * Returns a new reference, which those functions take over; there is no separate
+ * unref.
  */
 struct sb_caching_topic *sb_caching_topic_create(struct sb_topic *original, struct sb_cache *cache);
 
@@ -401,53 +527,73 @@ struct sb_caching_topic *sb_caching_topic_create(struct sb_topic *original, stru
  * The topic cache updates are published on (borrowed): a topic of this caching topic's
  * own, named "<original>-cached" ("<original>-cached-2", ... while other caching topics
  * of the same original live).
+ * Ownership: borrowed: valid while the caching topic lives (sb_topic_ref it to keep it
+ * longer). `ct` is borrowed.
  */
 struct sb_topic *sb_caching_get_topic(struct sb_caching_topic *ct);
 
 /**
  * Caches messages of `type` only (switches the caching subscription to selective).
+ * Ownership: both arguments are borrowed (the caching topic keeps the type).
  */
 int sb_caching_accept_message_type(struct sb_caching_topic *ct, struct sb_message_type *ty);
 
 /**
  * Sets the caching subscription's filter mode.
+ * Ownership: `ct` is borrowed.
  */
 int sb_caching_set_filter(struct sb_caching_topic *ct, sb_subscription_filter filter);
 
 /**
  * Stops caching and releases the caching topic. Returns NULL.
+ * Ownership: takes ownership of the caller's reference to `ct` (do not use `ct`
+ * afterwards: `ct = sb_caching_unsubscribe(ct);`).
  */
 struct sb_caching_topic *sb_caching_unsubscribe(struct sb_caching_topic *ct);
 
 /**
  * As sb_caching_unsubscribe, and waits until the caching subscription is done.
+ * Refused from the caching subscription's own callbacks (the id / calc / publish
+ * functions run inside it): it then unsubscribes without waiting, and
+ * sb_last_error_code() is SB_E_DEADLOCK. After a join, no id / calc / publish call
+ * runs any more. Returns NULL. Ownership: takes ownership of the caller's reference,
+ * as sb_caching_unsubscribe.
  */
 struct sb_caching_topic *sb_caching_unsubscribe_and_join(struct sb_caching_topic *ct);
 
 /**
  * Type of cache update messages (borrowed, lives forever); data is sb_cache_update.
+ * Ownership: borrowed (never unref it). Messages of this type are made by caching
+ * topics only: sb_message_create* refuses it (SB_E_INVAL).
  */
 struct sb_message_type *sb_cache_update_type(void);
 
 /**
  * Type of cache clear messages (borrowed, lives forever).
+ * Ownership: borrowed (never unref it). Make clear messages with
+ * sb_cache_clear_create: sb_message_create* refuses this type (SB_E_INVAL).
  */
 struct sb_message_type *sb_cache_clear_type(void);
 
 /**
  * A message that, published to an original topic, removes `snapshot`'s entry (the
  * entry of the same type, id and eid). New reference.
+ * Ownership: `snapshot` is borrowed (the clear message keeps its own reference to it);
+ * returns a new reference (sb_message_unref) or NULL.
  */
 struct sb_message *sb_cache_clear_create(struct sb_message *snapshot);
 
 /**
  * The local snapshot of (type, id) — new reference — or NULL.
+ * Ownership: the arguments are borrowed; returns a new reference (sb_message_unref),
+ * or NULL when nothing is cached (sb_last_error_code() 0) or on bad input (non-zero).
  */
 struct sb_message *sb_cache_get(struct sb_cache *cache, struct sb_message_type *ty, const char *id);
 
 /**
  * The snapshot of (type, id) from `eid` — or the aggregate when `eid` is NULL — new
  * reference, or NULL.
+ * Ownership: as sb_cache_get.
  */
 struct sb_message *sb_cache_get_by_eid(struct sb_cache *cache,
                                        struct sb_message_type *ty,
@@ -456,6 +602,9 @@ struct sb_message *sb_cache_get_by_eid(struct sb_cache *cache,
 
 /**
  * Every snapshot (local and remote) of (type, id). Free with sb_message_list_free.
+ * Ownership: the arguments are borrowed; returns a new list the caller owns (it holds
+ * a reference to each message): free it with sb_message_list_free. NULL only on bad
+ * input; an unknown id gives an empty list.
  */
 struct sb_message_list *sb_cache_get_all(struct sb_cache *cache,
                                          struct sb_message_type *ty,
@@ -463,11 +612,15 @@ struct sb_message_list *sb_cache_get_all(struct sb_cache *cache,
 
 /**
  * The local snapshots of `type` (NULL: every type), as a consistent copy.
+ * Ownership: the arguments are borrowed; returns a new list the caller owns (it holds
+ * a reference to each message): free it with sb_message_list_free, which drops those
+ * references. NULL only on bad input.
  */
 struct sb_message_list *sb_cache_dump(struct sb_cache *cache, struct sb_message_type *ty);
 
 /**
  * The snapshots of one eid (NULL eid: the aggregates).
+ * Ownership: as sb_cache_dump (free the list with sb_message_list_free).
  */
 struct sb_message_list *sb_cache_dump_by_eid(struct sb_cache *cache,
                                              struct sb_message_type *ty,
@@ -475,27 +628,34 @@ struct sb_message_list *sb_cache_dump_by_eid(struct sb_cache *cache,
 
 /**
  * Every snapshot of every eid (no aggregates).
+ * Ownership: as sb_cache_dump (free the list with sb_message_list_free).
  */
 struct sb_message_list *sb_cache_dump_all(struct sb_cache *cache, struct sb_message_type *ty);
 
 /**
  * Number of messages in `list` (0 for NULL).
+ * Ownership: `list` is borrowed. A NULL or freed list also gives 0, with
+ * sb_last_error_code() SB_E_INVAL.
  */
 size_t sb_message_list_len(const struct sb_message_list *list);
 
 /**
  * The `i`-th message (borrowed from the list), or NULL past the end.
+ * Ownership: `list` is borrowed; the message is borrowed from the list (valid until
+ * sb_message_list_free): sb_message_ref it to keep it longer.
  */
 struct sb_message *sb_message_list_get(const struct sb_message_list *list, size_t i);
 
 /**
  * Frees a list and its references. NULL-safe.
+ * Ownership: takes ownership of `list` and drops its references to the messages.
  */
 void sb_message_list_free(struct sb_message_list *list);
 
 /**
  * A new, empty cluster configuration (owned by the caller: sb_cluster_config_free).
  * Not thread-safe: set it from one thread, then hand it to sb_cluster_join.
+ * Ownership: returns a new config the caller owns (sb_cluster_config_free).
  */
 struct sb_cluster_config *sb_cluster_config_new(void);
 
@@ -510,11 +670,13 @@ struct sb_cluster_config *sb_cluster_config_new(void);
  * store_replicas [1] (replicas of the shared caches' store; 3 on a three-server NATS
  * cluster survives losing one), user, password, token, creds_file, tls_ca_file,
  * tls_cert_file, tls_key_file, tls_required [0].
+ * Ownership: `cfg` is borrowed; `key` and `value` are borrowed (copied).
  */
 int sb_cluster_config_set(struct sb_cluster_config *cfg, const char *key, const char *value);
 
 /**
  * Frees a configuration (NULL is a no-op). It may be freed once sb_cluster_join returns.
+ * Ownership: takes ownership of `cfg` (freed).
  */
 void sb_cluster_config_free(struct sb_cluster_config *cfg);
 
@@ -524,6 +686,8 @@ void sb_cluster_config_free(struct sb_cluster_config *cfg);
  * auth or TLS failed: the server's reason is in sb_last_error()), SB_E_TIMEOUT (no
  * answer within connect_timeout_ms) or SB_E_INVAL (bad configuration). This process's
  * default eid (sb_eid_default) is its node id. `cfg` is borrowed.
+ * Ownership: returns a new handle the caller owns (released by sb_cluster_leave); `cfg`
+ * is borrowed.
  */
 struct sb_cluster *sb_cluster_join(const struct sb_cluster_config *cfg);
 
@@ -533,6 +697,7 @@ struct sb_cluster *sb_cluster_join(const struct sb_cluster_config *cfg);
  * once), sends what is queued (waiting at most 1 s), stops sharing, clears remote
  * entries from local shared caches (cache updates are published) and stops the
  * cluster's threads. In a forked child the handle is only released (SB_E_STATE).
+ * Ownership: takes ownership of `c` (released, even when the call fails).
  */
 struct sb_cluster *sb_cluster_leave(struct sb_cluster *c);
 
@@ -542,11 +707,14 @@ struct sb_cluster *sb_cluster_leave(struct sb_cluster *c);
  * messages of that topic name are published here with the sender's eid and timestamp.
  * Returns once this node's subscriptions are in place (SB_E_TIMEOUT after
  * connect_timeout_ms; they complete in the background).
+ * Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
+ * `topic` while it is shared.
  */
 int sb_cluster_share_topic(struct sb_cluster *c, struct sb_topic *topic);
 
 /**
  * Stops sharing `topic` (SB_E_STATE when it is not shared).
+ * Ownership: `c` and `topic` are borrowed; the cluster drops its reference to `topic`.
  */
 int sb_cluster_unshare_topic(struct sb_cluster *c, struct sb_topic *topic);
 
@@ -554,6 +722,8 @@ int sb_cluster_unshare_topic(struct sb_cluster *c, struct sb_topic *topic);
  * Sets the wire codec of `type` (both NULL: removes it). Types without a codec are not
  * sent, except bytes messages, which need none. The buffer `encode` returns is released
  * with free(). Both run on library threads.
+ * Ownership: `type` is borrowed; the functions must stay callable while the type may
+ * be sent or received (until the codec is removed or the cluster left).
  */
 int sb_message_type_set_codec(struct sb_message_type *ty,
                               sb_message_encode_fn encode,
@@ -563,6 +733,8 @@ int sb_message_type_set_codec(struct sb_message_type *ty,
  * Sends `msg` (borrowed) to one node only: published there on its topic named like
  * `topic`, which that node shares; not published here. SB_E_STATE when that node is not
  * up, SB_E_INVAL when the message cannot be encoded. Never waits for the network.
+ * Ownership: every argument is borrowed; the library takes its own reference to `msg`
+ * while it waits to be sent.
  */
 int sb_cluster_publish_to(struct sb_cluster *c,
                           const struct sb_eid *node,
@@ -572,6 +744,8 @@ int sb_cluster_publish_to(struct sb_cluster *c,
 /**
  * Also publishes local messages of `topic` whose type has to_json as JSON, for programs
  * outside the bus, on subject "<prefix>.json.<topic>.<type>" (README: Wire format).
+ * Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
+ * `topic` until it leaves.
  */
 int sb_cluster_export_json(struct sb_cluster *c, struct sb_topic *topic);
 
@@ -581,18 +755,23 @@ int sb_cluster_export_json(struct sb_cluster *c, struct sb_topic *topic);
  * loaded here as remote entries. Returns SB_OK once the local cache holds them, or
  * SB_E_TIMEOUT after connect_timeout_ms (sharing completes in the background). The
  * cluster keeps a reference to `ct` (borrowed) until it leaves.
+ * Ownership: `c` and `ct` are borrowed; the cluster keeps its own reference to `ct`
+ * (and so to its cache and original topic) until it leaves.
  */
 int sb_cluster_share_cache(struct sb_cluster *c, struct sb_caching_topic *ct);
 
 /**
  * Type of node messages (borrowed, lives forever); their data is a
  * `const sb_cluster_node *`, borrowed from the message.
+ * Ownership: returns a borrowed type that lives as long as the process.
  */
 struct sb_message_type *sb_cluster_node_type(void);
 
 /**
  * The topic node messages are published on at each change of a node's state (up, down,
  * left, up again). Borrowed: valid while the cluster handle is.
+ * Ownership: returns a borrowed topic (sb_topic_ref it to keep it longer); `c` is
+ * borrowed.
  */
 struct sb_topic *sb_cluster_topic(struct sb_cluster *c);
 
@@ -600,27 +779,49 @@ struct sb_topic *sb_cluster_topic(struct sb_cluster *c);
  * One node message per known node, this one included (a new list: free it with
  * sb_message_list_free). Down and left nodes stay listed until they come back, or for
  * 10 minutes.
+ * Ownership: returns a new list the caller owns (sb_message_list_free); `c` is borrowed.
  */
 struct sb_message_list *sb_cluster_nodes(struct sb_cluster *c);
 
 /**
  * Fills `*out` with the cluster's counters.
+ * Ownership: `c` is borrowed; `*out` is written, owned by the caller.
  */
 int sb_cluster_get_stats(struct sb_cluster *c, struct sb_cluster_stats *out);
 
 /**
- * The library version, e.g. "0.1.0". Static string.
+ * The library version, e.g. "0.1.0": SB_VERSION_MAJOR.SB_VERSION_MINOR.SB_VERSION_PATCH
+ * of the library actually loaded (compare with the macros of the header you compiled
+ * against). Static string: never NULL, never freed.
+ * Ownership: borrowed (static).
  */
 const char *sb_version(void);
 
 /**
- * Why the last failing call on this thread failed. Never NULL; valid until the next
- * failing call on this thread.
+ * Why the last failing call on this thread failed. Never NULL. Borrowed: a per-thread
+ * buffer whose text changes only when a call on this thread fails (a successful call
+ * leaves the text alone; sb_last_error_code() says whether the latest call failed).
+ * Does not change the last error itself.
+ * Ownership: borrowed (per-thread buffer; never free it).
  */
 const char *sb_last_error(void);
 
 /**
- * Static name of an `SB_*` code. Never NULL.
+ * The SB_E_* code of the latest call made on this thread, or 0 (SB_OK) when it
+ * succeeded. Every exported function sets it: to 0 when it succeeds, to its failure's
+ * code when it fails (including the functions that return NULL, void or a count, and
+ * sb_unsubscribe_and_join and friends refused with SB_E_DEADLOCK). The two exceptions
+ * are sb_last_error() and sb_last_error_code() themselves, which leave it alone. A NULL
+ * from a lookup that found nothing (sb_cache_get of an unknown id, ...) is a success.
+ * Calls made by a callback are calls of their own: once the library call that ran the
+ * callback returns, the code is that call's.
+ * Ownership: no pointers.
+ */
+int sb_last_error_code(void);
+
+/**
+ * Static name of an `SB_*` code. Never NULL; not to be freed.
+ * Ownership: borrowed (static).
  */
 const char *sb_strerror(int code);
 
@@ -632,6 +833,7 @@ const char *sb_strerror(int code);
  * queue) gets a stand-in, up to max(64, 8 x max_threads) stand-ins; past that, queued
  * work waits for a blocked worker to return. Takes effect at once.
  * Returns SB_OK, or SB_E_INVAL when max_threads is 0 or below min_threads.
+ * Ownership: no pointers.
  */
 int sb_pool_configure(unsigned int min_threads,
                       unsigned int max_threads,
@@ -640,42 +842,68 @@ int sb_pool_configure(unsigned int min_threads,
 /**
  * Frees a string the library returned (e.g. by `sb_message_to_json`). NULL-safe.
  * Such strings are malloc()'d, so free() works as well.
+ * Ownership: takes ownership of `s`.
  */
 void sb_string_free(char *s);
 
 /**
  * Routes the library's log lines to `fn` (NULL: back to stderr). `data` is passed back
- * untouched.
+ * untouched (borrowed: the library never frees it).
+ *
+ * Replacing or removing a handler waits: lines logged before this call are delivered to
+ * the previous handler (on this thread if the log thread has not taken them yet), and
+ * the call of the previous handler in flight on the log thread, if any, returns first.
+ * Once this returns, the previous handler is never called again, so the module that
+ * installed it may be unloaded (dlclose) and its `data` freed. Do not call it while
+ * holding a lock the handler takes. Called from inside the handler itself it does not
+ * wait; the change applies when that call returns.
+ * Ownership: `data` stays the caller's (borrowed by the library until the handler is
+ * replaced and this call returned).
  */
 void sb_set_log_handler(sb_log_fn handler, void *data);
 
 /**
+ * Log lines dropped since the process started because the handler fell more than 1024
+ * lines behind (a warning line saying how many is delivered once it catches up).
+ * Ownership: no pointers.
+ */
+uint64_t sb_log_dropped(void);
+
+/**
  * Number of warnings the library has logged since the process started.
+ * Ownership: no pointers.
  */
 uint64_t sb_warning_count(void);
 
 /**
  * This node's entity id (set by `sb_eid_set_default`, else derived from the host).
+ * Ownership: returned by value.
  */
 struct sb_eid sb_eid_default(void);
 
 /**
  * Sets this node's entity id. SB_E_INVAL when `eid` is NULL.
+ * Ownership: `eid` is borrowed for the call (copied).
  */
 int sb_eid_set_default(const struct sb_eid *eid);
 
 /**
  * Writes "aa:bb:cc:dd:ee:ff" and a NUL into `buf` (needs len >= 18).
+ * Returns SB_OK, or SB_E_INVAL for a NULL argument or a short buffer. Ownership: both
+ * pointers are borrowed for the call.
  */
 int sb_eid_to_str(const struct sb_eid *eid, char *buf, size_t len);
 
 /**
  * Parses "aa:bb:cc:dd:ee:ff" into `*out`.
+ * Returns SB_OK, or SB_E_INVAL (and `*out` unchanged) for a NULL argument or malformed
+ * text. Ownership: both pointers are borrowed for the call.
  */
 int sb_eid_from_str(const char *s, struct sb_eid *out);
 
 /**
  * Compares two eids like memcmp (<0, 0, >0). NULL sorts first.
+ * Ownership: both borrowed for the call.
  */
 int sb_eid_cmp(const struct sb_eid *a, const struct sb_eid *b);
 
@@ -685,6 +913,8 @@ int sb_eid_cmp(const struct sb_eid *a, const struct sb_eid *b);
  * `vtable` may be NULL; it is copied. A live type of the same name is returned as is.
  * A type's name and id stay with the process once created (ids are never reused), so
  * names form a bounded set: one per kind of event, never one per call or channel.
+ * Ownership: `name` and `vtable` are borrowed for the call (both copied); `*out`
+ * receives a new reference (sb_message_type_unref).
  */
 int sb_message_type_create(const char *name,
                            const struct sb_message_vtable *vtable,
@@ -692,21 +922,26 @@ int sb_message_type_create(const char *name,
 
 /**
  * The type's name (borrowed).
+ * Ownership: `ty` is borrowed; the name is borrowed from the type (types live until
+ * the process ends).
  */
 const char *sb_message_type_name(const struct sb_message_type *ty);
 
 /**
  * The type's small dense id (>= 0), or a negative code.
+ * Ownership: `ty` is borrowed.
  */
 int sb_message_type_id(const struct sb_message_type *ty);
 
 /**
  * Takes a new reference; returns `ty`.
+ * Ownership: returns a new reference to the same type; `ty` is borrowed.
  */
 struct sb_message_type *sb_message_type_ref(struct sb_message_type *ty);
 
 /**
  * Drops a reference. NULL-safe.
+ * Ownership: takes ownership of (releases) one reference.
  */
 void sb_message_type_unref(struct sb_message_type *ty);
 
@@ -714,17 +949,21 @@ void sb_message_type_unref(struct sb_message_type *ty);
  * Declines `name`: later creates of it fail with SB_E_DECLINED, even while a live type
  * holds the name (handles already out keep working: their messages are still created
  * and delivered). A decline cannot be undone.
+ * Ownership: `name` is borrowed for the call (copied).
  */
 int sb_message_type_decline(const char *name);
 
 /**
- * 1 when `name` was declined, else 0 (also for NULL).
+ * 1 when `name` was declined, else 0; SB_E_INVAL (negative) for a NULL or non-UTF-8
+ * name. `name` is borrowed for the call.
+ * Ownership: `name` is borrowed for the call.
  */
 int sb_message_type_declined(const char *name);
 
 /**
  * The message as JSON (malloc()'d; free with sb_string_free), or NULL when its type
  * has no to_json or to_json returned NULL.
+ * Ownership: `msg` is borrowed; the caller owns the returned string (sb_string_free).
  */
 char *sb_message_to_json(const struct sb_message *msg);
 
@@ -732,11 +971,19 @@ char *sb_message_to_json(const struct sb_message *msg);
  * A message of `type` carrying `data` from this node (default eid). The message owns
  * `data`: `dtor(data)` runs exactly once when the last reference goes (dtor may be
  * NULL). On failure (NULL) the caller still owns `data` and dtor is not called.
+ * `data` may be NULL: a message without payload is fine (sb_message_data() then
+ * returns NULL, and a non-NULL dtor is still called once, with NULL). Messages of the
+ * library's own types (sb_subscription_change_type(), sb_cache_update_type(),
+ * sb_cache_clear_type()) cannot be made here: NULL with SB_E_INVAL. Ownership: `type`
+ * is borrowed (the message keeps a reference); on success the message takes ownership
+ * of `data` and the caller gets a new reference (sb_message_unref).
  */
 struct sb_message *sb_message_create(struct sb_message_type *ty, void *data, sb_data_dtor dtor);
 
 /**
  * As sb_message_create, from node `eid`; a NULL eid makes an aggregate message.
+ * NULL data is allowed and library-owned types are refused, as in sb_message_create.
+ * Ownership: `eid` is borrowed for the call (copied); otherwise as sb_message_create.
  */
 struct sb_message *sb_message_create_full(struct sb_message_type *ty,
                                           void *data,
@@ -747,6 +994,9 @@ struct sb_message *sb_message_create_full(struct sb_message_type *ty,
  * A message carrying a private copy of `len` bytes (`bytes` may be NULL when len is 0).
  * NULL with SB_E_INVAL for a length above PTRDIFF_MAX, SB_E_NOMEM when the copy cannot
  * be allocated.
+ * Messages of the library's own types are refused (SB_E_INVAL), as by
+ * sb_message_create. Ownership: `type` and `bytes` are borrowed for the call (the
+ * bytes are copied); returns a new reference (sb_message_unref).
  */
 struct sb_message *sb_message_create_bytes(struct sb_message_type *ty,
                                            const void *bytes,
@@ -754,51 +1004,68 @@ struct sb_message *sb_message_create_bytes(struct sb_message_type *ty,
 
 /**
  * The message's type (borrowed).
+ * Ownership: borrowed from the message (and types live until the process ends).
  */
 struct sb_message_type *sb_message_get_type(const struct sb_message *msg);
 
 /**
  * The message's data pointer (for bytes messages, the copy).
+ * NULL when the message was created with NULL data (check sb_last_error_code() to tell
+ * it from a bad handle). Ownership: borrowed: valid while the message lives; the
+ * library never writes through it.
  */
 void *sb_message_data(const struct sb_message *msg);
 
 /**
  * Length of a bytes message's data; 0 for other messages.
+ * Ownership: `msg` is borrowed. A NULL or dead handle also gives 0, with
+ * sb_last_error_code() SB_E_INVAL.
  */
 size_t sb_message_data_len(const struct sb_message *msg);
 
 /**
  * CLOCK_REALTIME at creation, in ns since the epoch (0 on bad input).
+ * Ownership: `msg` is borrowed.
  */
 uint64_t sb_message_timestamp_ns(const struct sb_message *msg);
 
 /**
  * The node the message comes from (borrowed), or NULL for an aggregate.
+ * Ownership: borrowed from the message: valid while it lives.
  */
 const struct sb_eid *sb_message_eid(const struct sb_message *msg);
 
 /**
  * Takes a new reference; returns `msg`.
+ * Ownership: returns a new reference to the same message; `msg` is borrowed.
  */
 struct sb_message *sb_message_ref(struct sb_message *msg);
 
 /**
  * Drops a reference; the last one runs the dtor. NULL-safe.
+ * Ownership: takes ownership of (releases) one reference.
  */
 void sb_message_unref(struct sb_message *msg);
 
 /**
  * A router on a thread of its own. New reference.
+ * Ownership: `topic` is borrowed; the router keeps its own reference to it until its
+ * final message was handled. Returns a new reference, released by
+ * sb_router_unsubscribe / sb_router_unsubscribe_and_join.
  */
 struct sb_router *sb_router_create(struct sb_topic *topic);
 
 /**
  * A router run by the shared pool. New reference.
+ * Ownership: as sb_router_create.
  */
 struct sb_router *sb_router_create_pool(struct sb_topic *topic);
 
 /**
  * Routes messages of `type` to `cb(data, ...)` (replaces an existing route of `type`).
+ * Ownership: `r` and `type` are borrowed (the router keeps the type); `data` stays the
+ * caller's and must stay valid until the router is joined
+ * (sb_router_unsubscribe_and_join).
  */
 int sb_router_add(struct sb_router *r,
                   struct sb_message_type *ty,
@@ -807,6 +1074,10 @@ int sb_router_add(struct sb_router *r,
 
 /**
  * Routes cache updates whose snapshots are of `type` to `cb(data, ...)`.
+ * The route's `msg` is the cache update message itself (type sb_cache_update_type(),
+ * data an sb_cache_update whose `type` is `type`), borrowed for the call like any
+ * callback's msg; its old/new snapshots are borrowed from it. Ownership: as
+ * sb_router_add.
  */
 int sb_router_add_cache_update(struct sb_router *r,
                                struct sb_message_type *ty,
@@ -815,63 +1086,84 @@ int sb_router_add_cache_update(struct sb_router *r,
 
 /**
  * Removes the route of `type` (SB_E_INVAL when there is none).
+ * Ownership: both arguments borrowed. A route callback already running finishes.
  */
 int sb_router_remove(struct sb_router *r, struct sb_message_type *ty);
 
 /**
  * Removes the cache update route of `type` (SB_E_INVAL when there is none).
+ * Ownership: both arguments borrowed.
  */
 int sb_router_remove_cache_update(struct sb_router *r, struct sb_message_type *ty);
 
 /**
  * Sets the route for messages no other route takes; the router then accepts every type.
+ * Ownership: `r` is borrowed; `data` stays the caller's, valid until the router is
+ * joined.
  */
 int sb_router_set_default(struct sb_router *r, sb_subscription_cb cb, void *data);
 
 /**
  * As sb_subscription_set_congestion_limits, for the router's subscription.
+ * Ownership: `r` is borrowed.
  */
 int sb_router_set_congestion_limits(struct sb_router *r, long low_water, long high_water);
 
 /**
  * Publishes `msg` to the router's topic and returns once the router handled it.
+ * Returns as sb_publish_sync (SB_E_DEADLOCK from one of the router's own routes).
+ * Ownership: both arguments borrowed (the caller keeps its reference to `msg`).
  */
 int sb_router_publish_sync(struct sb_router *r, struct sb_message *msg);
 
 /**
  * Unsubscribes the router and releases the caller's reference. Returns NULL.
+ * Ownership: takes ownership of the caller's reference to `r` (`r =
+ * sb_router_unsubscribe(r);`).
  */
 struct sb_router *sb_router_unsubscribe(struct sb_router *r);
 
 /**
  * As sb_router_unsubscribe, and waits until its final message was handled (from one of
  * its own routes it does not wait: last error SB_E_DEADLOCK). Returns NULL.
+ * sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when refused.
+ * After a join no route runs again and the routes' data may be freed. Ownership: takes
+ * ownership of the caller's reference to `r`.
  */
 struct sb_router *sb_router_unsubscribe_and_join(struct sb_router *r);
 
 /**
- * 1 once the router's final message was handled.
+ * 1 once the router's final message was handled, 0 before; SB_E_INVAL (negative) for a
+ * NULL or dead handle.
+ * Ownership: `r` is borrowed.
  */
 int sb_router_is_done(struct sb_router *r);
 
 /**
  * Takes a new reference; returns `r`.
+ * Ownership: returns a new reference to the same router; `r` is borrowed.
  */
 struct sb_router *sb_router_ref(struct sb_router *r);
 
 /**
  * Drops a reference (does not unsubscribe). NULL-safe.
+ * Ownership: takes ownership of (releases) one reference.
  */
 void sb_router_unref(struct sb_router *r);
 
 /**
  * Subscribes `cb` on a thread of its own. Returns a new reference, released by
  * sb_unsubscribe / sb_unsubscribe_and_join. The first message is the Subscribe change.
+ * Ownership: `topic` is borrowed; the subscription keeps its own reference to it.
+ * `data` stays the caller's: the library never reads, writes or frees it, and passes
+ * it to `cb` until the final message was handled, so keep it valid until a join
+ * (sb_unsubscribe_and_join / sb_subscription_join) returned.
  */
 struct sb_subscription *sb_subscribe(struct sb_topic *topic, sb_subscription_cb cb, void *data);
 
 /**
  * As sb_subscribe, run by the shared worker pool.
+ * Ownership: as sb_subscribe.
  */
 struct sb_subscription *sb_subscribe_pool(struct sb_topic *topic,
                                           sb_subscription_cb cb,
@@ -881,6 +1173,7 @@ struct sb_subscription *sb_subscribe_pool(struct sb_topic *topic,
  * As sb_subscribe, run on the publisher's thread inside sb_publish (serialized: a
  * publisher on another thread waits its turn; a nested publish from the callback is
  * delivered after the callback returns).
+ * Ownership: as sb_subscribe.
  */
 struct sb_subscription *sb_subscribe_synchronous(struct sb_topic *topic,
                                                  sb_subscription_cb cb,
@@ -891,6 +1184,9 @@ struct sb_subscription *sb_subscribe_synchronous(struct sb_topic *topic,
  * (Unsubscribe change) is delivered last. Leaving the topic costs O(1) amortized however
  * many subscriptions it has (publishing the Unsubscribe change to them is O(their
  * number), as any publish). Returns NULL.
+ * Ownership: takes ownership of the caller's reference to `sub` (`sub =
+ * sb_unsubscribe(sub);`); the callback may still run until the final message was
+ * handled.
  */
 struct sb_subscription *sb_unsubscribe(struct sb_subscription *sub);
 
@@ -899,51 +1195,71 @@ struct sb_subscription *sb_unsubscribe(struct sb_subscription *sub);
  * reference. It does not wait (last error SB_E_DEADLOCK) when the wait could never end:
  * from the subscription's own callback, or from a callback while the subscription's
  * callback runs on a thread that waits for this one. Returns NULL.
+ * sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when the wait
+ * was refused (the subscription is unsubscribed either way). Ownership: takes
+ * ownership of the caller's reference to `sub`.
  */
 struct sb_subscription *sb_unsubscribe_and_join(struct sb_subscription *sub);
 
 /**
  * Waits until the final message was handled (the caller keeps its reference). From the
  * subscription's own callback, or from a callback while the subscription's callback runs
- * on a thread that waits for this one, it returns at once with last error SB_E_DEADLOCK.
+ * on a thread that waits for this one, it returns at once with SB_E_DEADLOCK.
+ * Returns SB_OK once the final message was handled, SB_E_DEADLOCK when the wait was
+ * refused, SB_E_INVAL for a NULL or dead handle.
+ * A join that returned SB_OK makes everything the callbacks wrote visible to the
+ * caller (it synchronizes with the end of the last callback), so their results may be
+ * read without more locking. Ownership: `sub` is borrowed.
  */
-void sb_subscription_join(struct sb_subscription *sub);
+int sb_subscription_join(struct sb_subscription *sub);
 
 /**
- * 1 once the final message was handled.
+ * 1 once the final message was handled, 0 before. A NULL or dead handle is
+ * SB_E_INVAL (negative), so a loop `while (!sb_subscription_is_done(s))` ends; test
+ * `> 0` / `== 1` for "done".
+ * Ownership: `sub` is borrowed.
  */
 int sb_subscription_is_done(struct sb_subscription *sub);
 
 /**
- * 1 until the subscription is unsubscribed.
+ * 1 until the subscription is unsubscribed, then 0; SB_E_INVAL (negative) for a NULL or
+ * dead handle.
+ * Ownership: `sub` is borrowed.
  */
 int sb_subscription_is_subscribed(const struct sb_subscription *sub);
 
 /**
- * 1 when `msg` is `sub`'s final message.
+ * 1 when `msg` is `sub`'s final message, else 0; SB_E_INVAL (negative) for a NULL or
+ * dead handle. Both arguments are borrowed.
+ * Ownership: both arguments are borrowed.
  */
 int sb_subscription_final_message(const struct sb_subscription *sub, const struct sb_message *msg);
 
 /**
  * The subscription's unique id, "<topic name>:<number>" with a number no other
  * subscription of this process has (borrowed: valid while the subscription lives).
+ * Ownership: `sub` is borrowed.
  */
 const char *sb_subscription_uniqueid(const struct sb_subscription *sub);
 
 /**
  * Delivers `type` and switches the filter to SB_FILTER_SELECTIVE.
+ * Returns SB_OK or SB_E_INVAL. Ownership: `sub` borrowed; `type` borrowed (the
+ * subscription keeps a reference).
  */
 int sb_subscription_accept_message_type(struct sb_subscription *sub,
                                         const struct sb_message_type *ty);
 
 /**
  * Stops delivering `type` (in either filter mode).
+ * Returns SB_OK or SB_E_INVAL. Ownership: as sb_subscription_accept_message_type.
  */
 int sb_subscription_decline_message_type(struct sb_subscription *sub,
                                          const struct sb_message_type *ty);
 
 /**
  * Sets the filter mode: SB_FILTER_NONE or SB_FILTER_SELECTIVE.
+ * Returns SB_OK or SB_E_INVAL. Ownership: `sub` is borrowed.
  */
 int sb_subscription_set_filter(struct sb_subscription *sub, sb_subscription_filter filter);
 
@@ -952,6 +1268,7 @@ int sb_subscription_set_filter(struct sb_subscription *sub, sb_subscription_filt
  * again only after the queue fell below `low_water`. Needs 0 <= low <= high, high > 0.
  * Defaults: 5000 and 10000 (a wide gap: a subscriber that keeps up with bursts whose
  * backlog swings across one mark is warned about once, not at every burst).
+ * Returns SB_OK or SB_E_INVAL. Ownership: `sub` is borrowed.
  */
 int sb_subscription_set_congestion_limits(struct sb_subscription *sub,
                                           long low_water,
@@ -963,87 +1280,113 @@ int sb_subscription_set_congestion_limits(struct sb_subscription *sub,
  * (sb_subscription_dropped). Synchronous subscriptions run inside sb_publish and never
  * build a queue: the policy is recorded but has no effect on them. SB_E_INVAL for an
  * unknown policy or a zero limit.
+ * Ownership: `sub` is borrowed.
  */
 int sb_subscription_set_overflow(struct sb_subscription *sub, sb_overflow policy, size_t limit);
 
 /**
  * Messages the overflow policy dropped for `sub`.
+ * Ownership: `sub` is borrowed. A NULL or dead handle gives 0 with
+ * sb_last_error_code() SB_E_INVAL.
  */
 uint64_t sb_subscription_dropped(const struct sb_subscription *sub);
 
 /**
  * Times this subscription crossed its high-water mark.
+ * Ownership: `sub` is borrowed. A NULL or dead handle gives 0 with
+ * sb_last_error_code() SB_E_INVAL.
  */
 uint64_t sb_subscription_congestion_warnings(const struct sb_subscription *sub);
 
 /**
  * Messages queued and not yet taken for delivery.
+ * A NULL or dead handle also gives 0: sb_last_error_code() is then SB_E_INVAL (0 after
+ * a real count). Ownership: `sub` is borrowed.
  */
 size_t sb_subscription_queue_length(const struct sb_subscription *sub);
 
 /**
  * Takes a new reference; returns `sub`.
+ * Ownership: returns a new reference to the same subscription; `sub` is borrowed.
  */
 struct sb_subscription *sb_subscription_ref(struct sb_subscription *sub);
 
 /**
  * Drops a reference (does not unsubscribe). NULL-safe.
+ * Ownership: takes ownership of (releases) one reference.
  */
 void sb_subscription_unref(struct sb_subscription *sub);
 
 /**
  * The type of Subscribe/Unsubscribe change messages (borrowed, lives forever).
+ * Messages of this type are made by the library only: sb_message_create* refuses it
+ * (SB_E_INVAL). Ownership: borrowed (never unref it).
  */
 struct sb_message_type *sb_subscription_change_type(void);
 
 /**
  * Creates the topic `name` (new reference), or returns the live topic of that name.
+ * Ownership: `name` is borrowed for the call (copied); returns a new reference
+ * (sb_topic_unref).
  */
 struct sb_topic *sb_topic_create(const char *name);
 
 /**
  * As sb_topic_create, with a free-text description (used only when the topic is new).
+ * Ownership: as sb_topic_create (`detail` copied too).
  */
 struct sb_topic *sb_topic_create_with_detail(const char *name, const char *detail);
 
 /**
  * The live topic `name` (new reference), or NULL.
+ * Ownership: `name` is borrowed for the call.
  */
 struct sb_topic *sb_topic_get(const char *name);
 
 /**
  * The topic's name (borrowed).
+ * Ownership: `topic` is borrowed; the name is borrowed from it: valid while the topic
+ * lives.
  */
 const char *sb_topic_name(const struct sb_topic *topic);
 
 /**
  * The topic's detail text (borrowed; "" when none).
+ * Ownership: borrowed from the topic, as sb_topic_name.
  */
 const char *sb_topic_detail(const struct sb_topic *topic);
 
 /**
  * A process-unique id of the topic (borrowed).
+ * Ownership: borrowed from the topic, as sb_topic_name.
  */
 const char *sb_topic_uniqueid(const struct sb_topic *topic);
 
 /**
  * Subscriptions a publish here reaches, counting those reached via forwards.
+ * A NULL or dead handle also gives 0: sb_last_error_code() is then SB_E_INVAL (0 after
+ * a real count). Ownership: `topic` is borrowed.
  */
 size_t sb_topic_subscribers(const struct sb_topic *topic);
 
 /**
  * 1 when a message of `type` published here would reach at least one subscription that
- * accepts it, else 0. Lets producers skip building messages nobody reads.
+ * accepts it, else 0. Lets producers skip building messages nobody reads. SB_E_INVAL
+ * (negative) for a NULL or dead handle: test `> 0` before skipping work.
+ * Ownership: both arguments borrowed.
  */
 int sb_topic_wants(const struct sb_topic *topic, const struct sb_message_type *ty);
 
 /**
  * Takes a new reference; returns `topic`.
+ * Ownership: returns a new reference to the same topic; `topic` is borrowed.
  */
 struct sb_topic *sb_topic_ref(struct sb_topic *topic);
 
 /**
  * Drops a reference; the topic leaves the registry with its last one. NULL-safe.
+ * Ownership: takes ownership of (releases) one reference. Subscriptions, forwards,
+ * pools and caching topics keep references of their own.
  */
 void sb_topic_unref(struct sb_topic *topic);
 
@@ -1053,6 +1396,8 @@ void sb_topic_unref(struct sb_topic *topic);
  * with one exception that keeps callbacks from deadlocking each other: called from inside
  * a callback, a synchronous subscription that another thread is running right now is not
  * waited for; that thread delivers `msg` after its current callback returns.
+ * Ownership: both arguments borrowed: the caller keeps its reference to `msg`
+ * (subscriptions take their own while the message is queued).
  */
 int sb_publish(struct sb_topic *topic, struct sb_message *msg);
 
@@ -1062,12 +1407,15 @@ int sb_publish(struct sb_topic *topic, struct sb_message *msg);
  * wait could never end it publishes and returns SB_E_DEADLOCK at once: called from
  * `sub`'s own callback, or from a callback while `sub`'s callback runs on a thread that
  * itself waits (directly or through others) for this one.
+ * Ownership: both arguments borrowed, as sb_publish.
  */
 int sb_publish_sync(struct sb_subscription *sub, struct sb_message *msg);
 
 /**
  * Forwards everything published to `from` to `to`'s subscriptions (and onwards). Returns
  * the forward, released by sb_forward_cancel; NULL with SB_E_INVAL for a cycle.
+ * Ownership: `from` and `to` are borrowed; the forward keeps references to both until
+ * it is cancelled. Returns a new reference that sb_forward_cancel takes over.
  */
 struct sb_forward *sb_forward_all(struct sb_topic *from, struct sb_topic *to);
 
@@ -1076,36 +1424,48 @@ struct sb_forward *sb_forward_all(struct sb_topic *from, struct sb_topic *to);
  * not follow it. O(1) amortized, however many forwards leave `from`. Returns NULL;
  * NULL-safe. A second cancel of the same handle (a caller bug) fails with SB_E_STATE
  * when the forward is still known, and releases nothing.
+ * Ownership: takes ownership of the caller's reference (`f = sb_forward_cancel(f);`).
  */
 struct sb_forward *sb_forward_cancel(struct sb_forward *forward);
 
 /**
  * A pool of topics "<pooled name>/<name>" that forward into `pooled_topic`.
+ * Ownership: `pooled_topic` is borrowed; the pool keeps its own reference to it, and
+ * to every topic it created, until the topic is deleted or the pool's last reference
+ * is dropped. Returns a new reference (sb_topic_pool_unref; there is no
+ * sb_topic_pool_ref).
  */
 struct sb_topic_pool *sb_topic_pool_create(struct sb_topic *pooled_topic);
 
 /**
  * The pool's topic for `name` (new reference), created on first use.
+ * Ownership: `pool` and `name` are borrowed; returns a new reference (sb_topic_unref)
+ * to the topic, which the pool also keeps until it is deleted.
  */
 struct sb_topic *sb_topic_pool_get_topic(struct sb_topic_pool *pool, const char *name);
 
 /**
  * Removes `name` from the pool and cancels its forward. SB_E_INVAL when absent.
+ * The topic itself lives on while others hold references. Ownership: arguments
+ * borrowed.
  */
 int sb_topic_pool_delete_topic(struct sb_topic_pool *pool, const char *name);
 
 /**
- * 1 when the pool has a topic for `name`, else 0.
+ * 1 when the pool has a topic for `name`, else 0; SB_E_INVAL (negative) for a NULL or
+ * dead pool or a NULL name.
+ * Ownership: arguments borrowed.
  */
 int sb_topic_pool_topic_exists(const struct sb_topic_pool *pool, const char *name);
 
 /**
  * Drops a reference; the last one cancels the pool's forwards. NULL-safe.
+ * Ownership: takes ownership of (releases) one reference.
  */
 void sb_topic_pool_unref(struct sb_topic_pool *pool);
 
 #ifdef __cplusplus
-}  // extern "C"
-#endif  // __cplusplus
+} /* extern "C" */
+#endif /* __cplusplus */
 
 #endif  /* SWITCHBOARD_H */

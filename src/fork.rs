@@ -3,7 +3,8 @@
 //!
 //! Only the forking thread survives in a child, so:
 //! - the global locks are taken before the fork and released on both sides, so no child
-//!   inherits one in a held state (registries, forward graph, pool);
+//!   inherits one in a held state (log queue, registries, forward graph, pool);
+//! - the log thread is started again by the child's first log line;
 //! - the pool forgets its workers and starts new ones on demand;
 //! - each dedicated subscription remembers the fork generation its thread belongs to and
 //!   starts a new thread on the first delivery in a newer generation.
@@ -35,6 +36,7 @@ pub(crate) fn install() {
 }
 
 extern "C" fn prepare() {
+    crate::log::fork_lock();
     crate::message_type::fork_lock();
     crate::topic::fork_lock();
     crate::forward::fork_lock();
@@ -49,6 +51,7 @@ extern "C" fn parent() {
         crate::topic::fork_unlock();
         crate::message_type::fork_unlock();
     }
+    crate::log::fork_unlock();
 }
 
 extern "C" fn child() {
@@ -61,4 +64,5 @@ extern "C" fn child() {
         crate::topic::fork_unlock();
         crate::message_type::fork_unlock();
     }
+    crate::log::fork_reset_and_unlock();
 }

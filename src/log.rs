@@ -1,7 +1,24 @@
 //! The library's one way to report something: every warning goes through here, to a
 //! host-installed handler (a PBX routes it into its own logger) or to stderr.
+//!
+//! A handler is the host's code, possibly slow (a PBX logger takes locks, writes files):
+//! a publisher that crosses a congestion mark must not wait for it. So a line only goes
+//! into a bounded queue on the logging thread, and a library thread (the log thread)
+//! calls the handler; when the queue is full the line is dropped and counted.
+//!
+//! Replacing or removing the handler waits for the call in flight, and delivers the
+//! lines still queued to the old handler first: once `set_handler` returns the old
+//! handler is never called again, so a module that installed it may be unloaded. From
+//! inside the handler (the log thread, or a thread draining the queue in `set_handler`)
+//! the replacement takes effect after the current call returns and nothing waits.
+//!
+//! Locks: `DELIVER` (held while a handler runs) is taken before `QUEUE` (held briefly to
+//! push or pop); `log` takes only `QUEUE`, so a handler may log.
 
-use parking_lot::RwLock;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -15,12 +32,78 @@ pub enum Level {
 
 pub type Handler = Arc<dyn Fn(Level, &str) + Send + Sync>;
 
-static HANDLER: RwLock<Option<Handler>> = RwLock::new(None);
-static WARNINGS: AtomicU64 = AtomicU64::new(0);
+/// Lines waiting for the handler at most; beyond, lines are dropped (and counted).
+pub const QUEUE_CAPACITY: usize = 1024;
 
-/// Installs `handler` (None: back to stderr).
+struct Queue {
+    lines: VecDeque<(Level, String)>,
+    /// A handler is installed (or will be once the queued lines are delivered): lines
+    /// go through the queue. Without one they go straight to stderr.
+    installed: bool,
+    /// The log thread of this process runs (or is being started).
+    thread: bool,
+}
+
+/// What the delivering thread calls.
+struct Deliver {
+    handler: Option<Handler>,
+}
+
+static QUEUE: Mutex<Queue> = Mutex::new(Queue {
+    lines: VecDeque::new(),
+    installed: false,
+    thread: false,
+});
+static READY: Condvar = Condvar::new();
+static DELIVER: Mutex<Deliver> = Mutex::new(Deliver { handler: None });
+/// A replacement asked for from inside a handler, applied when that call returns.
+static FROM_HANDLER: Mutex<Option<Option<Handler>>> = Mutex::new(None);
+static WARNINGS: AtomicU64 = AtomicU64::new(0);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Dropped lines not yet reported to the handler.
+static DROPPED_UNREPORTED: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This thread is inside a handler call (it holds `DELIVER`).
+    static IN_HANDLER: Cell<bool> = const { Cell::new(false) };
+    static FORK_GUARDS: RefCell<Option<(MutexGuard<'static, Deliver>, MutexGuard<'static, Queue>)>> =
+        const { RefCell::new(None) };
+}
+
+fn in_handler() -> bool {
+    IN_HANDLER.try_with(Cell::get).unwrap_or(false)
+}
+
+/// Installs `handler` (None: back to stderr). Waits until no call of the previous
+/// handler runs and the lines logged before were delivered to it; from inside a handler
+/// call it does not wait, and takes effect when that call returns.
 pub fn set_handler(handler: Option<Handler>) {
-    *HANDLER.write() = handler;
+    fork_install();
+    if in_handler() {
+        QUEUE.lock().installed = handler.is_some();
+        *FROM_HANDLER.lock() = Some(handler);
+        return;
+    }
+    let mut deliver = DELIVER.lock();
+    // The lines logged before this call belong to the handler they were logged under.
+    drain(&mut deliver);
+    let installing = handler.is_some();
+    deliver.handler = handler;
+    let start = {
+        let mut q = QUEUE.lock();
+        q.installed = installing;
+        let start = installing && !q.thread;
+        if start {
+            q.thread = true;
+        }
+        start
+    };
+    drop(deliver);
+    if start {
+        // Started now, not at the first line: a host installs its handler at startup,
+        // while threads can still be created.
+        start_thread();
+    }
 }
 
 /// Number of warnings reported since the process started.
@@ -28,18 +111,135 @@ pub fn warning_count() -> u64 {
     WARNINGS.load(Ordering::Relaxed)
 }
 
+/// Number of lines dropped because the handler's queue was full.
+pub fn dropped_count() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
 pub fn log(level: Level, text: &str) {
     if level <= Level::Warning {
         WARNINGS.fetch_add(1, Ordering::Relaxed);
     }
-    // Clone out of the lock: the handler is user code and may log or reinstall itself.
-    let handler = HANDLER.read().clone();
-    match handler {
-        Some(h) => h(level, text),
-        None => eprintln!("switchboard: {level:?}: {text}"),
+    let start = {
+        let mut q = QUEUE.lock();
+        if !q.installed && q.lines.is_empty() {
+            drop(q);
+            eprintln!("switchboard: {level:?}: {text}");
+            return;
+        }
+        if q.lines.len() >= QUEUE_CAPACITY {
+            drop(q);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            DROPPED_UNREPORTED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.lines.push_back((level, text.to_owned()));
+        let start = !q.thread;
+        if start {
+            q.thread = true;
+        }
+        start
+    };
+    if start {
+        // No log thread (it could not be started earlier, or this is a forked child).
+        start_thread();
+    } else {
+        READY.notify_one();
     }
 }
 
 pub fn warn(text: &str) {
     log(Level::Warning, text);
+}
+
+fn start_thread() {
+    let spawned = std::thread::Builder::new()
+        .name("sb-log".into())
+        .spawn(log_thread);
+    if spawned.is_err() {
+        // Lines stay queued (bounded): the next line, or the next set_handler, retries
+        // or delivers them.
+        QUEUE.lock().thread = false;
+    }
+}
+
+fn log_thread() {
+    loop {
+        {
+            let mut q = QUEUE.lock();
+            while q.lines.is_empty() && DROPPED_UNREPORTED.load(Ordering::Relaxed) == 0 {
+                READY.wait(&mut q);
+            }
+        }
+        drain(&mut DELIVER.lock());
+    }
+}
+
+/// Delivers every queued line to the current handler (stderr without one). The caller
+/// holds `DELIVER`.
+fn drain(deliver: &mut Deliver) {
+    loop {
+        let next = {
+            let mut q = QUEUE.lock();
+            let next = q.lines.pop_front();
+            if next.is_none() {
+                // Nothing kept between bursts (a queue's worth of room stays otherwise).
+                q.lines = VecDeque::new();
+            }
+            next
+        };
+        let line = match next {
+            Some(line) => line,
+            None => match DROPPED_UNREPORTED.swap(0, Ordering::Relaxed) {
+                0 => return,
+                n => (
+                    Level::Warning,
+                    format!(
+                        "{n} log line(s) dropped: the log handler was slower than the library \
+                         logged (queue of {QUEUE_CAPACITY})"
+                    ),
+                ),
+            },
+        };
+        match &deliver.handler {
+            Some(h) => {
+                let _ = IN_HANDLER.try_with(|c| c.set(true));
+                // A panicking handler loses its line, not the log thread.
+                let _ = catch_unwind(AssertUnwindSafe(|| h(line.0, &line.1)));
+                let _ = IN_HANDLER.try_with(|c| c.set(false));
+            }
+            None => eprintln!("switchboard: {:?}: {}", line.0, line.1),
+        }
+        if let Some(replacement) = FROM_HANDLER.lock().take() {
+            deliver.handler = replacement;
+        }
+    }
+}
+
+/// Registers the fork handlers that keep the log's locks consistent in a child.
+fn fork_install() {
+    crate::fork::install();
+}
+
+/// Before a fork: no handler call and no queue operation may be in progress. Taken
+/// before the bus's other locks: a handler in flight may need those to finish.
+pub(crate) fn fork_lock() {
+    let deliver = DELIVER.lock();
+    let queue = QUEUE.lock();
+    let _ = FORK_GUARDS.try_with(|g| *g.borrow_mut() = Some((deliver, queue)));
+}
+
+/// After a fork, in the parent.
+pub(crate) fn fork_unlock() {
+    let _ = FORK_GUARDS.try_with(|g| drop(g.borrow_mut().take()));
+}
+
+/// After a fork, in the child: the log thread did not survive; the next line starts one.
+pub(crate) fn fork_reset_and_unlock() {
+    let _ = FORK_GUARDS.try_with(|g| {
+        if let Some((_, queue)) = g.borrow_mut().as_mut() {
+            queue.thread = false;
+        }
+    });
+    fork_unlock();
 }

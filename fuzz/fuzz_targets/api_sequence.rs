@@ -501,8 +501,9 @@ unsafe extern "C" fn sub_cb(data: *mut c_void, sub: *mut sb_subscription, msg: *
             check!(r >= 0, "publish from a callback failed: {r}");
         }
         if m & 0x10 != 0 {
-            // Joining oneself must not wait.
-            sb_subscription_join(sub);
+            // Joining oneself must not wait, and says so.
+            let r = sb_subscription_join(sub);
+            check!(r == SB_E_DEADLOCK, "self-join from a callback returned {r}");
         }
         // Masks 2 and 4: a synchronous subscription's callback publishing (here to its own
         // topic) was orphaned (2) / deadlocks against another thread doing the same (4).
@@ -1132,8 +1133,13 @@ impl State {
                 let _ = cstr_len(sb_topic_detail(t));
                 let _ = cstr_len(sb_topic_uniqueid(t));
                 let n = sb_topic_subscribers(t);
-                let w = sb_topic_wants(t, self.ty(ty));
-                check!(w == 0 || w == 1, "sb_topic_wants returned {w}");
+                let tyv = self.ty(ty);
+                let w = sb_topic_wants(t, tyv);
+                if t.is_null() || tyv.is_null() {
+                    check!(w == SB_E_INVAL, "sb_topic_wants of NULL returned {w}");
+                } else {
+                    check!(w == 0 || w == 1, "sb_topic_wants returned {w}");
+                }
                 if t.is_null() {
                     check!(n == 0, "subscribers of NULL = {n}");
                 }
@@ -1448,12 +1454,16 @@ impl State {
                 }
             }
             Op::Join { sub } => match pick(&self.subs, sub) {
-                None => sb_subscription_join(null_mut()),
+                None => {
+                    let r = sb_subscription_join(null_mut());
+                    check!(r == SB_E_INVAL, "join of NULL returned {r}");
+                }
                 Some(s) => {
                     // Joining a live subscription waits for an unsubscribe nobody will
                     // make (a caller bug); join only once it was unsubscribed.
                     if sb_subscription_is_subscribed(s.p) == 0 {
-                        sb_subscription_join(s.p);
+                        let r = sb_subscription_join(s.p);
+                        check!(r == SB_OK, "join returned {r}");
                         unsafe { &*s.ctx }.joined.store(true, SeqCst);
                         check!(sb_subscription_is_done(s.p) == 1, "not done after join");
                         check!(
@@ -1483,13 +1493,26 @@ impl State {
                 let p = pick(&self.subs, sub).map_or(null_mut(), |s| s.p);
                 let done = sb_subscription_is_done(p);
                 let subscribed = sb_subscription_is_subscribed(p);
-                check!(
-                    done <= 1 && subscribed <= 1 && done >= 0 && subscribed >= 0,
-                    "bad booleans"
-                );
+                if p.is_null() {
+                    // A bad handle is a negative code, never "no".
+                    check!(
+                        done == SB_E_INVAL && subscribed == SB_E_INVAL,
+                        "booleans of NULL: {done} {subscribed}"
+                    );
+                } else {
+                    check!(
+                        done <= 1 && subscribed <= 1 && done >= 0 && subscribed >= 0,
+                        "bad booleans"
+                    );
+                }
                 check!(!(done == 1 && subscribed == 1), "done while subscribed");
-                let f = sb_subscription_final_message(p, self.msg(msg));
-                check!(f == 0 || f == 1, "final_message returned {f}");
+                let m = self.msg(msg);
+                let f = sb_subscription_final_message(p, m);
+                if p.is_null() || m.is_null() {
+                    check!(f == SB_E_INVAL, "final_message of NULL returned {f}");
+                } else {
+                    check!(f == 0 || f == 1, "final_message returned {f}");
+                }
                 let u = sb_subscription_uniqueid(p);
                 check!(p.is_null() == u.is_null(), "uniqueid of {p:p}");
                 let _ = cstr_len(u);
@@ -1631,7 +1654,10 @@ impl State {
                 let p = opt(pick(&self.pools, pool));
                 let n = name.to_c();
                 let e = sb_topic_pool_topic_exists(p, c_ptr(&n));
-                check!(e == 0 || e == 1, "exists returned {e}");
+                check!(e == 0 || e == 1 || e == SB_E_INVAL, "exists returned {e}");
+                if p.is_null() {
+                    check!(e == SB_E_INVAL, "exists on a NULL pool returned {e}");
+                }
             }
             Op::PoolUnref { slot } => {
                 let i = idx(N_POOLS + 1, slot);
@@ -1958,7 +1984,11 @@ impl State {
             Op::RouterIsDone { r } => {
                 let p = pick(&self.routers, r).map_or(null_mut(), |s| s.p);
                 let d = sb_router_is_done(p);
-                check!(d == 0 || d == 1, "router_is_done returned {d}");
+                if p.is_null() {
+                    check!(d == SB_E_INVAL, "router_is_done of NULL returned {d}");
+                } else {
+                    check!(d == 0 || d == 1, "router_is_done returned {d}");
+                }
             }
             Op::RouterRef { from, to } => {
                 let s = pick(&self.routers, from);
@@ -2036,7 +2066,8 @@ impl State {
                 4 => {
                     let t = text.to_c();
                     let d = sb_message_type_declined(c_ptr(&t));
-                    check!(d == 0 || d == 1, "declined returned {d}");
+                    // SB_E_INVAL: a name that is not UTF-8.
+                    check!(d == 0 || d == 1 || d == SB_E_INVAL, "declined returned {d}");
                 }
                 _ => {
                     let _ = sb_eid_default();

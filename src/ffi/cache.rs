@@ -4,7 +4,7 @@ use super::library::sb_eid;
 use super::message::{sb_message, sb_message_type};
 use super::subscription::{sb_subscription_filter, set_filter_mode};
 use super::topic::sb_topic;
-use super::{act_and_release, boundary, fail_code, fail_null, str_arg, to_code, Handle};
+use super::{act_and_release, boundary, fail_code, fail_null, str_arg, to_code, Handle, UserData};
 use crate::cache::{AggregatePublishFn, Cache, CacheEntry, CalcFn, IdFn};
 use crate::caching_topic::{clear_message, clear_type, update_type, CachingTopic, UpdateView};
 use crate::eid::Eid;
@@ -12,7 +12,7 @@ use crate::error::{set_last_error, Error};
 use crate::message::Message;
 use crate::message_type::DEAD_MAGIC;
 use std::borrow::Cow;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -91,49 +91,67 @@ fn list_ref<'a>(list: *const sb_message_list) -> Result<&'a MessageList, Error> 
     Ok(l)
 }
 
-/// Returns the object id of a snapshot (borrowed, e.g. from the message's data), or NULL
-/// when the message is not cacheable. Called for every message the caching topic sees.
-/// Ids are UTF-8 text, as the getters take them: a snapshot whose id is not is not
-/// cached (one warning per cache through the log handler).
+/// Returns the object id of a snapshot (borrowed, e.g. from the message's data, and read
+/// only during the call), or NULL when the message is not cacheable. `msg` is borrowed
+/// for the call. Called for every message the caching topic sees, on the publisher's
+/// thread. Ids are UTF-8 text, as the getters take them: a snapshot whose id is not is
+/// not cached (one warning per cache through the log handler). Like every callback it
+/// must return normally (no C++ exception, no longjmp out).
 pub type sb_snapshot_get_id = Option<unsafe extern "C" fn(msg: *mut sb_message) -> *const c_char>;
-/// Computes an entry's aggregate after a change (`new_snapshot` NULL on a clear).
-/// Returns a NEW reference: the current aggregate (sb_message_ref'd) for "unchanged",
-/// NULL for "no aggregate".
+/// Computes an entry's aggregate after a change (`new_snapshot` NULL on a clear). `entry`
+/// and `new_snapshot` are borrowed for the call. Returns a NEW reference, which the cache
+/// takes over: the current aggregate (sb_message_ref'd) for "unchanged", NULL for "no
+/// aggregate". Must return normally (no C++ exception, no longjmp out).
 pub type sb_cache_aggregate_calc_fn = Option<
     unsafe extern "C" fn(
         entry: *mut sb_cache_entry,
         new_snapshot: *mut sb_message,
     ) -> *mut sb_message,
 >;
-/// Publishes a changed aggregate to the original topic (both arguments borrowed).
+/// Publishes a changed aggregate to the original topic (both arguments borrowed for the
+/// call: sb_publish does not take a reference either). Must return normally (no C++
+/// exception, no longjmp out).
 pub type sb_cache_aggregate_publish_fn =
     Option<unsafe extern "C" fn(topic: *mut sb_topic, aggregate: *mut sb_message)>;
 
-/// Data of a cache update message (type `sb_cache_update_type()`).
+/// As sb_snapshot_get_id, with the `data` given to sb_cache_create_with_data.
+pub type sb_snapshot_get_id_with_data =
+    Option<unsafe extern "C" fn(data: *mut c_void, msg: *mut sb_message) -> *const c_char>;
+/// As sb_cache_aggregate_calc_fn, with the `data` given to sb_cache_create_with_data.
+pub type sb_cache_aggregate_calc_with_data_fn = Option<
+    unsafe extern "C" fn(
+        data: *mut c_void,
+        entry: *mut sb_cache_entry,
+        new_snapshot: *mut sb_message,
+    ) -> *mut sb_message,
+>;
+/// As sb_cache_aggregate_publish_fn, with the `data` given to sb_cache_create_with_data.
+pub type sb_cache_aggregate_publish_with_data_fn = Option<
+    unsafe extern "C" fn(data: *mut c_void, topic: *mut sb_topic, aggregate: *mut sb_message),
+>;
+
+/// Data of a cache update message (type `sb_cache_update_type()`), read with
+/// sb_message_data(). The update message holds a reference to each snapshot: every field
+/// is borrowed from it, valid while the update message lives (the duration of the
+/// callback, or longer if you sb_message_ref the update). To keep a snapshot past that,
+/// sb_message_ref the snapshot itself.
 #[repr(C)]
 pub struct sb_cache_update {
-    /// Type of the snapshots.
+    /// Type of the snapshots (borrowed; types live until the process ends).
     pub r#type: *mut sb_message_type,
-    /// Previous snapshot, or NULL when the entry is new.
+    /// Previous snapshot, or NULL when the entry is new (borrowed from the update).
     pub old_snapshot: *mut sb_message,
-    /// New snapshot, or NULL on a clear.
+    /// New snapshot, or NULL on a clear (borrowed from the update).
     pub new_snapshot: *mut sb_message,
 }
 
 const _: () = assert!(std::mem::size_of::<sb_cache_update>() == std::mem::size_of::<UpdateView>());
 
-fn make_cache(
-    id_fn: sb_snapshot_get_id,
-    calc: sb_cache_aggregate_calc_fn,
-    publish: sb_cache_aggregate_publish_fn,
-) -> *mut sb_cache {
-    let Some(id_fn) = id_fn else {
-        return fail_null(Error::invalid("id_fn is NULL"));
-    };
+/// The id function a C id callback becomes: `call(msg)` is the callback's answer.
+fn c_id_fn(call: impl Fn(*mut sb_message) -> *const c_char + Send + Sync + 'static) -> IdFn {
     let warned_not_utf8 = AtomicBool::new(false);
-    let id: IdFn = Box::new(move |msg: &Arc<Message>| {
-        // SAFETY: the cache's id function, called with a live message.
-        let p = unsafe { id_fn(sb_message::as_ptr(msg)) };
+    Box::new(move |msg: &Arc<Message>| {
+        let p = call(sb_message::as_ptr(msg));
         // SAFETY: NULL or a NUL-terminated string borrowed from the message (header:
         // "borrowed, e.g. from the message's data"). The cache reads it only during the
         // call that asked for it and copies it to keep it.
@@ -154,26 +172,50 @@ fn make_cache(
                 None
             }
         }
-    });
-    let calc: Option<CalcFn> = calc.map(|f| {
-        Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
-            let new_ptr = new.map_or(std::ptr::null_mut(), sb_message::as_ptr);
-            // SAFETY: the cache's calc function, with a borrowed entry and snapshot.
-            let agg = unsafe { f(sb_cache_entry::as_ptr(entry), new_ptr) };
-            // SAFETY: calc returns NULL or a new reference, which we take over.
-            (!agg.is_null()).then(|| unsafe { Arc::from_raw(agg.cast_const().cast::<Message>()) })
-        }) as CalcFn
-    });
-    let publish: Option<AggregatePublishFn> = publish.map(|f| {
-        Box::new(move |topic: &Arc<crate::Topic>, agg: &Arc<Message>| {
-            // SAFETY: the cache's publish function, with borrowed arguments.
-            unsafe { f(sb_topic::as_ptr(topic), sb_message::as_ptr(agg)) }
-        }) as AggregatePublishFn
-    });
+    })
+}
+
+/// The calc function a C calc callback becomes: `call(entry, new)` returns NULL or a new
+/// reference.
+fn c_calc_fn(
+    call: impl Fn(*mut sb_cache_entry, *mut sb_message) -> *mut sb_message + Send + Sync + 'static,
+) -> CalcFn {
+    Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
+        let new_ptr = new.map_or(std::ptr::null_mut(), sb_message::as_ptr);
+        let agg = call(sb_cache_entry::as_ptr(entry), new_ptr);
+        // SAFETY: calc returns NULL or a new reference, which we take over.
+        (!agg.is_null()).then(|| unsafe { Arc::from_raw(agg.cast_const().cast::<Message>()) })
+    })
+}
+
+/// The publish function a C publish callback becomes (both arguments borrowed).
+fn c_publish_fn(
+    call: impl Fn(*mut sb_topic, *mut sb_message) + Send + Sync + 'static,
+) -> AggregatePublishFn {
+    Box::new(move |topic: &Arc<crate::Topic>, agg: &Arc<Message>| {
+        call(sb_topic::as_ptr(topic), sb_message::as_ptr(agg))
+    })
+}
+
+fn make_cache(
+    id_fn: sb_snapshot_get_id,
+    calc: sb_cache_aggregate_calc_fn,
+    publish: sb_cache_aggregate_publish_fn,
+) -> *mut sb_cache {
+    let Some(id_fn) = id_fn else {
+        return fail_null(Error::invalid("id_fn is NULL"));
+    };
+    // SAFETY (each closure): the cache's own C callbacks, called with live handles that
+    // the library keeps alive for the call.
+    let id = c_id_fn(move |m| unsafe { id_fn(m) });
+    let calc = calc.map(|f| c_calc_fn(move |e, m| unsafe { f(e, m) }));
+    let publish = publish.map(|f| c_publish_fn(move |t, m| unsafe { f(t, m) }));
     sb_cache::into_raw(Cache::with_aggregate(id, calc, publish))
 }
 
 /// A cache keyed by (message type, `id_fn(msg)`, eid). New reference.
+/// Ownership: returns a new reference (drop it with sb_cache_unref); `id_fn` is called
+/// until the cache and every caching topic using it are gone.
 #[no_mangle]
 pub extern "C" fn sb_cache_create(id_fn: sb_snapshot_get_id) -> *mut sb_cache {
     boundary(|| make_cache(id_fn, None, None))
@@ -182,6 +224,8 @@ pub extern "C" fn sb_cache_create(id_fn: sb_snapshot_get_id) -> *mut sb_cache {
 /// A cache with aggregates: `calc` recomputes an entry's aggregate on every change; when
 /// it changes, `publish(original, aggregate)` is called (NULL: sb_publish to the original
 /// topic) and an (old, new) aggregate update is published on the caching topic.
+/// Ownership: returns a new reference (sb_cache_unref). `calc` returns a new reference
+/// the cache takes over; `publish` borrows its arguments for the call.
 #[no_mangle]
 pub extern "C" fn sb_cache_create_full(
     id_fn: sb_snapshot_get_id,
@@ -191,7 +235,51 @@ pub extern "C" fn sb_cache_create_full(
     boundary(|| make_cache(id_fn, calc, publish))
 }
 
+/// As sb_cache_create_full, with callbacks that receive `data` as their first argument
+/// (so one set of functions can serve several caches, or a module can reach its own state
+/// without globals). `calc` and `publish` may be NULL, as in sb_cache_create_full.
+/// The library never touches `data` itself, and does not free it: it must stay valid as
+/// long as a callback may run, that is until every caching topic using the cache has been
+/// joined (sb_caching_unsubscribe_and_join) and no other thread is still publishing to
+/// their original topics; free it after that. Returns a new reference, or NULL
+/// (SB_E_INVAL) when `id_fn` is NULL.
+/// Ownership: returns a new reference (sb_cache_unref); `data` stays the caller's.
+#[no_mangle]
+pub extern "C" fn sb_cache_create_with_data(
+    id_fn: sb_snapshot_get_id_with_data,
+    calc: sb_cache_aggregate_calc_with_data_fn,
+    publish: sb_cache_aggregate_publish_with_data_fn,
+    data: *mut c_void,
+) -> *mut sb_cache {
+    boundary(|| {
+        let Some(id_fn) = id_fn else {
+            return fail_null(Error::invalid("id_fn is NULL"));
+        };
+        let data = UserData(data);
+        // SAFETY (each closure): the cache's own C callbacks, called with the caller's
+        // `data` and live handles that the library keeps alive for the call.
+        let id = c_id_fn(move |m| {
+            let d = data;
+            unsafe { id_fn(d.0, m) }
+        });
+        let calc = calc.map(|f| {
+            c_calc_fn(move |e, m| {
+                let d = data;
+                unsafe { f(d.0, e, m) }
+            })
+        });
+        let publish = publish.map(|f| {
+            c_publish_fn(move |t, m| {
+                let d = data;
+                unsafe { f(d.0, t, m) }
+            })
+        });
+        sb_cache::into_raw(Cache::with_aggregate(id, calc, publish))
+    })
+}
+
 /// Takes a new reference; returns `cache`.
+/// Ownership: returns a new reference to the same cache; `cache` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_cache_ref(cache: *mut sb_cache) -> *mut sb_cache {
     boundary(|| match sb_cache::clone_arc(cache) {
@@ -201,6 +289,8 @@ pub extern "C" fn sb_cache_ref(cache: *mut sb_cache) -> *mut sb_cache {
 }
 
 /// Drops a reference. NULL-safe.
+/// Ownership: takes ownership of (releases) one reference. Caching topics using the
+/// cache keep their own.
 #[no_mangle]
 pub extern "C" fn sb_cache_unref(cache: *mut sb_cache) {
     boundary(|| {
@@ -219,18 +309,22 @@ fn entry_msg(
 }
 
 /// The entry's aggregate (borrowed), or NULL.
+/// Ownership: `entry` is borrowed (valid only inside the calc call that received it);
+/// the result is borrowed from the entry: sb_message_ref it to keep it past the call.
 #[no_mangle]
 pub extern "C" fn sb_cache_entry_get_aggregate(entry: *mut sb_cache_entry) -> *mut sb_message {
     boundary(|| entry_msg(entry, CacheEntry::aggregate))
 }
 
 /// The entry's local snapshot (borrowed), or NULL.
+/// Ownership: borrowed from the entry, as sb_cache_entry_get_aggregate.
 #[no_mangle]
 pub extern "C" fn sb_cache_entry_get_local(entry: *mut sb_cache_entry) -> *mut sb_message {
     boundary(|| entry_msg(entry, CacheEntry::local))
 }
 
 /// The entry's `idx`-th remote snapshot (borrowed; ordered by eid), or NULL past the end.
+/// Ownership: borrowed from the entry, as sb_cache_entry_get_aggregate.
 #[no_mangle]
 pub extern "C" fn sb_cache_entry_get_remote(
     entry: *mut sb_cache_entry,
@@ -241,6 +335,12 @@ pub extern "C" fn sb_cache_entry_get_remote(
 
 /// Subscribes synchronously to `original` and keeps `cache` current from its messages;
 /// updates are published on sb_caching_get_topic(). Released by sb_caching_unsubscribe*.
+/// Ownership: `original` and `cache` are borrowed for the call; the caching topic takes
+/// references of its own: it keeps `original`, `cache` (and so the snapshots in it) and
+/// its update topic alive until it is released with sb_caching_unsubscribe /
+/// sb_caching_unsubscribe_and_join (after the join everything it held is released).
+/// Returns a new reference, which those functions take over; there is no separate
+/// unref.
 #[no_mangle]
 pub extern "C" fn sb_caching_topic_create(
     original: *mut sb_topic,
@@ -260,6 +360,8 @@ pub extern "C" fn sb_caching_topic_create(
 /// The topic cache updates are published on (borrowed): a topic of this caching topic's
 /// own, named "<original>-cached" ("<original>-cached-2", ... while other caching topics
 /// of the same original live).
+/// Ownership: borrowed: valid while the caching topic lives (sb_topic_ref it to keep it
+/// longer). `ct` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_caching_get_topic(ct: *mut sb_caching_topic) -> *mut sb_topic {
     boundary(|| match sb_caching_topic::borrow(ct) {
@@ -269,6 +371,7 @@ pub extern "C" fn sb_caching_get_topic(ct: *mut sb_caching_topic) -> *mut sb_top
 }
 
 /// Caches messages of `type` only (switches the caching subscription to selective).
+/// Ownership: both arguments are borrowed (the caching topic keeps the type).
 #[no_mangle]
 pub extern "C" fn sb_caching_accept_message_type(
     ct: *mut sb_caching_topic,
@@ -289,6 +392,7 @@ pub extern "C" fn sb_caching_accept_message_type(
 }
 
 /// Sets the caching subscription's filter mode.
+/// Ownership: `ct` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_caching_set_filter(
     ct: *mut sb_caching_topic,
@@ -315,12 +419,19 @@ fn caching_unsubscribe(ct: *mut sb_caching_topic, join: bool) -> *mut sb_caching
 }
 
 /// Stops caching and releases the caching topic. Returns NULL.
+/// Ownership: takes ownership of the caller's reference to `ct` (do not use `ct`
+/// afterwards: `ct = sb_caching_unsubscribe(ct);`).
 #[no_mangle]
 pub extern "C" fn sb_caching_unsubscribe(ct: *mut sb_caching_topic) -> *mut sb_caching_topic {
     caching_unsubscribe(ct, false)
 }
 
 /// As sb_caching_unsubscribe, and waits until the caching subscription is done.
+/// Refused from the caching subscription's own callbacks (the id / calc / publish
+/// functions run inside it): it then unsubscribes without waiting, and
+/// sb_last_error_code() is SB_E_DEADLOCK. After a join, no id / calc / publish call
+/// runs any more. Returns NULL. Ownership: takes ownership of the caller's reference,
+/// as sb_caching_unsubscribe.
 #[no_mangle]
 pub extern "C" fn sb_caching_unsubscribe_and_join(
     ct: *mut sb_caching_topic,
@@ -329,12 +440,16 @@ pub extern "C" fn sb_caching_unsubscribe_and_join(
 }
 
 /// Type of cache update messages (borrowed, lives forever); data is sb_cache_update.
+/// Ownership: borrowed (never unref it). Messages of this type are made by caching
+/// topics only: sb_message_create* refuses it (SB_E_INVAL).
 #[no_mangle]
 pub extern "C" fn sb_cache_update_type() -> *mut sb_message_type {
     boundary(|| sb_message_type::as_ptr(update_type()))
 }
 
 /// Type of cache clear messages (borrowed, lives forever).
+/// Ownership: borrowed (never unref it). Make clear messages with
+/// sb_cache_clear_create: sb_message_create* refuses this type (SB_E_INVAL).
 #[no_mangle]
 pub extern "C" fn sb_cache_clear_type() -> *mut sb_message_type {
     boundary(|| sb_message_type::as_ptr(clear_type()))
@@ -342,6 +457,8 @@ pub extern "C" fn sb_cache_clear_type() -> *mut sb_message_type {
 
 /// A message that, published to an original topic, removes `snapshot`'s entry (the
 /// entry of the same type, id and eid). New reference.
+/// Ownership: `snapshot` is borrowed (the clear message keeps its own reference to it);
+/// returns a new reference (sb_message_unref) or NULL.
 #[no_mangle]
 pub extern "C" fn sb_cache_clear_create(snapshot: *mut sb_message) -> *mut sb_message {
     boundary(|| match sb_message::borrow(snapshot) {
@@ -375,6 +492,8 @@ fn msg_out(m: Option<Arc<Message>>) -> *mut sb_message {
 }
 
 /// The local snapshot of (type, id) — new reference — or NULL.
+/// Ownership: the arguments are borrowed; returns a new reference (sb_message_unref),
+/// or NULL when nothing is cached (sb_last_error_code() 0) or on bad input (non-zero).
 #[no_mangle]
 pub extern "C" fn sb_cache_get(
     cache: *mut sb_cache,
@@ -386,6 +505,7 @@ pub extern "C" fn sb_cache_get(
 
 /// The snapshot of (type, id) from `eid` — or the aggregate when `eid` is NULL — new
 /// reference, or NULL.
+/// Ownership: as sb_cache_get.
 #[no_mangle]
 pub extern "C" fn sb_cache_get_by_eid(
     cache: *mut sb_cache,
@@ -407,6 +527,9 @@ pub extern "C" fn sb_cache_get_by_eid(
 }
 
 /// Every snapshot (local and remote) of (type, id). Free with sb_message_list_free.
+/// Ownership: the arguments are borrowed; returns a new list the caller owns (it holds
+/// a reference to each message): free it with sb_message_list_free. NULL only on bad
+/// input; an unknown id gives an empty list.
 #[no_mangle]
 pub extern "C" fn sb_cache_get_all(
     cache: *mut sb_cache,
@@ -443,6 +566,9 @@ fn dump(
 }
 
 /// The local snapshots of `type` (NULL: every type), as a consistent copy.
+/// Ownership: the arguments are borrowed; returns a new list the caller owns (it holds
+/// a reference to each message): free it with sb_message_list_free, which drops those
+/// references. NULL only on bad input.
 #[no_mangle]
 pub extern "C" fn sb_cache_dump(
     cache: *mut sb_cache,
@@ -452,6 +578,7 @@ pub extern "C" fn sb_cache_dump(
 }
 
 /// The snapshots of one eid (NULL eid: the aggregates).
+/// Ownership: as sb_cache_dump (free the list with sb_message_list_free).
 #[no_mangle]
 pub extern "C" fn sb_cache_dump_by_eid(
     cache: *mut sb_cache,
@@ -469,6 +596,7 @@ pub extern "C" fn sb_cache_dump_by_eid(
 }
 
 /// Every snapshot of every eid (no aggregates).
+/// Ownership: as sb_cache_dump (free the list with sb_message_list_free).
 #[no_mangle]
 pub extern "C" fn sb_cache_dump_all(
     cache: *mut sb_cache,
@@ -478,6 +606,8 @@ pub extern "C" fn sb_cache_dump_all(
 }
 
 /// Number of messages in `list` (0 for NULL).
+/// Ownership: `list` is borrowed. A NULL or freed list also gives 0, with
+/// sb_last_error_code() SB_E_INVAL.
 #[no_mangle]
 pub extern "C" fn sb_message_list_len(list: *const sb_message_list) -> usize {
     boundary(|| match list_ref(list) {
@@ -490,6 +620,8 @@ pub extern "C" fn sb_message_list_len(list: *const sb_message_list) -> usize {
 }
 
 /// The `i`-th message (borrowed from the list), or NULL past the end.
+/// Ownership: `list` is borrowed; the message is borrowed from the list (valid until
+/// sb_message_list_free): sb_message_ref it to keep it longer.
 #[no_mangle]
 pub extern "C" fn sb_message_list_get(list: *const sb_message_list, i: usize) -> *mut sb_message {
     boundary(|| match list_ref(list) {
@@ -505,6 +637,7 @@ pub extern "C" fn sb_message_list_get(list: *const sb_message_list, i: usize) ->
 }
 
 /// Frees a list and its references. NULL-safe.
+/// Ownership: takes ownership of `list` and drops its references to the messages.
 #[no_mangle]
 pub extern "C" fn sb_message_list_free(list: *mut sb_message_list) {
     boundary(|| {

@@ -19,13 +19,14 @@ pub struct sb_cluster_config {
     _opaque: [u8; 0],
 }
 
-/// Node states of sb_cluster_node.state.
-#[repr(C)]
-pub enum sb_node_state {
-    SB_NODE_UP = 1,
-    SB_NODE_DOWN = 2,
-    SB_NODE_LEFT = 3,
-}
+/// Node states of sb_cluster_node.state (an int, so any value is checked, never UB).
+pub type sb_node_state = c_int;
+/// The node sends heartbeats.
+pub const SB_NODE_UP: sb_node_state = 1;
+/// The node missed `down_after_missed` heartbeats.
+pub const SB_NODE_DOWN: sb_node_state = 2;
+/// The node left the cluster (sb_cluster_leave).
+pub const SB_NODE_LEFT: sb_node_state = 3;
 
 /// Data of a node message (type sb_cluster_node_type()). Every field, `name` included,
 /// is borrowed from the message and valid while it lives.
@@ -35,7 +36,7 @@ pub struct sb_cluster_node {
     /// The node's configured node_name (UTF-8).
     pub name: *const c_char,
     /// An sb_node_state.
-    pub state: c_int,
+    pub state: sb_node_state,
     /// When its last heartbeat arrived here (CLOCK_REALTIME, ns).
     pub last_seen_ns: u64,
 }
@@ -330,6 +331,7 @@ mod imp {
 
 /// A new, empty cluster configuration (owned by the caller: sb_cluster_config_free).
 /// Not thread-safe: set it from one thread, then hand it to sb_cluster_join.
+/// Ownership: returns a new config the caller owns (sb_cluster_config_free).
 #[no_mangle]
 pub extern "C" fn sb_cluster_config_new() -> *mut sb_cluster_config {
     boundary(imp::config_new)
@@ -345,6 +347,7 @@ pub extern "C" fn sb_cluster_config_new() -> *mut sb_cluster_config {
 /// store_replicas [1] (replicas of the shared caches' store; 3 on a three-server NATS
 /// cluster survives losing one), user, password, token, creds_file, tls_ca_file,
 /// tls_cert_file, tls_key_file, tls_required [0].
+/// Ownership: `cfg` is borrowed; `key` and `value` are borrowed (copied).
 #[no_mangle]
 pub extern "C" fn sb_cluster_config_set(
     cfg: *mut sb_cluster_config,
@@ -360,6 +363,7 @@ pub extern "C" fn sb_cluster_config_set(
 }
 
 /// Frees a configuration (NULL is a no-op). It may be freed once sb_cluster_join returns.
+/// Ownership: takes ownership of `cfg` (freed).
 #[no_mangle]
 pub extern "C" fn sb_cluster_config_free(cfg: *mut sb_cluster_config) {
     boundary(|| {
@@ -374,6 +378,8 @@ pub extern "C" fn sb_cluster_config_free(cfg: *mut sb_cluster_config) {
 /// auth or TLS failed: the server's reason is in sb_last_error()), SB_E_TIMEOUT (no
 /// answer within connect_timeout_ms) or SB_E_INVAL (bad configuration). This process's
 /// default eid (sb_eid_default) is its node id. `cfg` is borrowed.
+/// Ownership: returns a new handle the caller owns (released by sb_cluster_leave); `cfg`
+/// is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_cluster_join(cfg: *const sb_cluster_config) -> *mut sb_cluster {
     boundary(|| imp::join(cfg).unwrap_or_else(fail_null))
@@ -384,6 +390,7 @@ pub extern "C" fn sb_cluster_join(cfg: *const sb_cluster_config) -> *mut sb_clus
 /// once), sends what is queued (waiting at most 1 s), stops sharing, clears remote
 /// entries from local shared caches (cache updates are published) and stops the
 /// cluster's threads. In a forked child the handle is only released (SB_E_STATE).
+/// Ownership: takes ownership of `c` (released, even when the call fails).
 #[no_mangle]
 pub extern "C" fn sb_cluster_leave(c: *mut sb_cluster) -> *mut sb_cluster {
     boundary(|| imp::leave(c))
@@ -394,12 +401,15 @@ pub extern "C" fn sb_cluster_leave(c: *mut sb_cluster) -> *mut sb_cluster {
 /// messages of that topic name are published here with the sender's eid and timestamp.
 /// Returns once this node's subscriptions are in place (SB_E_TIMEOUT after
 /// connect_timeout_ms; they complete in the background).
+/// Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
+/// `topic` while it is shared.
 #[no_mangle]
 pub extern "C" fn sb_cluster_share_topic(c: *mut sb_cluster, topic: *mut sb_topic) -> c_int {
     boundary(|| to_code(imp::share_topic(c, topic, true)))
 }
 
 /// Stops sharing `topic` (SB_E_STATE when it is not shared).
+/// Ownership: `c` and `topic` are borrowed; the cluster drops its reference to `topic`.
 #[no_mangle]
 pub extern "C" fn sb_cluster_unshare_topic(c: *mut sb_cluster, topic: *mut sb_topic) -> c_int {
     boundary(|| to_code(imp::share_topic(c, topic, false)))
@@ -408,6 +418,8 @@ pub extern "C" fn sb_cluster_unshare_topic(c: *mut sb_cluster, topic: *mut sb_to
 /// Sets the wire codec of `type` (both NULL: removes it). Types without a codec are not
 /// sent, except bytes messages, which need none. The buffer `encode` returns is released
 /// with free(). Both run on library threads.
+/// Ownership: `type` is borrowed; the functions must stay callable while the type may
+/// be sent or received (until the codec is removed or the cluster left).
 #[no_mangle]
 pub extern "C" fn sb_message_type_set_codec(
     ty: *mut sb_message_type,
@@ -420,6 +432,8 @@ pub extern "C" fn sb_message_type_set_codec(
 /// Sends `msg` (borrowed) to one node only: published there on its topic named like
 /// `topic`, which that node shares; not published here. SB_E_STATE when that node is not
 /// up, SB_E_INVAL when the message cannot be encoded. Never waits for the network.
+/// Ownership: every argument is borrowed; the library takes its own reference to `msg`
+/// while it waits to be sent.
 #[no_mangle]
 pub extern "C" fn sb_cluster_publish_to(
     c: *mut sb_cluster,
@@ -432,6 +446,8 @@ pub extern "C" fn sb_cluster_publish_to(
 
 /// Also publishes local messages of `topic` whose type has to_json as JSON, for programs
 /// outside the bus, on subject "<prefix>.json.<topic>.<type>" (README: Wire format).
+/// Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
+/// `topic` until it leaves.
 #[no_mangle]
 pub extern "C" fn sb_cluster_export_json(c: *mut sb_cluster, topic: *mut sb_topic) -> c_int {
     boundary(|| to_code(imp::export_json(c, topic)))
@@ -442,6 +458,8 @@ pub extern "C" fn sb_cluster_export_json(c: *mut sb_cluster, topic: *mut sb_topi
 /// loaded here as remote entries. Returns SB_OK once the local cache holds them, or
 /// SB_E_TIMEOUT after connect_timeout_ms (sharing completes in the background). The
 /// cluster keeps a reference to `ct` (borrowed) until it leaves.
+/// Ownership: `c` and `ct` are borrowed; the cluster keeps its own reference to `ct`
+/// (and so to its cache and original topic) until it leaves.
 #[no_mangle]
 pub extern "C" fn sb_cluster_share_cache(c: *mut sb_cluster, ct: *mut sb_caching_topic) -> c_int {
     boundary(|| to_code(imp::share_cache(c, ct)))
@@ -449,6 +467,7 @@ pub extern "C" fn sb_cluster_share_cache(c: *mut sb_cluster, ct: *mut sb_caching
 
 /// Type of node messages (borrowed, lives forever); their data is a
 /// `const sb_cluster_node *`, borrowed from the message.
+/// Ownership: returns a borrowed type that lives as long as the process.
 #[no_mangle]
 pub extern "C" fn sb_cluster_node_type() -> *mut sb_message_type {
     boundary(imp::node_type)
@@ -456,6 +475,8 @@ pub extern "C" fn sb_cluster_node_type() -> *mut sb_message_type {
 
 /// The topic node messages are published on at each change of a node's state (up, down,
 /// left, up again). Borrowed: valid while the cluster handle is.
+/// Ownership: returns a borrowed topic (sb_topic_ref it to keep it longer); `c` is
+/// borrowed.
 #[no_mangle]
 pub extern "C" fn sb_cluster_topic(c: *mut sb_cluster) -> *mut sb_topic {
     boundary(|| imp::topic(c).unwrap_or_else(fail_null))
@@ -464,12 +485,14 @@ pub extern "C" fn sb_cluster_topic(c: *mut sb_cluster) -> *mut sb_topic {
 /// One node message per known node, this one included (a new list: free it with
 /// sb_message_list_free). Down and left nodes stay listed until they come back, or for
 /// 10 minutes.
+/// Ownership: returns a new list the caller owns (sb_message_list_free); `c` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_cluster_nodes(c: *mut sb_cluster) -> *mut sb_message_list {
     boundary(|| imp::nodes(c).unwrap_or_else(fail_null))
 }
 
 /// Fills `*out` with the cluster's counters.
+/// Ownership: `c` is borrowed; `*out` is written, owned by the caller.
 #[no_mangle]
 pub extern "C" fn sb_cluster_get_stats(c: *mut sb_cluster, out: *mut sb_cluster_stats) -> c_int {
     boundary(|| {

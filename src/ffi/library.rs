@@ -35,6 +35,12 @@ pub struct sb_eid {
 
 const _: () = assert!(std::mem::size_of::<sb_eid>() == std::mem::size_of::<Eid>());
 
+impl super::FailureValue for sb_eid {
+    fn failure() -> Self {
+        sb_eid { bytes: [0; 6] }
+    }
+}
+
 impl From<Eid> for sb_eid {
     fn from(e: Eid) -> sb_eid {
         sb_eid { bytes: e.bytes }
@@ -47,27 +53,57 @@ impl From<&sb_eid> for Eid {
 }
 
 /// Receives every log line of the library (warnings such as congestion, errors such as
-/// a panicking callback). Called on whichever thread logs; must not block for long.
+/// a panicking callback). `text` is borrowed for the call. Called on a thread of the
+/// library (the log thread), one line at a time in the order they were logged, never on
+/// the thread that logged: a slow handler delays other log lines, not publishers (lines
+/// beyond a queue of 1024 are dropped and counted, see sb_log_dropped; lines still queued
+/// when the process exits are not delivered). It may call the library, including
+/// sb_set_log_handler. It must return normally: no C++ exception may propagate out of it
+/// and no longjmp may leave it.
 pub type sb_log_fn =
     Option<unsafe extern "C" fn(data: *mut c_void, level: c_int, text: *const c_char)>;
 
-/// The library version, e.g. "0.1.0". Static string.
+/// The library version, e.g. "0.1.0": SB_VERSION_MAJOR.SB_VERSION_MINOR.SB_VERSION_PATCH
+/// of the library actually loaded (compare with the macros of the header you compiled
+/// against). Static string: never NULL, never freed.
+/// Ownership: borrowed (static).
 #[no_mangle]
 pub extern "C" fn sb_version() -> *const c_char {
-    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    boundary(|| concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast())
 }
 
-/// Why the last failing call on this thread failed. Never NULL; valid until the next
-/// failing call on this thread.
+/// Why the last failing call on this thread failed. Never NULL. Borrowed: a per-thread
+/// buffer whose text changes only when a call on this thread fails (a successful call
+/// leaves the text alone; sb_last_error_code() says whether the latest call failed).
+/// Does not change the last error itself.
+/// Ownership: borrowed (per-thread buffer; never free it).
 #[no_mangle]
 pub extern "C" fn sb_last_error() -> *const c_char {
-    boundary(error::last_error_ptr)
+    // No `boundary`: that would reset the code this function must leave alone. Reading
+    // a thread-local cannot panic (a thread being torn down gets "").
+    error::last_error_ptr()
 }
 
-/// Static name of an `SB_*` code. Never NULL.
+/// The SB_E_* code of the latest call made on this thread, or 0 (SB_OK) when it
+/// succeeded. Every exported function sets it: to 0 when it succeeds, to its failure's
+/// code when it fails (including the functions that return NULL, void or a count, and
+/// sb_unsubscribe_and_join and friends refused with SB_E_DEADLOCK). The two exceptions
+/// are sb_last_error() and sb_last_error_code() themselves, which leave it alone. A NULL
+/// from a lookup that found nothing (sb_cache_get of an unknown id, ...) is a success.
+/// Calls made by a callback are calls of their own: once the library call that ran the
+/// callback returns, the code is that call's.
+/// Ownership: no pointers.
+#[no_mangle]
+pub extern "C" fn sb_last_error_code() -> c_int {
+    // No `boundary`, which would reset the code: a thread-local read cannot panic.
+    error::last_error_code()
+}
+
+/// Static name of an `SB_*` code. Never NULL; not to be freed.
+/// Ownership: borrowed (static).
 #[no_mangle]
 pub extern "C" fn sb_strerror(code: c_int) -> *const c_char {
-    error::strerror(code).as_ptr()
+    boundary(|| error::strerror(code).as_ptr())
 }
 
 /// Configures the shared worker pool: at least `min_threads` kept alive, at most
@@ -77,6 +113,7 @@ pub extern "C" fn sb_strerror(code: c_int) -> *const c_char {
 /// queue) gets a stand-in, up to max(64, 8 x max_threads) stand-ins; past that, queued
 /// work waits for a blocked worker to return. Takes effect at once.
 /// Returns SB_OK, or SB_E_INVAL when max_threads is 0 or below min_threads.
+/// Ownership: no pointers.
 #[no_mangle]
 pub extern "C" fn sb_pool_configure(
     min_threads: c_uint,
@@ -94,6 +131,7 @@ pub extern "C" fn sb_pool_configure(
 
 /// Frees a string the library returned (e.g. by `sb_message_to_json`). NULL-safe.
 /// Such strings are malloc()'d, so free() works as well.
+/// Ownership: takes ownership of `s`.
 #[no_mangle]
 pub extern "C" fn sb_string_free(s: *mut c_char) {
     boundary(|| {
@@ -103,7 +141,17 @@ pub extern "C" fn sb_string_free(s: *mut c_char) {
 }
 
 /// Routes the library's log lines to `fn` (NULL: back to stderr). `data` is passed back
-/// untouched.
+/// untouched (borrowed: the library never frees it).
+///
+/// Replacing or removing a handler waits: lines logged before this call are delivered to
+/// the previous handler (on this thread if the log thread has not taken them yet), and
+/// the call of the previous handler in flight on the log thread, if any, returns first.
+/// Once this returns, the previous handler is never called again, so the module that
+/// installed it may be unloaded (dlclose) and its `data` freed. Do not call it while
+/// holding a lock the handler takes. Called from inside the handler itself it does not
+/// wait; the change applies when that call returns.
+/// Ownership: `data` stays the caller's (borrowed by the library until the handler is
+/// replaced and this call returned).
 #[no_mangle]
 pub extern "C" fn sb_set_log_handler(handler: sb_log_fn, data: *mut c_void) {
     boundary(|| match handler {
@@ -120,22 +168,30 @@ pub extern "C" fn sb_set_log_handler(handler: sb_log_fn, data: *mut c_void) {
     })
 }
 
+/// Log lines dropped since the process started because the handler fell more than 1024
+/// lines behind (a warning line saying how many is delivered once it catches up).
+/// Ownership: no pointers.
+#[no_mangle]
+pub extern "C" fn sb_log_dropped() -> u64 {
+    boundary(log::dropped_count)
+}
+
 /// Number of warnings the library has logged since the process started.
+/// Ownership: no pointers.
 #[no_mangle]
 pub extern "C" fn sb_warning_count() -> u64 {
     boundary(log::warning_count)
 }
 
 /// This node's entity id (set by `sb_eid_set_default`, else derived from the host).
+/// Ownership: returned by value.
 #[no_mangle]
 pub extern "C" fn sb_eid_default() -> sb_eid {
-    match std::panic::catch_unwind(Eid::default_eid) {
-        Ok(e) => e.into(),
-        Err(_) => sb_eid { bytes: [0; 6] },
-    }
+    boundary(|| Eid::default_eid().into())
 }
 
 /// Sets this node's entity id. SB_E_INVAL when `eid` is NULL.
+/// Ownership: `eid` is borrowed for the call (copied).
 #[no_mangle]
 pub extern "C" fn sb_eid_set_default(eid: *const sb_eid) -> c_int {
     boundary(|| match ref_arg("eid", eid) {
@@ -148,6 +204,8 @@ pub extern "C" fn sb_eid_set_default(eid: *const sb_eid) -> c_int {
 }
 
 /// Writes "aa:bb:cc:dd:ee:ff" and a NUL into `buf` (needs len >= 18).
+/// Returns SB_OK, or SB_E_INVAL for a NULL argument or a short buffer. Ownership: both
+/// pointers are borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_eid_to_str(eid: *const sb_eid, buf: *mut c_char, len: usize) -> c_int {
     boundary(|| {
@@ -175,6 +233,8 @@ pub extern "C" fn sb_eid_to_str(eid: *const sb_eid, buf: *mut c_char, len: usize
 }
 
 /// Parses "aa:bb:cc:dd:ee:ff" into `*out`.
+/// Returns SB_OK, or SB_E_INVAL (and `*out` unchanged) for a NULL argument or malformed
+/// text. Ownership: both pointers are borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_eid_from_str(s: *const c_char, out: *mut sb_eid) -> c_int {
     boundary(|| {
@@ -197,6 +257,7 @@ pub extern "C" fn sb_eid_from_str(s: *const c_char, out: *mut sb_eid) -> c_int {
 }
 
 /// Compares two eids like memcmp (<0, 0, >0). NULL sorts first.
+/// Ownership: both borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_eid_cmp(a: *const sb_eid, b: *const sb_eid) -> c_int {
     boundary(|| {

@@ -32,13 +32,17 @@ impl Handle for sb_message {
     }
 }
 
-/// Destructor of a message's data; runs exactly once, when the last reference goes.
+/// Destructor of a message's data; runs exactly once, when the last reference goes, on
+/// whichever thread drops it (also with NULL data). Takes ownership of `data`. Must
+/// return normally (no C++ exception, no longjmp out).
 pub type sb_data_dtor = Option<unsafe extern "C" fn(data: *mut c_void)>;
 
 /// Per-type functions.
 #[repr(C)]
 pub struct sb_message_vtable {
-    /// Optional: renders a message as malloc()'d JSON text, freed by the library.
+    /// Optional: renders a message as malloc()'d JSON text, which the library takes over
+    /// (and frees); `msg` is borrowed for the call. Must return normally (no C++
+    /// exception, no longjmp out).
     pub to_json: Option<unsafe extern "C" fn(msg: *const sb_message) -> *mut c_char>,
 }
 
@@ -79,6 +83,8 @@ pub(crate) fn malloc_string(s: &str) -> *mut c_char {
 /// `vtable` may be NULL; it is copied. A live type of the same name is returned as is.
 /// A type's name and id stay with the process once created (ids are never reused), so
 /// names form a bounded set: one per kind of event, never one per call or channel.
+/// Ownership: `name` and `vtable` are borrowed for the call (both copied); `*out`
+/// receives a new reference (sb_message_type_unref).
 #[no_mangle]
 pub extern "C" fn sb_message_type_create(
     name: *const c_char,
@@ -119,6 +125,8 @@ pub extern "C" fn sb_message_type_create(
 }
 
 /// The type's name (borrowed).
+/// Ownership: `ty` is borrowed; the name is borrowed from the type (types live until
+/// the process ends).
 #[no_mangle]
 pub extern "C" fn sb_message_type_name(ty: *const sb_message_type) -> *const c_char {
     boundary(|| match sb_message_type::borrow(ty) {
@@ -128,6 +136,7 @@ pub extern "C" fn sb_message_type_name(ty: *const sb_message_type) -> *const c_c
 }
 
 /// The type's small dense id (>= 0), or a negative code.
+/// Ownership: `ty` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_message_type_id(ty: *const sb_message_type) -> c_int {
     boundary(|| match sb_message_type::borrow(ty) {
@@ -137,6 +146,7 @@ pub extern "C" fn sb_message_type_id(ty: *const sb_message_type) -> c_int {
 }
 
 /// Takes a new reference; returns `ty`.
+/// Ownership: returns a new reference to the same type; `ty` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_message_type_ref(ty: *mut sb_message_type) -> *mut sb_message_type {
     boundary(|| match sb_message_type::clone_arc(ty) {
@@ -146,6 +156,7 @@ pub extern "C" fn sb_message_type_ref(ty: *mut sb_message_type) -> *mut sb_messa
 }
 
 /// Drops a reference. NULL-safe.
+/// Ownership: takes ownership of (releases) one reference.
 #[no_mangle]
 pub extern "C" fn sb_message_type_unref(ty: *mut sb_message_type) {
     boundary(|| {
@@ -156,25 +167,26 @@ pub extern "C" fn sb_message_type_unref(ty: *mut sb_message_type) {
 /// Declines `name`: later creates of it fail with SB_E_DECLINED, even while a live type
 /// holds the name (handles already out keep working: their messages are still created
 /// and delivered). A decline cannot be undone.
+/// Ownership: `name` is borrowed for the call (copied).
 #[no_mangle]
 pub extern "C" fn sb_message_type_decline(name: *const c_char) -> c_int {
     boundary(|| to_code(str_arg("message type name", name).and_then(MessageType::decline)))
 }
 
-/// 1 when `name` was declined, else 0 (also for NULL).
+/// 1 when `name` was declined, else 0; SB_E_INVAL (negative) for a NULL or non-UTF-8
+/// name. `name` is borrowed for the call.
+/// Ownership: `name` is borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_message_type_declined(name: *const c_char) -> c_int {
     boundary(|| match str_arg("message type name", name) {
         Ok(n) => MessageType::is_declined(n) as c_int,
-        Err(e) => {
-            crate::error::set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 
 /// The message as JSON (malloc()'d; free with sb_string_free), or NULL when its type
 /// has no to_json or to_json returned NULL.
+/// Ownership: `msg` is borrowed; the caller owns the returned string (sb_string_free).
 #[no_mangle]
 pub extern "C" fn sb_message_to_json(msg: *const sb_message) -> *mut c_char {
     boundary(|| {
@@ -192,12 +204,30 @@ pub extern "C" fn sb_message_to_json(msg: *const sb_message) -> *mut c_char {
     })
 }
 
+/// The types whose messages only the library makes: their data is a struct the library
+/// lays out (`sb_subscription_change`, `sb_cache_update`) and their subscribers read it
+/// as such, or a marker the cache acts on (`sb_cache_clear_create`).
+fn library_owned(t: &MessageType) -> bool {
+    [
+        crate::subscription::change_type(),
+        crate::caching_topic::update_type(),
+        crate::caching_topic::clear_type(),
+    ]
+    .iter()
+    .any(|owned| std::ptr::eq(owned.as_ref(), t))
+}
+
 fn create(
     ty: *mut sb_message_type,
     payload: impl FnOnce() -> Payload,
     eid: Option<Eid>,
 ) -> *mut sb_message {
     match sb_message_type::borrow(ty) {
+        Ok(t) if library_owned(&t) => fail_null(Error::invalid(format!(
+            "message type '{}' belongs to the library: its messages are made by the library \
+             only (sb_cache_clear_create for a clear)",
+            t.name()
+        ))),
         Ok(t) => sb_message::into_raw(Message::with_eid(&t, payload(), eid)),
         Err(e) => fail_null(e),
     }
@@ -213,6 +243,12 @@ fn raw_payload(data: *mut c_void, dtor: sb_data_dtor) -> Payload {
 /// A message of `type` carrying `data` from this node (default eid). The message owns
 /// `data`: `dtor(data)` runs exactly once when the last reference goes (dtor may be
 /// NULL). On failure (NULL) the caller still owns `data` and dtor is not called.
+/// `data` may be NULL: a message without payload is fine (sb_message_data() then
+/// returns NULL, and a non-NULL dtor is still called once, with NULL). Messages of the
+/// library's own types (sb_subscription_change_type(), sb_cache_update_type(),
+/// sb_cache_clear_type()) cannot be made here: NULL with SB_E_INVAL. Ownership: `type`
+/// is borrowed (the message keeps a reference); on success the message takes ownership
+/// of `data` and the caller gets a new reference (sb_message_unref).
 #[no_mangle]
 pub extern "C" fn sb_message_create(
     ty: *mut sb_message_type,
@@ -223,6 +259,8 @@ pub extern "C" fn sb_message_create(
 }
 
 /// As sb_message_create, from node `eid`; a NULL eid makes an aggregate message.
+/// NULL data is allowed and library-owned types are refused, as in sb_message_create.
+/// Ownership: `eid` is borrowed for the call (copied); otherwise as sb_message_create.
 #[no_mangle]
 pub extern "C" fn sb_message_create_full(
     ty: *mut sb_message_type,
@@ -240,6 +278,9 @@ pub extern "C" fn sb_message_create_full(
 /// A message carrying a private copy of `len` bytes (`bytes` may be NULL when len is 0).
 /// NULL with SB_E_INVAL for a length above PTRDIFF_MAX, SB_E_NOMEM when the copy cannot
 /// be allocated.
+/// Messages of the library's own types are refused (SB_E_INVAL), as by
+/// sb_message_create. Ownership: `type` and `bytes` are borrowed for the call (the
+/// bytes are copied); returns a new reference (sb_message_unref).
 #[no_mangle]
 pub extern "C" fn sb_message_create_bytes(
     ty: *mut sb_message_type,
@@ -276,6 +317,7 @@ pub extern "C" fn sb_message_create_bytes(
 }
 
 /// The message's type (borrowed).
+/// Ownership: borrowed from the message (and types live until the process ends).
 #[no_mangle]
 pub extern "C" fn sb_message_get_type(msg: *const sb_message) -> *mut sb_message_type {
     boundary(|| match sb_message::borrow(msg) {
@@ -285,6 +327,9 @@ pub extern "C" fn sb_message_get_type(msg: *const sb_message) -> *mut sb_message
 }
 
 /// The message's data pointer (for bytes messages, the copy).
+/// NULL when the message was created with NULL data (check sb_last_error_code() to tell
+/// it from a bad handle). Ownership: borrowed: valid while the message lives; the
+/// library never writes through it.
 #[no_mangle]
 pub extern "C" fn sb_message_data(msg: *const sb_message) -> *mut c_void {
     boundary(|| match sb_message::borrow(msg) {
@@ -294,6 +339,8 @@ pub extern "C" fn sb_message_data(msg: *const sb_message) -> *mut c_void {
 }
 
 /// Length of a bytes message's data; 0 for other messages.
+/// Ownership: `msg` is borrowed. A NULL or dead handle also gives 0, with
+/// sb_last_error_code() SB_E_INVAL.
 #[no_mangle]
 pub extern "C" fn sb_message_data_len(msg: *const sb_message) -> usize {
     boundary(|| match sb_message::borrow(msg) {
@@ -306,6 +353,7 @@ pub extern "C" fn sb_message_data_len(msg: *const sb_message) -> usize {
 }
 
 /// CLOCK_REALTIME at creation, in ns since the epoch (0 on bad input).
+/// Ownership: `msg` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_message_timestamp_ns(msg: *const sb_message) -> u64 {
     boundary(|| match sb_message::borrow(msg) {
@@ -318,6 +366,7 @@ pub extern "C" fn sb_message_timestamp_ns(msg: *const sb_message) -> u64 {
 }
 
 /// The node the message comes from (borrowed), or NULL for an aggregate.
+/// Ownership: borrowed from the message: valid while it lives.
 #[no_mangle]
 pub extern "C" fn sb_message_eid(msg: *const sb_message) -> *const sb_eid {
     boundary(|| match sb_message::borrow(msg) {
@@ -333,6 +382,7 @@ pub extern "C" fn sb_message_eid(msg: *const sb_message) -> *const sb_eid {
 }
 
 /// Takes a new reference; returns `msg`.
+/// Ownership: returns a new reference to the same message; `msg` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_message_ref(msg: *mut sb_message) -> *mut sb_message {
     boundary(|| match sb_message::clone_arc(msg) {
@@ -342,6 +392,7 @@ pub extern "C" fn sb_message_ref(msg: *mut sb_message) -> *mut sb_message {
 }
 
 /// Drops a reference; the last one runs the dtor. NULL-safe.
+/// Ownership: takes ownership of (releases) one reference.
 #[no_mangle]
 pub extern "C" fn sb_message_unref(msg: *mut sb_message) {
     boundary(|| {

@@ -11,7 +11,7 @@
 // checked (NULL, alignment, magic) and carries its own SAFETY note.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
-use crate::error::{set_last_error, Error, Result};
+use crate::error::{set_last_error, Error, ErrorKind, Result};
 use std::ffi::{c_char, c_int, CStr};
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
@@ -42,7 +42,7 @@ impl<T> FailureValue for *const T {
 }
 impl FailureValue for c_int {
     fn failure() -> Self {
-        crate::error::SB_E_STATE
+        crate::error::SB_E_INTERNAL
     }
 }
 impl FailureValue for usize {
@@ -59,9 +59,12 @@ impl FailureValue for () {
     fn failure() -> Self {}
 }
 
-/// Runs an exported function's body; a panic becomes a failure value and a last error.
+/// Runs an exported function's body; a panic becomes a failure value and a last error
+/// (`SB_E_INTERNAL`). The calling thread's last error code is this call's: 0 unless the
+/// body recorded a failure (calls that callbacks make inside it have their own).
 pub(crate) fn boundary<R: FailureValue>(body: impl FnOnce() -> R) -> R {
-    match catch_unwind(AssertUnwindSafe(body)) {
+    let saved = crate::error::begin_call();
+    let r = match catch_unwind(AssertUnwindSafe(body)) {
         Ok(r) => r,
         Err(payload) => {
             let what = payload
@@ -69,12 +72,17 @@ pub(crate) fn boundary<R: FailureValue>(body: impl FnOnce() -> R) -> R {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            let err = Error::state(format!("internal error (please report): {what}"));
+            let err = Error::new(
+                ErrorKind::Internal,
+                format!("internal error (please report): {what}"),
+            );
             crate::log::log(crate::log::Level::Error, &err.message);
             set_last_error(&err);
             R::failure()
         }
-    }
+    };
+    crate::error::end_call(saved);
+    r
 }
 
 /// Maps a `Result` to the C convention for int-returning functions.
@@ -218,3 +226,63 @@ pub(crate) struct UserData(pub(crate) *mut std::ffi::c_void);
 unsafe impl Send for UserData {}
 // SAFETY: as above.
 unsafe impl Sync for UserData {}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::error::{last_error_code, SB_E_INTERNAL, SB_E_INVAL, SB_OK};
+
+    fn last_text() -> String {
+        // SAFETY: last_error_ptr is never NULL and NUL-terminated.
+        unsafe { CStr::from_ptr(crate::error::last_error_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_caught_panic_is_an_internal_error() {
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let code: c_int = boundary(|| panic!("boom"));
+        let ptr: *mut u8 = boundary(|| panic!("boom"));
+        std::panic::set_hook(quiet);
+        assert_eq!(code, SB_E_INTERNAL);
+        assert!(ptr.is_null());
+        assert_eq!(last_error_code(), SB_E_INTERNAL);
+        assert!(last_text().contains("boom"), "{}", last_text());
+    }
+
+    #[test]
+    fn the_code_is_that_of_the_latest_call() {
+        let failed: c_int = boundary(|| fail_code(Error::invalid("bad")));
+        assert_eq!(failed, SB_E_INVAL);
+        assert_eq!(last_error_code(), SB_E_INVAL);
+        let ok: c_int = boundary(|| SB_OK);
+        assert_eq!(ok, SB_OK);
+        assert_eq!(last_error_code(), SB_OK);
+        // The text stays until the next failure.
+        assert_eq!(last_text(), "bad");
+    }
+
+    #[test]
+    fn a_nested_call_reports_its_own_outcome_and_keeps_the_outer_one() {
+        // An outer call fails, then runs user code (a dtor, a callback) that calls the
+        // library successfully: inside, the code is the nested call's; once the outer call
+        // returns, its own failure.
+        let outer: c_int = boundary(|| {
+            set_last_error(&Error::invalid("outer"));
+            let _: c_int = boundary(|| SB_OK);
+            assert_eq!(last_error_code(), SB_OK);
+            SB_E_INVAL
+        });
+        assert_eq!(outer, SB_E_INVAL);
+        assert_eq!(last_error_code(), SB_E_INVAL);
+        // An outer call succeeds around a nested failure: success.
+        let _: c_int = boundary(|| {
+            let _: c_int = boundary(|| fail_code(Error::invalid("inner")));
+            assert_eq!(last_error_code(), SB_E_INVAL);
+            SB_OK
+        });
+        assert_eq!(last_error_code(), SB_OK);
+    }
+}

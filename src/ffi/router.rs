@@ -51,18 +51,25 @@ fn create(topic: *mut sb_topic, kind: Kind) -> *mut sb_router {
 }
 
 /// A router on a thread of its own. New reference.
+/// Ownership: `topic` is borrowed; the router keeps its own reference to it until its
+/// final message was handled. Returns a new reference, released by
+/// sb_router_unsubscribe / sb_router_unsubscribe_and_join.
 #[no_mangle]
 pub extern "C" fn sb_router_create(topic: *mut sb_topic) -> *mut sb_router {
     create(topic, Kind::Dedicated)
 }
 
 /// A router run by the shared pool. New reference.
+/// Ownership: as sb_router_create.
 #[no_mangle]
 pub extern "C" fn sb_router_create_pool(topic: *mut sb_topic) -> *mut sb_router {
     create(topic, Kind::Pool)
 }
 
 /// Routes messages of `type` to `cb(data, ...)` (replaces an existing route of `type`).
+/// Ownership: `r` and `type` are borrowed (the router keeps the type); `data` stays the
+/// caller's and must stay valid until the router is joined
+/// (sb_router_unsubscribe_and_join).
 #[no_mangle]
 pub extern "C" fn sb_router_add(
     r: *mut sb_router,
@@ -78,6 +85,10 @@ pub extern "C" fn sb_router_add(
 }
 
 /// Routes cache updates whose snapshots are of `type` to `cb(data, ...)`.
+/// The route's `msg` is the cache update message itself (type sb_cache_update_type(),
+/// data an sb_cache_update whose `type` is `type`), borrowed for the call like any
+/// callback's msg; its old/new snapshots are borrowed from it. Ownership: as
+/// sb_router_add.
 #[no_mangle]
 pub extern "C" fn sb_router_add_cache_update(
     r: *mut sb_router,
@@ -94,6 +105,7 @@ pub extern "C" fn sb_router_add_cache_update(
 }
 
 /// Removes the route of `type` (SB_E_INVAL when there is none).
+/// Ownership: both arguments borrowed. A route callback already running finishes.
 #[no_mangle]
 pub extern "C" fn sb_router_remove(r: *mut sb_router, ty: *mut sb_message_type) -> c_int {
     boundary(|| {
@@ -104,6 +116,7 @@ pub extern "C" fn sb_router_remove(r: *mut sb_router, ty: *mut sb_message_type) 
 }
 
 /// Removes the cache update route of `type` (SB_E_INVAL when there is none).
+/// Ownership: both arguments borrowed.
 #[no_mangle]
 pub extern "C" fn sb_router_remove_cache_update(
     r: *mut sb_router,
@@ -117,6 +130,8 @@ pub extern "C" fn sb_router_remove_cache_update(
 }
 
 /// Sets the route for messages no other route takes; the router then accepts every type.
+/// Ownership: `r` is borrowed; `data` stays the caller's, valid until the router is
+/// joined.
 #[no_mangle]
 pub extern "C" fn sb_router_set_default(
     r: *mut sb_router,
@@ -131,6 +146,7 @@ pub extern "C" fn sb_router_set_default(
 }
 
 /// As sb_subscription_set_congestion_limits, for the router's subscription.
+/// Ownership: `r` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_router_set_congestion_limits(
     r: *mut sb_router,
@@ -146,6 +162,8 @@ pub extern "C" fn sb_router_set_congestion_limits(
 }
 
 /// Publishes `msg` to the router's topic and returns once the router handled it.
+/// Returns as sb_publish_sync (SB_E_DEADLOCK from one of the router's own routes).
+/// Ownership: both arguments borrowed (the caller keeps its reference to `msg`).
 #[no_mangle]
 pub extern "C" fn sb_router_publish_sync(r: *mut sb_router, msg: *mut sb_message) -> c_int {
     boundary(|| {
@@ -175,6 +193,8 @@ fn unsubscribe(r: *mut sb_router, join: bool) -> *mut sb_router {
 }
 
 /// Unsubscribes the router and releases the caller's reference. Returns NULL.
+/// Ownership: takes ownership of the caller's reference to `r` (`r =
+/// sb_router_unsubscribe(r);`).
 #[no_mangle]
 pub extern "C" fn sb_router_unsubscribe(r: *mut sb_router) -> *mut sb_router {
     unsubscribe(r, false)
@@ -182,24 +202,27 @@ pub extern "C" fn sb_router_unsubscribe(r: *mut sb_router) -> *mut sb_router {
 
 /// As sb_router_unsubscribe, and waits until its final message was handled (from one of
 /// its own routes it does not wait: last error SB_E_DEADLOCK). Returns NULL.
+/// sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when refused.
+/// After a join no route runs again and the routes' data may be freed. Ownership: takes
+/// ownership of the caller's reference to `r`.
 #[no_mangle]
 pub extern "C" fn sb_router_unsubscribe_and_join(r: *mut sb_router) -> *mut sb_router {
     unsubscribe(r, true)
 }
 
-/// 1 once the router's final message was handled.
+/// 1 once the router's final message was handled, 0 before; SB_E_INVAL (negative) for a
+/// NULL or dead handle.
+/// Ownership: `r` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_router_is_done(r: *mut sb_router) -> c_int {
     boundary(|| match sb_router::borrow(r) {
         Ok(router) => router.subscription().is_done() as c_int,
-        Err(e) => {
-            set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 
 /// Takes a new reference; returns `r`.
+/// Ownership: returns a new reference to the same router; `r` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_router_ref(r: *mut sb_router) -> *mut sb_router {
     boundary(|| match sb_router::clone_arc(r) {
@@ -209,6 +232,7 @@ pub extern "C" fn sb_router_ref(r: *mut sb_router) -> *mut sb_router {
 }
 
 /// Drops a reference (does not unsubscribe). NULL-safe.
+/// Ownership: takes ownership of (releases) one reference.
 #[no_mangle]
 pub extern "C" fn sb_router_unref(r: *mut sb_router) {
     boundary(|| {

@@ -22,8 +22,12 @@ impl Handle for sb_subscription {
     }
 }
 
-/// A subscription callback. `msg` and `sub` are borrowed for the call; invocations of
-/// one subscription never overlap.
+/// A subscription callback. `msg` and `sub` are borrowed for the call (sb_message_ref /
+/// sb_subscription_ref them to keep them); invocations of one subscription never
+/// overlap. It may call the library (publish, subscribe, unsubscribe, even its own
+/// sb_unsubscribe_and_join, which then does not wait). It must return normally: no C++
+/// exception may propagate out of it and no longjmp may leave it (either would skip the
+/// library's cleanup and is undefined behaviour).
 pub type sb_subscription_cb = Option<
     unsafe extern "C" fn(data: *mut c_void, sub: *mut sb_subscription, msg: *mut sb_message),
 >;
@@ -50,12 +54,18 @@ pub const SB_OVERFLOW_DROP_NEWEST: sb_overflow = 2;
 /// callback while this subscription's callback runs on a thread that waits for this one.
 pub const SB_OVERFLOW_BLOCK: sb_overflow = 3;
 
-/// Data of a subscription change message (type `sb_subscription_change_type()`).
+/// Data of a subscription change message (type `sb_subscription_change_type()`), read
+/// with sb_message_data(). Every field is borrowed from the message: valid while the
+/// message lives (for the duration of the callback, or longer if you sb_message_ref the
+/// message); take your own reference (sb_topic_ref) or copy (strdup) to keep one longer.
 #[repr(C)]
 pub struct sb_subscription_change {
+    /// The topic subscribed to or left (borrowed from the message, which holds a
+    /// reference).
     pub topic: *mut sb_topic,
+    /// The uniqueid of the subscription that changed (borrowed from the message).
     pub uniqueid: *const c_char,
-    /// "Subscribe" or "Unsubscribe".
+    /// "Subscribe" or "Unsubscribe" (static text).
     pub description: *const c_char,
 }
 
@@ -119,6 +129,10 @@ fn subscribe(
 
 /// Subscribes `cb` on a thread of its own. Returns a new reference, released by
 /// sb_unsubscribe / sb_unsubscribe_and_join. The first message is the Subscribe change.
+/// Ownership: `topic` is borrowed; the subscription keeps its own reference to it.
+/// `data` stays the caller's: the library never reads, writes or frees it, and passes
+/// it to `cb` until the final message was handled, so keep it valid until a join
+/// (sb_unsubscribe_and_join / sb_subscription_join) returned.
 #[no_mangle]
 pub extern "C" fn sb_subscribe(
     topic: *mut sb_topic,
@@ -129,6 +143,7 @@ pub extern "C" fn sb_subscribe(
 }
 
 /// As sb_subscribe, run by the shared worker pool.
+/// Ownership: as sb_subscribe.
 #[no_mangle]
 pub extern "C" fn sb_subscribe_pool(
     topic: *mut sb_topic,
@@ -141,6 +156,7 @@ pub extern "C" fn sb_subscribe_pool(
 /// As sb_subscribe, run on the publisher's thread inside sb_publish (serialized: a
 /// publisher on another thread waits its turn; a nested publish from the callback is
 /// delivered after the callback returns).
+/// Ownership: as sb_subscribe.
 #[no_mangle]
 pub extern "C" fn sb_subscribe_synchronous(
     topic: *mut sb_topic,
@@ -154,6 +170,9 @@ pub extern "C" fn sb_subscribe_synchronous(
 /// (Unsubscribe change) is delivered last. Leaving the topic costs O(1) amortized however
 /// many subscriptions it has (publishing the Unsubscribe change to them is O(their
 /// number), as any publish). Returns NULL.
+/// Ownership: takes ownership of the caller's reference to `sub` (`sub =
+/// sb_unsubscribe(sub);`); the callback may still run until the final message was
+/// handled.
 #[no_mangle]
 pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscription {
     boundary(|| act_and_release(sub, |s| s.unsubscribe()))
@@ -163,6 +182,9 @@ pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscript
 /// reference. It does not wait (last error SB_E_DEADLOCK) when the wait could never end:
 /// from the subscription's own callback, or from a callback while the subscription's
 /// callback runs on a thread that waits for this one. Returns NULL.
+/// sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when the wait
+/// was refused (the subscription is unsubscribed either way). Ownership: takes
+/// ownership of the caller's reference to `sub`.
 #[no_mangle]
 pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_subscription {
     // Joins even if another reference unsubscribed first: the caller asked to wait for
@@ -172,41 +194,43 @@ pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_
 
 /// Waits until the final message was handled (the caller keeps its reference). From the
 /// subscription's own callback, or from a callback while the subscription's callback runs
-/// on a thread that waits for this one, it returns at once with last error SB_E_DEADLOCK.
+/// on a thread that waits for this one, it returns at once with SB_E_DEADLOCK.
+/// Returns SB_OK once the final message was handled, SB_E_DEADLOCK when the wait was
+/// refused, SB_E_INVAL for a NULL or dead handle.
+/// A join that returned SB_OK makes everything the callbacks wrote visible to the
+/// caller (it synchronizes with the end of the last callback), so their results may be
+/// read without more locking. Ownership: `sub` is borrowed.
 #[no_mangle]
-pub extern "C" fn sb_subscription_join(sub: *mut sb_subscription) {
-    boundary(|| {
-        if let Err(e) = sb_subscription::borrow(sub).and_then(|s| s.join()) {
-            set_last_error(&e);
-        }
-    })
+pub extern "C" fn sb_subscription_join(sub: *mut sb_subscription) -> c_int {
+    boundary(|| to_code(sb_subscription::borrow(sub).and_then(|s| s.join())))
 }
 
-/// 1 once the final message was handled.
+/// 1 once the final message was handled, 0 before. A NULL or dead handle is
+/// SB_E_INVAL (negative), so a loop `while (!sb_subscription_is_done(s))` ends; test
+/// `> 0` / `== 1` for "done".
+/// Ownership: `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_is_done(sub: *mut sb_subscription) -> c_int {
     boundary(|| match sb_subscription::borrow(sub) {
         Ok(s) => s.is_done() as c_int,
-        Err(e) => {
-            set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 
-/// 1 until the subscription is unsubscribed.
+/// 1 until the subscription is unsubscribed, then 0; SB_E_INVAL (negative) for a NULL or
+/// dead handle.
+/// Ownership: `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_is_subscribed(sub: *const sb_subscription) -> c_int {
     boundary(|| match sb_subscription::borrow(sub) {
         Ok(s) => s.is_subscribed() as c_int,
-        Err(e) => {
-            set_last_error(&e);
-            0
-        }
+        Err(e) => fail_code(e),
     })
 }
 
-/// 1 when `msg` is `sub`'s final message.
+/// 1 when `msg` is `sub`'s final message, else 0; SB_E_INVAL (negative) for a NULL or
+/// dead handle. Both arguments are borrowed.
+/// Ownership: both arguments are borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_final_message(
     sub: *const sb_subscription,
@@ -215,16 +239,14 @@ pub extern "C" fn sb_subscription_final_message(
     boundary(
         || match (sb_subscription::borrow(sub), sb_message::borrow(msg)) {
             (Ok(s), Ok(m)) => s.is_final_message(&m) as c_int,
-            (Err(e), _) | (_, Err(e)) => {
-                set_last_error(&e);
-                0
-            }
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
         },
     )
 }
 
 /// The subscription's unique id, "<topic name>:<number>" with a number no other
 /// subscription of this process has (borrowed: valid while the subscription lives).
+/// Ownership: `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_uniqueid(sub: *const sb_subscription) -> *const c_char {
     boundary(|| match sb_subscription::borrow(sub) {
@@ -234,6 +256,8 @@ pub extern "C" fn sb_subscription_uniqueid(sub: *const sb_subscription) -> *cons
 }
 
 /// Delivers `type` and switches the filter to SB_FILTER_SELECTIVE.
+/// Returns SB_OK or SB_E_INVAL. Ownership: `sub` borrowed; `type` borrowed (the
+/// subscription keeps a reference).
 #[no_mangle]
 pub extern "C" fn sb_subscription_accept_message_type(
     sub: *mut sb_subscription,
@@ -251,6 +275,7 @@ pub extern "C" fn sb_subscription_accept_message_type(
 }
 
 /// Stops delivering `type` (in either filter mode).
+/// Returns SB_OK or SB_E_INVAL. Ownership: as sb_subscription_accept_message_type.
 #[no_mangle]
 pub extern "C" fn sb_subscription_decline_message_type(
     sub: *mut sb_subscription,
@@ -268,6 +293,7 @@ pub extern "C" fn sb_subscription_decline_message_type(
 }
 
 /// Sets the filter mode: SB_FILTER_NONE or SB_FILTER_SELECTIVE.
+/// Returns SB_OK or SB_E_INVAL. Ownership: `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_set_filter(
     sub: *mut sb_subscription,
@@ -280,6 +306,7 @@ pub extern "C" fn sb_subscription_set_filter(
 /// again only after the queue fell below `low_water`. Needs 0 <= low <= high, high > 0.
 /// Defaults: 5000 and 10000 (a wide gap: a subscriber that keeps up with bursts whose
 /// backlog swings across one mark is warned about once, not at every burst).
+/// Returns SB_OK or SB_E_INVAL. Ownership: `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_set_congestion_limits(
     sub: *mut sb_subscription,
@@ -299,6 +326,7 @@ pub extern "C" fn sb_subscription_set_congestion_limits(
 /// (sb_subscription_dropped). Synchronous subscriptions run inside sb_publish and never
 /// build a queue: the policy is recorded but has no effect on them. SB_E_INVAL for an
 /// unknown policy or a zero limit.
+/// Ownership: `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_set_overflow(
     sub: *mut sb_subscription,
@@ -318,6 +346,8 @@ pub extern "C" fn sb_subscription_set_overflow(
 }
 
 /// Messages the overflow policy dropped for `sub`.
+/// Ownership: `sub` is borrowed. A NULL or dead handle gives 0 with
+/// sb_last_error_code() SB_E_INVAL.
 #[no_mangle]
 pub extern "C" fn sb_subscription_dropped(sub: *const sb_subscription) -> u64 {
     boundary(|| match sb_subscription::borrow(sub) {
@@ -330,6 +360,8 @@ pub extern "C" fn sb_subscription_dropped(sub: *const sb_subscription) -> u64 {
 }
 
 /// Times this subscription crossed its high-water mark.
+/// Ownership: `sub` is borrowed. A NULL or dead handle gives 0 with
+/// sb_last_error_code() SB_E_INVAL.
 #[no_mangle]
 pub extern "C" fn sb_subscription_congestion_warnings(sub: *const sb_subscription) -> u64 {
     boundary(|| match sb_subscription::borrow(sub) {
@@ -342,6 +374,8 @@ pub extern "C" fn sb_subscription_congestion_warnings(sub: *const sb_subscriptio
 }
 
 /// Messages queued and not yet taken for delivery.
+/// A NULL or dead handle also gives 0: sb_last_error_code() is then SB_E_INVAL (0 after
+/// a real count). Ownership: `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_queue_length(sub: *const sb_subscription) -> usize {
     boundary(|| match sb_subscription::borrow(sub) {
@@ -354,6 +388,7 @@ pub extern "C" fn sb_subscription_queue_length(sub: *const sb_subscription) -> u
 }
 
 /// Takes a new reference; returns `sub`.
+/// Ownership: returns a new reference to the same subscription; `sub` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_subscription_ref(sub: *mut sb_subscription) -> *mut sb_subscription {
     boundary(|| match sb_subscription::clone_arc(sub) {
@@ -363,6 +398,7 @@ pub extern "C" fn sb_subscription_ref(sub: *mut sb_subscription) -> *mut sb_subs
 }
 
 /// Drops a reference (does not unsubscribe). NULL-safe.
+/// Ownership: takes ownership of (releases) one reference.
 #[no_mangle]
 pub extern "C" fn sb_subscription_unref(sub: *mut sb_subscription) {
     boundary(|| {
@@ -371,6 +407,8 @@ pub extern "C" fn sb_subscription_unref(sub: *mut sb_subscription) {
 }
 
 /// The type of Subscribe/Unsubscribe change messages (borrowed, lives forever).
+/// Messages of this type are made by the library only: sb_message_create* refuses it
+/// (SB_E_INVAL). Ownership: borrowed (never unref it).
 #[no_mangle]
 pub extern "C" fn sb_subscription_change_type() -> *mut sb_message_type {
     boundary(|| sb_message_type::as_ptr(change_type()))

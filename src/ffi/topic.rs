@@ -49,6 +49,8 @@ fn clamp(n: usize) -> c_int {
 }
 
 /// Creates the topic `name` (new reference), or returns the live topic of that name.
+/// Ownership: `name` is borrowed for the call (copied); returns a new reference
+/// (sb_topic_unref).
 #[no_mangle]
 pub extern "C" fn sb_topic_create(name: *const c_char) -> *mut sb_topic {
     boundary(
@@ -60,6 +62,7 @@ pub extern "C" fn sb_topic_create(name: *const c_char) -> *mut sb_topic {
 }
 
 /// As sb_topic_create, with a free-text description (used only when the topic is new).
+/// Ownership: as sb_topic_create (`detail` copied too).
 #[no_mangle]
 pub extern "C" fn sb_topic_create_with_detail(
     name: *const c_char,
@@ -86,6 +89,7 @@ pub extern "C" fn sb_topic_create_with_detail(
 }
 
 /// The live topic `name` (new reference), or NULL.
+/// Ownership: `name` is borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_topic_get(name: *const c_char) -> *mut sb_topic {
     boundary(|| match str_arg("topic name", name) {
@@ -98,6 +102,8 @@ pub extern "C" fn sb_topic_get(name: *const c_char) -> *mut sb_topic {
 }
 
 /// The topic's name (borrowed).
+/// Ownership: `topic` is borrowed; the name is borrowed from it: valid while the topic
+/// lives.
 #[no_mangle]
 pub extern "C" fn sb_topic_name(topic: *const sb_topic) -> *const c_char {
     boundary(|| match sb_topic::borrow(topic) {
@@ -107,6 +113,7 @@ pub extern "C" fn sb_topic_name(topic: *const sb_topic) -> *const c_char {
 }
 
 /// The topic's detail text (borrowed; "" when none).
+/// Ownership: borrowed from the topic, as sb_topic_name.
 #[no_mangle]
 pub extern "C" fn sb_topic_detail(topic: *const sb_topic) -> *const c_char {
     boundary(|| match sb_topic::borrow(topic) {
@@ -116,6 +123,7 @@ pub extern "C" fn sb_topic_detail(topic: *const sb_topic) -> *const c_char {
 }
 
 /// A process-unique id of the topic (borrowed).
+/// Ownership: borrowed from the topic, as sb_topic_name.
 #[no_mangle]
 pub extern "C" fn sb_topic_uniqueid(topic: *const sb_topic) -> *const c_char {
     boundary(|| match sb_topic::borrow(topic) {
@@ -125,6 +133,8 @@ pub extern "C" fn sb_topic_uniqueid(topic: *const sb_topic) -> *const c_char {
 }
 
 /// Subscriptions a publish here reaches, counting those reached via forwards.
+/// A NULL or dead handle also gives 0: sb_last_error_code() is then SB_E_INVAL (0 after
+/// a real count). Ownership: `topic` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_topic_subscribers(topic: *const sb_topic) -> usize {
     boundary(|| match sb_topic::borrow(topic) {
@@ -137,21 +147,21 @@ pub extern "C" fn sb_topic_subscribers(topic: *const sb_topic) -> usize {
 }
 
 /// 1 when a message of `type` published here would reach at least one subscription that
-/// accepts it, else 0. Lets producers skip building messages nobody reads.
+/// accepts it, else 0. Lets producers skip building messages nobody reads. SB_E_INVAL
+/// (negative) for a NULL or dead handle: test `> 0` before skipping work.
+/// Ownership: both arguments borrowed.
 #[no_mangle]
 pub extern "C" fn sb_topic_wants(topic: *const sb_topic, ty: *const sb_message_type) -> c_int {
     boundary(
         || match (sb_topic::borrow(topic), sb_message_type::borrow(ty)) {
             (Ok(t), Ok(ty)) => t.wants(&ty) as c_int,
-            (Err(e), _) | (_, Err(e)) => {
-                set_last_error(&e);
-                0
-            }
+            (Err(e), _) | (_, Err(e)) => fail_code(e),
         },
     )
 }
 
 /// Takes a new reference; returns `topic`.
+/// Ownership: returns a new reference to the same topic; `topic` is borrowed.
 #[no_mangle]
 pub extern "C" fn sb_topic_ref(topic: *mut sb_topic) -> *mut sb_topic {
     boundary(|| match sb_topic::clone_arc(topic) {
@@ -161,6 +171,8 @@ pub extern "C" fn sb_topic_ref(topic: *mut sb_topic) -> *mut sb_topic {
 }
 
 /// Drops a reference; the topic leaves the registry with its last one. NULL-safe.
+/// Ownership: takes ownership of (releases) one reference. Subscriptions, forwards,
+/// pools and caching topics keep references of their own.
 #[no_mangle]
 pub extern "C" fn sb_topic_unref(topic: *mut sb_topic) {
     boundary(|| {
@@ -173,6 +185,8 @@ pub extern "C" fn sb_topic_unref(topic: *mut sb_topic) {
 /// with one exception that keeps callbacks from deadlocking each other: called from inside
 /// a callback, a synchronous subscription that another thread is running right now is not
 /// waited for; that thread delivers `msg` after its current callback returns.
+/// Ownership: both arguments borrowed: the caller keeps its reference to `msg`
+/// (subscriptions take their own while the message is queued).
 #[no_mangle]
 pub extern "C" fn sb_publish(topic: *mut sb_topic, msg: *mut sb_message) -> c_int {
     boundary(
@@ -188,6 +202,7 @@ pub extern "C" fn sb_publish(topic: *mut sb_topic, msg: *mut sb_message) -> c_in
 /// wait could never end it publishes and returns SB_E_DEADLOCK at once: called from
 /// `sub`'s own callback, or from a callback while `sub`'s callback runs on a thread that
 /// itself waits (directly or through others) for this one.
+/// Ownership: both arguments borrowed, as sb_publish.
 #[no_mangle]
 pub extern "C" fn sb_publish_sync(sub: *mut sb_subscription, msg: *mut sb_message) -> c_int {
     boundary(
@@ -203,6 +218,8 @@ pub extern "C" fn sb_publish_sync(sub: *mut sb_subscription, msg: *mut sb_messag
 
 /// Forwards everything published to `from` to `to`'s subscriptions (and onwards). Returns
 /// the forward, released by sb_forward_cancel; NULL with SB_E_INVAL for a cycle.
+/// Ownership: `from` and `to` are borrowed; the forward keeps references to both until
+/// it is cancelled. Returns a new reference that sb_forward_cancel takes over.
 #[no_mangle]
 pub extern "C" fn sb_forward_all(from: *mut sb_topic, to: *mut sb_topic) -> *mut sb_forward {
     boundary(|| match (sb_topic::borrow(from), sb_topic::borrow(to)) {
@@ -218,6 +235,7 @@ pub extern "C" fn sb_forward_all(from: *mut sb_topic, to: *mut sb_topic) -> *mut
 /// not follow it. O(1) amortized, however many forwards leave `from`. Returns NULL;
 /// NULL-safe. A second cancel of the same handle (a caller bug) fails with SB_E_STATE
 /// when the forward is still known, and releases nothing.
+/// Ownership: takes ownership of the caller's reference (`f = sb_forward_cancel(f);`).
 #[no_mangle]
 pub extern "C" fn sb_forward_cancel(forward: *mut sb_forward) -> *mut sb_forward {
     boundary(|| {
@@ -240,6 +258,10 @@ pub extern "C" fn sb_forward_cancel(forward: *mut sb_forward) -> *mut sb_forward
 }
 
 /// A pool of topics "<pooled name>/<name>" that forward into `pooled_topic`.
+/// Ownership: `pooled_topic` is borrowed; the pool keeps its own reference to it, and
+/// to every topic it created, until the topic is deleted or the pool's last reference
+/// is dropped. Returns a new reference (sb_topic_pool_unref; there is no
+/// sb_topic_pool_ref).
 #[no_mangle]
 pub extern "C" fn sb_topic_pool_create(pooled_topic: *mut sb_topic) -> *mut sb_topic_pool {
     boundary(|| match sb_topic::borrow(pooled_topic) {
@@ -249,6 +271,8 @@ pub extern "C" fn sb_topic_pool_create(pooled_topic: *mut sb_topic) -> *mut sb_t
 }
 
 /// The pool's topic for `name` (new reference), created on first use.
+/// Ownership: `pool` and `name` are borrowed; returns a new reference (sb_topic_unref)
+/// to the topic, which the pool also keeps until it is deleted.
 #[no_mangle]
 pub extern "C" fn sb_topic_pool_get_topic(
     pool: *mut sb_topic_pool,
@@ -264,6 +288,8 @@ pub extern "C" fn sb_topic_pool_get_topic(
 }
 
 /// Removes `name` from the pool and cancels its forward. SB_E_INVAL when absent.
+/// The topic itself lives on while others hold references. Ownership: arguments
+/// borrowed.
 #[no_mangle]
 pub extern "C" fn sb_topic_pool_delete_topic(
     pool: *mut sb_topic_pool,
@@ -278,7 +304,9 @@ pub extern "C" fn sb_topic_pool_delete_topic(
     })
 }
 
-/// 1 when the pool has a topic for `name`, else 0.
+/// 1 when the pool has a topic for `name`, else 0; SB_E_INVAL (negative) for a NULL or
+/// dead pool or a NULL name.
+/// Ownership: arguments borrowed.
 #[no_mangle]
 pub extern "C" fn sb_topic_pool_topic_exists(
     pool: *const sb_topic_pool,
@@ -287,15 +315,13 @@ pub extern "C" fn sb_topic_pool_topic_exists(
     boundary(|| {
         match sb_topic_pool::borrow(pool).and_then(|p| Ok(p.topic_exists(str_arg("name", name)?))) {
             Ok(b) => b as c_int,
-            Err(e) => {
-                set_last_error(&e);
-                0
-            }
+            Err(e) => fail_code(e),
         }
     })
 }
 
 /// Drops a reference; the last one cancels the pool's forwards. NULL-safe.
+/// Ownership: takes ownership of (releases) one reference.
 #[no_mangle]
 pub extern "C" fn sb_topic_pool_unref(pool: *mut sb_topic_pool) {
     boundary(|| {
