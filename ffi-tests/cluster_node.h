@@ -197,7 +197,10 @@ static void cn_on_message(void *data, sb_subscription *sub, sb_message *msg)
     const sb_eid *e = sb_message_eid(msg);
     if (colon == NULL || e == NULL)
         return;
-    long idx = strtol(colon + 1, NULL, 10);
+    char num[24]; /* the data is not NUL-terminated: copy the digits out */
+    size_t nlen = len - (size_t)(colon + 1 - d);
+    snprintf(num, sizeof num, "%.*s", (int)(nlen < sizeof num ? nlen : sizeof num - 1), colon + 1);
+    long idx = strtol(num, NULL, 10);
     char tag[16];
     snprintf(tag, sizeof tag, "%.*s", (int)(colon - d), d);
     int k;
@@ -212,8 +215,14 @@ static void cn_on_message(void *data, sb_subscription *sub, sb_message *msg)
         t->last[k] = -1;
         t->nsenders++;
     }
-    if (idx != t->last[k] + 1)
-        atomic_fetch_add(&t->order_bad, 1);
+    if (idx != t->last[k] + 1) {
+        if (atomic_fetch_add(&t->order_bad, 1) < 5) {
+            char es[32];
+            sb_eid_to_str(e, es, sizeof es);
+            fprintf(stderr, "topic %s: from %s tag %s: got %ld after %ld\n", t->name, es,
+                    tag, idx, t->last[k]);
+        }
+    }
     t->last[k] = idx;
 }
 
