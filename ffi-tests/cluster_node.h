@@ -14,6 +14,8 @@
  *   topic T [TYPE]                 create T with a recorder (accepting only TYPE if given)
  *   share T / unshare T / json T   sb_cluster_share_topic / _unshare_topic / _export_json
  *   forward FROM TO                sb_forward_all
+ *   slowsub T MS                   a synchronous subscription to T whose callback sleeps MS ms
+ *                                  on each message of type "slow" (blocks the delivery thread)
  *   pub T TYPE N TAG               N bytes messages "TAG:i" (i = 0..N-1) on T
  *   pubc T TYPE N                  N messages of a codec type (value i)
  *   pubto EID T TYPE TEXT          sb_cluster_publish_to
@@ -61,6 +63,16 @@ typedef struct cn_topic {
     sb_subscription *updates_sub;
     atomic_long updates;
 } cn_topic;
+
+/* Cluster tests also run their node processes instrumented under ThreadSanitizer (the
+ * same binary): there, as under valgrind, workloads shrink and timing bounds are not
+ * checked (waits stay bounded). */
+static inline int cn_slow(void)
+{
+    const char *v = getenv("SB_TSAN");
+    return tu_slow() || (v != NULL && v[0] != '\0' && strcmp(v, "0") != 0);
+}
+static inline int cn_scale(int normal, int slow) { return cn_slow() ? slow : normal; }
 
 static void cn_sleep_ms(long ms)
 {
@@ -224,6 +236,13 @@ static void cn_on_message(void *data, sb_subscription *sub, sb_message *msg)
         }
     }
     t->last[k] = idx;
+}
+
+static void cn_on_slow(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)sub;
+    if (strcmp(sb_message_type_name(sb_message_get_type(msg)), "slow") == 0)
+        cn_sleep_ms((long)(intptr_t)data);
 }
 
 static void cn_on_update(void *data, sb_subscription *sub, sb_message *msg)
@@ -398,6 +417,12 @@ static int cn_command(char *line)
     } else if (strcmp(cmd, "forward") == 0 && argc == 3 && t && cn_find(argv[2])) {
         if (sb_forward_all(t->topic, cn_find(argv[2])->topic) == NULL)
             return cn_reply_err(sb_last_error_code()), 0;
+    } else if (strcmp(cmd, "slowsub") == 0 && argc == 3 && t) {
+        sb_subscription *slow =
+            sb_subscribe_synchronous(t->topic, cn_on_slow, (void *)(intptr_t)atol(argv[2]));
+        if (slow == NULL)
+            return cn_reply_err(sb_last_error_code()), 0;
+        sb_subscription_unref(slow); /* lives until the process exits */
     } else if (strcmp(cmd, "pub") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);

@@ -84,7 +84,7 @@ static void test_shared_cache(nh_child *a, nh_child *b)
 
 static void test_late_join(nh_child *a, nh_child *b, nh_child *c)
 {
-    int n = tu_scale(10000, 1000);
+    int n = cn_scale(10000, 1000);
     CN_OK(a, "putn reg snaplate %d L", n);
     CN_OK(b, "putn reg snaplate %d M", n);
     WAIT_UNTIL(dump_of(b, "snaplate", D_REMOTE) == n);
@@ -107,9 +107,9 @@ static void test_clean_leave(nh_child *b, nh_child *c)
     long long t0 = nh_now_ms();
     CN_OK(c, "leave");
     WAIT_UNTIL(get_of(b, "snapreg", "carol", EID_C) == -1 &&
-               dump_of(b, "snaplate", D_REMOTE) == tu_scale(10000, 1000));
+               dump_of(b, "snaplate", D_REMOTE) == cn_scale(10000, 1000));
     long long took = nh_now_ms() - t0;
-    if (!tu_slow())
+    if (!cn_slow())
         CHECK(took < 1000);
     printf("clean leave cleared in %lld ms\n", took);
     /* c (still a process) cleared the remote entries of its own caches when leaving */
@@ -119,7 +119,7 @@ static void test_clean_leave(nh_child *b, nh_child *c)
 
 static void test_kill9(nh_child *a, nh_child *b)
 {
-    int n = tu_scale(10000, 1000);
+    int n = cn_scale(10000, 1000);
     CHECK_EQ_INT(dump_of(b, "snaplate", D_REMOTE), n);
     long long t0 = nh_now_ms();
     nh_child_kill9(a);
@@ -127,7 +127,7 @@ static void test_kill9(nh_child *a, nh_child *b)
     WAIT_UNTIL(dump_of(b, "snaplate", D_REMOTE) == 0 && dump_of(b, "snapreg", D_REMOTE) == 0);
     long long took = nh_now_ms() - t0;
     long long bound = HB_MS * MISSED + 1000;
-    if (!tu_slow())
+    if (!cn_slow())
         CHECK(took <= bound);
     printf("kill -9: entries cleared in %lld ms (bound %lld ms)\n", took, bound);
     /* aggregates recomputed without a's snapshot */

@@ -48,7 +48,7 @@ static void test_bytes_in_order_no_echo(void)
         CN_OK(all[i], "topic chat");
         CN_OK(all[i], "share chat");
     }
-    int n = tu_scale(2000, 200);
+    int n = cn_scale(2000, 200);
     CN_OK(&a, "pub chat text %d a", n);
     CN_OK(&b, "pub chat text %d b", n);
     /* each node: its own n locally plus the other's n; c: both remotely */
@@ -212,11 +212,29 @@ static void test_nodes_and_events(void)
     const char *e = cn_cmd(&a, "events");
     CHECK(e != NULL && strstr(e, EID_C " 3") != NULL);
     long long took = nh_now_ms() - t0;
-    if (!tu_slow())
+    if (!cn_slow())
         CHECK(took < 1000);
     r = cn_cmd(&a, "nodes");
     CHECK(r != NULL && strstr(r, EID_C "=3/c") != NULL); /* still listed, as left */
     CHECK_EQ_INT(stat_of(&a, ST_UP), 2);
+}
+
+static void test_slow_subscriber_keeps_heartbeats(void)
+{
+    /* b's synchronous subscriber blocks b's delivery thread for 2 s: a must not take b
+     * for down (heartbeats do not wait for deliveries) */
+    CN_OK(&b, "topic slowt");
+    CN_OK(&b, "slowsub slowt 2000");
+    CN_OK(&b, "share slowt");
+    CN_OK(&a, "topic slowt");
+    CN_OK(&a, "share slowt");
+    long long ev0 = cn_num(&a, "events");
+    CN_OK(&a, "pub slowt slow 1 s");
+    cn_sleep_ms(2500);
+    CHECK_EQ_INT(cn_num(&a, "events"), ev0);
+    const char *r = cn_cmd(&a, "nodes");
+    CHECK(r != NULL && strstr(r, EID_B "=1/b") != NULL);
+    WAIT_UNTIL(count_of(&b, "slowt", CT_TOTAL) == 1);
 }
 
 static void test_fork(void)
@@ -254,6 +272,7 @@ int main(int argc, char **argv)
     test_publish_to();
     test_prefix_isolation(argv[0]);
     test_json_export();
+    test_slow_subscriber_keeps_heartbeats();
     test_nodes_and_events();
     test_fork();
 

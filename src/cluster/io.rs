@@ -179,6 +179,41 @@ struct Shared {
     cache_topics: parking_lot::Mutex<HashSet<String>>,
 }
 
+impl Shared {
+    fn heartbeat(&self, state: u8) -> Heartbeat {
+        let inner = &self.inner;
+        Heartbeat {
+            state,
+            eid: inner.me,
+            session: inner.session,
+            heartbeat_ms: inner.cfg.heartbeat_ms,
+            asserted_ns: self.asserted_ns.load(Ordering::Acquire),
+            name: inner.cfg.node_name.clone(),
+        }
+    }
+
+    async fn send_heartbeat(&self, state: u8) {
+        let subject = format!("{}.hb", self.inner.cfg.prefix);
+        let _ = self
+            .client
+            .publish(subject, Bytes::from(self.heartbeat(state).encode()))
+            .await;
+    }
+}
+
+/// Sends a heartbeat every heartbeat_ms while connected (one went out at join).
+async fn heartbeats(s: Arc<Shared>) {
+    let period = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms));
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if s.inner.stats.connected.load(Ordering::Relaxed) {
+            s.send_heartbeat(NODE_UP).await;
+        }
+    }
+}
+
 struct Io {
     s: Arc<Shared>,
     /// Subscribed subject -> its forwarder.
@@ -245,8 +280,11 @@ impl Io {
         let _ = ready.send(Ok(()));
 
         let sender = tokio::spawn(sender(Arc::clone(&self.s)));
+        // Heartbeats have a task of their own: this loop may wait for the delivery thread
+        // (a slow synchronous subscriber), which must never make the others take this
+        // node for down.
+        let heartbeats = tokio::spawn(heartbeats(Arc::clone(&self.s)));
         let hb_period = Duration::from_millis(u64::from(inner.cfg.heartbeat_ms));
-        let mut next_hb = Instant::now() + hb_period;
         let tick_period =
             (hb_period / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
         let mut ticker = tokio::time::interval(tick_period);
@@ -281,15 +319,6 @@ impl Io {
                     if self.interest_epoch != crate::tap::interest_epoch() {
                         let _ = self.refresh_interest().await;
                     }
-                    if Instant::now() >= next_hb {
-                        next_hb += hb_period;
-                        if next_hb < Instant::now() {
-                            next_hb = Instant::now() + hb_period;
-                        }
-                        if self.connected {
-                            self.send_heartbeat(NODE_UP).await;
-                        }
-                    }
                     if self.connected {
                         let events = inner.nodes.lock().tick(Instant::now());
                         self.on_events(events).await;
@@ -298,6 +327,7 @@ impl Io {
             }
         }
         sender.abort();
+        heartbeats.abort();
         for (_, h) in self.subs.drain() {
             h.abort();
         }
@@ -305,24 +335,11 @@ impl Io {
     }
 
     fn heartbeat(&self, state: u8) -> Heartbeat {
-        let inner = &self.s.inner;
-        Heartbeat {
-            state,
-            eid: inner.me,
-            session: inner.session,
-            heartbeat_ms: inner.cfg.heartbeat_ms,
-            asserted_ns: self.s.asserted_ns.load(Ordering::Acquire),
-            name: inner.cfg.node_name.clone(),
-        }
+        self.s.heartbeat(state)
     }
 
     async fn send_heartbeat(&self, state: u8) {
-        let subject = format!("{}.hb", self.prefix());
-        let _ = self
-            .s
-            .client
-            .publish(subject, Bytes::from(self.heartbeat(state).encode()))
-            .await;
+        self.s.send_heartbeat(state).await;
     }
 
     async fn flush(&self) -> Result<()> {
@@ -755,14 +772,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
         }
     }
     s.asserted_ns.store(asserted, Ordering::Release);
-    let presence = Heartbeat {
-        state: NODE_UP,
-        eid: me,
-        session: inner.session,
-        heartbeat_ms: inner.cfg.heartbeat_ms,
-        asserted_ns: asserted,
-        name: inner.cfg.node_name.clone(),
-    };
+    let presence = s.heartbeat(NODE_UP);
     // Acknowledged: once stored, every snapshot written before it is stored too (one
     // stream, one connection, in order).
     kv.put(wire::presence_key(&me), Bytes::from(presence.encode()))

@@ -577,6 +577,9 @@ impl Cluster {
     /// remote entries from local caches and stops the threads.
     pub fn leave(&self) -> Result<()> {
         if !self.inner.in_this_process() {
+            // The threads belong to the parent: a forked child has none to join or detach.
+            std::mem::forget(self.io_thread.lock().take());
+            std::mem::forget(self.in_thread.lock().take());
             return Err(Error::state(
                 "this cluster handle belongs to the parent process (fork); it is released without leaving",
             ));
