@@ -18,6 +18,8 @@
  *                                  on each message of type "slow" (blocks the delivery thread)
  *   pub T TYPE N TAG               N bytes messages "TAG:i" (i = 0..N-1) on T
  *   pubc T TYPE N                  N messages of a codec type (value i)
+ *   pubcagg T TYPE N               N codec-type aggregates (no eid: never sent)
+ *   nocodec TYPE                   sb_message_type_set_codec(TYPE, NULL, NULL)
  *   pubto EID T TYPE TEXT          sb_cluster_publish_to
  *   count T                        ok total remote order_violations codec_values_ok
  *                                  (order: "TAG:i" per sender and tag, i = 0, 1, 2...)
@@ -158,6 +160,14 @@ static sb_message_type *cn_type(const char *name)
     if (strncmp(name, "codec", 5) == 0) {
         if (sb_message_type_create(name, NULL, &ty) != SB_OK)
             return NULL;
+        /* the codec is set on the type's first use only ("nocodec" removes it for good) */
+        static char configured[16][64];
+        static int nconfigured;
+        for (int i = 0; i < nconfigured; i++)
+            if (strcmp(configured[i], name) == 0)
+                return ty;
+        if (nconfigured < 16)
+            snprintf(configured[nconfigured++], sizeof configured[0], "%s", name);
         int bad = strstr(name, "bad") != NULL;
         sb_message_type_set_codec(ty, bad ? cn_encode_short : cn_encode, cn_decode);
     } else if (strncmp(name, "json", 4) == 0) {
@@ -446,6 +456,24 @@ static int cn_command(char *line)
             sb_message_unref(m);
         }
         sb_message_type_unref(ty);
+    } else if (strcmp(cmd, "pubcagg") == 0 && argc == 4 && t) {
+        sb_message_type *ty = cn_type(argv[2]);
+        long n = atol(argv[3]);
+        for (long i = 0; i < n; i++) {
+            cn_value *v = (cn_value *)calloc(1, sizeof *v);
+            v->value = (int32_t)i;
+            snprintf(v->tag, sizeof v->tag, "cn-value");
+            sb_message *m = sb_message_create_full(ty, v, cn_free, NULL);
+            sb_publish(t->topic, m);
+            sb_message_unref(m);
+        }
+        sb_message_type_unref(ty);
+    } else if (strcmp(cmd, "nocodec") == 0 && argc == 2) {
+        sb_message_type *ty = cn_type(argv[1]);
+        int rc = sb_message_type_set_codec(ty, NULL, NULL);
+        sb_message_type_unref(ty);
+        if (rc != SB_OK)
+            return cn_reply_err(rc), 0;
     } else if (strcmp(cmd, "pubto") == 0 && argc == 5) {
         cn_topic *to = cn_find(argv[2]);
         sb_eid e;

@@ -205,7 +205,8 @@ static void test_leave_and_join_again(void)
     CHECK(nh_server_start(&s, &o) == 0);
     sb_topic *t = sb_topic_create("again");
     for (int i = 0; i < 3; i++) {
-        sb_cluster *c = join_with(&s, "node_name", "again", NULL, NULL, NULL);
+        /* a key set twice: the second value wins */
+        sb_cluster *c = join_with(&s, "node_name", "first", "node_name", "again", NULL);
         CHECK(c != NULL);
         CHECK_EQ_INT(sb_cluster_share_topic(c, t), SB_OK);
         CHECK_EQ_INT(sb_cluster_share_topic(c, t), SB_OK); /* sharing twice is harmless */

@@ -67,7 +67,8 @@ static void test_server_restart_empty_store(void)
     memset(&opts, 0, sizeof opts);
     CHECK(nh_server_start(&srv, &opts) == 0);
     nh_child a, b;
-    start_node(&a, EID_A, "a", srv.url, "");
+    /* a's outgoing queue holds 500: while the server is gone it overflows */
+    start_node(&a, EID_A, "a", srv.url, "out_queue_limit=500");
     start_node(&b, EID_B, "b", srv.url, "");
     CN_OK(&a, "putn reg snapf 100 k");
     CN_OK(&b, "putn reg snapg 50 j");
@@ -80,11 +81,13 @@ static void test_server_restart_empty_store(void)
     CN_OK(&a, "putn reg snapf 100 k"); /* same ids: values unchanged */
     CN_OK(&a, "put reg snapf k5 500");
     CN_OK(&a, "put reg snapf knew 7");
-    CN_OK(&a, "pub reg text 2000 offline");
+    CN_OK(&a, "pub reg text 10000 offline");
     long long took = nh_now_ms() - t0;
     if (!cn_slow())
         CHECK(took < 2000);
     printf("publishing with the server down: %lld ms\n", took);
+    /* the oldest were dropped and counted, newest kept */
+    CHECK(stat_of(&a, ST_DROPPED_OUT) >= 5000);
 
     /* back, with an empty store */
     CHECK(nh_server_restart(&srv, 1) == 0);

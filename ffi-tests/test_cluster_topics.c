@@ -86,6 +86,19 @@ static void test_codec_and_undecodable(void)
     WAIT_UNTIL(stat_of(&b, ST_DROPPED_IN) == before_drop + 12);
     CHECK_EQ_INT(count_of(&b, "chat", CT_TOTAL), before_total + 100);
     CHECK_EQ_INT(count_of(&b, "chat", CT_CODEC_OK), 100);
+
+    /* an aggregate (no eid) is never sent, even of a type with a codec */
+    long long sent0 = stat_of(&a, ST_SENT);
+    CN_OK(&a, "pubcagg chat codecv 10");
+    /* a codec removed: that type is not sent any more */
+    CN_OK(&a, "nocodec codecv");
+    CN_OK(&a, "pubc chat codecv 10");
+    CN_OK(&a, "pub chat text 1 marker"); /* a bytes message still goes: a fence */
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before_total + 101);
+    cn_sleep_ms(200);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_TOTAL), before_total + 101);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_CODEC_OK), 100);
+    CHECK_EQ_INT(stat_of(&a, ST_SENT), sent0 + 1);
 }
 
 static void test_type_created_on_arrival(void)
@@ -142,11 +155,12 @@ static void test_selective_import(void)
 static void test_publish_to(void)
 {
     long long b0 = count_of(&b, "chat", CT_TOTAL), c0 = count_of(&c, "chat", CT_TOTAL);
+    long long a0 = count_of(&a, "chat", CT_TOTAL);
     CN_OK(&a, "pubto %s chat text direct:0", EID_B);
     WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == b0 + 1);
     cn_sleep_ms(200);
-    CHECK_EQ_INT(count_of(&c, "chat", CT_TOTAL), c0);
-    /* not published on a itself */
+    CHECK_EQ_INT(count_of(&c, "chat", CT_TOTAL), c0); /* only b */
+    CHECK_EQ_INT(count_of(&a, "chat", CT_TOTAL), a0); /* not published on a itself */
     const char *r = cn_cmd(&a, "pubto 00:00:00:00:00:99 chat text x:0");
     CHECK(r != NULL && strncmp(r, "err -4 ", 7) == 0); /* SB_E_STATE: that node is not up */
 }
