@@ -177,6 +177,10 @@ struct Shared {
     bucket_ready: AtomicBool,
     /// Names of shared-cache topics whose state we keep in the store.
     cache_topics: parking_lot::Mutex<HashSet<String>>,
+    /// +1 each time a store write failed (its acknowledgement did not come).
+    store_failures: AtomicU64,
+    /// A re-assertion task is running (see `schedule_reassert`).
+    reasserting: AtomicBool,
 }
 
 impl Shared {
@@ -237,6 +241,8 @@ impl Io {
                 asserted_ns: AtomicU64::new(0),
                 bucket_ready: AtomicBool::new(false),
                 cache_topics: parking_lot::Mutex::new(HashSet::new()),
+                store_failures: AtomicU64::new(0),
+                reasserting: AtomicBool::new(false),
             }),
             subs: HashMap::new(),
             interest_epoch: u64::MAX,
@@ -279,7 +285,9 @@ impl Io {
         }
         let _ = ready.send(Ok(()));
 
-        let sender = tokio::spawn(sender(Arc::clone(&self.s)));
+        let (acks_tx, acks_rx) = tokio::sync::mpsc::channel(ACKS_IN_FLIGHT);
+        let sender = tokio::spawn(sender(Arc::clone(&self.s), acks_tx));
+        let acks = tokio::spawn(check_acks(Arc::clone(&self.s), acks_rx));
         // Heartbeats have a task of their own: this loop may wait for the delivery thread
         // (a slow synchronous subscriber), which must never make the others take this
         // node for down.
@@ -327,6 +335,7 @@ impl Io {
             }
         }
         sender.abort();
+        acks.abort();
         heartbeats.abort();
         for (_, h) in self.subs.drain() {
             h.abort();
@@ -520,27 +529,101 @@ impl Io {
     }
 }
 
-/// Drains the outgoing queue for as long as the io thread runs.
-async fn sender(s: Arc<Shared>) {
+/// Store writes whose acknowledgement is awaited at once, at most.
+const ACKS_IN_FLIGHT: usize = 4096;
+
+/// Drains the outgoing queue for as long as the io thread runs. Messages are published
+/// as they are; store writes go through JetStream, and their acknowledgements are
+/// checked by `check_acks` (a write the store never confirmed is repaired by writing all
+/// of our snapshots again).
+async fn sender(
+    s: Arc<Shared>,
+    acks: tokio::sync::mpsc::Sender<jetstream::context::PublishAckFuture>,
+) {
     let mut seq = 0u64;
     let mut type_tokens: HashMap<u32, String> = HashMap::new();
     let p = s.inner.cfg.prefix.clone();
     loop {
         while let Some(item) = s.inner.pop() {
-            let (subject, body, headers, counts) =
-                match encode_item(&s, &p, item, &mut seq, &mut type_tokens) {
-                    Some(x) => x,
-                    None => continue,
-                };
-            let r = match headers {
-                Some(h) => s.client.publish_with_headers(subject, h, body).await,
-                None => s.client.publish(subject, body).await,
+            let Some(e) = encode_item(&s, &p, item, &mut seq, &mut type_tokens) else {
+                continue;
             };
-            if r.is_ok() && counts {
-                s.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+            match e.kind {
+                Sent::Store => {
+                    let r = match e.headers {
+                        Some(h) => s.js.publish_with_headers(e.subject, h, e.body).await,
+                        None => s.js.publish(e.subject, e.body).await,
+                    };
+                    match r {
+                        Ok(ack) => {
+                            let _ = acks.send(ack).await;
+                        }
+                        Err(_) => schedule_reassert(&s),
+                    }
+                }
+                Sent::Message | Sent::Json => {
+                    let r = match e.headers {
+                        Some(h) => s.client.publish_with_headers(e.subject, h, e.body).await,
+                        None => s.client.publish(e.subject, e.body).await,
+                    };
+                    if r.is_ok() && e.kind == Sent::Message {
+                        s.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
         s.inner.out_notify.notified().await;
+    }
+}
+
+/// Awaits store acknowledgements in order; a missing one schedules a re-assertion.
+async fn check_acks(
+    s: Arc<Shared>,
+    mut acks: tokio::sync::mpsc::Receiver<jetstream::context::PublishAckFuture>,
+) {
+    while let Some(ack) = acks.recv().await {
+        if ack.await.is_err() {
+            schedule_reassert(&s);
+        }
+    }
+}
+
+/// The store may have missed some of our writes: write all of our snapshots again, until
+/// a complete pass ran with no new failure in between.
+fn schedule_reassert(s: &Arc<Shared>) {
+    s.store_failures.fetch_add(1, Ordering::AcqRel);
+    if !s.reasserting.swap(true, Ordering::AcqRel) {
+        tokio::spawn(reassert(Arc::clone(s)));
+    }
+}
+
+async fn reassert(s: Arc<Shared>) {
+    let period = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms));
+    let mut warned = false;
+    loop {
+        let failures = s.store_failures.load(Ordering::Acquire);
+        let topics: Vec<String> = s.cache_topics.lock().iter().cloned().collect();
+        match assert_own(&s, &topics).await {
+            Ok(()) if s.store_failures.load(Ordering::Acquire) == failures => {
+                s.reasserting.store(false, Ordering::Release);
+                // A failure recorded just now, after the check, finds the flag clear.
+                if s.store_failures.load(Ordering::Acquire) == failures
+                    || s.reasserting.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !warned {
+                    crate::log::warn(&format!(
+                        "cluster: writing this node's snapshots to the store failed (retrying): {e}"
+                    ));
+                    warned = true;
+                }
+            }
+        }
+        tokio::time::sleep(period).await;
     }
 }
 
@@ -573,7 +656,36 @@ fn body_of(msg: &Message, me: Eid, session: u32, seq: u64, clear: bool) -> Optio
     Some(body)
 }
 
-type Encoded = (String, Bytes, Option<async_nats::HeaderMap>, bool);
+/// What the sender publishes for one queued item.
+struct Encoded {
+    subject: String,
+    body: Bytes,
+    headers: Option<async_nats::HeaderMap>,
+    kind: Sent,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// To the other nodes (counted in `sent`).
+    Message,
+    Json,
+    /// A store write.
+    Store,
+}
+
+fn encoded(
+    subject: String,
+    body: Bytes,
+    headers: Option<async_nats::HeaderMap>,
+    kind: Sent,
+) -> Encoded {
+    Encoded {
+        subject,
+        body,
+        headers,
+        kind,
+    }
+}
 
 fn encode_item(
     s: &Shared,
@@ -588,7 +700,7 @@ fn encode_item(
             let body = body_of(&msg, inner.me, inner.session, *seq + 1, clear)?;
             *seq += 1;
             let subject = format!("{p}.m.{token}.{}", type_token(types, msg.message_type()));
-            Some((subject, body.into(), None, true))
+            Some(encoded(subject, body.into(), None, Sent::Message))
         }
         Out::Direct { to, token, msg } => {
             let body = body_of(&msg, inner.me, inner.session, *seq + 1, false)?;
@@ -598,7 +710,7 @@ fn encode_item(
                 wire::eid_token(&to),
                 type_token(types, msg.message_type())
             );
-            Some((subject, body.into(), None, true))
+            Some(encoded(subject, body.into(), None, Sent::Message))
         }
         Out::Json { token, msg } => {
             let json = msg.message_type().to_json(&msg)?;
@@ -608,7 +720,7 @@ fn encode_item(
             h.insert("Sb-Timestamp", msg.timestamp_ns().to_string().as_str());
             h.insert("Sb-Type", msg.message_type().name());
             h.insert("Sb-Node", inner.cfg.node_name.as_str());
-            Some((subject, json.into(), Some(h), false))
+            Some(encoded(subject, json.into(), Some(h), Sent::Json))
         }
         Out::Snapshot {
             token,
@@ -623,16 +735,24 @@ fn encode_item(
             match &new {
                 Some(n) => {
                     let body = body_of(n, inner.me, inner.session, 0, false)?;
-                    Some((subject, body.into(), None, false))
+                    Some(encoded(subject, body.into(), None, Sent::Store))
                 }
-                None => {
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert("KV-Operation", "DEL");
-                    Some((subject, Bytes::new(), Some(h), false))
-                }
+                None => Some(encoded(
+                    subject,
+                    Bytes::new(),
+                    Some(del_headers()),
+                    Sent::Store,
+                )),
             }
         }
     }
+}
+
+/// The headers of a key-value delete marker.
+fn del_headers() -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("KV-Operation", "DEL");
+    h
 }
 
 fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -741,40 +861,72 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
     let kv = bucket(s).await?;
     let inner = &s.inner;
     let me = inner.me;
-    let mut puts = Vec::new();
+    let mut caches = Vec::new();
     {
         let shared = inner.topics.read();
         for name in topics {
             let Some(st) = shared.get(name) else { continue };
             let Some(ct) = &st.caching else { continue };
-            puts.push((Arc::clone(&st.token), Arc::clone(ct.cache())));
+            caches.push((Arc::clone(&st.token), Arc::clone(ct.cache())));
         }
     }
     let asserted = now_realtime_ns();
-    for (token, cache) in &puts {
-        purge(
-            Arc::clone(s),
-            format!("{}.c.{token}.>", wire::eid_token(&me)),
-        )
-        .await?;
+    for (token, cache) in &caches {
+        // No purge first: a node reading meanwhile must see each key we hold, old or new.
+        // Keys we no longer hold are deleted after the writes.
+        let ours = format!("{}.c.{token}.>", wire::eid_token(&me));
+        let stored: Vec<String> = read_keys(s, &ours)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        // What we wrote, to check afterwards that it is still current: a change made
+        // meanwhile may have been stored before our older copy, which then won.
+        let mut written: Vec<(String, Arc<MessageType>, String, Arc<Message>)> = Vec::new();
+        let mut pending = Vec::new();
         for snap in cache.dump_by_eid(None, &me) {
             let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
                 continue;
             };
-            let Some(body) = body_of(&snap, me, inner.session, 0, false) else {
-                continue;
-            };
             let key = wire::snapshot_key(&me, token, snap.message_type().name(), &id);
-            s.client
-                .publish(format!("$KV.{}.{key}", inner.bucket), body.into())
-                .await
-                .map_err(|e| store_error("write", e))?;
+            if let Some(ack) = store_put(s, &key, Some(&snap)).await? {
+                pending.push(ack);
+            }
+            written.push((key, Arc::clone(snap.message_type()), id, snap));
+        }
+        await_acks(pending).await?;
+        let held: HashSet<&str> = written.iter().map(|w| w.0.as_str()).collect();
+        let mut pending = Vec::new();
+        for key in stored.iter().filter(|k| !held.contains(k.as_str())) {
+            if let Some(ack) = store_put(s, key, None).await? {
+                pending.push(ack);
+            }
+        }
+        await_acks(pending).await?;
+        for _round in 0..3 {
+            let mut pending = Vec::new();
+            let mut changed = Vec::new();
+            for (key, ty, id, snap) in &written {
+                let now = cache.get_by_eid(ty, id, Some(&me));
+                if now.as_ref().is_some_and(|n| Arc::ptr_eq(n, snap)) {
+                    continue;
+                }
+                if let Some(ack) = store_put(s, key, now.as_ref()).await? {
+                    pending.push(ack);
+                }
+                if let Some(n) = now {
+                    changed.push((key.clone(), Arc::clone(ty), id.clone(), n));
+                }
+            }
+            await_acks(pending).await?;
+            if changed.is_empty() {
+                break;
+            }
+            written = changed;
         }
     }
     s.asserted_ns.store(asserted, Ordering::Release);
     let presence = s.heartbeat(NODE_UP);
-    // Acknowledged: once stored, every snapshot written before it is stored too (one
-    // stream, one connection, in order).
     kv.put(wire::presence_key(&me), Bytes::from(presence.encode()))
         .await
         .map_err(|e| store_error("write", e))?;
@@ -785,6 +937,36 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             Bytes::from(presence.encode()),
         )
         .await;
+    Ok(())
+}
+
+/// Writes (or with None deletes) one of our snapshots; the acknowledgement to await.
+async fn store_put(
+    s: &Shared,
+    key: &str,
+    snap: Option<&Arc<Message>>,
+) -> Result<Option<jetstream::context::PublishAckFuture>> {
+    let subject = format!("$KV.{}.{key}", s.inner.bucket);
+    let r = match snap {
+        Some(m) => {
+            let Some(body) = body_of(m, s.inner.me, s.inner.session, 0, false) else {
+                return Ok(None);
+            };
+            s.js.publish(subject, body.into()).await
+        }
+        None => {
+            s.js.publish_with_headers(subject, del_headers(), Bytes::new())
+                .await
+        }
+    };
+    r.map(Some).map_err(|e| store_error("write", e))
+}
+
+async fn await_acks(acks: Vec<jetstream::context::PublishAckFuture>) -> Result<()> {
+    for ack in acks {
+        ack.await
+            .map_err(|e| store_error("write not confirmed", e))?;
+    }
     Ok(())
 }
 
@@ -904,14 +1086,10 @@ async fn reread(s: Arc<Shared>, eid: Option<Eid>) {
 }
 
 /// After a reconnect the store may have lost everything (a restarted server): write ours
-/// again, and after a heartbeat period (the others do the same) re-read theirs.
+/// again (until it works), and after a heartbeat period (the others do the same) re-read
+/// theirs.
 async fn after_reconnect(s: Arc<Shared>) {
-    let topics: Vec<String> = s.cache_topics.lock().iter().cloned().collect();
-    if let Err(e) = assert_own(&s, &topics).await {
-        crate::log::warn(&format!(
-            "cluster: re-asserting snapshots after a reconnect failed: {e}"
-        ));
-    }
+    schedule_reassert(&s);
     tokio::time::sleep(Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms))).await;
     reread(s, None).await;
 }
