@@ -219,9 +219,13 @@ static void test_nodes_and_events(void)
     CHECK(r != NULL && strstr(r, EID_A "=1/a") != NULL);
     CHECK_EQ_INT(stat_of(&a, ST_UP), 3);
     long long ev0 = cn_num(&a, "events");
+    long long a0 = count_of(&a, "chat", CT_TOTAL);
+    /* what c queued right before leaving still goes out */
+    CN_OK(&c, "pub chat text 500 bye");
     /* clean leave of c: seen by a as LEFT within 1 s (bound generous for slow runs) */
     long long t0 = nh_now_ms();
     CN_OK(&c, "leave");
+    WAIT_UNTIL(count_of(&a, "chat", CT_TOTAL) == a0 + 500);
     WAIT_UNTIL(cn_num(&a, "events") > ev0);
     const char *e = cn_cmd(&a, "events");
     CHECK(e != NULL && strstr(e, EID_C " 3") != NULL);
@@ -293,6 +297,8 @@ int main(int argc, char **argv)
     CHECK_EQ_INT(cn_stop(&a), 0);
     CHECK_EQ_INT(cn_stop(&b), 0);
     CHECK_EQ_INT(cn_stop(&c), 0);
+    if (atomic_load(&tu_failed) > 0)
+        nh_print_tail(srv.log, 4000); /* what the server saw, for the failure report */
     nh_server_free(&srv);
     return TEST_DONE();
 }

@@ -46,8 +46,8 @@ pub(crate) enum Inbound {
     Stop,
 }
 
-/// Bounded: when delivery falls behind, the io thread's forwarders wait, the client's
-/// own buffers fill and the server reports us as a slow consumer (counted as drops).
+/// Bounded: when delivery falls behind this far, arrivals are dropped and counted
+/// (`dropped_in`) by the forwarders, which never wait for room.
 const CAPACITY: usize = 65_536;
 
 #[derive(Clone)]
@@ -63,6 +63,14 @@ impl InboundTx {
     /// From the async side: waits for room.
     pub async fn send(&self, item: Inbound) -> bool {
         self.0.send(item).await.is_ok()
+    }
+    /// From the async side, never waiting: Err(false) when full, Err(true) when closed.
+    pub fn try_send(&self, item: Inbound) -> std::result::Result<(), bool> {
+        match self.0.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Err(false),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(true),
+        }
     }
     /// From a plain thread (never the io thread).
     pub fn send_blocking(&self, item: Inbound) {

@@ -181,6 +181,8 @@ struct Shared {
     store_failures: AtomicU64,
     /// A re-assertion task is running (see `schedule_reassert`).
     reasserting: AtomicBool,
+    /// The sender is handing queued items to the client (see `sender`).
+    sending: AtomicBool,
 }
 
 impl Shared {
@@ -243,6 +245,7 @@ impl Io {
                 cache_topics: parking_lot::Mutex::new(HashSet::new()),
                 store_failures: AtomicU64::new(0),
                 reasserting: AtomicBool::new(false),
+                sending: AtomicBool::new(false),
             }),
             subs: HashMap::new(),
             interest_epoch: u64::MAX,
@@ -351,14 +354,29 @@ impl Io {
         self.s.send_heartbeat(state).await;
     }
 
+    /// Returns once the server has processed everything this connection sent before
+    /// (subscriptions included). The client's own flush only writes the socket: a
+    /// publisher on another connection could still beat our subscription to the server.
+    /// A request nobody answers makes the server itself reply ("no responders") once it
+    /// reached it, in order after what came before.
     async fn flush(&self) -> Result<()> {
         let limit = Duration::from_millis(u64::from(self.s.inner.cfg.connect_timeout_ms));
-        match tokio::time::timeout(limit, self.s.client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::new(ErrorKind::Unavailable, format!("flush: {e}"))),
-            Err(_) => Err(Error::new(
+        let subject = format!(
+            "{}._sync.{}",
+            self.prefix(),
+            wire::eid_token(&self.s.inner.me)
+        );
+        let request = async_nats::Request::new().timeout(Some(limit));
+        match self.s.client.send_request(subject, request).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(Error::new(
                 ErrorKind::Timeout,
                 "the server did not answer in time",
+            )),
+            Err(e) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("server round trip: {e}"),
             )),
         }
     }
@@ -372,17 +390,30 @@ impl Io {
             .map_err(|e| Error::new(ErrorKind::Unavailable, format!("subscribe {subject}: {e}")))?;
         let in_tx = self.s.in_tx.clone();
         let skip = self.prefix().len() + 1;
+        let inner = Arc::clone(&self.s.inner);
+        // Never waits for the delivery thread: an arrival it has no room for is dropped
+        // and counted here. (Waiting would only move the drop into the client library,
+        // whose own per-subscription queue then drops without telling.)
         let task = tokio::spawn(async move {
+            let mut warned = false;
             while let Some(m) = sub.next().await {
                 let rest = m.subject.get(skip..).unwrap_or("").to_owned();
-                if !in_tx
-                    .send(Inbound::Msg {
-                        rest,
-                        body: m.payload,
-                    })
-                    .await
-                {
-                    break;
+                match in_tx.try_send(Inbound::Msg {
+                    rest,
+                    body: m.payload,
+                }) {
+                    Ok(()) => {}
+                    Err(false) => {
+                        inner.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                        if !warned {
+                            warned = true;
+                            crate::log::warn(
+                                "cluster: arrivals come faster than this node delivers them: \
+                                 dropping (counted in dropped_in)",
+                            );
+                        }
+                    }
+                    Err(true) => break,
                 }
             }
         });
@@ -517,9 +548,15 @@ impl Io {
     async fn leave(&mut self) {
         let inner = Arc::clone(&self.s.inner);
         let deadline = Instant::now() + super::LEAVE_DRAIN;
-        while inner.queued() > 0 && Instant::now() < deadline {
+        while (inner.queued() > 0 || self.s.sending.load(Ordering::SeqCst))
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        // Once the server has them, nothing queued is lost when the connection closes
+        // (still within the 1 s the leave may spend on them).
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(left, self.flush()).await;
         if self.s.bucket_ready.load(Ordering::Acquire) {
             let own = format!("{}.>", wire::eid_token(&inner.me));
             let _ = tokio::time::timeout(super::LEAVE_DRAIN, purge(Arc::clone(&self.s), own)).await;
@@ -544,6 +581,9 @@ async fn sender(
     let mut type_tokens: HashMap<u32, String> = HashMap::new();
     let p = s.inner.cfg.prefix.clone();
     loop {
+        // Busy from before the first pop until the last item is handed to the client, so
+        // that `leave` (queue empty and not busy) knows nothing is on its way.
+        s.sending.store(true, Ordering::SeqCst);
         while let Some(item) = s.inner.pop() {
             let Some(e) = encode_item(&s, &p, item, &mut seq, &mut type_tokens) else {
                 continue;
@@ -572,6 +612,7 @@ async fn sender(
                 }
             }
         }
+        s.sending.store(false, Ordering::SeqCst);
         s.inner.out_notify.notified().await;
     }
 }

@@ -5,7 +5,7 @@ use super::cache::{sb_caching_topic, sb_message_list};
 use super::library::sb_eid;
 use super::message::{sb_data_dtor, sb_message, sb_message_type};
 use super::topic::sb_topic;
-use super::{boundary, fail_code, fail_null, ref_arg, str_arg, to_code, Handle};
+use super::{boundary, fail_code, fail_null, str_arg, to_code};
 use crate::error::{Error, Result};
 use std::ffi::{c_char, c_int, c_void};
 
@@ -81,6 +81,7 @@ mod imp {
     use crate::cluster::config::Config;
     use crate::cluster::{Cluster, NodeView, CLUSTER_MAGIC};
     use crate::eid::Eid;
+    use crate::ffi::{ref_arg, Handle};
     use crate::message::{Message, Payload};
     use crate::message_type::DEAD_MAGIC;
     use std::sync::Arc;
@@ -503,4 +504,26 @@ pub extern "C" fn sb_cluster_get_stats(c: *mut sb_cluster, out: *mut sb_cluster_
         let out = unsafe { &mut *out };
         to_code(imp::stats(c, out))
     })
+}
+
+#[cfg(all(test, not(feature = "cluster")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_cluster_support_every_call_fails_with_state() {
+        assert!(sb_cluster_config_new().is_null());
+        assert_eq!(crate::error::last_error_code(), crate::error::SB_E_STATE);
+        assert!(sb_cluster_join(std::ptr::null()).is_null());
+        assert_eq!(
+            sb_cluster_share_topic(std::ptr::null_mut(), std::ptr::null_mut()),
+            crate::error::SB_E_STATE
+        );
+        assert!(sb_cluster_node_type().is_null());
+        let mut st = sb_cluster_stats::default();
+        assert_eq!(
+            sb_cluster_get_stats(std::ptr::null_mut(), &mut st),
+            crate::error::SB_E_STATE
+        );
+    }
 }
