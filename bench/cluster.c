@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -70,6 +71,63 @@ static int ms_left(uint64_t deadline)
 static uint64_t deadline_in(double secs)
 {
     return now_ns() + (uint64_t)(secs * 1e9);
+}
+
+/* ------------------------------------------------ CPU time per thread group */
+
+/* CPU time (ns, /proc/<pid>/task/<tid>/schedstat) of a process's threads, in groups:
+ * [0] the main thread, [1] sb-cluster-io (the NATS connection and the sender),
+ * [2] sb-cluster-in (decoding, local publish of arrivals), [3] subscription threads
+ * (sb-sub-*, sb-pool), [4] everything else. */
+#define CPU_GROUPS 5
+typedef struct cpu_use {
+    uint64_t ns[CPU_GROUPS];
+} cpu_use;
+
+static void cpu_read(pid_t pid, cpu_use *u)
+{
+    memset(u, 0, sizeof *u);
+    char path[96];
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char comm[64] = "", p2[320];
+        unsigned long long ns = 0;
+        snprintf(p2, sizeof p2, "/proc/%d/task/%s/comm", (int)pid, e->d_name);
+        FILE *f = fopen(p2, "r");
+        if (f) {
+            if (!fgets(comm, sizeof comm, f))
+                comm[0] = 0;
+            fclose(f);
+        }
+        snprintf(p2, sizeof p2, "/proc/%d/task/%s/schedstat", (int)pid, e->d_name);
+        f = fopen(p2, "r");
+        if (f) {
+            if (fscanf(f, "%llu", &ns) != 1)
+                ns = 0;
+            fclose(f);
+        }
+        int g = atoi(e->d_name) == (int)pid            ? 0
+                : !strncmp(comm, "sb-cluster-io", 13) ? 1
+                : !strncmp(comm, "sb-cluster-in", 13) ? 2
+                : !strncmp(comm, "sb-sub", 6) || !strncmp(comm, "sb-pool", 7) ? 3
+                                                                                : 4;
+        u->ns[g] += ns;
+    }
+    closedir(d);
+}
+
+static uint64_t cpu_total(const cpu_use *u)
+{
+    uint64_t t = 0;
+    for (int i = 0; i < CPU_GROUPS; i++)
+        t += u->ns[i];
+    return t;
 }
 
 /* ------------------------------------------------------------------ server */
@@ -426,12 +484,21 @@ typedef struct c1_rx {
     uint64_t seen;
     uint64_t end_ns;
     uint64_t deadline;
+    uint64_t cpu_ns;
     int ok;
 } c1_rx;
+
+static uint64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static void *c1_receiver(void *arg)
 {
     c1_rx *rx = arg;
+    uint64_t cpu0 = thread_cpu_ns();
     while (rx->seen < rx->target) {
         const char *s, *d;
         size_t sl, dl;
@@ -442,6 +509,7 @@ static void *c1_receiver(void *arg)
             rx->seen++;
     }
     rx->end_ns = now_ns();
+    rx->cpu_ns = thread_cpu_ns() - cpu0;
     rx->ok = 1;
     return NULL;
 }
@@ -485,6 +553,7 @@ static void c1(result *r, uint64_t n)
     static const char sub[] = "SUB bench.c1 1\r\n";
     send_all(rx.conn.fd, sub, sizeof sub - 1);
     int ok = nc_flush(&rx.conn, deadline) == 0;
+    cpu_use me0, me1, sv0, sv1;
     double secs = 1e300;
     uint64_t seen = 0;
     for (int phase = 0; ok && phase < 2; phase++) {
@@ -498,10 +567,21 @@ static void c1(result *r, uint64_t n)
             ok = 0;
             break;
         }
+        cpu_read(getpid(), &me0);
+        cpu_read(srv.pid, &sv0);
         uint64_t t0 = now_ns();
         ok = c1_publish(&pub, count) == 0;
         pthread_join(th, NULL);
         ok = ok && rx.ok;
+        cpu_read(getpid(), &me1);
+        cpu_read(srv.pid, &sv1);
+        if (phase && ok)
+            fprintf(stderr,
+                    "# C1 cpu ns/msg: publisher %.0f, subscriber %.0f, nats-server %.0f (wall %.0f ns/msg)\n",
+                    (double)(me1.ns[0] - me0.ns[0]) / (double)n,
+                    (double)rx.cpu_ns / (double)n,
+                    (double)(cpu_total(&sv1) - cpu_total(&sv0)) / (double)n,
+                    (double)(rx.end_ns - t0) / (double)n);
         if (phase) {
             secs = (double)((ok ? rx.end_ns : now_ns()) - t0) / 1e9;
             seen = rx.seen - from;
@@ -742,7 +822,10 @@ static void c2(result *r, uint64_t n)
         ok = child_expect(&ch, "warm", NULL, 0, deadline);
     }
     sb_cluster_stats st0, st1;
+    cpu_use me0, me1, sv0, sv1;
     if (ok) {
+        cpu_read(getpid(), &me0);
+        cpu_read(srv.pid, &sv0);
         sb_cluster_get_stats(c, &st0);
         deadline = deadline_in(g_timeout_s);
         uint64_t t0r = real_ns(), t0 = now_ns();
@@ -759,11 +842,31 @@ static void c2(result *r, uint64_t n)
         sent_s = secs_since(t0);
         char rest[128];
         ok = child_expect(&ch, "done", rest, sizeof rest, deadline);
-        uint64_t end_r = 0;
-        if (ok && sscanf(rest, "%" SCNu64 " %" SCNu64, &end_r, &recv_count) == 2 && end_r > t0r)
+        cpu_read(getpid(), &me1);
+        cpu_read(srv.pid, &sv1);
+        uint64_t end_r = 0, errs = 0, b[CPU_GROUPS];
+        if (ok &&
+            sscanf(rest, "%" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64,
+                   &end_r, &recv_count, &errs, &b[0], &b[1], &b[2], &b[3], &b[4]) == 8 &&
+            end_r > t0r) {
             secs = (double)(end_r - t0r) / 1e9;
-        else
+            /* where the CPU went, per message of the timed burst (ns) */
+            fprintf(stderr,
+                    "# C2 cpu ns/msg: node A: publisher %.0f, sb-cluster-io %.0f, other %.0f; "
+                    "nats-server %.0f; node B: sb-cluster-io %.0f, sb-cluster-in %.0f, "
+                    "subscription %.0f, other %.0f (wall %.0f ns/msg)\n",
+                    (double)(me1.ns[0] - me0.ns[0]) / (double)n, (double)(me1.ns[1] - me0.ns[1]) / (double)n,
+                    (double)(cpu_total(&me1) - cpu_total(&me0) - (me1.ns[0] - me0.ns[0]) -
+                             (me1.ns[1] - me0.ns[1])) /
+                        (double)n,
+                    (double)(cpu_total(&sv1) - cpu_total(&sv0)) / (double)n, (double)b[1] / (double)n,
+                    (double)b[2] / (double)n, (double)b[3] / (double)n, (double)(b[0] + b[4]) / (double)n,
+                    secs * 1e9 / (double)n);
+            if (errs)
+                res_add(r, "order_errors", (double)errs, 0);
+        } else {
             ok = 0;
+        }
     }
     res_add(r, "msgs_per_s", ok ? (double)n / secs : 0, 0);
     res_add(r, "pub_s", pub_s, 3);
@@ -821,12 +924,16 @@ static void c3(result *r, uint64_t rate, double secs)
         prctl(PR_SET_TIMERSLACK, 50000UL);
         ok = child_expect(&ch, "lat", rest, sizeof rest, deadline_in(g_timeout_s));
     }
-    double p50, p99, p999, mx;
-    if (ok && sscanf(rest, "%lf %lf %lf %lf", &p50, &p99, &p999, &mx) == 4) {
+    double p50, p99, p999, mx, w50, w99, w999;
+    if (ok && sscanf(rest, "%lf %lf %lf %lf %lf %lf %lf", &p50, &p99, &p999, &mx, &w50, &w99, &w999) == 7) {
         res_add(r, "p50_us", p50, 1);
         res_add(r, "p99_us", p99, 1);
         res_add(r, "p999_us", p999, 1);
         res_add(r, "max_us", mx, 1);
+        /* the same messages seen by a plain NATS subscriber in the receiving process */
+        res_add(r, "wire_p50_us", w50, 1);
+        res_add(r, "wire_p99_us", w99, 1);
+        res_add(r, "wire_p999_us", w999, 1);
     } else {
         res_add(r, "timeout", 1, 0);
     }
@@ -1043,7 +1150,7 @@ int bench_cluster(int w, result *r)
     }
     switch (w) {
     case 1: c1(r, 1000000); break;
-    case 2: c2(r, 200000); break;
+    case 2: c2(r, 100000); break; /* a burst B can buffer: see BENCHMARKS.md */
     case 3: c3(r, 10000, 2.0); break;
     case 4: c4(r, 10000); break;
     case 5: c5(r); break;
@@ -1059,7 +1166,38 @@ static struct {
     uint64_t seen1, seen2, last_seq, order_errors;
     int probed, lat;
     uint64_t *lat_ns;
+    cpu_use cpu0;
+    /* C3: a plain NATS subscriber to the same subject beside the node: the wire's share */
+    nc raw;
+    pthread_t raw_th;
+    int raw_on;
+    uint64_t *raw_lat;
+    _Atomic uint64_t raw_seen;
 } nd;
+
+static void *raw_receiver(void *arg)
+{
+    (void)arg;
+    uint64_t deadline = deadline_in(60);
+    while (atomic_load(&nd.raw_seen) < nd.n) {
+        const char *s, *d;
+        size_t sl, dl;
+        int r = nc_next(&nd.raw, deadline, &s, &sl, &d, &dl);
+        if (r <= 0)
+            break;
+        if (r != 1 || dl != 28 + PAYLOAD)
+            continue;
+        uint64_t now_r = real_ns(), ts, seq, phase;
+        memcpy(&ts, d + 20, 8); /* the envelope's timestamp (little-endian, as this host) */
+        memcpy(&seq, d + 28, 8);
+        memcpy(&phase, d + 36, 8);
+        if (phase == 2 && seq < nd.n) {
+            nd.raw_lat[seq] = now_r > ts ? now_r - ts : 0;
+            atomic_fetch_add(&nd.raw_seen, 1);
+        }
+    }
+    return NULL;
+}
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
@@ -1087,8 +1225,10 @@ static void node_cb(void *data, sb_subscription *sub, sb_message *msg)
             say("probe\n");
         nd.probed = 1;
     } else if (phase == 1) {
-        if (++nd.seen1 == nd.warm)
+        if (++nd.seen1 == nd.warm) {
+            cpu_read(getpid(), &nd.cpu0);
             say("warm\n");
+        }
     } else {
         if (nd.seen2 && seq <= nd.last_seq)
             nd.order_errors++;
@@ -1100,11 +1240,25 @@ static void node_cb(void *data, sb_subscription *sub, sb_message *msg)
         if (++nd.seen2 == nd.n) {
             if (nd.lat) {
                 qsort(nd.lat_ns, nd.n, sizeof *nd.lat_ns, cmp_u64_asc);
-                say("lat %.1f %.1f %.1f %.1f\n", nd.lat_ns[nd.n / 2] / 1e3,
+                /* the raw subscriber saw the same messages (or times out: zeros) */
+                uint64_t d = deadline_in(2);
+                while (atomic_load(&nd.raw_seen) < nd.n && now_ns() < d)
+                    sleep_ms(1);
+                int raw_ok = nd.raw_on && nd.raw_seen >= nd.n;
+                if (raw_ok)
+                    qsort(nd.raw_lat, nd.n, sizeof *nd.raw_lat, cmp_u64_asc);
+                say("lat %.1f %.1f %.1f %.1f %.1f %.1f %.1f\n", nd.lat_ns[nd.n / 2] / 1e3,
                     nd.lat_ns[nd.n * 99 / 100] / 1e3, nd.lat_ns[nd.n * 999 / 1000] / 1e3,
-                    nd.lat_ns[nd.n - 1] / 1e3);
+                    nd.lat_ns[nd.n - 1] / 1e3, raw_ok ? nd.raw_lat[nd.n / 2] / 1e3 : 0,
+                    raw_ok ? nd.raw_lat[nd.n * 99 / 100] / 1e3 : 0,
+                    raw_ok ? nd.raw_lat[nd.n * 999 / 1000] / 1e3 : 0);
             } else {
-                say("done %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", now_r, nd.seen2, nd.order_errors);
+                cpu_use u;
+                cpu_read(getpid(), &u);
+                say("done %" PRIu64 " %" PRIu64 " %" PRIu64, now_r, nd.seen2, nd.order_errors);
+                for (int i = 0; i < CPU_GROUPS; i++)
+                    say(" %" PRIu64, u.ns[i] - nd.cpu0.ns[i]);
+                say("\n");
             }
         }
     }
@@ -1114,6 +1268,16 @@ int cmp_u64_asc(const void *x, const void *y)
 {
     uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
     return a < b ? -1 : a > b;
+}
+
+/* The library's warnings in a node: the first one on stderr, as a diagnostic line. */
+static void node_log(void *data, int level, const char *text)
+{
+    static int shown;
+    (void)data;
+    (void)level;
+    if (!shown++)
+        fprintf(stderr, "# node %d: %s\n", (int)getpid(), text ? text : "");
 }
 
 /* bench --node ROLE URL PREFIX EID ARG: joins, does its part, reports on stdout, then
@@ -1129,6 +1293,7 @@ int cluster_node_main(int argc, char **argv)
         say("error bad eid\n");
         return 2;
     }
+    sb_set_log_handler(node_log, NULL);
     char name[32];
     snprintf(name, sizeof name, "bench-%s-%d", role, (int)getpid());
     sb_cluster *c = join(prefix, name, NULL);
@@ -1144,8 +1309,17 @@ int cluster_node_main(int argc, char **argv)
         if (sscanf(arg, "%" SCNu64 ",%" SCNu64, &nd.warm, &nd.n) != 2)
             return 2;
         nd.lat = role[1] == '3';
-        if (nd.lat && !(nd.lat_ns = calloc(nd.n, sizeof *nd.lat_ns)))
+        if (nd.lat && (!(nd.lat_ns = calloc(nd.n, sizeof *nd.lat_ns)) ||
+                       !(nd.raw_lat = calloc(nd.n, sizeof *nd.raw_lat))))
             return 2;
+        const char *colon = strrchr(srv.url, ':');
+        srv.port = colon ? atoi(colon + 1) : 0;
+        if (nd.lat && nc_connect(&nd.raw, deadline_in(5)) == 0) {
+            char sub[160];
+            int len = snprintf(sub, sizeof sub, "SUB %s.m.bench/c3.bench_c3 1\r\n", prefix);
+            nd.raw_on = send_all(nd.raw.fd, sub, (size_t)len) == 0 && nc_flush(&nd.raw, deadline_in(5)) == 0 &&
+                        pthread_create(&nd.raw_th, NULL, raw_receiver, NULL) == 0;
+        }
         sb_message_type_create(nd.lat ? "bench_c3" : "bench_c2", NULL, &nd.ty);
         t = sb_topic_create(nd.lat ? "bench/c3" : "bench/c2");
         s = sb_subscribe(t, node_cb, NULL);
@@ -1180,6 +1354,15 @@ int cluster_node_main(int argc, char **argv)
     char buf[64];
     while (read(0, buf, sizeof buf) > 0)
         ;
+    if (nd.n && nd.seen2 < nd.n) {
+        sb_cluster_stats st;
+        sb_cluster_get_stats(c, &st);
+        fprintf(stderr,
+                "# node %d: got %" PRIu64 " of %" PRIu64 " (warm-up %" PRIu64 " of %" PRIu64 "); received %" PRIu64
+                ", dropped_in %" PRIu64 ", reconnects %" PRIu64 ", connected %u\n",
+                (int)getpid(), nd.seen2, nd.n, nd.seen1, nd.warm, st.received, st.dropped_in, st.reconnects,
+                st.connected);
+    }
     sb_cluster_leave(c);
     if (s)
         sb_unsubscribe_and_join(s);
