@@ -1102,6 +1102,7 @@ static void c4(result *r, int per_node)
     snprintf(arg, sizeof arg, "%d", per_node);
     uint64_t deadline = deadline_in(g_timeout_s);
     child ch[2];
+    memset(ch, 0, sizeof ch);
     int ok = 1;
     for (int i = 0; i < 2; i++) {
         make_eid(eid[i], sizeof eid[i], 4, i + 1);
