@@ -99,7 +99,7 @@ tsan: nats-server
 	$(TSAN_ENV) $(CARGO) test -Zbuild-std --target $(TSAN_TARGET) --test ffi -- \
 		--ignored --exact tsan_catches_races
 
-bench:
+bench: nats-server
 	bash bench/run.sh $(ARGS)
 
 # The installed shared library is linked from the static one with switchboard.map, so

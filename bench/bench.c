@@ -1,6 +1,6 @@
 /*
  * switchboard benchmark: the workloads W0-W9 of shared/bench/WORKLOADS.md, run through
- * the public C API. One line per workload run, `<id> key=value ...` (numbers only),
+ * the public C API, and the cluster workloads C1-C5 (cluster.c). One line per workload run, `<id> key=value ...` (numbers only),
  * then ratio lines `R W1/W0=0.81`: the median over the rounds (-n) of each round's
  * ratio, so that both figures of a ratio come from the same minute.
  *
@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "cluster.h"
 
 /* W0 lives in the Rust crate bench/w0 (crossbeam ArrayQueue). */
 extern double sbbench_w0(uint64_t n);
@@ -607,6 +608,17 @@ static void w9(result *r)
 static _Atomic uint64_t g_watch_deadline;
 static _Atomic int g_watch_w = -1;
 
+#define NW 10 /* W0..W9 */
+#define NC 5  /* C1..C5, indices NW..NW+NC-1 */
+
+static void workload_id(int w, char *id, size_t len)
+{
+    if (w < NW)
+        snprintf(id, len, "W%u", (unsigned)(unsigned char)w);
+    else
+        snprintf(id, len, "C%u", (unsigned)(unsigned char)(w - NW + 1));
+}
+
 static void *watchdog(void *arg)
 {
     (void)arg;
@@ -614,23 +626,27 @@ static void *watchdog(void *arg)
         usleep(100000);
         uint64_t d = atomic_load(&g_watch_deadline);
         if (d && now_ns() > d) {
-            printf("W%d timeout=1 hung=1\n", atomic_load(&g_watch_w));
+            char id[8];
+            workload_id(atomic_load(&g_watch_w), id, sizeof id);
+            printf("%s timeout=1 hung=1\n", id);
             fflush(stdout);
-            fprintf(stderr, "bench: W%d still running past its hard limit; giving up\n",
-                    atomic_load(&g_watch_w));
+            fprintf(stderr, "bench: %s still running past its hard limit; giving up\n", id);
+            cluster_emergency_cleanup();
             _exit(3);
         }
     }
     return NULL;
 }
 
-#define NW 10
-
 static void run_workload(int w, result *r)
 {
     char id[8];
-    snprintf(id, sizeof id, "W%d", w);
+    workload_id(w, id, sizeof id);
     res_init(r, id);
+    if (w >= NW) {
+        bench_cluster(w - NW + 1, r);
+        return;
+    }
     switch (w) {
     case 0: {
         double v = sbbench_w0(1000000);
@@ -665,35 +681,49 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: bench [-w W1[,W3...]]... [-n RUNS] [-t TIMEOUT_S] [-h]\n"
-            "  -w LIST  run only these workloads (W0..W9; repeatable, comma-separated)\n"
+            "  -w LIST  run only these workloads (W0..W9, C1..C5; repeatable, comma-separated)\n"
             "  -n RUNS  RUNS rounds, each running every selected workload once (default 1)\n"
             "  -t SECS  bound on each wait of a workload (default 20)\n"
             "Prints `<id> key=value ...` per run, then ratios `R W1/W0=...` (the median\n"
-            "of the rounds' ratios).\n");
+            "of the rounds' ratios). C1-C5 start their own nats-server (SB_NATS_SERVER, else\n"
+            ".tools/nats/bin/nats-server of the repository: `make nats-server`).\n");
 }
 
 static int parse_list(char *arg, int *sel)
 {
     for (char *tok = strtok(arg, ", "); tok; tok = strtok(NULL, ", ")) {
         if (!strcasecmp(tok, "all")) {
-            for (int i = 0; i < NW; i++)
+            for (int i = 0; i < NW + NC; i++)
                 sel[i] = 1;
             continue;
         }
-        if (tok[0] == 'W' || tok[0] == 'w')
+        int cluster = tok[0] == 'C' || tok[0] == 'c';
+        if (cluster || tok[0] == 'W' || tok[0] == 'w')
             tok++;
         char *end;
         long v = strtol(tok, &end, 10);
-        if (!*tok || *end || v < 0 || v >= NW)
+        if (!*tok || *end)
             return -1;
-        sel[v] = 1;
+        if (cluster) {
+            if (v < 1 || v > NC)
+                return -1;
+            sel[NW + v - 1] = 1;
+        } else {
+            if (v < 0 || v >= NW)
+                return -1;
+            sel[v] = 1;
+        }
     }
     return 0;
 }
 
 int main(int argc, char **argv)
 {
-    int sel[NW] = { 0 }, any = 0, runs = 1, opt;
+    /* a child node of a cluster workload (cluster.c) */
+    if (argc > 1 && !strcmp(argv[1], "--node"))
+        return cluster_node_main(argc, argv);
+
+    int sel[NW + NC] = { 0 }, any = 0, runs = 1, opt;
     while ((opt = getopt(argc, argv, "w:n:t:h")) != -1) {
         switch (opt) {
         case 'w':
@@ -731,7 +761,7 @@ int main(int argc, char **argv)
         return 2;
     }
     if (!any)
-        for (int i = 0; i < NW; i++)
+        for (int i = 0; i < NW + NC; i++)
             sel[i] = 1;
 
     sb_set_log_handler(log_handler, NULL);
@@ -741,8 +771,8 @@ int main(int argc, char **argv)
     g_change = sb_subscription_change_type();
 
     /* primary figure of each run (-1: none), for the ratio lines */
-    double *prim[NW];
-    for (int w = 0; w < NW; w++) {
+    double *prim[NW + NC];
+    for (int w = 0; w < NW + NC; w++) {
         prim[w] = malloc((size_t)runs * sizeof(double));
         if (!prim[w])
             die("malloc");
@@ -759,7 +789,7 @@ int main(int argc, char **argv)
      * changes by several times between phases). */
     uint64_t start = now_ns();
     for (int k = 0; k < runs; k++) {
-        for (int w = 0; w < NW; w++) {
+        for (int w = 0; w < NW + NC; w++) {
             if (!sel[w])
                 continue;
             result r;
@@ -791,7 +821,7 @@ int main(int argc, char **argv)
     }
 
     /* Each ratio: the median over the rounds of that round's ratio. */
-    static const int ratios[][2] = { { 1, 0 }, { 2, 0 }, { 6, 2 }, { 6, 1 } };
+    static const int ratios[][2] = { { 1, 0 }, { 2, 0 }, { 6, 2 }, { 6, 1 }, { NW + 1, NW } };
     double *per_round = malloc((size_t)runs * sizeof(double));
     if (!per_round)
         die("malloc");
@@ -804,11 +834,15 @@ int main(int argc, char **argv)
             continue;
         qsort(per_round, (size_t)n, sizeof(double), cmp_d);
         double med = n % 2 ? per_round[n / 2] : (per_round[n / 2 - 1] + per_round[n / 2]) / 2;
-        printf("R W%d/W%d=%.2f\n", a, b, med);
+        char ida[8], idb[8];
+        workload_id(a, ida, sizeof ida);
+        workload_id(b, idb, sizeof idb);
+        printf("R %s/%s=%.2f\n", ida, idb, med);
     }
     free(per_round);
+    cluster_cleanup();
     fprintf(stderr, "# total %.1f s\n", secs_since(start));
-    for (int w = 0; w < NW; w++)
+    for (int w = 0; w < NW + NC; w++)
         free(prim[w]);
     sb_message_type_unref(g_type);
     return 0;

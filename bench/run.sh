@@ -18,7 +18,7 @@ cargo build --release --quiet --manifest-path "$here/w0/Cargo.toml"
 
 libdir="$root/target/release"
 w0lib="$here/w0/target/release/libsbbench_w0.a"
-srcs=("$here/bench.c")
+srcs=("$here/bench.c" "$here/cluster.c")
 defs=()
 if grep -q sb_cache_create "$root/include/switchboard.h"; then
     srcs+=("$here/w7_cache.c")
@@ -31,6 +31,11 @@ echo "# compiling bench" >&2
 "$CC" -O2 -std=c11 -pthread -Wall -Wextra -I"$root/include" -I"$here" "${defs[@]}" \
     -o "$out/bench" "${srcs[@]}" \
     -L"$libdir" -lswitchboard -Wl,-rpath,"$libdir" "$w0lib" -ldl -lm
+
+# C1-C5 start their own nats-server (make nats-server installs it)
+if [ -z "${SB_NATS_SERVER:-}" ] && [ -x "$root/.tools/nats/bin/nats-server" ]; then
+    export SB_NATS_SERVER="$root/.tools/nats/bin/nats-server"
+fi
 
 echo "# running" >&2
 exec "$out/bench" "$@"
