@@ -16,6 +16,7 @@
  *   forward FROM TO                sb_forward_all
  *   slowsub T MS                   a synchronous subscription to T whose callback sleeps MS ms
  *                                  on each message of type "slow" (blocks the delivery thread)
+ *   stallsub T MS                  the same, sleeping on the first "stall" message only
  *   pub T TYPE N TAG               N bytes messages "TAG:i" (i = 0..N-1) on T
  *   pubc T TYPE N                  N messages of a codec type (value i)
  *   pubcagg T TYPE N               N codec-type aggregates (no eid: never sent)
@@ -255,6 +256,16 @@ static void cn_on_slow(void *data, sb_subscription *sub, sb_message *msg)
         cn_sleep_ms((long)(intptr_t)data);
 }
 
+static atomic_int cn_stalled;
+
+static void cn_on_stall(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)sub;
+    if (strcmp(sb_message_type_name(sb_message_get_type(msg)), "stall") == 0 &&
+        atomic_exchange(&cn_stalled, 1) == 0)
+        cn_sleep_ms((long)(intptr_t)data);
+}
+
 static void cn_on_update(void *data, sb_subscription *sub, sb_message *msg)
 {
     (void)sub;
@@ -433,6 +444,12 @@ static int cn_command(char *line)
         if (slow == NULL)
             return cn_reply_err(sb_last_error_code()), 0;
         sb_subscription_unref(slow); /* lives until the process exits */
+    } else if (strcmp(cmd, "stallsub") == 0 && argc == 3 && t) {
+        sb_subscription *stall =
+            sb_subscribe_synchronous(t->topic, cn_on_stall, (void *)(intptr_t)atol(argv[2]));
+        if (stall == NULL)
+            return cn_reply_err(sb_last_error_code()), 0;
+        sb_subscription_unref(stall); /* lives until the process exits */
     } else if (strcmp(cmd, "pub") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);
@@ -621,8 +638,15 @@ static int cn_command(char *line)
                 code = 13;
             sb_message_type *ty = cn_type("frombaby");
             sb_message *m = sb_message_create_bytes(ty, "child:0", 7);
-            sb_publish(topic, m);
+            int reached = sb_publish(topic, m);
             sb_message_unref(m);
+            if (getenv("CN_TRACE")) {
+                cn_sleep_ms(300);
+                sb_cluster_stats cs;
+                sb_cluster_get_stats(c, &cs);
+                fprintf(stderr, "forked child: publish reached %d, sent %llu, up %u\n", reached,
+                        (unsigned long long)cs.sent, cs.nodes_up);
+            }
             c = sb_cluster_leave(c);
             _exit(code);
         }

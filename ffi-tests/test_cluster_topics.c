@@ -255,6 +255,27 @@ static void test_slow_subscriber_keeps_heartbeats(void)
     WAIT_UNTIL(count_of(&b, "slowt", CT_TOTAL) == 1);
 }
 
+static void test_overload_is_counted(void)
+{
+    /* b's delivery stalls 5 s while a bursts 100,000 messages: what b cannot hold
+     * (its arrival queue is 65,536) is dropped, and every message is either received or
+     * counted in dropped_in: none is lost without a trace */
+    CN_OK(&b, "topic burst");
+    CN_OK(&b, "stallsub burst 5000");
+    CN_OK(&b, "share burst");
+    CN_OK(&a, "topic burst");
+    CN_OK(&a, "share burst");
+    long long recv0 = stat_of(&b, ST_RECEIVED), drop0 = stat_of(&b, ST_DROPPED_IN);
+    int n = 100000;
+    CN_OK(&a, "pub burst stall %d s", n);
+    WAIT_UNTIL((stat_of(&b, ST_RECEIVED) - recv0) + (stat_of(&b, ST_DROPPED_IN) - drop0) == n);
+    long long dropped = stat_of(&b, ST_DROPPED_IN) - drop0;
+    printf("burst of %d during a stall: %lld dropped and counted\n", n, dropped);
+    if (!cn_slow())
+        CHECK(dropped > 0); /* the queue did overflow (slow runs may send slower) */
+    WAIT_UNTIL(count_of(&b, "burst", CT_TOTAL) == n - dropped);
+}
+
 static void test_fork(void)
 {
     long long b0 = count_of(&b, "chat", CT_TOTAL);
@@ -262,6 +283,13 @@ static void test_fork(void)
     CHECK(r != NULL && strcmp(r, "ok 0") == 0);
     /* the child's own join worked: its message reached b */
     WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == b0 + 1);
+    if (!tu_last_wait_ok()) {
+        const char *st = cn_cmd(&b, "stats");
+        printf("b after the forked child: %s\n", st ? st : "?");
+        CN_OK(&a, "pub chat text 1 probe");
+        cn_sleep_ms(500);
+        printf("b chat count after a probe from a: %lld (was %lld)\n", count_of(&b, "chat", CT_TOTAL), b0);
+    }
 }
 
 int main(int argc, char **argv)
@@ -291,6 +319,7 @@ int main(int argc, char **argv)
     test_prefix_isolation(argv[0]);
     test_json_export();
     test_slow_subscriber_keeps_heartbeats();
+    test_overload_is_counted();
     test_nodes_and_events();
     test_fork();
 

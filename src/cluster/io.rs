@@ -51,6 +51,9 @@ fn any_type() -> &'static Arc<MessageType> {
     &TYPE
 }
 
+/// See `connect`: messages a subscription's queue inside the client may hold.
+const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
+
 pub(crate) fn run(
     inner: Arc<Inner>,
     cmds: UnboundedReceiver<Cmd>,
@@ -92,6 +95,11 @@ async fn connect(inner: &Arc<Inner>) -> Result<async_nats::Client> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("switchboard {}", cfg.node_name))
         .no_echo()
+        // Each subscription's queue inside the client: our forwarders drain it at once
+        // into the delivery queue (bounded, drops counted), so this one only has to
+        // absorb a burst read from the socket before a forwarder runs; past it the client
+        // would drop without a trace.
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .connection_timeout(timeout)
         .retain_servers_order()
         .max_reconnects(None)
