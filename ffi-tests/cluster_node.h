@@ -36,8 +36,9 @@
  *   get T TYPE ID EID              ok VALUE | ok none    (get_by_eid)
  *   agg T TYPE ID                  ok VALUE | ok none    (the aggregate)
  *   updates T                      ok N                  (cache updates seen)
- *   fork SERVERS PREFIX            fork: the child checks the inherited handle is refused
- *                                  and joins on its own; ok CHILD_EXIT_CODE
+ *   fork SERVERS PREFIX            fork: the child checks the inherited handle is refused,
+ *                                  joins on its own and publishes one message on topic
+ *                                  "forked"; ok CHILD_EXIT_CODE
  *   leave                          sb_cluster_leave
  *   quit                           clean up and exit 0
  */
@@ -83,6 +84,16 @@ static void cn_sleep_ms(long ms)
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }
+
+/* WAIT_UNTIL with a bound of its own (seconds natively; 120 s in slow modes), for waits
+ * on heavy workloads. Records a failure on timeout. */
+#define CN_WAIT_UNTIL(cond, secs)                                                            \
+    do {                                                                                     \
+        long long cn_deadline_ = nh_now_ms() + (cn_slow() ? 120000LL : (secs) * 1000LL);     \
+        while (!(cond) && nh_now_ms() < cn_deadline_)                                        \
+            cn_sleep_ms(5);                                                                  \
+        tu_check((cond) ? 1 : 0, __FILE__, __LINE__, "timeout waiting for " #cond);          \
+    } while (0)
 
 static struct {
     sb_cluster *cluster;
@@ -614,8 +625,10 @@ static int cn_command(char *line)
         fflush(stdout);
         pid_t pid = fork();
         if (pid == 0) {
-            /* The inherited handle is refused; a join of our own works. */
-            int rc = cn.cluster ? sb_cluster_share_topic(cn.cluster, cn.topics[0].topic) : 0;
+            /* The inherited handle is refused; a join of our own works. (Fork from a
+             * quiescent moment, as the README says: the parent delivers nothing now.) */
+            sb_topic *forked = sb_topic_create("forked");
+            int rc = cn.cluster ? sb_cluster_share_topic(cn.cluster, forked) : 0;
             int code = rc == SB_E_STATE ? 0 : 10;
             sb_cluster_stats st;
             if (sb_cluster_get_stats(cn.cluster, &st) != SB_E_STATE)
@@ -633,7 +646,7 @@ static int cn_command(char *line)
                 fprintf(stderr, "forked child: join failed: %s\n", sb_last_error());
                 _exit(12);
             }
-            sb_topic *topic = sb_topic_create(cn.topics[0].name);
+            sb_topic *topic = forked;
             if (sb_cluster_share_topic(c, topic) != SB_OK)
                 code = 13;
             sb_message_type *ty = cn_type("frombaby");

@@ -171,6 +171,8 @@ int main(int argc, char **argv)
         return cn_node_main();
     argv0 = argv[0];
     TEST_INIT();
+    if (cn_slow())
+        alarm(540); /* the node processes are instrumented too: everything is slower */
     if (!nh_require_server())
         return TEST_DONE();
     test_server_restart_empty_store();
