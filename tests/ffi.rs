@@ -398,4 +398,5 @@ c_tests!(
     test_cluster_config,
     test_edges,
     test_log,
+    test_stats,
 );
