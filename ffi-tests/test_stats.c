@@ -5,6 +5,8 @@
  * count, and NULL handles. */
 #include "test_util.h"
 
+#include <libgen.h>
+
 static sb_message_type *fast_type, *slow_type;
 
 static void noop(void *data, sb_subscription *sub, sb_message *msg)
@@ -178,28 +180,6 @@ static const char *JSON_CHECK =
     "assert d[\"pools\"][0][\"name\"] == \"shared\"\n"
     "assert \"count\" in d[\"alerts\"] and isinstance(d[\"clusters\"], list)\n";
 
-static const char *PROM_CHECK =
-    "import re,sys\n"
-    "name = r'[a-zA-Z_:][a-zA-Z0-9_:]*'\n"
-    "lab = r'[a-zA-Z_][a-zA-Z0-9_]*=\"(?:[^\"\\\\\\n]|\\\\[\\\\\"n])*\"'\n"
-    "sample = re.compile(r'^(' + name + r')(?:\\{(?:' + lab + r'(?:,' + lab + r')*)?\\})? (-?[0-9]+(?:\\.[0-9]+)?(?:e[+-]?[0-9]+)?|NaN|[+-]Inf)$')\n"
-    "meta = re.compile(r'^# (HELP|TYPE) (' + name + r') (.*)$')\n"
-    "typed = {}\n"
-    "text = open(sys.argv[1]).read()\n"
-    "assert text.endswith('\\n')\n"
-    "for line in text.split('\\n')[:-1]:\n"
-    "    m = meta.match(line)\n"
-    "    if m:\n"
-    "        if m.group(1) == 'TYPE':\n"
-    "            assert m.group(3) in ('counter', 'gauge'), line\n"
-    "            typed[m.group(2)] = m.group(3)\n"
-    "        continue\n"
-    "    m = sample.match(line)\n"
-    "    assert m, 'bad line: ' + repr(line)\n"
-    "    assert m.group(1).startswith('switchboard_') and m.group(1) in typed, line\n"
-    "want = 'switchboard_topic_published_total{topic=\"stats:routed\"} ' + sys.argv[2] + '\\n'\n"
-    "assert want in text, want\n";
-
 static void test_router_cache_and_listings(void)
 {
     sb_topic *rt = sb_topic_create("stats:routed");
@@ -236,7 +216,12 @@ static void test_router_cache_and_listings(void)
     char *prom = sb_stats_prometheus();
     CHECK(prom != NULL);
     if (prom != NULL && write_tmp(prom, path, sizeof path) != NULL) {
-        CHECK_EQ_INT(python_check(PROM_CHECK, path, published), 0);
+        /* Every line valid; the routed topic's counter as read above. */
+        char src[] = __FILE__, cmd[1024];
+        snprintf(cmd, sizeof cmd,
+                 "python3 %s/prom_check.py %s 'switchboard_topic_published_total{topic=\"stats:routed\"}=%s'",
+                 dirname(src), path, published);
+        CHECK_EQ_INT(system(cmd), 0);
         unlink(path);
     }
     sb_string_free(prom);

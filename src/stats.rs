@@ -71,6 +71,22 @@ pub(crate) fn sync_alert(sub: &Subscription) {
     ALERT_COUNT.store(alerts.subs.len(), Ordering::Relaxed);
 }
 
+thread_local! {
+    static FORK_GUARD: std::cell::RefCell<Option<parking_lot::MutexGuard<'static, Option<Alerts>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before a fork: no alert change in progress (see `fork`).
+pub(crate) fn fork_lock() {
+    let guard = ALERTS.lock();
+    let _ = FORK_GUARD.try_with(|g| *g.borrow_mut() = Some(guard));
+}
+
+/// After a fork, in the parent or the child (the thread that forked).
+pub(crate) fn fork_unlock() {
+    let _ = FORK_GUARD.try_with(|g| drop(g.borrow_mut().take()));
+}
+
 /// Subscriptions above their high-water mark now.
 pub fn alert_count() -> usize {
     ALERT_COUNT.load(Ordering::Relaxed)

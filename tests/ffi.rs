@@ -399,4 +399,5 @@ c_tests!(
     test_edges,
     test_log,
     test_stats,
+    test_sbstat,
 );
