@@ -325,7 +325,8 @@ typedef void (*sb_subscription_cb)(void *data, struct sb_subscription *sub, stru
  */
 typedef struct sb_topic_stats {
   /**
-   * Publishes that reached the topic: published to it, or forwarded into it.
+   * Publishes that reached the topic: published to it, or forwarded into it (the
+   * library's Subscribe / Unsubscribe change messages are not counted).
    */
   uint64_t published;
   /**

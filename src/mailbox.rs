@@ -256,7 +256,8 @@ impl Mailbox {
         let st = self.state.lock();
         let p = st.policy();
         QueueStats {
-            delivered: st.handled - p.evicted,
+            // `handled` counts evictions once the batch ahead of them is done.
+            delivered: st.handled - (p.evicted - p.evicted_pending),
             dropped: p.dropped,
             congestion_warnings: p.congestion_warnings,
             queued: st.queue.len() as u64,

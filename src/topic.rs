@@ -82,7 +82,8 @@ struct TopicSide {
 /// A topic's figures (`sb_topic_stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TopicStats {
-    /// Publishes that reached this topic: published to it, or forwarded into it.
+    /// Publishes that reached this topic: published to it, or forwarded into it
+    /// (subscription change messages are not counted).
     pub published: u64,
     /// Of those, the ones that reached at least one subscription (here or further on).
     pub dispatched: u64,
@@ -294,12 +295,18 @@ impl Topic {
         self.side.get_or_init(Box::default)
     }
 
-    /// Counts one publish that reached this topic (published to it or forwarded into
-    /// it); `reached`: subscriptions it reached from here, through forwards included.
+    /// Counts one publish of `msg` that reached this topic (published to it or
+    /// forwarded into it); `reached`: subscriptions it reached from here, through forwards
+    /// included. Subscription change messages are the bus's own bookkeeping and are not
+    /// counted: so a topic that only ever sees subscribes (W8's hundred thousand) never
+    /// allocates its counters.
     #[inline]
-    fn count_publish(&self, reached: usize) {
+    fn count_publish(&self, msg: &Message, reached: usize) {
         #[cfg(not(feature = "no-stats"))]
         {
+            if Arc::ptr_eq(msg.message_type(), crate::subscription::change_type()) {
+                return;
+            }
             let side = self.side();
             side.published.fetch_add(1, Ordering::Relaxed);
             if reached == 0 {
@@ -307,7 +314,7 @@ impl Topic {
             }
         }
         #[cfg(feature = "no-stats")]
-        let _ = reached;
+        let _ = (msg, reached);
     }
 
     /// This topic's figures now.
@@ -418,7 +425,7 @@ impl Topic {
                 count += to.publish_forwarded(msg, ctx, &mut visited, tapped)
             });
         }
-        self.count_publish(count);
+        self.count_publish(msg, count);
         count
     }
 
@@ -436,7 +443,7 @@ impl Topic {
         let mut count = self.deliver_local(msg, ctx);
         let tapped = self.run_tap(msg, through_tap) || through_tap;
         self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, visited, tapped));
-        self.count_publish(count);
+        self.count_publish(msg, count);
         count
     }
 

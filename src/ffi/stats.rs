@@ -13,7 +13,8 @@ use std::sync::Arc;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct sb_topic_stats {
-    /// Publishes that reached the topic: published to it, or forwarded into it.
+    /// Publishes that reached the topic: published to it, or forwarded into it (the
+    /// library's Subscribe / Unsubscribe change messages are not counted).
     pub published: u64,
     /// Of those, the ones that reached at least one subscription (here or through the
     /// topic's forwards): published = dispatched + not_dispatched.
