@@ -239,13 +239,25 @@ static atomic_int enters, leaves, permits, started, finished;
 static char last_subsystem[64];
 static pthread_mutex_t sys_lock = PTHREAD_MUTEX_INITIALIZER;
 
+static atomic_int in_call, calls_done, slow_handler;
+
 static void on_alert(void *data, int in_alert, const char *subsystem)
 {
     CHECK(data == (void *)&enters);
+    atomic_store(&in_call, 1);
+    /* No library lock is held: the handler may read the figures. */
+    CHECK(sb_alert_count() >= 0);
+    char *json = sb_stats_json();
+    CHECK(json != NULL && strstr(json, "\"alerts\"") != NULL);
+    sb_string_free(json);
+    if (atomic_load(&slow_handler))
+        tu_sleep_ms(200);
     pthread_mutex_lock(&sys_lock);
     snprintf(last_subsystem, sizeof last_subsystem, "%s", subsystem);
     pthread_mutex_unlock(&sys_lock);
     atomic_fetch_add(in_alert ? &enters : &leaves, 1);
+    atomic_fetch_add(&calls_done, 1);
+    atomic_store(&in_call, 0);
 }
 
 static void gated(void *data, sb_subscription *sub, sb_message *msg)
@@ -311,8 +323,27 @@ static void test_alerts(void)
     WAIT_UNTIL(atomic_load(&leaves) == 2);
     CHECK_EQ_INT(sb_alert_count(), 0);
 
+    /* Removing the handler waits for its call in flight: a slow call of the leave. */
+    atomic_store(&slow_handler, 1);
+    atomic_store(&started, 0);
+    atomic_store(&finished, 0);
+    atomic_store(&permits, 0);
+    sub = sb_subscribe(t, gated, NULL);
+    sb_subscription_set_congestion_limits(sub, 1, 2);
+    publish_n(t, fast_type, 1);
+    WAIT_UNTIL(atomic_load(&started) == 1);
+    publish_n(t, fast_type, 5);
+    WAIT_UNTIL(atomic_load(&enters) == 3 && atomic_load(&in_call) == 0);
+    atomic_store(&permits, 1000);
+    sb_unsubscribe_and_join(sub);
+    WAIT_UNTIL(atomic_load(&in_call) == 1); /* the leave's call, sleeping */
+    int done_before = atomic_load(&calls_done);
     /* Once removed, the handler is never called again. */
     sb_set_alert_handler(NULL, NULL);
+    CHECK_EQ_INT(atomic_load(&in_call), 0);
+    CHECK_EQ_INT(atomic_load(&calls_done), done_before + 1);
+    CHECK_EQ_INT(atomic_load(&leaves), 3);
+    atomic_store(&slow_handler, 0);
     atomic_store(&started, 0);
     atomic_store(&finished, 0);
     atomic_store(&permits, 0);
@@ -322,11 +353,11 @@ static void test_alerts(void)
     WAIT_UNTIL(atomic_load(&started) == 1);
     publish_n(t, fast_type, 5);
     CHECK_EQ_INT(sb_alert_count(), 1);
-    CHECK_STAYS(atomic_load(&enters) == 2, 50);
+    CHECK_STAYS(atomic_load(&enters) == 3, 50);
     atomic_store(&permits, 1000);
     sb_unsubscribe_and_join(sub);
     CHECK_EQ_INT(sb_alert_count(), 0);
-    CHECK_EQ_INT(atomic_load(&leaves), 2);
+    CHECK_EQ_INT(atomic_load(&leaves), 3);
     sb_topic_unref(t);
 }
 
