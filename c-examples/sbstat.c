@@ -67,6 +67,7 @@ static void sbstat_answer(int c)
 {
 	char req[2048];
 	size_t got = 0;
+	req[0] = '\0';
 	while (got < sizeof req - 1 && !strstr(req, "\r\n\r\n")) {
 		ssize_t r = recv(c, req + got, sizeof req - 1 - got, 0);
 		if (r <= 0)

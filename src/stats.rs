@@ -69,6 +69,10 @@ pub(crate) fn sync_alert(sub: &Subscription) {
         }
     }
     ALERT_COUNT.store(alerts.subs.len(), Ordering::Relaxed);
+    if alerts.subs.is_empty() {
+        // Nothing in alert: no memory kept (a process that stops using the bus holds none).
+        *guard = None;
+    }
 }
 
 thread_local! {

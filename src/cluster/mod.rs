@@ -642,6 +642,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // This cluster's entry goes (its weak reference would keep the allocation), and
+        // the list's memory with the last one.
+        let mut live = LIVE.lock();
+        live.retain(|w| w.strong_count() > 0);
+        if live.is_empty() {
+            *live = Vec::new();
+        }
+        drop(live);
         self.magic = crate::message_type::DEAD_MAGIC;
     }
 }
