@@ -121,13 +121,13 @@ static void test_subscription_stats(void)
     sb_topic_unref(t);
 }
 
-static sb_subscription *router_sub;
+static _Atomic(sb_subscription *) router_sub; /* written by the route, read by main */
 
 static void route(void *data, sb_subscription *sub, sb_message *msg)
 {
     (void)data; (void)msg;
-    if (router_sub == NULL)
-        router_sub = sb_subscription_ref(sub);
+    if (atomic_load(&router_sub) == NULL)
+        atomic_store(&router_sub, sb_subscription_ref(sub));
 }
 
 static const char *cache_id(sb_message *msg)
@@ -186,7 +186,8 @@ static void test_router_cache_and_listings(void)
     sb_router *r = sb_router_create(rt);
     sb_router_add(r, fast_type, route, NULL);
     publish_n(rt, fast_type, 6);
-    WAIT_UNTIL(router_sub != NULL);
+    WAIT_UNTIL(atomic_load(&router_sub) != NULL);
+    sb_subscription *rsub = atomic_load(&router_sub);
 
     sb_topic *orig = sb_topic_create("stats:orig");
     sb_cache *cache = sb_cache_create(cache_id);
@@ -194,10 +195,10 @@ static void test_router_cache_and_listings(void)
     publish_n(orig, fast_type, 5);
 
     sb_subscription_stats s;
-    WAIT_UNTIL(sb_subscription_get_stats(router_sub, &s) == SB_OK && s.delivered == 7);
+    WAIT_UNTIL(sb_subscription_get_stats(rsub, &s) == SB_OK && s.delivered == 7);
     CHECK(s.callback_max_type == fast_type || s.callback_max_type == sb_subscription_change_type());
     publish_n(rt, slow_type, 1); /* no route and no default: not accepted */
-    CHECK_STAYS(sb_subscription_get_stats(router_sub, &s) == SB_OK && s.delivered == 7, 20);
+    CHECK_STAYS(sb_subscription_get_stats(rsub, &s) == SB_OK && s.delivered == 7, 20);
     sb_topic_stats ts;
     CHECK_EQ_INT(sb_topic_get_stats(rt, &ts), SB_OK);
     CHECK_EQ_INT(ts.published, 7); /* 6, 1 (change messages are not counted) */
@@ -229,7 +230,7 @@ static void test_router_cache_and_listings(void)
     sb_router_unsubscribe_and_join(r);
     sb_caching_unsubscribe_and_join(ct);
     sb_cache_unref(cache);
-    sb_subscription_unref(router_sub);
+    sb_subscription_unref(rsub);
     sb_topic_unref(orig);
     sb_topic_unref(rt);
 }
