@@ -388,8 +388,9 @@ typedef struct sb_subscription_stats {
  * (`in_alert` 1: one of its subscriptions crossed its high-water mark) and when it
  * leaves it (0: every such subscription is back under its low-water mark, or gone).
  * `subsystem` is borrowed for the call. Called on a library thread (the log thread),
- * one call at a time, in the order the changes happened, never with a library lock
- * held. It may call the library. It must return normally.
+ * one call at a time, in the order the changes happened, with none of the bus's locks
+ * held (only the log thread's own, which replacing a log or alert handler waits for).
+ * It may call the library. It must return normally.
  */
 typedef void (*sb_alert_fn)(void *data, int in_alert, const char *subsystem);
 
