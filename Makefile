@@ -18,7 +18,7 @@ OUT     := target/examples
 LIB     := $(LIBDIR)/libswitchboard.so
 HEADER  := $(INCDIR)/switchboard.h
 LINK    := -L$(LIBDIR) -lswitchboard -Wl,-rpath,$(LIBDIR)
-EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so $(OUT)/cluster_registrations
+EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so $(OUT)/cluster_registrations $(OUT)/sbstat
 
 .PHONY: all lib demo cluster-demo examples test tsan bench clean nats-server install uninstall
 
@@ -61,6 +61,10 @@ $(OUT):
 	mkdir -p $@
 
 $(OUT)/minimal: c-examples/minimal.c $(HEADER) $(LIB) | $(OUT)
+	$(CC) $(CFLAGS) -I$(INCDIR) $< -o $@ $(LINK)
+
+# The bus's figures: a Prometheus endpoint on loopback and a top-like table.
+$(OUT)/sbstat: c-examples/sbstat.c c-examples/endpoint.h $(HEADER) $(LIB) | $(OUT)
 	$(CC) $(CFLAGS) -I$(INCDIR) $< -o $@ $(LINK)
 
 $(OUT)/cluster_registrations: c-examples/cluster_registrations.c $(HEADER) $(LIB) | $(OUT)

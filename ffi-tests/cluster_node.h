@@ -530,6 +530,28 @@ static int cn_command(char *line)
                              (unsigned long long)s.dropped_in,
                              (unsigned long long)s.reconnects, s.connected, s.nodes_up),
                0;
+    } else if (strcmp(cmd, "busstats") == 0) {
+        /* The bus-wide figures: clusters listed in sb_stats_prometheus() and their sent and
+         * received counters (summed), and whether sb_stats_json() lists a cluster. */
+        char *prom = sb_stats_prometheus();
+        char *json = sb_stats_json();
+        unsigned long long sent = 0, received = 0;
+        int clusters = 0;
+        for (const char *l = prom; l != NULL && *l != '\0';) {
+            const char *v = strstr(l, "} ");
+            if (strncmp(l, "switchboard_cluster_sent_total{", 31) == 0 && v != NULL) {
+                clusters++;
+                sent += strtoull(v + 2, NULL, 10);
+            } else if (strncmp(l, "switchboard_cluster_received_total{", 35) == 0 && v != NULL) {
+                received += strtoull(v + 2, NULL, 10);
+            }
+            l = strchr(l, '\n');
+            l = l ? l + 1 : NULL;
+        }
+        int in_json = json != NULL && strstr(json, "\"clusters\":[{\"prefix\":") != NULL;
+        sb_string_free(prom);
+        sb_string_free(json);
+        return nh_node_reply("ok %d %llu %llu %d", clusters, sent, received, in_json), 0;
     } else if (strcmp(cmd, "nodes") == 0) {
         sb_message_list *l = sb_cluster_nodes(cn.cluster);
         if (l == NULL)

@@ -62,6 +62,13 @@ static void test_bytes_in_order_no_echo(void)
     CHECK_EQ_INT(stat_of(&a, ST_SENT), n);
     CHECK_EQ_INT(stat_of(&a, ST_RECEIVED), n);
     CHECK_EQ_INT(stat_of(&c, ST_RECEIVED), 2 * n);
+    /* The bus-wide listings carry the cluster's figures (sb_stats_prometheus, _json). */
+    long long bus[4] = {-1, -1, -1, -1};
+    CHECK_EQ_INT(cn_nums(&a, bus, 4, "busstats"), 4);
+    CHECK_EQ_INT(bus[0], 1);
+    CHECK_EQ_INT(bus[1], n);
+    CHECK_EQ_INT(bus[2], n);
+    CHECK_EQ_INT(bus[3], 1);
     /* nothing more arrives later (no echo, no duplicates) */
     cn_sleep_ms(300);
     CHECK_EQ_INT(count_of(&c, "chat", CT_TOTAL), 2 * n);

@@ -321,6 +321,80 @@ typedef struct sb_message_vtable {
 typedef void (*sb_subscription_cb)(void *data, struct sb_subscription *sub, struct sb_message *msg);
 
 /**
+ * A topic's figures (sb_topic_get_stats). Fields are only ever appended.
+ */
+typedef struct sb_topic_stats {
+  /**
+   * Publishes that reached the topic: published to it, or forwarded into it (the
+   * library's Subscribe / Unsubscribe change messages are not counted).
+   */
+  uint64_t published;
+  /**
+   * Of those, the ones that reached at least one subscription (here or through the
+   * topic's forwards): published = dispatched + not_dispatched.
+   */
+  uint64_t dispatched;
+  /**
+   * Of those, the ones that reached no subscription.
+   */
+  uint64_t not_dispatched;
+  /**
+   * Subscriptions a publish here reaches now (as sb_topic_subscribers).
+   */
+  uint32_t subscribers;
+  /**
+   * When the topic was created (CLOCK_REALTIME ns).
+   */
+  uint64_t created_ns;
+} sb_topic_stats;
+
+/**
+ * A subscription's figures (sb_subscription_get_stats). Fields are only ever appended.
+ */
+typedef struct sb_subscription_stats {
+  /**
+   * Messages handled by the callback (the Subscribe change message included).
+   */
+  uint64_t delivered;
+  /**
+   * Messages its overflow policy dropped.
+   */
+  uint64_t dropped;
+  /**
+   * Times its queue crossed its high-water mark.
+   */
+  uint64_t congestion_warnings;
+  /**
+   * Messages queued now (not yet taken for delivery).
+   */
+  uint64_t queued;
+  /**
+   * The longest its queue has been.
+   */
+  uint64_t queued_max;
+  /**
+   * Its longest single callback, in ns.
+   */
+  uint64_t callback_max_ns;
+  /**
+   * The type of the message that callback handled (borrowed; types live for the
+   * process), NULL before the first callback.
+   */
+  const struct sb_message_type *callback_max_type;
+} sb_subscription_stats;
+
+/**
+ * Called when a subsystem (a topic name up to its first '/' or ':') enters alert
+ * (`in_alert` 1: one of its subscriptions crossed its high-water mark) and when it
+ * leaves it (0: every such subscription is back under its low-water mark, or gone).
+ * `subsystem` is borrowed for the call. Called on a library thread (the log thread),
+ * one call at a time, in the order the changes happened, with none of the bus's locks
+ * held (only the log thread's own, which replacing a log or alert handler waits for).
+ * It may call the library. It must return normally.
+ */
+typedef void (*sb_alert_fn)(void *data, int in_alert, const char *subsystem);
+
+/**
  * Overflow policies (an unsigned int, checked on input).
  */
 typedef unsigned int sb_overflow;
@@ -1150,6 +1224,60 @@ struct sb_router *sb_router_ref(struct sb_router *r);
  * Ownership: takes ownership of (releases) one reference.
  */
 void sb_router_unref(struct sb_router *r);
+
+/**
+ * Fills `*out` with `topic`'s figures. SB_OK, or SB_E_INVAL for a NULL or dead handle
+ * or a NULL `out`. Cheap: no lock is taken but to count subscriptions (as
+ * sb_topic_subscribers).
+ * Ownership: `topic` is borrowed; `out` is the caller's, written.
+ */
+int sb_topic_get_stats(const struct sb_topic *topic, struct sb_topic_stats *out);
+
+/**
+ * Fills `*out` with `sub`'s figures. SB_OK, or SB_E_INVAL for a NULL or dead handle or
+ * a NULL `out`. Works on a finished subscription too (its final figures).
+ * Ownership: `sub` is borrowed; `out` is the caller's, written; `out->callback_max_type`
+ * is borrowed (types live for the process).
+ */
+int sb_subscription_get_stats(const struct sb_subscription *sub, struct sb_subscription_stats *out);
+
+/**
+ * The whole bus as one JSON object: "topics" (each with its figures and its
+ * "subscriptions"), "types", "pools", "alerts", "log" and "clusters" (every cluster
+ * joined in this process). Registries are locked only to collect references:
+ * formatting never stalls publishers. NULL (SB_E_NOMEM) only if memory runs out.
+ * Ownership: returns a new malloc()'d string, freed with sb_string_free.
+ */
+char *sb_stats_json(void);
+
+/**
+ * The whole bus in the Prometheus text exposition format (0.0.4), metric names
+ * prefixed switchboard_: serve it as is on a /metrics endpoint. Same content and
+ * locking as sb_stats_json. NULL (SB_E_NOMEM) only if memory runs out.
+ * Ownership: returns a new malloc()'d string, freed with sb_string_free.
+ */
+char *sb_stats_prometheus(void);
+
+/**
+ * Installs the alert handler (NULL: none). `data` is passed back untouched. Calls are
+ * made as for the log handler (sb_set_log_handler): on the library's log thread, so a
+ * slow handler never slows publishers. Replacing or removing a handler waits: alert
+ * changes queued before this call are delivered to the previous handler, and its call in
+ * flight returns first, so once this returns the previous handler is never called again
+ * (its module may be unloaded). Called from inside a handler (alert or log) it does not
+ * wait; the change applies when that call returns. A new handler hears only of changes
+ * after it was installed: sb_alert_count() and sb_stats_json() tell the state now.
+ * Ownership: `data` stays the caller's (borrowed until the handler is replaced and this
+ * call returned).
+ */
+void sb_set_alert_handler(sb_alert_fn handler, void *data);
+
+/**
+ * Subscriptions above their high-water mark now (see
+ * sb_subscription_set_congestion_limits): 0 when the bus is not congested.
+ * Ownership: no pointers.
+ */
+int sb_alert_count(void);
 
 /**
  * Subscribes `cb` on a thread of its own. Returns a new reference, released by

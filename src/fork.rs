@@ -36,6 +36,8 @@ pub(crate) fn install() {
 }
 
 extern "C" fn prepare() {
+    // Before the log's locks: an alert change is queued to the log under the alert lock.
+    crate::stats::fork_lock();
     crate::log::fork_lock();
     crate::message_type::fork_lock();
     crate::topic::fork_lock();
@@ -52,6 +54,7 @@ extern "C" fn parent() {
         crate::message_type::fork_unlock();
     }
     crate::log::fork_unlock();
+    crate::stats::fork_unlock();
 }
 
 extern "C" fn child() {
@@ -65,4 +68,5 @@ extern "C" fn child() {
         crate::message_type::fork_unlock();
     }
     crate::log::fork_reset_and_unlock();
+    crate::stats::fork_unlock();
 }

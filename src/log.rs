@@ -12,6 +12,10 @@
 //! inside the handler (the log thread, or a thread draining the queue in `set_handler`)
 //! the replacement takes effect after the current call returns and nothing waits.
 //!
+//! The alert handler (`set_alert_handler`) is called the same way, by the same thread,
+//! with the same waiting rules: alert changes are queued among the lines (never dropped:
+//! there is one per subsystem's change of state) while an alert handler is installed.
+//!
 //! Locks: `DELIVER` (held while a handler runs) is taken before `QUEUE` (held briefly to
 //! push or pop); `log` takes only `QUEUE`, so a handler may log.
 
@@ -31,12 +35,24 @@ pub enum Level {
 }
 
 pub type Handler = Arc<dyn Fn(Level, &str) + Send + Sync>;
+/// Called with (in alert, subsystem).
+pub type AlertHandler = Arc<dyn Fn(bool, &str) + Send + Sync>;
+
+/// What the queue holds.
+enum Entry {
+    Line(Level, String),
+    Alert(bool, String),
+}
 
 /// Lines waiting for the handler at most; beyond, lines are dropped (and counted).
 pub const QUEUE_CAPACITY: usize = 1024;
 
 struct Queue {
-    lines: VecDeque<(Level, String)>,
+    lines: VecDeque<Entry>,
+    /// Log lines among `lines` (the capacity bounds those only).
+    line_count: usize,
+    /// An alert handler is installed: alert changes are queued.
+    alerts: bool,
     /// A handler is installed (or will be once the queued lines are delivered): lines
     /// go through the queue. Without one they go straight to stderr.
     installed: bool,
@@ -47,17 +63,24 @@ struct Queue {
 /// What the delivering thread calls.
 struct Deliver {
     handler: Option<Handler>,
+    alert: Option<AlertHandler>,
 }
 
 static QUEUE: Mutex<Queue> = Mutex::new(Queue {
     lines: VecDeque::new(),
+    line_count: 0,
+    alerts: false,
     installed: false,
     thread: false,
 });
 static READY: Condvar = Condvar::new();
-static DELIVER: Mutex<Deliver> = Mutex::new(Deliver { handler: None });
+static DELIVER: Mutex<Deliver> = Mutex::new(Deliver {
+    handler: None,
+    alert: None,
+});
 /// A replacement asked for from inside a handler, applied when that call returns.
 static FROM_HANDLER: Mutex<Option<Option<Handler>>> = Mutex::new(None);
+static ALERT_FROM_HANDLER: Mutex<Option<Option<AlertHandler>>> = Mutex::new(None);
 static WARNINGS: AtomicU64 = AtomicU64::new(0);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Dropped lines not yet reported to the handler.
@@ -106,6 +129,57 @@ pub fn set_handler(handler: Option<Handler>) {
     }
 }
 
+/// Installs the alert handler (None: none), with `set_handler`'s waiting rules: alert
+/// changes queued before are delivered to the previous handler, and its call in flight
+/// returns first; from inside a handler call it does not wait.
+pub fn set_alert_handler(handler: Option<AlertHandler>) {
+    fork_install();
+    if in_handler() {
+        QUEUE.lock().alerts = handler.is_some();
+        *ALERT_FROM_HANDLER.lock() = Some(handler);
+        return;
+    }
+    let mut deliver = DELIVER.lock();
+    drain(&mut deliver);
+    let installing = handler.is_some();
+    deliver.alert = handler;
+    let start = {
+        let mut q = QUEUE.lock();
+        q.alerts = installing;
+        let start = installing && !q.thread;
+        if start {
+            q.thread = true;
+        }
+        start
+    };
+    drop(deliver);
+    if start {
+        start_thread();
+    }
+}
+
+/// Queues an alert change for the alert handler (nothing without one).
+pub(crate) fn alert(in_alert: bool, subsystem: &str) {
+    let start = {
+        let mut q = QUEUE.lock();
+        if !q.alerts {
+            return;
+        }
+        q.lines
+            .push_back(Entry::Alert(in_alert, subsystem.to_owned()));
+        let start = !q.thread;
+        if start {
+            q.thread = true;
+        }
+        start
+    };
+    if start {
+        start_thread();
+    } else {
+        READY.notify_one();
+    }
+}
+
 /// Number of warnings reported since the process started.
 pub fn warning_count() -> u64 {
     WARNINGS.load(Ordering::Relaxed)
@@ -127,13 +201,14 @@ pub fn log(level: Level, text: &str) {
             eprintln!("switchboard: {level:?}: {text}");
             return;
         }
-        if q.lines.len() >= QUEUE_CAPACITY {
+        if q.line_count >= QUEUE_CAPACITY {
             drop(q);
             DROPPED.fetch_add(1, Ordering::Relaxed);
             DROPPED_UNREPORTED.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        q.lines.push_back((level, text.to_owned()));
+        q.lines.push_back(Entry::Line(level, text.to_owned()));
+        q.line_count += 1;
         let start = !q.thread;
         if start {
             q.thread = true;
@@ -182,17 +257,20 @@ fn drain(deliver: &mut Deliver) {
         let next = {
             let mut q = QUEUE.lock();
             let next = q.lines.pop_front();
+            if matches!(next, Some(Entry::Line(..))) {
+                q.line_count -= 1;
+            }
             if next.is_none() {
                 // Nothing kept between bursts (a queue's worth of room stays otherwise).
                 q.lines = VecDeque::new();
             }
             next
         };
-        let line = match next {
-            Some(line) => line,
+        let entry = match next {
+            Some(entry) => entry,
             None => match DROPPED_UNREPORTED.swap(0, Ordering::Relaxed) {
                 0 => return,
-                n => (
+                n => Entry::Line(
                     Level::Warning,
                     format!(
                         "{n} log line(s) dropped: the log handler was slower than the library \
@@ -201,17 +279,23 @@ fn drain(deliver: &mut Deliver) {
                 ),
             },
         };
-        match &deliver.handler {
-            Some(h) => {
-                let _ = IN_HANDLER.try_with(|c| c.set(true));
-                // A panicking handler loses its line, not the log thread.
-                let _ = catch_unwind(AssertUnwindSafe(|| h(line.0, &line.1)));
-                let _ = IN_HANDLER.try_with(|c| c.set(false));
-            }
-            None => eprintln!("switchboard: {:?}: {}", line.0, line.1),
+        let call = |f: &dyn Fn()| {
+            let _ = IN_HANDLER.try_with(|c| c.set(true));
+            // A panicking handler loses its line, not the log thread.
+            let _ = catch_unwind(AssertUnwindSafe(f));
+            let _ = IN_HANDLER.try_with(|c| c.set(false));
+        };
+        match (&entry, &deliver.handler, &deliver.alert) {
+            (Entry::Line(level, text), Some(h), _) => call(&|| h(*level, text)),
+            (Entry::Line(level, text), None, _) => eprintln!("switchboard: {level:?}: {text}"),
+            (Entry::Alert(on, subsystem), _, Some(h)) => call(&|| h(*on, subsystem)),
+            (Entry::Alert(..), _, None) => {}
         }
         if let Some(replacement) = FROM_HANDLER.lock().take() {
             deliver.handler = replacement;
+        }
+        if let Some(replacement) = ALERT_FROM_HANDLER.lock().take() {
+            deliver.alert = replacement;
         }
     }
 }

@@ -125,6 +125,20 @@ pub(crate) struct State {
     /// The queue's front item is the first one ever pushed (the Subscribe change
     /// message) and has not been taken yet: DropOldest never evicts it.
     first_pending: bool,
+    /// The longest the queue has been (saturating; it sits in what was padding).
+    queued_max: u32,
+}
+
+/// A subscription's queue figures (`Subscription::stats`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct QueueStats {
+    pub(crate) delivered: u64,
+    pub(crate) dropped: u64,
+    pub(crate) congestion_warnings: u64,
+    pub(crate) queued: u64,
+    pub(crate) queued_max: u64,
+    /// Above its high-water mark now (and not yet back under its low-water mark).
+    pub(crate) congested: bool,
 }
 
 /// A subscription's queue limits and what they counted (allocated once either is not
@@ -142,6 +156,8 @@ pub(crate) struct Policy {
     blocked: u32,
     /// Items evicted while a batch ran: counted as handled when that batch is.
     evicted_pending: u64,
+    /// Items evicted so far (DropOldest): counted as handled, never delivered.
+    evicted: u64,
 }
 
 static DEFAULT_POLICY: Policy = Policy {
@@ -156,6 +172,7 @@ static DEFAULT_POLICY: Policy = Policy {
     congestion_warnings: 0,
     blocked: 0,
     evicted_pending: 0,
+    evicted: 0,
 };
 
 /// `repr(C)`: the fields written rarely come first, so that they (not the lock and the
@@ -168,7 +185,10 @@ pub(crate) struct Mailbox {
     progress: Condvar,
     /// Wakes publishers blocked on a full queue.
     room: Condvar,
-    /// Mirror of `State::done`, for lock-free peeks (a joiner spins before it sleeps).
+    /// Mirror of `State::done` (`DONE`), for lock-free peeks (a joiner spins before it
+    /// sleeps); and `ALERT_CHANGED`: the queue fell back under its low-water mark (or
+    /// the subscription ended congested), and the runner has not told the alert
+    /// registry yet (`take_alert_changed`).
     done: AtomicUsize,
     /// Queue length, published for lock-free peeks (spin-before-park).
     len: AtomicUsize,
@@ -176,6 +196,8 @@ pub(crate) struct Mailbox {
 }
 
 pub(crate) const DEFAULT_HIGH_WATER: usize = 10_000;
+const DONE: usize = 1;
+const ALERT_CHANGED: usize = 2;
 
 impl Mailbox {
     /// Offset of the first field written on every push or batch.
@@ -198,6 +220,7 @@ impl Mailbox {
                 policy: None,
                 in_flight: 0,
                 first_pending: false,
+                queued_max: 0,
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
@@ -213,7 +236,34 @@ impl Mailbox {
 
     /// The final message was handled (lock-free peek).
     pub(crate) fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire) != 0
+        self.done.load(Ordering::Acquire) & DONE != 0
+    }
+
+    /// The congestion state changed to "not congested" since the last call (one relaxed
+    /// load when it did not: runners call this after their batches).
+    pub(crate) fn take_alert_changed(&self) -> bool {
+        self.done.load(Ordering::Relaxed) & ALERT_CHANGED != 0
+            && self.done.fetch_and(!ALERT_CHANGED, Ordering::AcqRel) & ALERT_CHANGED != 0
+    }
+
+    /// Above the high-water mark now (not yet back under the low-water mark).
+    pub(crate) fn is_congested(&self) -> bool {
+        let st = self.state.lock();
+        st.congested && !st.done
+    }
+
+    pub(crate) fn stats(&self) -> QueueStats {
+        let st = self.state.lock();
+        let p = st.policy();
+        QueueStats {
+            // `handled` counts evictions once the batch ahead of them is done.
+            delivered: st.handled - (p.evicted - p.evicted_pending),
+            dropped: p.dropped,
+            congestion_warnings: p.congestion_warnings,
+            queued: st.queue.len() as u64,
+            queued_max: u64::from(st.queued_max),
+            congested: st.congested && !st.done,
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -258,6 +308,7 @@ impl Mailbox {
                         st.queue.pop_front()
                     };
                     st.policy_mut().dropped += 1;
+                    st.policy_mut().evicted += 1;
                     // An evicted item counts as handled (publish_sync waiters wait on the
                     // count), but not before the batch ahead of it is.
                     if matches!(st.run, RunState::Running(_)) {
@@ -312,6 +363,10 @@ impl Mailbox {
         let seq = st.pushed;
         let len = st.queue.len();
         self.len.store(len, Ordering::Relaxed);
+        #[cfg(not(feature = "no-stats"))]
+        if len > st.queued_max as usize {
+            st.queued_max = u32::try_from(len).unwrap_or(u32::MAX);
+        }
         // Congestion counts the whole backlog: queued plus the batch being delivered.
         let backlog = len + st.in_flight;
         let congested = if backlog > st.policy().high_water && !st.congested {
@@ -476,12 +531,13 @@ impl Mailbox {
             (st.policy.as_deref_mut()).map_or(0, |p| std::mem::take(&mut p.evicted_pending));
         st.handled += n as u64 + evicted;
         st.in_flight = 0;
-        if st.congested && st.queue.len() < st.policy().low_water {
+        if st.congested && (last || st.queue.len() < st.policy().low_water) {
             st.congested = false;
+            self.done.fetch_or(ALERT_CHANGED, Ordering::Release);
         }
         if last {
             st.done = true;
-            self.done.store(1, Ordering::Release);
+            self.done.fetch_or(DONE, Ordering::Release);
             st.queue = VecDeque::new();
             st.spare = VecDeque::new();
         }

@@ -30,7 +30,16 @@ pub struct MessageType {
     id: u32,
     name: CString,
     to_json: RwLock<Option<Arc<ToJsonFn>>>,
+    /// Publishes of messages of this type. On a cache line of its own: every publish
+    /// writes it, and subscribers' threads read the fields above.
+    #[cfg(not(feature = "no-stats"))]
+    published: Padded,
 }
+
+#[cfg(not(feature = "no-stats"))]
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(std::sync::atomic::AtomicU64);
 
 impl MessageType {
     pub(crate) fn magic_ok(&self) -> bool {
@@ -66,6 +75,8 @@ impl MessageType {
             id: reg.by_name.len() as u32,
             name: CString::new(name).expect("checked for NUL"),
             to_json: RwLock::new(to_json.map(Arc::new)),
+            #[cfg(not(feature = "no-stats"))]
+            published: Padded::default(),
         });
         reg.by_name.insert(name.into(), Arc::clone(&ty));
         ty
@@ -74,6 +85,16 @@ impl MessageType {
     /// The type named `name`, if one was ever created (never creates one).
     pub fn find(name: &str) -> Option<Arc<MessageType>> {
         REGISTRY.lock().by_name.get(name).cloned()
+    }
+
+    /// The type whose `id` is `id` (a scan: for statistics, not for hot paths).
+    pub fn by_id(id: u32) -> Option<Arc<MessageType>> {
+        REGISTRY
+            .lock()
+            .by_name
+            .values()
+            .find(|t| t.id == id)
+            .cloned()
     }
 
     /// Every type created so far (types are a bounded set: see the module comment).
@@ -95,6 +116,21 @@ impl MessageType {
     /// Small dense integer (0, 1, 2... in creation order).
     pub fn id(&self) -> u32 {
         self.id
+    }
+    /// Counts one publish of a message of this type.
+    #[inline]
+    pub(crate) fn count_publish(&self) {
+        #[cfg(not(feature = "no-stats"))]
+        self.published
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// Publishes of messages of this type so far (0 in a `no-stats` build).
+    pub fn published(&self) -> u64 {
+        #[cfg(not(feature = "no-stats"))]
+        return self.published.0.load(std::sync::atomic::Ordering::Relaxed);
+        #[cfg(feature = "no-stats")]
+        0
     }
     pub fn has_to_json(&self) -> bool {
         self.to_json.read().is_some()

@@ -137,6 +137,35 @@ pub fn started_thread_count() -> usize {
     global().started.load(Ordering::SeqCst)
 }
 
+/// The shared pool's figures (`sb_stats_json`, `sb_stats_prometheus`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolStats {
+    pub min_threads: usize,
+    pub max_threads: usize,
+    /// Worker threads alive, blocked ones included.
+    pub threads: usize,
+    /// Workers blocked in a library wait (a join, `sb_publish_sync`, a full queue).
+    pub blocked: usize,
+    /// Workers asleep, waiting for work.
+    pub sleeping: usize,
+    /// Subscriptions waiting in the run queue for a worker.
+    pub queued: usize,
+}
+
+/// The shared pool's figures now (without starting it).
+pub fn stats() -> PoolStats {
+    let pool = global();
+    let cfg = pool.config.lock();
+    PoolStats {
+        min_threads: cfg.min,
+        max_threads: cfg.max,
+        threads: cfg.threads,
+        blocked: cfg.blocked,
+        sleeping: pool.sleeping.load(Ordering::Relaxed),
+        queued: pool.queue.len(),
+    }
+}
+
 /// Subscriptions wait in the run queue for a worker.
 pub(crate) fn has_queued_work() -> bool {
     !global().queue.is_empty()

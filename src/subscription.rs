@@ -19,12 +19,13 @@ use crate::pool;
 use crate::sync::ThreadToken;
 use crate::topic::Topic;
 use crate::waits;
+use once_cell::race::OnceBox;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -78,9 +79,14 @@ pub struct Subscription {
     thread_generation: AtomicU64,
     // Not touched by publishers: the spacer.
     callback: Handler,
-    /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand.
+    /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand
+    /// (in a thin box: the room it saves holds the two figures below).
     number: u64,
-    uniqueid: OnceLock<CString>,
+    uniqueid: OnceBox<CString>,
+    /// The longest single callback so far, and the id + 1 of the type it handled (0:
+    /// none yet). Written by the runner only (callbacks never overlap).
+    callback_max_ns: AtomicU64,
+    callback_max_type: AtomicU32,
     // Written on every push and batch (its own cold fields first).
     mailbox: Mailbox,
 }
@@ -169,7 +175,9 @@ impl Subscription {
             kind,
             topic: Arc::clone(topic),
             number: n,
-            uniqueid: OnceLock::new(),
+            uniqueid: OnceBox::new(),
+            callback_max_ns: AtomicU64::new(0),
+            callback_max_type: AtomicU32::new(0),
             callback,
             filter: Filter::new(),
             mailbox: Mailbox::new(),
@@ -202,7 +210,7 @@ impl Subscription {
     }
     pub(crate) fn uniqueid_cstr(&self) -> &CStr {
         self.uniqueid
-            .get_or_init(|| uniqueid_text(&self.topic, self.number))
+            .get_or_init(|| Box::new(uniqueid_text(&self.topic, self.number)))
     }
     pub fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
@@ -223,6 +231,52 @@ impl Subscription {
     }
     pub fn congestion_warnings(&self) -> u64 {
         self.mailbox.congestion_warnings()
+    }
+    /// Process-unique number of this subscription.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// This subscription's figures now.
+    pub fn stats(&self) -> SubscriptionStats {
+        let q = self.mailbox.stats();
+        let ty = self.callback_max_type.load(Ordering::Relaxed);
+        SubscriptionStats {
+            delivered: q.delivered,
+            dropped: q.dropped,
+            congestion_warnings: q.congestion_warnings,
+            queued: q.queued,
+            queued_max: q.queued_max,
+            callback_max_ns: self.callback_max_ns.load(Ordering::Relaxed),
+            callback_max_type: ty.checked_sub(1).and_then(MessageType::by_id),
+            congested: q.congested,
+        }
+    }
+
+    /// Above its high-water mark now (in alert).
+    pub(crate) fn is_congested(&self) -> bool {
+        self.mailbox.is_congested()
+    }
+
+    /// Records how long one callback took (from `start`), and returns the time it ended.
+    #[inline]
+    fn note_callback(&self, start: Option<Instant>, type_id: u32) -> Option<Instant> {
+        let start = start?;
+        let now = Instant::now();
+        let ns = u64::try_from(now.duration_since(start).as_nanos()).unwrap_or(u64::MAX);
+        if ns > self.callback_max_ns.load(Ordering::Relaxed) {
+            self.callback_max_type.store(type_id + 1, Ordering::Relaxed);
+            self.callback_max_ns.store(ns, Ordering::Relaxed);
+        }
+        Some(now)
+    }
+
+    /// After a runner's batches: the queue may have left congestion (see
+    /// `Mailbox::take_alert_changed`).
+    fn after_batches(&self) {
+        if self.mailbox.take_alert_changed() {
+            crate::stats::sync_alert(self);
+        }
     }
 
     pub fn accept_message_type(&self, ty: &Arc<MessageType>) {
@@ -251,6 +305,7 @@ impl Subscription {
             )));
         }
         self.mailbox.set_limits(low_water, high_water);
+        crate::stats::sync_alert(self);
         Ok(())
     }
 
@@ -325,6 +380,7 @@ impl Subscription {
                 direct,
             } => {
                 if let Some(len) = congested {
+                    crate::stats::sync_alert(self);
                     log::warn(&format!(
                         "subscription {} to topic '{}': {len} messages queued (high-water mark crossed)",
                         self.uniqueid(),
@@ -378,8 +434,12 @@ impl Subscription {
         let _running = RunningGuard::enter(Arc::as_ptr(self));
         let n = batch.len();
         let mut last = false;
+        // One clock read per callback: each one's end is the next one's start.
+        let mut t = stats_clock();
         for item in batch.drain(..) {
+            let ty = item.msg.message_type().id();
             last |= self.deliver_item(item);
+            t = self.note_callback(t, ty);
         }
         (n, last)
     }
@@ -446,7 +506,11 @@ impl Subscription {
                 Some(item) => {
                     let last = {
                         let _running = RunningGuard::enter(Arc::as_ptr(self));
-                        self.deliver_item(item)
+                        let t = stats_clock();
+                        let ty = item.msg.message_type().id();
+                        let last = self.deliver_item(item);
+                        self.note_callback(t, ty);
+                        last
                     };
                     self.mailbox
                         .finish_and_take(VecDeque::new(), 1, last, me, self.kind)
@@ -457,6 +521,7 @@ impl Subscription {
                 let (n, last) = self.deliver(&mut batch);
                 next = self.mailbox.finish_and_take(batch, n, last, me, self.kind);
             }
+            self.after_batches();
             // Synchronous kind: the run may have been handed to another publisher while
             // items of ours (published from our own callbacks) wait behind theirs. They
             // are delivered on this thread: wait for the run to come back. Inside an
@@ -486,6 +551,12 @@ impl Subscription {
     /// A pool worker's turn: at most `max_batches` batches. Returns true when work is
     /// left and the subscription must go back on the pool's queue.
     pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> bool {
+        let more = self.pool_turn(me, max_batches);
+        self.after_batches();
+        more
+    }
+
+    fn pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> bool {
         let mut next = self.mailbox.take_batch(me, self.kind);
         for turn in 1..=max_batches {
             let Some(mut batch) = next else {
@@ -558,11 +629,14 @@ impl Subscription {
                 let (n, last) = self.deliver(&mut batch);
                 if last {
                     self.mailbox.finish_batch(batch, n, true);
+                    self.after_batches();
                     return;
                 }
+                self.after_batches();
                 self.coalesce();
                 next = self.mailbox.finish_and_take(batch, n, false, me, self.kind);
             }
+            self.after_batches();
         }
     }
 
@@ -619,6 +693,17 @@ impl Subscription {
                 ),
             ));
         }
+        self.wait_done()?;
+        // A subscription that ended above its high-water mark leaves the alert registry
+        // before the join returns (its runner may not have told it yet); one relaxed load
+        // when nothing is in alert.
+        if crate::stats::alert_count() > 0 {
+            crate::stats::sync_alert(self);
+        }
+        Ok(())
+    }
+
+    fn wait_done(self: &Arc<Self>) -> Result<()> {
         // The final message is usually a few microseconds away (a module unloading, a
         // churning subscriber): spin briefly before paying for a sleep and a wake-up.
         for i in 0..200 {
@@ -648,6 +733,30 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.magic = DEAD_MAGIC;
     }
+}
+
+/// The start of a callback's timing (None in a `no-stats` build: nothing is timed).
+#[inline]
+fn stats_clock() -> Option<Instant> {
+    #[cfg(not(feature = "no-stats"))]
+    return Some(Instant::now());
+    #[cfg(feature = "no-stats")]
+    None
+}
+
+/// A subscription's figures (`sb_subscription_stats`).
+#[derive(Clone, Debug, Default)]
+pub struct SubscriptionStats {
+    /// Messages handled (the Subscribe change message included; evicted ones not).
+    pub delivered: u64,
+    pub dropped: u64,
+    pub congestion_warnings: u64,
+    pub queued: u64,
+    pub queued_max: u64,
+    pub callback_max_ns: u64,
+    pub callback_max_type: Option<Arc<MessageType>>,
+    /// Above its high-water mark now.
+    pub congested: bool,
 }
 
 /// A subscription's uniqueid: "<topic name>:<number>". Built by hand, in one

@@ -21,6 +21,7 @@ use crate::small_list::{retire, SmallList};
 use crate::subscription::Subscription;
 use crate::tap;
 use arc_swap::ArcSwap;
+use once_cell::race::OnceBox;
 use parking_lot::Mutex;
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -46,13 +47,16 @@ struct Retired {
 pub struct Topic {
     magic: u32,
     name: CString,
-    /// None when empty (most topics): no allocation. This and `uniqueid`, both rare,
-    /// are boxed (thin pointers): 16 bytes less keeps a topic in the allocator's 112-byte
-    /// class instead of 128 (see `layout_sizes` in lib.rs).
-    detail: Option<Box<CString>>,
     /// Process-unique number; the uniqueid text is built on demand.
     number: u64,
-    uniqueid: OnceLock<Box<CString>>,
+    /// When the topic was created (CLOCK_REALTIME ns), for its statistics.
+    created_ns: u64,
+    /// What most topics never need, in one thin box allocated on first use: the
+    /// detail, the uniqueid text and the publish counters (allocated by the first
+    /// publish). Keeps a topic in the allocator's 112-byte class (see `layout_sizes` in
+    /// lib.rs), and the counters, written by every publish, off the cache line that
+    /// publishers only read.
+    side: OnceBox<TopicSide>,
     /// May hold unsubscribed subscriptions, which publishers skip.
     subscribers: ArcSwap<SubList>,
     /// Written under the forward graph lock. May hold cancelled forwards, which
@@ -64,6 +68,29 @@ pub struct Topic {
     has_tap: AtomicBool,
     /// Serializes writers of `subscribers` and of the retirement counts.
     write: Mutex<Retired>,
+}
+
+/// A topic's rarely needed parts (see `Topic::side`).
+#[derive(Default)]
+struct TopicSide {
+    detail: Option<CString>,
+    uniqueid: OnceLock<CString>,
+    published: AtomicU64,
+    not_dispatched: AtomicU64,
+}
+
+/// A topic's figures (`sb_topic_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TopicStats {
+    /// Publishes that reached this topic: published to it, or forwarded into it
+    /// (subscription change messages are not counted).
+    pub published: u64,
+    /// Of those, the ones that reached at least one subscription (here or further on).
+    pub dispatched: u64,
+    /// Of those, the ones that reached no subscription.
+    pub not_dispatched: u64,
+    pub subscribers: u32,
+    pub created_ns: u64,
 }
 
 static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
@@ -216,10 +243,16 @@ impl Topic {
         let topic = Arc::new(Topic {
             magic: TOPIC_MAGIC,
             name: CString::new(name).expect("checked for NUL"),
-            detail: (!detail.is_empty())
-                .then(|| Box::new(CString::new(detail).expect("checked for NUL"))),
             number: n,
-            uniqueid: OnceLock::new(),
+            created_ns: crate::message::now_realtime_ns(),
+            side: if detail.is_empty() {
+                OnceBox::new()
+            } else {
+                OnceBox::with_value(Box::new(TopicSide {
+                    detail: Some(CString::new(detail).expect("checked for NUL")),
+                    ..TopicSide::default()
+                }))
+            },
             subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
             forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
             has_forwards: AtomicBool::new(false),
@@ -248,14 +281,57 @@ impl Topic {
         &self.name
     }
     pub fn detail(&self) -> &CStr {
-        self.detail.as_deref().map_or(c"", |d| d.as_c_str())
+        self.side
+            .get()
+            .and_then(|s| s.detail.as_deref())
+            .unwrap_or(c"")
     }
     pub fn uniqueid(&self) -> &CStr {
-        self.uniqueid.get_or_init(|| {
-            Box::new(
-                CString::new(format!("{}-{:x}", Eid::default_eid(), self.number)).expect("no NUL"),
-            )
+        self.side().uniqueid.get_or_init(|| {
+            CString::new(format!("{}-{:x}", Eid::default_eid(), self.number)).expect("no NUL")
         })
+    }
+    fn side(&self) -> &TopicSide {
+        self.side.get_or_init(Box::default)
+    }
+
+    /// Counts one publish of `msg` that reached this topic (published to it or
+    /// forwarded into it); `reached`: subscriptions it reached from here, through forwards
+    /// included. Subscription change messages are the bus's own bookkeeping and are not
+    /// counted: so a topic that only ever sees subscribes (W8's hundred thousand) never
+    /// allocates its counters.
+    #[inline]
+    fn count_publish(&self, msg: &Message, reached: usize) {
+        #[cfg(not(feature = "no-stats"))]
+        {
+            if Arc::ptr_eq(msg.message_type(), crate::subscription::change_type()) {
+                return;
+            }
+            let side = self.side();
+            side.published.fetch_add(1, Ordering::Relaxed);
+            if reached == 0 {
+                side.not_dispatched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        #[cfg(feature = "no-stats")]
+        let _ = (msg, reached);
+    }
+
+    /// This topic's figures now.
+    pub fn stats(&self) -> TopicStats {
+        let (published, not_dispatched) = self.side.get().map_or((0, 0), |s| {
+            (
+                s.published.load(Ordering::Relaxed),
+                s.not_dispatched.load(Ordering::Relaxed),
+            )
+        });
+        TopicStats {
+            published,
+            dispatched: published.saturating_sub(not_dispatched),
+            not_dispatched,
+            subscribers: self.subscriber_count() as u32,
+            created_ns: self.created_ns,
+        }
     }
 
     /// Adds `sub` unless it was already unsubscribed (a callback may unsubscribe while
@@ -340,15 +416,16 @@ impl Topic {
     }
 
     pub(crate) fn publish_ctx(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
+        msg.message_type().count_publish();
         let mut count = self.deliver_local(msg, ctx);
         let tapped = self.run_tap(msg, false);
-        if !self.has_forwards.load(Ordering::Acquire) {
-            return count;
+        if self.has_forwards.load(Ordering::Acquire) {
+            let mut visited = Visited::new(self);
+            self.for_each_forward_target(|to| {
+                count += to.publish_forwarded(msg, ctx, &mut visited, tapped)
+            });
         }
-        let mut visited = Visited::new(self);
-        self.for_each_forward_target(|to| {
-            count += to.publish_forwarded(msg, ctx, &mut visited, tapped)
-        });
+        self.count_publish(msg, count);
         count
     }
 
@@ -366,6 +443,7 @@ impl Topic {
         let mut count = self.deliver_local(msg, ctx);
         let tapped = self.run_tap(msg, through_tap) || through_tap;
         self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, visited, tapped));
+        self.count_publish(msg, count);
         count
     }
 
@@ -492,6 +570,12 @@ impl std::fmt::Debug for Topic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Topic({})", self.name())
     }
+}
+
+/// Every live topic. The registry lock is held only to collect the references: the
+/// caller formats without it (and drops them after, which may take it again).
+pub fn live_topics() -> Vec<Arc<Topic>> {
+    REGISTRY.lock().values().filter_map(Weak::upgrade).collect()
 }
 
 /// Number of live named topics (for leak checks).

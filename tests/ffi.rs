@@ -398,4 +398,6 @@ c_tests!(
     test_cluster_config,
     test_edges,
     test_log,
+    test_stats,
+    test_sbstat,
 );

@@ -47,6 +47,21 @@ use std::time::Duration;
 
 pub(crate) const CLUSTER_MAGIC: u32 = 0x5342_434c; // "SBCL"
 
+/// Every cluster joined in this process (several may be), for the bus-wide statistics.
+static LIVE: Mutex<Vec<std::sync::Weak<Cluster>>> = Mutex::new(Vec::new());
+
+/// The clusters joined and not yet left, with their figures. The registry's lock is held
+/// only to collect the references.
+pub fn live_stats() -> Vec<(Arc<Cluster>, StatsSnapshot)> {
+    let live: Vec<Arc<Cluster>> = LIVE.lock().iter().filter_map(|w| w.upgrade()).collect();
+    live.into_iter()
+        .filter_map(|c| {
+            let s = c.stats().ok()?;
+            (!c.left.load(Ordering::Acquire)).then_some((c, s))
+        })
+        .collect()
+}
+
 /// Type of node messages on the cluster topic.
 pub fn node_type() -> &'static Arc<MessageType> {
     static TYPE: LazyLock<Arc<MessageType>> =
@@ -347,14 +362,23 @@ impl Cluster {
             let _ = in_thread.join();
             return Err(e);
         }
-        Ok(Arc::new(Cluster {
+        let cluster = Arc::new(Cluster {
             magic: CLUSTER_MAGIC,
             inner,
             io_thread: Mutex::new(Some(io_thread)),
             in_thread: Mutex::new(Some(in_thread)),
             in_tx,
             left: AtomicBool::new(false),
-        }))
+        });
+        let mut live = LIVE.lock();
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(&cluster));
+        Ok(cluster)
+    }
+
+    /// The prefix and node name this cluster was joined with (labels of its figures).
+    pub fn labels(&self) -> (&str, &str) {
+        (&self.inner.cfg.prefix, &self.inner.cfg.node_name)
     }
 
     pub(crate) fn magic_ok(&self) -> bool {
@@ -618,6 +642,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // This cluster's entry goes (its weak reference would keep the allocation), and
+        // the list's memory with the last one.
+        let mut live = LIVE.lock();
+        live.retain(|w| w.strong_count() > 0);
+        if live.is_empty() {
+            *live = Vec::new();
+        }
+        drop(live);
         self.magic = crate::message_type::DEAD_MAGIC;
     }
 }

@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod library;
 pub mod message;
 pub mod router;
+pub mod stats;
 pub mod subscription;
 pub mod topic;
 
