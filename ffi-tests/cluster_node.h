@@ -77,6 +77,11 @@ static inline int cn_slow(void)
     return tu_slow() || (v != NULL && v[0] != '\0' && strcmp(v, "0") != 0);
 }
 static inline int cn_scale(int normal, int slow) { return cn_slow() ? slow : normal; }
+static inline int cn_tsan(void)
+{
+    const char *v = getenv("SB_TSAN");
+    return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
+}
 
 static void cn_sleep_ms(long ms)
 {

@@ -49,7 +49,9 @@ static void start_node(nh_child *n, const char *eid, const char *name)
 {
     CHECK(cn_spawn(argv0, n) == 0);
     CN_OK(n, "eid %s", eid);
-    CN_OK(n, "join %s sb %s %d down_after_missed=%d", srv.url, name, HB_MS, MISSED);
+    /* slow modes: a store read by instrumented processes can outlast the default 5 s */
+    CN_OK(n, "join %s sb %s %d down_after_missed=%d connect_timeout_ms=%d", srv.url, name, HB_MS,
+          MISSED, cn_slow() ? 25000 : 5000);
     CN_OK(n, "topic reg");
     CN_OK(n, "cache reg agg");
 }

@@ -221,8 +221,8 @@ static void test_nodes_and_events(void)
 {
     const char *r = cn_cmd(&a, "nodes");
     /* a, b, c, and the forked child (left, still listed) */
-    CHECK(r != NULL && strncmp(r, "ok 4 ", 5) == 0);
-    CHECK(r != NULL && strstr(r, "0f:0f:0f:0f:0f:0f=3/forked-child") != NULL);
+    CHECK(r != NULL && strncmp(r, cn_tsan() ? "ok 3 " : "ok 4 ", 5) == 0);
+    CHECK(r != NULL && (cn_tsan() || strstr(r, "0f:0f:0f:0f:0f:0f=3/forked-child") != NULL));
     CHECK(r != NULL && strstr(r, EID_B "=1/b") != NULL);
     CHECK(r != NULL && strstr(r, EID_C "=1/c") != NULL);
     CHECK(r != NULL && strstr(r, EID_A "=1/a") != NULL);
@@ -289,6 +289,13 @@ static void test_overload_is_counted(void)
 /* First, while the nodes deliver nothing (fork wants a quiescent moment). */
 static void test_fork(void)
 {
+    if (cn_tsan()) {
+        /* ThreadSanitizer's runtime does not follow a multi-threaded process into a child
+         * that starts threads of its own ("dup thread with used id"): checked natively and
+         * under valgrind only. */
+        printf("fork check not run under ThreadSanitizer\n");
+        return;
+    }
     CN_OK(&b, "topic forked");
     CN_OK(&b, "share forked");
     const char *r = cn_cmd(&a, "fork %s sb", srv.url);
