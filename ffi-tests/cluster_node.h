@@ -477,26 +477,17 @@ static int cn_command(char *line)
             sb_message_unref(m);
         }
         sb_message_type_unref(ty);
-    } else if (strcmp(cmd, "pubc") == 0 && argc == 4 && t) {
+    } else if ((strcmp(cmd, "pubc") == 0 || strcmp(cmd, "pubcagg") == 0) && argc == 4 && t) {
+        /* pubcagg: aggregates (no eid) */
+        int aggregate = strcmp(cmd, "pubcagg") == 0;
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);
         for (long i = 0; i < n; i++) {
             cn_value *v = (cn_value *)calloc(1, sizeof *v);
             v->value = (int32_t)i;
             snprintf(v->tag, sizeof v->tag, "cn-value");
-            sb_message *m = sb_message_create(ty, v, cn_free);
-            sb_publish(t->topic, m);
-            sb_message_unref(m);
-        }
-        sb_message_type_unref(ty);
-    } else if (strcmp(cmd, "pubcagg") == 0 && argc == 4 && t) {
-        sb_message_type *ty = cn_type(argv[2]);
-        long n = atol(argv[3]);
-        for (long i = 0; i < n; i++) {
-            cn_value *v = (cn_value *)calloc(1, sizeof *v);
-            v->value = (int32_t)i;
-            snprintf(v->tag, sizeof v->tag, "cn-value");
-            sb_message *m = sb_message_create_full(ty, v, cn_free, NULL);
+            sb_message *m = aggregate ? sb_message_create_full(ty, v, cn_free, NULL)
+                                      : sb_message_create(ty, v, cn_free);
             sb_publish(t->topic, m);
             sb_message_unref(m);
         }
