@@ -107,26 +107,9 @@ pub fn set_handler(handler: Option<Handler>) {
         *FROM_HANDLER.lock() = Some(handler);
         return;
     }
-    let mut deliver = DELIVER.lock();
     // The lines logged before this call belong to the handler they were logged under.
-    drain(&mut deliver);
-    let installing = handler.is_some();
-    deliver.handler = handler;
-    let start = {
-        let mut q = QUEUE.lock();
-        q.installed = installing;
-        let start = installing && !q.thread;
-        if start {
-            q.thread = true;
-        }
-        start
-    };
-    drop(deliver);
-    if start {
-        // Started now, not at the first line: a host installs its handler at startup,
-        // while threads can still be created.
-        start_thread();
-    }
+    let on = handler.is_some();
+    swap_in(on, |q| q.installed = on, |d| d.handler = handler);
 }
 
 /// Installs the alert handler (None: none), with `set_handler`'s waiting rules: alert
@@ -139,14 +122,21 @@ pub fn set_alert_handler(handler: Option<AlertHandler>) {
         *ALERT_FROM_HANDLER.lock() = Some(handler);
         return;
     }
+    let on = handler.is_some();
+    swap_in(on, |q| q.alerts = on, |d| d.alert = handler);
+}
+
+/// The common part of installing a log or alert handler: deliver what was queued to the
+/// previous one (waiting for its call in flight), put the new one in place, set its
+/// queue flag and start the log thread if it is not running.
+fn swap_in(on: bool, flag: impl FnOnce(&mut Queue), put: impl FnOnce(&mut Deliver)) {
     let mut deliver = DELIVER.lock();
     drain(&mut deliver);
-    let installing = handler.is_some();
-    deliver.alert = handler;
+    put(&mut deliver);
     let start = {
         let mut q = QUEUE.lock();
-        q.alerts = installing;
-        let start = installing && !q.thread;
+        flag(&mut q);
+        let start = on && !q.thread;
         if start {
             q.thread = true;
         }
@@ -154,6 +144,8 @@ pub fn set_alert_handler(handler: Option<AlertHandler>) {
     };
     drop(deliver);
     if start {
+        // Started now, not at the first line: a host installs its handler at startup,
+        // while threads can still be created.
         start_thread();
     }
 }
