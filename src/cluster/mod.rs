@@ -108,9 +108,6 @@ impl NodeMessage {
             Some(node.eid),
         )
     }
-    pub fn view(&self) -> &NodeView {
-        &self.view
-    }
 }
 
 /// Counters of `sb_cluster_get_stats`.
@@ -399,10 +396,6 @@ impl Cluster {
 
     pub fn topic(&self) -> &Arc<Topic> {
         &self.inner.cluster_topic
-    }
-
-    pub fn me(&self) -> Eid {
-        self.inner.me
     }
 
     /// Installs (or refreshes) the tap of `name`'s entry; removes entry and tap when the

@@ -37,11 +37,10 @@ pub struct Node {
 /// What a heartbeat or a tick changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The node's state changed (to `state`); `fresh_state` is set when its stored
-    /// snapshots must be (re-)read: a node seen for the first time, back from down, a
-    /// new session or a new assertion.
+    /// The node's state changed (to `state`), or it restarted while up.
     StateChanged { eid: Eid, state: i32 },
-    /// The node's stored snapshots must be re-read (same state).
+    /// The node's stored snapshots must be (re-)read: a node seen for the first time,
+    /// back from down, a new session (`restarted`) or a new assertion.
     Reread { eid: Eid, restarted: bool },
 }
 
