@@ -954,6 +954,43 @@ static void test_data_untouched(int kind)
     sb_topic_unref(t);
 }
 
+/* ---- once joined, the library holds nothing of the subscription ---- */
+
+static void noop_cb(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)data;
+    (void)sub;
+    (void)msg;
+}
+
+/* The join returns after the runner (pool worker, dedicated thread) let go of the
+ * subscription, not merely after the final callback: the subscription's reference to its
+ * topic is gone at once, so the topic leaves the registry the moment the caller drops the
+ * last reference (no wait here). A runner that still held the subscription for a moment
+ * after the final callback made a process that exits right after its joins report the
+ * topic as leaked under valgrind. */
+static void test_join_releases(int kind)
+{
+    char name[64];
+    snprintf(name, sizeof name, "sub.release.%s", kind_names[kind]);
+    int held = 0;
+    for (int i = 0; i < 300; i++) {
+        sb_topic *t = sb_topic_create(name);
+        sb_subscription *sub = subscribe_kind(kind, t, noop_cb, NULL);
+        CHECK(sub != NULL);
+        publish_payload(t, ptype, 0, 0, 0);
+        CHECK(sb_unsubscribe_and_join(sub) == NULL);
+        sb_topic_unref(t);
+        sb_topic *again = sb_topic_get(name);
+        if (again != NULL) {
+            held++;
+            sb_topic_unref(again);
+            CHECK_TOPIC_GONE(name);
+        }
+    }
+    CHECK_EQ_INT(held, 0);
+}
+
 /* ---- many subscriptions of all kinds on one topic ---- */
 
 static void test_many_subscriptions(void)
@@ -1049,6 +1086,7 @@ int main(void)
             congestion_swing(k, "defaults", 0, 0);
         test_concurrent_publishers(k);
         test_data_untouched(k);
+        test_join_releases(k);
     }
     test_unsubscribe_others();
     test_many_subscriptions();

@@ -62,6 +62,7 @@ extern "C" fn child() {
     // SAFETY: `prepare` took these locks on the thread that forked, which is this
     // child's only thread.
     crate::pool::fork_reset_and_unlock();
+    crate::subscription::releasing::fork_reset();
     unsafe {
         crate::forward::fork_unlock();
         crate::topic::fork_unlock();

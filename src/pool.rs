@@ -11,7 +11,7 @@
 //! starve it; once it returns, the surplus worker retires at its next turn boundary.
 
 use crate::error::{Error, Result};
-use crate::subscription::Subscription;
+use crate::subscription::{releasing, Subscription, Turn};
 use crate::sync::std_sync::{Condvar, Mutex, MutexGuard};
 use crossbeam_queue::SegQueue;
 use std::cell::Cell;
@@ -302,8 +302,13 @@ impl Pool {
                 if !self.queue.is_empty() {
                     self.wake_or_spawn();
                 }
-                if sub.run_pool_turn(me, BATCHES_PER_TURN) {
-                    self.queue.push(sub);
+                match sub.run_pool_turn(me, BATCHES_PER_TURN) {
+                    Turn::More => self.queue.push(sub),
+                    Turn::Idle => {}
+                    Turn::Final => {
+                        drop(sub);
+                        releasing::leave();
+                    }
                 }
                 continue;
             }

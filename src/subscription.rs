@@ -548,26 +548,28 @@ impl Subscription {
         }
     }
 
-    /// A pool worker's turn: at most `max_batches` batches. Returns true when work is
-    /// left and the subscription must go back on the pool's queue.
-    pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> bool {
-        let more = self.pool_turn(me, max_batches);
+    /// A pool worker's turn: at most `max_batches` batches. After `Turn::Final` the worker
+    /// is in the releasing window (see [`releasing`]) until it drops its reference.
+    pub(crate) fn run_pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> Turn {
+        let turn = self.pool_turn(me, max_batches);
         self.after_batches();
-        more
+        turn
     }
 
-    fn pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> bool {
+    fn pool_turn(self: &Arc<Self>, me: ThreadToken, max_batches: usize) -> Turn {
         let mut next = self.mailbox.take_batch(me, self.kind);
         for turn in 1..=max_batches {
             let Some(mut batch) = next else {
-                return false;
+                return Turn::Idle;
             };
             let (n, last) = self.deliver(&mut batch);
-            if last || turn == max_batches {
-                self.mailbox.finish_batch(batch, n, last);
-                if last {
-                    return false;
-                }
+            if last {
+                releasing::enter();
+                self.mailbox.finish_batch(batch, n, true);
+                return Turn::Final;
+            }
+            if turn == max_batches {
+                self.mailbox.finish_batch(batch, n, false);
                 break;
             }
             // A worker that waits for more messages must not keep others waiting.
@@ -577,14 +579,18 @@ impl Subscription {
             next = self.mailbox.finish_and_take(batch, n, false, me, self.kind);
         }
         self.mailbox.reschedule();
-        true
+        Turn::More
     }
 
     fn spawn_thread(self: &Arc<Self>) -> Result<()> {
         let runner = Arc::clone(self);
         thread::Builder::new()
             .name(format!("sb-sub-{}", self.uniqueid()))
-            .spawn(move || runner.dedicated_thread())
+            .spawn(move || {
+                if runner.dedicated_thread() {
+                    releasing::leave();
+                }
+            })
             .map(drop)
             .map_err(|e| {
                 Error::new(
@@ -610,7 +616,9 @@ impl Subscription {
         }
     }
 
-    fn dedicated_thread(self: Arc<Self>) {
+    /// Returns true after the final message (its reference dropped by then), having
+    /// entered the releasing window.
+    fn dedicated_thread(self: Arc<Self>) -> bool {
         let me = crate::sync::thread_token();
         loop {
             // Spin a little before parking: under load the next message is usually a
@@ -628,9 +636,10 @@ impl Subscription {
             while let Some(mut batch) = next {
                 let (n, last) = self.deliver(&mut batch);
                 if last {
+                    releasing::enter();
                     self.mailbox.finish_batch(batch, n, true);
                     self.after_batches();
-                    return;
+                    return true;
                 }
                 self.after_batches();
                 self.coalesce();
@@ -694,6 +703,7 @@ impl Subscription {
             ));
         }
         self.wait_done()?;
+        releasing::wait();
         // A subscription that ended above its high-water mark leaves the alert registry
         // before the join returns (its runner may not have told it yet); one relaxed load
         // when nothing is in alert.
@@ -726,6 +736,71 @@ impl Subscription {
         let unsub = self.unsubscribe();
         self.join()?;
         unsub
+    }
+}
+
+/// How a pool worker's turn ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Turn {
+    /// Work is left: the subscription goes back on the pool's queue.
+    More,
+    /// Nothing queued now; the next publish schedules it again.
+    Idle,
+    /// The final message was handled; the worker must `releasing::leave` once it dropped
+    /// its reference.
+    Final,
+}
+
+/// Runners (pool workers, dedicated threads) between handling a subscription's final
+/// message and dropping their reference to it.
+///
+/// A join returns once that count is zero, so that after `sb_unsubscribe_and_join` no
+/// library thread still holds the subscription (nor, through it, its topic): a module
+/// that unloads and a process that exits right after the join leave nothing for a leak
+/// checker to find. One counter for all subscriptions, in static memory: the runner
+/// cannot signal through the subscription after dropping its reference (it may have been
+/// the last), and the window is a few instructions long, so a joiner that waits for
+/// another subscription's runner waits no longer.
+pub(crate) mod releasing {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    static RUNNERS: AtomicUsize = AtomicUsize::new(0);
+    /// A runner descheduled inside the window resumes well within this; past it the join
+    /// returns anyway (the reference goes shortly after), never hangs.
+    const BOUND: Duration = Duration::from_secs(2);
+
+    /// Before the final message's completion becomes visible to joiners.
+    pub(crate) fn enter() {
+        RUNNERS.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// After the runner dropped its reference.
+    pub(crate) fn leave() {
+        RUNNERS.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// In a forked child: no runner survived the fork, so none is inside the window.
+    pub(crate) fn fork_reset() {
+        RUNNERS.store(0, Ordering::SeqCst);
+    }
+
+    /// Called once the joined subscription is done (so its runner entered before).
+    pub(crate) fn wait() {
+        if RUNNERS.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let start = Instant::now();
+        let mut polls = 0u32;
+        while RUNNERS.load(Ordering::SeqCst) != 0 && start.elapsed() < BOUND {
+            polls += 1;
+            if polls < 64 {
+                thread::yield_now();
+            } else {
+                thread::sleep(Duration::from_micros(100));
+            }
+        }
     }
 }
 
