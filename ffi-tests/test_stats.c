@@ -177,7 +177,7 @@ static const char *JSON_CHECK =
     "assert sy[0][\"callback_max_type\"] is not None\n"
     "ty = {x[\"name\"]: x[\"published\"] for x in d[\"types\"]}\n"
     "assert ty[\"stats_fast\"] >= 12, ty\n"
-    "assert d[\"pools\"][0][\"name\"] == \"shared\"\n"
+    "assert d[\"pools\"][0][\"name\"] == \"default\"\n"
     "assert \"count\" in d[\"alerts\"] and isinstance(d[\"clusters\"], list)\n";
 
 static void test_router_cache_and_listings(void)

@@ -153,6 +153,12 @@ typedef struct sb_message_list sb_message_list;
 typedef struct sb_message_type sb_message_type;
 
 /**
+ * A worker group (opaque, refcounted): a named pool of worker threads with limits of
+ * its own, which runs the pool subscriptions, routers and tasks placed in it.
+ */
+typedef struct sb_pool sb_pool;
+
+/**
  * A message router (opaque, refcounted; sb_router_unsubscribe* releases the creator's
  * reference).
  */
@@ -309,6 +315,11 @@ typedef struct sb_message_vtable {
    */
   char *(*to_json)(const struct sb_message *msg);
 } sb_message_vtable;
+
+/**
+ * A task for sb_pool_submit: called once with its `data`, on a worker of the group.
+ */
+typedef void (*sb_pool_task_fn)(void *data);
 
 /**
  * A subscription callback. `msg` and `sub` are borrowed for the call (sb_message_ref /
@@ -1120,6 +1131,94 @@ struct sb_message *sb_message_ref(struct sb_message *msg);
  * Ownership: takes ownership of (releases) one reference.
  */
 void sb_message_unref(struct sb_message *msg);
+
+/**
+ * Creates the worker group `name`: at least `min_threads` workers kept alive once
+ * started, at most `max_threads` running callbacks and tasks at once (workers blocked in
+ * a library wait get stand-ins, as in sb_pool_configure), idle workers above the
+ * minimum exit after `idle_timeout_ms`. Workers start as work arrives.
+ * If a live group has that name, returns it when its limits are these (its current
+ * ones, after any sb_pool_reconfigure), else NULL with SB_E_INVAL. "default" is the
+ * shared pool. NULL with SB_E_INVAL also for a NULL or empty name, max_threads 0, or
+ * min_threads above max_threads.
+ * The group lives while a reference, a subscription (until its final message was
+ * handled) or a queued task uses it; then its name is free again and its threads end.
+ * Ownership: `name` is borrowed (copied). Returns a new reference (sb_pool_unref).
+ */
+struct sb_pool *sb_pool_create(const char *name,
+                               unsigned int min_threads,
+                               unsigned int max_threads,
+                               unsigned int idle_timeout_ms);
+
+/**
+ * The live worker group `name` ("default": the shared pool, always there), or NULL
+ * (SB_E_INVAL: none of that name, or a NULL name).
+ * Ownership: `name` is borrowed. Returns a new reference (sb_pool_unref).
+ */
+struct sb_pool *sb_pool_get(const char *name);
+
+/**
+ * Sets the group's limits (as sb_pool_create's); takes effect at once. On the "default"
+ * group it is sb_pool_configure. Returns SB_OK, or SB_E_INVAL for a NULL or dead
+ * handle or bad limits (the limits are then unchanged).
+ * Ownership: `pool` is borrowed.
+ */
+int sb_pool_reconfigure(struct sb_pool *pool,
+                        unsigned int min_threads,
+                        unsigned int max_threads,
+                        unsigned int idle_timeout_ms);
+
+/**
+ * Takes one more reference; returns `pool` (NULL, with SB_E_INVAL, for a NULL or dead
+ * handle).
+ * Ownership: `pool` is borrowed; returns a new reference (sb_pool_unref).
+ */
+struct sb_pool *sb_pool_ref(struct sb_pool *pool);
+
+/**
+ * Releases a reference. NULL-safe. When nothing else uses the group (no reference,
+ * no unfinished subscription, no queued task) it ends: its name is free again and its
+ * threads exit shortly after (they are not waited for; this call never blocks).
+ * Ownership: takes ownership of the caller's reference to `pool`.
+ */
+void sb_pool_unref(struct sb_pool *pool);
+
+/**
+ * Runs `fn(data)` once on a worker of the group, after this call returns (never inside
+ * it). Returns SB_OK (the task will run, even if every reference to the group is
+ * released meanwhile: a queued task keeps its group alive), or, without running it,
+ * SB_E_INVAL for a NULL or dead handle or a NULL `fn`, SB_E_STATE when the group has
+ * ended. The caller must own a reference to `pool` for the duration of the call: a
+ * submit that races with the release of the last reference is a use after free (the
+ * library detects it when it can: SB_E_INVAL or SB_E_STATE). Tasks run in no set order
+ * relative to each other (up to max_threads at once); a task may call the library,
+ * including sb_pool_submit and joins (a worker blocked in a join gets a stand-in).
+ * Tasks still queued when the process exits are not run.
+ * Ownership: `pool` is borrowed; `data` stays the caller's (the library never touches
+ * it) and must stay valid until the task ran.
+ */
+int sb_pool_submit(struct sb_pool *pool, sb_pool_task_fn task, void *data);
+
+/**
+ * As sb_subscribe_pool, run by the worker group `pool`. The subscription uses the group
+ * (keeps it alive) until its final message was handled. Its callbacks never overlap,
+ * and a slow callback of another group never delays them. NULL (SB_E_INVAL) for a NULL
+ * or dead `topic` or `pool`, or a NULL `cb`.
+ * Ownership: `topic` and `pool` are borrowed (the subscription keeps its own uses);
+ * otherwise as sb_subscribe.
+ */
+struct sb_subscription *sb_subscribe_pool_in(struct sb_topic *topic,
+                                             struct sb_pool *pool,
+                                             sb_subscription_cb cb,
+                                             void *data);
+
+/**
+ * As sb_router_create_pool, run by the worker group `pool` (which the router uses until
+ * its final message was handled). NULL (SB_E_INVAL) for a NULL or dead `topic` or
+ * `pool`.
+ * Ownership: `topic` and `pool` are borrowed; otherwise as sb_router_create.
+ */
+struct sb_router *sb_router_create_in(struct sb_topic *topic, struct sb_pool *pool);
 
 /**
  * A router on a thread of its own. New reference.

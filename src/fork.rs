@@ -5,7 +5,7 @@
 //! - the global locks are taken before the fork and released on both sides, so no child
 //!   inherits one in a held state (log queue, registries, forward graph, pool);
 //! - the log thread is started again by the child's first log line;
-//! - the pool forgets its workers and starts new ones on demand;
+//! - every worker group's pool forgets its workers and starts new ones on demand;
 //! - each dedicated subscription remembers the fork generation its thread belongs to and
 //!   starts a new thread on the first delivery in a newer generation.
 //!
@@ -42,12 +42,12 @@ extern "C" fn prepare() {
     crate::message_type::fork_lock();
     crate::topic::fork_lock();
     crate::forward::fork_lock();
-    crate::pool::fork_lock();
+    crate::worker_group::fork_lock();
 }
 
 extern "C" fn parent() {
     // SAFETY: `prepare` took these locks on this thread, in this order.
-    crate::pool::fork_unlock();
+    crate::worker_group::fork_unlock();
     unsafe {
         crate::forward::fork_unlock();
         crate::topic::fork_unlock();
@@ -61,7 +61,7 @@ extern "C" fn child() {
     GENERATION.fetch_add(1, Ordering::AcqRel);
     // SAFETY: `prepare` took these locks on the thread that forked, which is this
     // child's only thread.
-    crate::pool::fork_reset_and_unlock();
+    crate::worker_group::fork_reset_and_unlock();
     crate::subscription::releasing::fork_reset();
     unsafe {
         crate::forward::fork_unlock();

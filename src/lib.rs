@@ -27,6 +27,7 @@ pub mod tap;
 pub mod topic;
 pub mod topic_pool;
 mod waits;
+pub mod worker_group;
 
 pub mod ffi;
 

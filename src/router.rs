@@ -13,6 +13,7 @@ use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::subscription::{change_type, Callback, Subscription};
 use crate::topic::Topic;
+use crate::worker_group::Group;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -59,10 +60,19 @@ pub struct Router {
 impl Router {
     /// A router on a thread of its own (`Kind::Dedicated`) or on the pool.
     pub fn new(topic: &Arc<Topic>, kind: Kind) -> Result<Arc<Router>> {
+        Router::build(|callback| Subscription::subscribe(topic, kind, callback))
+    }
+
+    /// A router run by the worker group `group`.
+    pub fn new_in(topic: &Arc<Topic>, group: &Arc<Group>) -> Result<Arc<Router>> {
+        Router::build(|callback| Subscription::subscribe_in(topic, group, callback))
+    }
+
+    fn build(subscribe: impl FnOnce(Callback) -> Result<Arc<Subscription>>) -> Result<Arc<Router>> {
         let routes: Arc<ArcSwap<Routes>> = Arc::new(ArcSwap::from_pointee(Routes::default()));
         let table = Arc::clone(&routes);
         let callback: Callback = Box::new(move |sub, msg| table.load().dispatch(sub, msg));
-        let sub = Subscription::subscribe(topic, kind, callback)?;
+        let sub = subscribe(callback)?;
         let router = Arc::new(Router {
             magic: ROUTER_MAGIC,
             routes,

@@ -118,7 +118,8 @@ type TopicRow = (
 struct Snapshot {
     topics: Vec<TopicRow>,
     types: Vec<Arc<MessageType>>,
-    pool: pool::PoolStats,
+    /// Every worker group's name and pool figures, the shared one ("default") first.
+    pools: Vec<(String, pool::PoolStats)>,
     #[cfg(feature = "cluster")]
     clusters: Vec<(Arc<crate::cluster::Cluster>, crate::cluster::StatsSnapshot)>,
 }
@@ -145,7 +146,7 @@ fn snapshot() -> Snapshot {
     Snapshot {
         topics,
         types,
-        pool: pool::stats(),
+        pools: crate::worker_group::all_stats(),
         #[cfg(feature = "cluster")]
         clusters: crate::cluster::live_stats(),
     }
@@ -227,12 +228,20 @@ pub fn json() -> String {
         json_str(&mut o, ty.name());
         let _ = write!(o, ",\"published\":{}}}", ty.published());
     }
-    let p = &snap.pool;
-    let _ = write!(
-        o,
-        "],\"pools\":[{{\"name\":\"shared\",\"min_threads\":{},\"max_threads\":{},\"threads\":{},\"blocked\":{},\"sleeping\":{},\"queued\":{}}}]",
-        p.min_threads, p.max_threads, p.threads, p.blocked, p.sleeping, p.queued
-    );
+    o.push_str("],\"pools\":[");
+    for (i, (name, p)) in snap.pools.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        o.push_str("{\"name\":");
+        json_str(&mut o, name);
+        let _ = write!(
+            o,
+            ",\"min_threads\":{},\"max_threads\":{},\"threads\":{},\"blocked\":{},\"sleeping\":{},\"queued\":{}}}",
+            p.min_threads, p.max_threads, p.threads, p.blocked, p.sleeping, p.queued
+        );
+    }
+    o.push(']');
     let _ = write!(
         o,
         ",\"alerts\":{{\"count\":{},\"subsystems\":[",
@@ -451,28 +460,39 @@ pub fn prometheus() -> String {
         &types,
     );
 
-    let p = &snap.pool;
-    let pool_l = labels(&[("pool", "shared")]);
-    for (name, help, v) in [
-        ("pool_threads", "Worker threads alive.", p.threads),
+    let pool_rows = |v: fn(&pool::PoolStats) -> usize| -> Vec<(String, u64)> {
+        snap.pools
+            .iter()
+            .map(|(name, p)| (labels(&[("pool", name)]), v(p) as u64))
+            .collect()
+    };
+    type Figure = fn(&pool::PoolStats) -> usize;
+    let pool_families: [(&str, &str, Figure); 6] = [
+        ("pool_threads", "Worker threads alive.", |p| p.threads),
         (
             "pool_blocked_threads",
             "Workers blocked in a library wait.",
-            p.blocked,
+            |p| p.blocked,
         ),
-        ("pool_sleeping_threads", "Workers asleep.", p.sleeping),
+        ("pool_sleeping_threads", "Workers asleep.", |p| p.sleeping),
+        (
+            "pool_min_threads",
+            "Workers kept alive once started.",
+            |p| p.min_threads,
+        ),
         (
             "pool_max_threads",
             "Most workers running callbacks at once.",
-            p.max_threads,
+            |p| p.max_threads,
         ),
         (
             "pool_queued",
-            "Subscriptions waiting for a worker.",
-            p.queued,
+            "Subscriptions and tasks waiting for a worker.",
+            |p| p.queued,
         ),
-    ] {
-        family(&mut o, name, "gauge", help, &[(pool_l.clone(), v as u64)]);
+    ];
+    for (name, help, v) in pool_families {
+        family(&mut o, name, "gauge", help, &pool_rows(v));
     }
 
     family(

@@ -19,6 +19,7 @@ use crate::pool;
 use crate::sync::ThreadToken;
 use crate::topic::Topic;
 use crate::waits;
+use crate::worker_group::{self, Group};
 use once_cell::race::OnceBox;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -75,18 +76,24 @@ pub struct Subscription {
     blocking_overflow: AtomicBool,
     topic: Arc<Topic>,
     pub(crate) filter: Filter,
-    /// Dedicated kind: the fork generation whose process runs this subscription's thread.
-    thread_generation: AtomicU64,
+    /// Dedicated kind: the fork generation whose process runs this subscription's thread
+    /// (its low 32 bits: `generation_tag`).
+    thread_generation: AtomicU32,
     // Not touched by publishers: the spacer.
+    /// The id + 1 of the type the longest callback handled (0: none yet); written by the
+    /// runner with `callback_max_ns`, rarely once the maximum settled.
+    callback_max_type: AtomicU32,
     callback: Handler,
     /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand
     /// (in a thin box: the room it saves holds the two figures below).
     number: u64,
     uniqueid: OnceBox<CString>,
-    /// The longest single callback so far, and the id + 1 of the type it handled (0:
-    /// none yet). Written by the runner only (callbacks never overlap).
+    /// The longest single callback so far (see `callback_max_type`). Written by the
+    /// runner only (callbacks never overlap).
     callback_max_ns: AtomicU64,
-    callback_max_type: AtomicU32,
+    /// Pool kind: the worker group that runs it; the subscription uses the group (keeps
+    /// it alive) until its final message was handled.
+    group: Option<Arc<Group>>,
     // Written on every push and batch (its own cold fields first).
     mailbox: Mailbox,
 }
@@ -96,7 +103,7 @@ pub struct Subscription {
 #[cfg(not(loom))]
 const _: () = assert!(
     std::mem::offset_of!(Subscription, mailbox) + Mailbox::FIRST_HOT_OFFSET
-        >= std::mem::offset_of!(Subscription, thread_generation) + 8 + 63
+        >= std::mem::offset_of!(Subscription, thread_generation) + 4 + 63
 );
 
 thread_local! {
@@ -134,6 +141,12 @@ fn is_running_here(sub: *const Subscription) -> bool {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The fork generation's low 32 bits: two generations that share them are 2^32 nested
+/// forks apart, which no process lineage reaches.
+fn generation_tag() -> u32 {
+    fork::generation() as u32
+}
+
 /// A runner between two batches waits for this many queued messages...
 const COALESCE_BATCH: usize = 16;
 /// ...for at most this long (see `Subscription::coalesce`).
@@ -150,6 +163,21 @@ impl Subscription {
         Subscription::subscribe_with(
             topic,
             kind,
+            None,
+            Handler::Boxed(parking_lot::Mutex::new(Some(Arc::new(callback)))),
+        )
+    }
+
+    /// As `subscribe`, run by the worker group `group`.
+    pub fn subscribe_in(
+        topic: &Arc<Topic>,
+        group: &Arc<Group>,
+        callback: Callback,
+    ) -> Result<Arc<Subscription>> {
+        Subscription::subscribe_with(
+            topic,
+            Kind::Pool,
+            Some(group),
             Handler::Boxed(parking_lot::Mutex::new(Some(Arc::new(callback)))),
         )
     }
@@ -161,14 +189,31 @@ impl Subscription {
         f: RawCallback,
         data: *mut c_void,
     ) -> Result<Arc<Subscription>> {
-        Subscription::subscribe_with(topic, kind, Handler::Raw { f, data })
+        Subscription::subscribe_with(topic, kind, None, Handler::Raw { f, data })
     }
 
+    /// As `subscribe_raw`, run by the worker group `group`.
+    pub fn subscribe_raw_in(
+        topic: &Arc<Topic>,
+        group: &Arc<Group>,
+        f: RawCallback,
+        data: *mut c_void,
+    ) -> Result<Arc<Subscription>> {
+        Subscription::subscribe_with(topic, Kind::Pool, Some(group), Handler::Raw { f, data })
+    }
+
+    /// `group`: the pool kind's worker group (None: the shared one).
     fn subscribe_with(
         topic: &Arc<Topic>,
         kind: Kind,
+        group: Option<&Arc<Group>>,
         callback: Handler,
     ) -> Result<Arc<Subscription>> {
+        let group = (kind == Kind::Pool).then(|| {
+            let g = group.unwrap_or_else(|| worker_group::shared());
+            g.acquire();
+            Arc::clone(g)
+        });
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let sub = Arc::new(Subscription {
             magic: SUBSCRIPTION_MAGIC,
@@ -179,11 +224,12 @@ impl Subscription {
             callback_max_ns: AtomicU64::new(0),
             callback_max_type: AtomicU32::new(0),
             callback,
+            group,
             filter: Filter::new(),
             mailbox: Mailbox::new(),
             subscribed: AtomicBool::new(true),
             blocking_overflow: AtomicBool::new(false),
-            thread_generation: AtomicU64::new(fork::generation()),
+            thread_generation: AtomicU32::new(generation_tag()),
         });
         fork::install();
         if kind == Kind::Dedicated {
@@ -341,7 +387,7 @@ impl Subscription {
     /// Returns the item's sequence number, or None when the mailbox is closed.
     pub(crate) fn offer(self: &Arc<Self>, msg: &Arc<Message>, last: bool) -> Option<u64> {
         if self.kind == Kind::Dedicated
-            && self.thread_generation.load(Ordering::Relaxed) != fork::generation()
+            && self.thread_generation.load(Ordering::Relaxed) != generation_tag()
         {
             self.respawn_after_fork();
         }
@@ -388,7 +434,7 @@ impl Subscription {
                     ));
                 }
                 match action {
-                    Action::Schedule => pool::global().schedule(Arc::clone(self)),
+                    Action::Schedule => self.schedule(),
                     Action::RunHere => {
                         self.run_until_idle(me.unwrap_or_else(crate::sync::thread_token), direct)
                     }
@@ -402,6 +448,22 @@ impl Subscription {
                 }
                 Some(seq)
             }
+        }
+    }
+
+    /// Hands the subscription to its group's pool (the mailbox said it is runnable).
+    fn schedule(self: &Arc<Self>) {
+        let group = self
+            .group
+            .as_ref()
+            .unwrap_or_else(|| worker_group::shared());
+        group.pool().schedule(Arc::clone(self));
+    }
+
+    /// After the final message was handled: the subscription no longer uses its group.
+    fn leave_group(&self) {
+        if let Some(g) = &self.group {
+            g.release();
         }
     }
 
@@ -454,6 +516,7 @@ impl Subscription {
         }
         if item.last {
             self.release_handler();
+            self.leave_group();
         }
         item.last
     }
@@ -602,7 +665,7 @@ impl Subscription {
 
     /// In a forked child the dedicated thread is gone: start a new one, once.
     fn respawn_after_fork(self: &Arc<Self>) {
-        let now = fork::generation();
+        let now = generation_tag();
         let was = self.thread_generation.load(Ordering::Acquire);
         if was != now
             && self

@@ -391,6 +391,7 @@ c_tests!(
     test_deadlock,
     test_pool_limits,
     test_pool_spawn_failure,
+    test_pool_groups,
     test_nats_harness,
     test_cluster_topics,
     test_cluster_cache,

@@ -22,6 +22,7 @@ pub mod cache;
 pub mod cluster;
 pub mod library;
 pub mod message;
+pub mod pool;
 pub mod router;
 pub mod stats;
 pub mod subscription;

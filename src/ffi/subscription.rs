@@ -1,6 +1,7 @@
 //! Subscriptions.
 
 use super::message::{sb_message, sb_message_type};
+use super::pool::sb_pool;
 use super::topic::sb_topic;
 use super::{act_and_release, boundary, fail_code, fail_null, to_code, Handle};
 use crate::error::{set_last_error, Error, Result};
@@ -96,11 +97,17 @@ pub(crate) fn set_congestion_limits(
     sub.set_congestion_limits(low_water as usize, high_water as usize)
 }
 
-fn subscribe(
+/// Who runs a new subscription's callbacks: a kind, or a worker group's pool.
+pub(crate) enum Runner {
+    Kind(Kind),
+    Group(*mut sb_pool),
+}
+
+pub(crate) fn subscribe(
     topic: *mut sb_topic,
     cb: sb_subscription_cb,
     data: *mut c_void,
-    kind: Kind,
+    runner: Runner,
 ) -> *mut sb_subscription {
     boundary(|| {
         let t = match sb_topic::borrow(topic) {
@@ -120,7 +127,12 @@ fn subscribe(
                 RawCallback,
             >(cb)
         };
-        match Subscription::subscribe_raw(&t, kind, raw, data) {
+        let sub = match runner {
+            Runner::Kind(kind) => Subscription::subscribe_raw(&t, kind, raw, data),
+            Runner::Group(pool) => sb_pool::borrow(pool)
+                .and_then(|g| Subscription::subscribe_raw_in(&t, &g, raw, data)),
+        };
+        match sub {
             Ok(s) => sb_subscription::into_raw(s),
             Err(e) => fail_null(e),
         }
@@ -139,7 +151,7 @@ pub extern "C" fn sb_subscribe(
     cb: sb_subscription_cb,
     data: *mut c_void,
 ) -> *mut sb_subscription {
-    subscribe(topic, cb, data, Kind::Dedicated)
+    subscribe(topic, cb, data, Runner::Kind(Kind::Dedicated))
 }
 
 /// As sb_subscribe, run by the shared worker pool.
@@ -150,7 +162,7 @@ pub extern "C" fn sb_subscribe_pool(
     cb: sb_subscription_cb,
     data: *mut c_void,
 ) -> *mut sb_subscription {
-    subscribe(topic, cb, data, Kind::Pool)
+    subscribe(topic, cb, data, Runner::Kind(Kind::Pool))
 }
 
 /// As sb_subscribe, run on the publisher's thread inside sb_publish (serialized: a
@@ -163,7 +175,7 @@ pub extern "C" fn sb_subscribe_synchronous(
     cb: sb_subscription_cb,
     data: *mut c_void,
 ) -> *mut sb_subscription {
-    subscribe(topic, cb, data, Kind::Synchronous)
+    subscribe(topic, cb, data, Runner::Kind(Kind::Synchronous))
 }
 
 /// Unsubscribes and releases the caller's reference; returns at once. The final message
