@@ -9,7 +9,12 @@
  *   type create/unref (shared and transient names, and a declined one), forward create /
  *   cancel (cycles refused), topic pool get / delete / exists, caching topic create /
  *   unsubscribe(_and_join), cache get / get_all / dump / dump_all, cache clears, router
- *   create / unsubscribe(_and_join) and route add / remove (type, cache update, default).
+ *   create / unsubscribe(_and_join) and route add / remove (type, cache update, default),
+ *   worker groups: pool subscriptions and routers in one of two named groups (created by
+ *   name each time and released at once, so a group ends and starts again whenever no
+ *   subscription holds it; a short idle timeout churns its threads), tasks submitted to
+ *   them (which publish, or submit a follow-up task), lookups, and creates with other
+ *   limits (refused while the group lives).
  * Subscription callbacks have behaviors: plain; publish more (bounded hops), or
  * publish_sync to a random live subscription; unsubscribe themselves (plain or _and_join,
  * which must report SB_E_DEADLOCK); unsubscribe another live subscription;
@@ -28,8 +33,9 @@
  * nothing came after it; per-publisher order; selective filters respected; payloads
  * well-formed. For routers: routes see only their type, nothing after the router is done.
  * Self-join reports SB_E_DEADLOCK; a join from a callback completes. At the end: every
- * message dtor ran exactly once (created == destroyed), and every topic name used left the
- * registry (sb_topic_get returns NULL).
+ * message dtor ran exactly once (created == destroyed), every topic name used left the
+ * registry (sb_topic_get returns NULL), every submitted task ran exactly once, and both
+ * groups ended (sb_pool_get returns NULL) with their threads.
  *
  * Ballast: the even-numbered topics hold NBALLAST selective pool subscriptions that
  * accept no published type and NBALLAST forwards to topics without subscribers for the
@@ -52,6 +58,8 @@
 #define HELD_TOPICS 4
 #define HELD_TYPES 3
 #define NBALLAST 17
+#define NGROUPS 2
+#define GROUP_TASK_HOPS 3
 
 #define TP_MAGIC 0x54505459u
 #define TP_DEAD 0xdeadbeefu
@@ -465,12 +473,12 @@ static const char *pay_id(sb_message *msg)
 enum {
     OP_PUBLISH, OP_PUBLISH_SYNC, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_UNSUB_JOIN, OP_TOPIC,
     OP_TYPE, OP_FORWARD, OP_POOL, OP_CACHING, OP_CACHE_READ, OP_CACHE_CLEAR, OP_ROUTER,
-    OP_ROUTE, OP_COUNT
+    OP_ROUTE, OP_GROUP, OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
     "publish", "publish_sync", "subscribe", "unsubscribe", "unsubscribe_and_join", "topic",
     "type", "forward", "topic pool", "caching topic", "cache get/dump", "cache clear",
-    "router create/unsubscribe", "route add/remove"};
+    "router create/unsubscribe", "route add/remove", "worker group"};
 
 /*
  * Synchronous subscriptions serialize their callbacks across publisher threads, so a
@@ -591,6 +599,100 @@ static void publish_sync_from_cb(int hop)
     sb_subscription_unref(s);
 }
 
+/* ---------------- worker groups ---------------- */
+
+static const char *const group_names[NGROUPS] = {"tt.g0", "tt.g1"};
+static atomic_long tasks_submitted, tasks_run, tasks_double_run, group_errors;
+
+/* One of the two groups, by name (the same limits every time, so never refused). */
+static sb_pool *group_open(unsigned r)
+{
+    sb_pool *g = sb_pool_create(group_names[r % NGROUPS], 1, 2, 50);
+    if (g == NULL)
+        atomic_fetch_add(&group_errors, 1);
+    return g;
+}
+
+typedef struct ttask {
+    atomic_int runs;
+    int hop;
+    unsigned seed;
+} ttask;
+
+static void group_task(void *data);
+
+/* Submits a task to group `r`; counts it only if accepted (it must then run once). */
+static void submit_task(unsigned r, int hop)
+{
+    sb_pool *g = group_open(r);
+    if (g == NULL)
+        return;
+    ttask *t = calloc(1, sizeof *t);
+    atomic_init(&t->runs, 0);
+    t->hop = hop;
+    t->seed = r * 2654435761u + 1;
+    atomic_fetch_add(&tasks_submitted, 1);
+    if (sb_pool_submit(g, group_task, t) != SB_OK) {
+        atomic_fetch_sub(&tasks_submitted, 1);
+        atomic_fetch_add(&group_errors, 1);
+        free(t);
+    }
+    sb_pool_unref(g);
+}
+
+static void group_task(void *data)
+{
+    ttask *t = data;
+    if (atomic_fetch_add(&t->runs, 1) != 0) {
+        atomic_fetch_add(&tasks_double_run, 1);
+        return; /* not freed twice */
+    }
+    unsigned r = rnd(&t->seed);
+    if (r % 3 == 0 && t->hop < GROUP_TASK_HOPS) {
+        submit_task(r >> 4, t->hop + 1);
+    } else {
+        sb_topic *tp = sb_topic_create(rand_name(r >> 4));
+        if (tp != NULL) {
+            publish_to(tp, ptypes[(r >> 9) % NTYPES], -1, 0, 2); /* hop 2: not republished */
+            sb_topic_unref(tp);
+        }
+    }
+    free(t);
+    atomic_fetch_add(&tasks_run, 1);
+}
+
+static void op_group(worker *w, unsigned r)
+{
+    (void)w;
+    switch (r % 4) {
+    case 0:
+    case 1:
+        submit_task(r >> 2, 0);
+        break;
+    case 2: { /* a live group refuses other limits */
+        sb_pool *g = sb_pool_get(group_names[(r >> 2) % NGROUPS]);
+        if (g != NULL) {
+            if (sb_pool_create(group_names[(r >> 2) % NGROUPS], 1, 3, 50) != NULL ||
+                sb_last_error_code() != SB_E_INVAL)
+                atomic_fetch_add(&group_errors, 1);
+            sb_pool_unref(g);
+        }
+        break;
+    }
+    default: { /* reference churn, reconfigure with the same limits */
+        sb_pool *g = group_open(r >> 2);
+        if (g != NULL) {
+            sb_pool *g2 = sb_pool_ref(g);
+            if (g2 != g || sb_pool_reconfigure(g2, 1, 2, 50) != SB_OK)
+                atomic_fetch_add(&group_errors, 1);
+            sb_pool_unref(g2);
+            sb_pool_unref(g);
+        }
+        break;
+    }
+    }
+}
+
 static void op_publish(worker *w, unsigned r)
 {
     sb_message_type *type = pick_type(w, r >> 4);
@@ -653,9 +755,12 @@ static void op_subscribe(worker *w, unsigned r)
     by_behavior[ts->behavior]++;
     pthread_mutex_unlock(&all_mu);
 
+    sb_pool *g = ts->kind == 1 && (r >> 27) % 3 == 0 ? group_open(r >> 29) : NULL;
     sb_subscription *s = ts->kind == 0   ? sb_subscribe(t, tsub_cb, ts)
+                         : g != NULL     ? sb_subscribe_pool_in(t, g, tsub_cb, ts)
                          : ts->kind == 1 ? sb_subscribe_pool(t, tsub_cb, ts)
                                          : sb_subscribe_synchronous(t, tsub_cb, ts);
+    sb_pool_unref(g);
     sb_topic_unref(t);
     if (s == NULL) {
         CHECK(s != NULL);
@@ -941,7 +1046,11 @@ static void op_router(worker *w, unsigned r)
     sb_topic *t = sb_topic_create(rand_name(r >> 5));
     if (t == NULL)
         return;
-    rt = (r >> 12) & 1 ? sb_router_create(t) : sb_router_create_pool(t);
+    sb_pool *g = (r >> 12) % 4 == 2 ? group_open(r >> 14) : NULL;
+    rt = g != NULL           ? sb_router_create_in(t, g)
+         : (r >> 12) & 1     ? sb_router_create(t)
+                             : sb_router_create_pool(t);
+    sb_pool_unref(g);
     sb_topic_unref(t);
     CHECK(rt != NULL);
     if (rt == NULL)
@@ -1010,7 +1119,8 @@ static void *worker_main(void *arg)
                  : pick < 86 ? OP_CACHE_READ
                  : pick < 88 ? OP_CACHE_CLEAR
                  : pick < 92 ? OP_ROUTER
-                             : OP_ROUTE;
+                 : pick < 96 ? OP_ROUTE
+                             : OP_GROUP;
         atomic_store(&cur_op[w->idx], op);
         switch (op) {
         case OP_PUBLISH: op_publish(w, x); break;
@@ -1026,6 +1136,7 @@ static void *worker_main(void *arg)
         case OP_CACHE_READ: op_cache_read(w, x); break;
         case OP_CACHE_CLEAR: op_cache_clear(w, x); break;
         case OP_ROUTER: op_router(w, x); break;
+        case OP_GROUP: op_group(w, x); break;
         default: op_route(w, x); break;
         }
         atomic_fetch_add(&op_count[op], 1);
@@ -1246,6 +1357,17 @@ int main(void)
     CHECK_EQ_INT(atomic_load(&publish_errors), 0);
     CHECK_EQ_INT(atomic_load(&forward_bad_refusal), 0);
 
+    /* every accepted task ran once; with no subscription, router or task left, both
+     * groups ended */
+    WAIT_UNTIL(atomic_load(&tasks_run) == atomic_load(&tasks_submitted));
+    CHECK_EQ_INT(atomic_load(&tasks_double_run), 0);
+    CHECK_EQ_INT(atomic_load(&group_errors), 0);
+    for (int i = 0; i < NGROUPS; i++) {
+        sb_pool *g = NULL;
+        WAIT_UNTIL((g = sb_pool_get(group_names[i])) == NULL || (sb_pool_unref(g), 0));
+        step();
+    }
+
     /* release the shared objects */
     for (tsub *ts = all_subs; ts != NULL; ts = ts->next)
         sb_subscription_unref(ts->keep);
@@ -1286,6 +1408,7 @@ int main(void)
            sync_cross ? " (synchronous cross-publishing on)" : "", total_ops);
     for (int i = 0; i < OP_COUNT; i++)
         printf(" %s %ld%s", op_names[i], atomic_load(&op_count[i]), i + 1 < OP_COUNT ? "," : "\n");
+    printf("  %ld tasks submitted to worker groups, all run once\n", atomic_load(&tasks_run));
     printf("  publish_sync from callbacks: %ld completed, %ld refused (would deadlock)\n",
            atomic_load(&cb_sync_done), atomic_load(&cb_sync_refused));
     printf("  %d subscriptions (dedicated %d, pool %d, synchronous %d; ", n, by_kind[0],
