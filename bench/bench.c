@@ -1,5 +1,5 @@
 /*
- * switchboard benchmark: the workloads W0-W9 of shared/bench/WORKLOADS.md, run through
+ * switchboard benchmark: the workloads W0-W9 and W12 of shared/bench/WORKLOADS.md, run through
  * the public C API, and the cluster workloads C1-C5 (cluster.c). One line per workload run, `<id> key=value ...` (numbers only),
  * then ratio lines `R W1/W0=0.81`: the median over the rounds (-n) of each round's
  * ratio, so that both figures of a ratio come from the same minute.
@@ -423,6 +423,144 @@ static void w5(result *r)
     sb_topic_unref(t);
 }
 
+/* ---------------------------------------------------------------------- W12 */
+
+/*
+ * W12: worker groups keep a slow module from delaying another. Group "bench.slow"
+ * (max 2 workers) runs 4 pool subscriptions whose callback sleeps 10 ms on every
+ * message; group "bench.fast" runs one pool subscription that records latency as W5
+ * does (messages paced one every 10 µs). The fast group's latency is measured twice in
+ * the same run: with the slow group idle, then with it busy (a second thread publishes to
+ * the slow topic every 10 ms: 40 ms of callbacks per 10 ms for 2 workers, so its queue
+ * never empties). Target: busy figures as idle ones.
+ * Figures: idle_p50_us idle_p99_us busy_p50_us busy_p99_us slow_calls (slow callbacks
+ * that ran during the busy phase).
+ */
+#define W12_SLOW_SUBS 4
+
+static _Atomic uint64_t w12_slow_calls;
+static _Atomic int w12_busy;
+
+static void w12_slow_cb(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)data;
+    (void)sub;
+    if (sb_message_get_type(msg) == g_change)
+        return;
+    struct timespec ts = { 0, 10 * 1000 * 1000 };
+    nanosleep(&ts, NULL);
+    atomic_fetch_add(&w12_slow_calls, 1);
+}
+
+static void *w12_slow_publisher(void *arg)
+{
+    sb_topic *t = arg;
+    uint64_t seq = 0;
+    while (atomic_load(&w12_busy)) {
+        publish_one(t, seq++);
+        struct timespec ts = { 0, 10 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+/* One paced latency phase on the fast subscription: seqs [base, base + warm + n). */
+static int w12_phase(sb_topic *t, sub_ctx *ctx, completion *done, uint64_t base, uint64_t warm,
+                     uint64_t n, double *p50, double *p99)
+{
+    const uint64_t gap_ns = 10000;
+    memset(ctx->lat_ns, 0, n * sizeof *ctx->lat_ns);
+    ctx->lat_from = base + warm;
+    ctx->lat_n = n;
+    atomic_store(&ctx->seen, 0);
+    arm(ctx, 1, done, warm + n);
+    uint64_t deadline = deadline_from_now();
+    uint64_t next = now_ns();
+    for (uint64_t i = base; i < base + warm + n; i++) {
+        while (now_ns() < next)
+            ; /* pace: busy-wait on the clock */
+        publish_one(t, i);
+        next += gap_ns;
+        if ((i & 1023) == 0 && now_ns() > deadline)
+            return 0;
+    }
+    if (!completion_wait(done, deadline))
+        return 0;
+    qsort(ctx->lat_ns, n, sizeof *ctx->lat_ns, cmp_u64);
+    *p50 = ctx->lat_ns[n / 2] / 1e3;
+    *p99 = ctx->lat_ns[n * 99 / 100] / 1e3;
+    return 1;
+}
+
+static void w12(result *r)
+{
+    const uint64_t n = 50000, warm = 5000;
+    sb_pool *slow = sb_pool_create("bench.slow", 1, 2, 20000);
+    sb_pool *fast = sb_pool_create("bench.fast", 1, 2, 20000);
+    if (!slow || !fast)
+        die("sb_pool_create");
+    completion done;
+    completion_init(&done);
+    sub_ctx *ctx = aligned_alloc(64, sizeof *ctx);
+    uint64_t *lat = calloc(n, sizeof *lat);
+    if (!ctx || !lat)
+        die("malloc");
+    memset(ctx, 0, sizeof *ctx);
+    ctx->done = &done;
+    ctx->lat_ns = lat;
+
+    sb_topic *ft = new_topic("W12-fast");
+    sb_topic *st = new_topic("W12-slow");
+    sb_subscription *fs = sb_subscribe_pool_in(ft, fast, count_cb, ctx);
+    sb_subscription *ss[W12_SLOW_SUBS];
+    for (int i = 0; i < W12_SLOW_SUBS; i++)
+        ss[i] = sb_subscribe_pool_in(st, slow, w12_slow_cb, NULL);
+    if (!fs)
+        die("sb_subscribe_pool_in");
+    for (int i = 0; i < W12_SLOW_SUBS; i++)
+        if (!ss[i])
+            die("sb_subscribe_pool_in");
+
+    double ip50 = 0, ip99 = 0, bp50 = 0, bp99 = 0;
+    int ok = w12_phase(ft, ctx, &done, 0, warm, n, &ip50, &ip99);
+    pthread_t pub;
+    atomic_store(&w12_busy, 1);
+    if (pthread_create(&pub, NULL, w12_slow_publisher, st) != 0)
+        die("pthread_create");
+    /* the slow group's workers are all in callbacks before the timed phase starts */
+    struct timespec settle = { 0, 50 * 1000 * 1000 };
+    nanosleep(&settle, NULL);
+    uint64_t slow0 = atomic_load(&w12_slow_calls);
+    ok = ok && w12_phase(ft, ctx, &done, warm + n, warm, n, &bp50, &bp99);
+    uint64_t slow_calls = atomic_load(&w12_slow_calls) - slow0;
+    atomic_store(&w12_busy, 0);
+    pthread_join(pub, NULL);
+
+    if (ok) {
+        res_add(r, "idle_p50_us", ip50, 2);
+        res_add(r, "idle_p99_us", ip99, 2);
+        res_add(r, "busy_p50_us", bp50, 2);
+        res_add(r, "busy_p99_us", bp99, 2);
+        res_add(r, "slow_calls", (double)slow_calls, 0);
+        if (ctx->order_errors)
+            res_add(r, "order_errors", (double)ctx->order_errors, 0);
+        sb_unsubscribe_and_join(fs);
+        free(lat);
+        free(ctx);
+        completion_destroy(&done);
+    } else {
+        res_add(r, "timeout", 1, 0);
+        sb_unsubscribe(fs);
+    }
+    /* waits for the slow backlog (about 0.6 s of callbacks) */
+    for (int i = 0; i < W12_SLOW_SUBS; i++)
+        sb_unsubscribe_and_join(ss[i]);
+    sb_topic_unref(ft);
+    sb_topic_unref(st);
+    sb_pool_unref(slow);
+    sb_pool_unref(fast);
+}
+
 /* ----------------------------------------------------------------------- W8 */
 
 static _Atomic uint64_t w8_calls;
@@ -608,7 +746,7 @@ static void w9(result *r)
 static _Atomic uint64_t g_watch_deadline;
 static _Atomic int g_watch_w = -1;
 
-#define NW 10 /* W0..W9 */
+#define NW 13 /* W0..W12 (W10, W11: not in this build) */
 #define NC 5  /* C1..C5, indices NW..NW+NC-1 */
 
 static void workload_id(int w, char *id, size_t len)
@@ -668,6 +806,8 @@ static void run_workload(int w, result *r)
         break;
     case 8: w8(r); break;
     case 9: w9(r); break;
+    case 12: w12(r); break;
+    default: res_add(r, "skipped", 1, 0); break;
     }
 }
 
@@ -681,7 +821,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: bench [-w W1[,W3...]]... [-n RUNS] [-t TIMEOUT_S] [-h]\n"
-            "  -w LIST  run only these workloads (W0..W9, C1..C5; repeatable, comma-separated)\n"
+            "  -w LIST  run only these workloads (W0..W9, W12, C1..C5; repeatable, comma-separated)\n"
             "  -n RUNS  RUNS rounds, each running every selected workload once (default 1)\n"
             "  -t SECS  bound on each wait of a workload (default 20)\n"
             "Prints `<id> key=value ...` per run, then ratios `R W1/W0=...` (the median\n"

@@ -2,8 +2,8 @@
 //!
 //! The input is decoded (with `arbitrary`) into a list of [`Op`]s that run against small
 //! tables of handles: topics, message types, messages, subscriptions (dedicated, pool,
-//! synchronous), forwards, topic pools, caches, caching topics, routers and message
-//! lists. Every handle argument names a slot that may be empty, in which case NULL is
+//! synchronous, or in a worker group), forwards, topic pools, caches, caching topics,
+//! routers, message lists and worker groups (with tasks submitted to them). Every handle argument names a slot that may be empty, in which case NULL is
 //! passed; wrong-state calls (double unsubscribe, join after unsubscribe, ...) are made
 //! on purpose. What the target never does is break the ownership rules itself: each slot
 //! holds exactly one reference and drops it when the op releases it, so a dangling
@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use switchboard::ffi::cache::*;
 use switchboard::ffi::library::*;
 use switchboard::ffi::message::*;
+use switchboard::ffi::pool::*;
 use switchboard::ffi::router::*;
 use switchboard::ffi::subscription::*;
 use switchboard::ffi::topic::*;
@@ -83,6 +84,9 @@ const N_CACHES: usize = 2;
 const N_CTS: usize = 2;
 const N_ROUTERS: usize = 3;
 const N_LISTS: usize = 3;
+const N_GROUPS: usize = 3;
+/// Worker group names the ops use (so creates and gets meet the same groups).
+const GROUP_NAMES: [&CStr; 3] = [c"fz.g0", c"fz.g1", c"default"];
 const MAX_OPS: usize = 192;
 
 /// A slot reference from the input: `len` (and above) mean "NULL".
@@ -735,7 +739,9 @@ enum Op {
     Subscribe {
         slot: u8,
         topic: u8,
+        /// % 4: dedicated, pool, synchronous, in the worker group `group`.
         kind: u8,
+        group: u8,
         mode: u8,
         unsub_after: u8,
         publish_to: u8,
@@ -880,6 +886,8 @@ enum Op {
         slot: u8,
         topic: u8,
         pool: bool,
+        /// Some: in the worker group of that slot (which may be empty: NULL).
+        group: Option<u8>,
         mode: u8,
         unsub_after: u8,
         publish_to: u8,
@@ -938,6 +946,64 @@ enum Op {
         max: u8,
         idle: u8,
     },
+    // Worker groups
+    GroupCreate {
+        slot: u8,
+        /// % 5: one of GROUP_NAMES, NULL, "".
+        name: u8,
+        min: u8,
+        max: u8,
+        idle: u8,
+    },
+    GroupGet {
+        slot: u8,
+        name: u8,
+    },
+    GroupRef {
+        from: u8,
+        to: u8,
+    },
+    GroupUnref {
+        slot: u8,
+    },
+    GroupReconfigure {
+        g: u8,
+        min: u8,
+        max: u8,
+        idle: u8,
+    },
+    GroupSubmit {
+        g: u8,
+        /// Follow-up tasks the task submits to its group (each from the previous one).
+        chain: u8,
+        null_fn: bool,
+    },
+}
+
+/// A submitted task: its own reference to its group, and how many follow-ups it submits.
+struct Task {
+    pool: *mut sb_pool,
+    left: u8,
+}
+
+static TASKS_SUBMITTED: AtomicU64 = AtomicU64::new(0);
+static TASKS_RUN: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn task_fn(data: *mut c_void) {
+    // SAFETY: a Box<Task> the submitter leaked for this one run.
+    let task = unsafe { Box::from_raw(data.cast::<Task>()) };
+    if task.left > 0 {
+        let next = Box::into_raw(Box::new(Task {
+            pool: sb_pool_ref(task.pool),
+            left: task.left - 1,
+        }));
+        TASKS_SUBMITTED.fetch_add(1, SeqCst);
+        if sb_pool_submit(task.pool, Some(task_fn), next.cast()) != SB_OK {
+            fail("a task could not submit to its own group");
+        }
+    }
+    sb_pool_unref(task.pool);
+    TASKS_RUN.fetch_add(1, SeqCst);
 }
 
 #[derive(Clone, Copy)]
@@ -964,6 +1030,7 @@ struct State {
     cts: [Option<*mut sb_caching_topic>; N_CTS],
     routers: [Option<RouterSlot>; N_ROUTERS],
     lists: [Option<*mut sb_message_list>; N_LISTS],
+    groups: [Option<*mut sb_pool>; N_GROUPS],
     /// An extra reference to every subscription / router ever created, so teardown can
     /// unsubscribe and join all of them, whatever the ops did with their own references.
     shadow_subs: Vec<(*mut sb_subscription, *const Ctx)>,
@@ -1383,13 +1450,15 @@ impl State {
                 slot,
                 topic,
                 kind,
+                group,
                 mode,
                 unsub_after,
                 publish_to,
                 null_cb,
             } => {
                 let t = self.topic(topic);
-                let kind = kind % 3;
+                let g = self.group(group);
+                let kind = kind % 4;
                 let ctx = self.new_ctx(mode, unsub_after, false, kind == 2, publish_to);
                 if kind == 2 && !t.is_null() {
                     SHARED.sync_exists.store(true, SeqCst);
@@ -1399,7 +1468,8 @@ impl State {
                 let s = match kind {
                     0 => sb_subscribe(t, cb, data),
                     1 => sb_subscribe_pool(t, cb, data),
-                    _ => sb_subscribe_synchronous(t, cb, data),
+                    2 => sb_subscribe_synchronous(t, cb, data),
+                    _ => sb_subscribe_pool_in(t, g, cb, data),
                 };
                 if s.is_null() {
                     last_error_checked();
@@ -1407,7 +1477,7 @@ impl State {
                     return;
                 }
                 check!(
-                    !t.is_null() && !null_cb,
+                    !t.is_null() && !null_cb && (kind != 3 || !g.is_null()),
                     "subscribe succeeded with NULL argument"
                 );
                 let shadow = sb_subscription_ref(s);
@@ -1860,18 +1930,23 @@ impl State {
                 slot,
                 topic,
                 pool,
+                group,
                 mode,
                 unsub_after,
                 publish_to,
             } => {
                 let t = self.topic(topic);
                 let ctx = self.new_ctx(mode, unsub_after, true, false, publish_to);
-                let r = if pool {
-                    sb_router_create_pool(t)
-                } else {
-                    sb_router_create(t)
+                let r = match group {
+                    Some(g) => sb_router_create_in(t, self.group(g)),
+                    None if pool => sb_router_create_pool(t),
+                    None => sb_router_create(t),
                 };
                 if r.is_null() {
+                    check!(
+                        t.is_null() || group.is_some_and(|g| self.group(g).is_null()),
+                        "router create failed with valid arguments"
+                    );
                     last_error_checked();
                     self.put_router(slot, None);
                     return;
@@ -2093,7 +2168,98 @@ impl State {
                     "pool_configure({min}, {max}) returned {r}"
                 );
             }
+            Op::GroupCreate {
+                slot,
+                name,
+                min,
+                max,
+                idle,
+            } => {
+                let (min, max) = (u32::from(min % 3), u32::from(max % 4));
+                let idle = [0u32, 1, 50, 20_000][usize::from(idle % 4)];
+                let name = usize::from(name % 5);
+                let p = match name {
+                    0..=2 => GROUP_NAMES[name].as_ptr(),
+                    3 => null(),
+                    _ => c"".as_ptr(),
+                };
+                let g = sb_pool_create(p, min, max, idle);
+                if g.is_null() {
+                    check!(
+                        sb_last_error_code() == SB_E_INVAL,
+                        "sb_pool_create failed with another code than SB_E_INVAL"
+                    );
+                    last_error_checked();
+                } else {
+                    check!(
+                        name <= 2 && max > 0 && min <= max,
+                        "sb_pool_create accepted a bad name or bad limits"
+                    );
+                }
+                self.put_group(slot, g);
+            }
+            Op::GroupGet { slot, name } => {
+                let name = usize::from(name % 4);
+                let p = GROUP_NAMES.get(name).map_or(null(), |n| n.as_ptr());
+                let g = sb_pool_get(p);
+                check!(
+                    name != 2 || !g.is_null(),
+                    "sb_pool_get(\"default\") returned NULL"
+                );
+                self.put_group(slot, g);
+            }
+            Op::GroupRef { from, to } => {
+                let g = self.group(from);
+                let r = sb_pool_ref(g);
+                check!(r == g, "sb_pool_ref returned another pointer");
+                self.put_group(to, r);
+            }
+            Op::GroupUnref { slot } => {
+                let i = idx(N_GROUPS, slot);
+                sb_pool_unref(self.groups[i].take().unwrap_or(null_mut()));
+            }
+            Op::GroupReconfigure { g, min, max, idle } => {
+                let (min, max) = (u32::from(min % 3), u32::from(max % 4));
+                let idle = [0u32, 1, 50, 20_000][usize::from(idle % 4)];
+                let g = self.group(g);
+                let r = sb_pool_reconfigure(g, min, max, idle);
+                check!(
+                    (r == SB_OK) == (!g.is_null() && max > 0 && min <= max),
+                    "sb_pool_reconfigure({min}, {max}) returned {r}"
+                );
+            }
+            Op::GroupSubmit { g, chain, null_fn } => {
+                let g = self.group(g);
+                let task = Box::into_raw(Box::new(Task {
+                    pool: sb_pool_ref(g),
+                    left: chain % 4,
+                }));
+                let f: sb_pool_task_fn = if null_fn { None } else { Some(task_fn) };
+                TASKS_SUBMITTED.fetch_add(1, SeqCst);
+                let r = sb_pool_submit(g, f, task.cast());
+                if r != SB_OK {
+                    check!(
+                        g.is_null() || null_fn,
+                        "sb_pool_submit refused a task with valid arguments"
+                    );
+                    TASKS_SUBMITTED.fetch_sub(1, SeqCst);
+                    // SAFETY: refused, so never run: still ours.
+                    let task = unsafe { Box::from_raw(task) };
+                    sb_pool_unref(task.pool);
+                }
+            }
         }
+    }
+
+    fn group(&self, s: u8) -> *mut sb_pool {
+        opt(pick(&self.groups, s))
+    }
+    fn put_group(&mut self, s: u8, p: *mut sb_pool) {
+        let i = idx(N_GROUPS, s);
+        if let Some(old) = self.groups[i].take() {
+            sb_pool_unref(old);
+        }
+        self.groups[i] = (!p.is_null()).then_some(p);
     }
 
     /// Unsubscribes and joins everything, cancels forwards and drops every reference.
@@ -2138,6 +2304,33 @@ impl State {
             );
             unsafe { &*ctx }.joined.store(true, SeqCst);
             sb_subscription_unref(s);
+        }
+        for g in self.groups.iter_mut().filter_map(Option::take) {
+            sb_pool_unref(g);
+        }
+        // Every accepted task runs once; then nothing uses the named groups.
+        let start = Instant::now();
+        while TASKS_RUN.load(SeqCst) != TASKS_SUBMITTED.load(SeqCst) {
+            check!(
+                start.elapsed() < Duration::from_secs(5),
+                "submitted tasks did not run"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        for name in &GROUP_NAMES[..2] {
+            let start = Instant::now();
+            loop {
+                let g = sb_pool_get(name.as_ptr());
+                if g.is_null() {
+                    break;
+                }
+                sb_pool_unref(g);
+                check!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "a worker group outlived every use"
+                );
+                std::thread::sleep(Duration::from_micros(100));
+            }
         }
         for f in self.fwds.iter_mut().filter_map(Option::take) {
             check!(sb_forward_cancel(f).is_null(), "non-NULL");
