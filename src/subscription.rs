@@ -85,14 +85,14 @@ pub struct Subscription {
     callback_max_type: AtomicU32,
     callback: Handler,
     /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand
-    /// (in a thin box: the room it saves holds the two figures below).
+    /// (in a thin box: the room it saves holds the callback figures).
     number: u64,
     uniqueid: OnceBox<CString>,
     /// The longest single callback so far (see `callback_max_type`). Written by the
     /// runner only (callbacks never overlap).
     callback_max_ns: AtomicU64,
-    /// Pool kind: the worker group that runs it; the subscription uses the group (keeps
-    /// it alive) until its final message was handled.
+    /// Pool kind: the worker group that runs it (None: the shared one); the subscription
+    /// uses the group (keeps it alive) until its final message was handled.
     group: Option<Arc<Group>>,
     // Written on every push and batch (its own cold fields first).
     mailbox: Mailbox,
@@ -209,8 +209,8 @@ impl Subscription {
         group: Option<&Arc<Group>>,
         callback: Handler,
     ) -> Result<Arc<Subscription>> {
-        let group = (kind == Kind::Pool).then(|| {
-            let g = group.unwrap_or_else(|| worker_group::shared());
+        // The shared group never ends: its subscriptions skip the use count.
+        let group = group.filter(|_| kind == Kind::Pool).map(|g| {
             g.acquire();
             Arc::clone(g)
         });
