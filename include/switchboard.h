@@ -911,7 +911,8 @@ int sb_last_error_code(void);
 const char *sb_strerror(int code);
 
 /**
- * Configures the shared worker pool: at least `min_threads` kept alive, at most
+ * Configures the shared worker pool (the worker group "default", see sb_pool_create):
+ * at least `min_threads` kept alive, at most
  * `max_threads` running callbacks (workers blocked in a join don't count), idle workers
  * above the minimum exit after `idle_timeout_ms`. Defaults: 1, CPUs (>= 2), 20000.
  * A worker blocked in a library wait (join, sb_publish_sync, a full SB_OVERFLOW_BLOCK
