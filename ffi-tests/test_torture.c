@@ -12,7 +12,8 @@
  *   create / unsubscribe(_and_join) and route add / remove (type, cache update, default),
  *   timed publishes (sb_publish_after, due in 0-20 ms or far away) kept in shared slots
  *   that any worker may cancel (the result must be 0 or 1) and release, or (the short
- *   ones) released at once (fire and forget).
+ *   ones) released at once (fire and forget); publishing callbacks schedule short timed
+ *   publishes too, and cancel workers' timers.
  * Subscription callbacks have behaviors: plain; publish more (bounded hops), or
  * publish_sync to a random live subscription; unsubscribe themselves (plain or _and_join,
  * which must report SB_E_DEADLOCK); unsubscribe another live subscription;
@@ -271,6 +272,7 @@ static sb_subscription *live_ref(unsigned r)
 
 static void publish_random_from_cb(int hop);
 static void publish_sync_from_cb(int hop);
+static void timer_from_cb(int hop);
 
 static void tsub_cb(void *data, sb_subscription *sub, sb_message *msg)
 {
@@ -350,6 +352,8 @@ static void tsub_cb(void *data, sb_subscription *sub, sb_message *msg)
                 publish_random_from_cb(p->hop + 1);
             else if (p->hop < 2 && cb_rnd() % 8 == 0)
                 publish_sync_from_cb(p->hop + 1);
+            else if (p->hop < 2 && cb_rnd() % 8 == 0)
+                timer_from_cb(p->hop + 1);
             break;
         case B_UNSUB_SELF:
             if (!ts->self_done && atomic_load(&ts->payloads) >= ts->self_after) {
@@ -1011,6 +1015,25 @@ static void cancel_and_release(sb_timer *tm)
         atomic_fetch_add(&timers_bad_cancel, 1);
     }
     sb_timer_unref(tm);
+}
+
+/* From a callback: a short timed publish (fire and forget), and maybe a cancel of a
+ * worker's timer. */
+static void timer_from_cb(int hop)
+{
+    unsigned r = cb_rnd();
+    sb_topic *t = sb_topic_create(rand_name(r));
+    sb_message *m = make_pay(ptypes[(r >> 8) % NTYPES], -1, 0, hop);
+    if (t != NULL && m != NULL) {
+        sb_timer *tm = sb_publish_after(t, m, (r >> 12) % 6);
+        if (tm == NULL)
+            atomic_fetch_add(&publish_errors, 1);
+        sb_timer_unref(tm);
+    }
+    sb_message_unref(m);
+    sb_topic_unref(t);
+    if ((r >> 16) % 2 == 0)
+        cancel_and_release(atomic_exchange(&timer_slots[(r >> 17) % NTIMERS], NULL));
 }
 
 static void op_timer(worker *w, unsigned r)
