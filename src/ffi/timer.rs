@@ -25,7 +25,9 @@ impl Handle for sb_timer {
 /// it first. 0 fires at once; any delay is accepted (UINT64_MAX never fires in
 /// practice). Timers due at the same millisecond fire in creation order. Synchronous
 /// subscriptions of `topic` run on the timer thread: keep them short, they delay the
-/// timers due after. Returns the timer, or NULL (SB_E_INVAL for a bad handle,
+/// timers due after. Pending timers fire in the process that scheduled them only: a
+/// forked child does not fire its parent's (README, "Timed publishing"); exiting with
+/// timers pending is fine. Returns the timer, or NULL (SB_E_INVAL for a bad handle,
 /// SB_E_NOMEM if the timer thread cannot be started).
 /// Ownership: `topic` and `msg` are borrowed: the timer takes references of its own to
 /// both and keeps them until it has fired or is cancelled. Returns a new reference to
