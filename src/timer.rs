@@ -177,6 +177,8 @@ pub fn publish_after(topic: &Arc<Topic>, msg: &Arc<Message>, delay_ms: u64) -> R
         return Err(Error::new(ErrorKind::NoMemory, "too many pending timers"));
     };
     let timer = Arc::clone(&pending.timer);
+    // Counted under the lock: the timer cannot have fired yet.
+    SCHEDULED.fetch_add(1, Ordering::Relaxed);
     let start = !s.thread;
     if start {
         s.thread = true;
@@ -185,19 +187,20 @@ pub fn publish_after(topic: &Arc<Topic>, msg: &Arc<Message>, delay_ms: u64) -> R
     }
     drop(s);
     if start && !spawn_thread() {
-        // Without its thread the timer would never fire: refuse it.
+        // Without its thread the timer would never fire: refuse it. (Timers others
+        // scheduled meanwhile stay pending; the next schedule tries to start the thread.)
         let entry = {
             let mut s = SERVICE.lock();
             s.thread = false;
             s.wheel.remove(key)
         };
+        SCHEDULED.fetch_sub(1, Ordering::Relaxed);
         drop(entry);
         return Err(Error::new(
             ErrorKind::NoMemory,
             "could not start the timer thread",
         ));
     }
-    SCHEDULED.fetch_add(1, Ordering::Relaxed);
     Ok(timer)
 }
 
