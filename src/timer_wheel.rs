@@ -40,7 +40,7 @@ pub(crate) struct Key {
 
 impl Key {
     /// A key that names no entry of any wheel (generations start at 1).
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) const NONE: Key = Key {
         index: NIL,
         generation: 0,
@@ -124,7 +124,7 @@ impl<T> Wheel<T> {
     }
 
     /// The wheel's current tick.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn elapsed(&self) -> u64 {
         self.elapsed
     }
@@ -132,7 +132,7 @@ impl<T> Wheel<T> {
     /// Adds `value`, due at tick `due` (an earlier tick than the current one is due now;
     /// a later one than `MAX_DUE` is held at `MAX_DUE`). None when the slab is full
     /// (2^32 - 1 entries).
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn insert(&mut self, due: u64, value: T) -> Option<Key> {
         self.insert_with(due, |_| value).map(|(k, _)| k)
     }
