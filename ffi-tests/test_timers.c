@@ -780,7 +780,9 @@ static void test_exit(const char *self)
     ssize_t n = read(fds[0], out, sizeof out - 1);
     out[n > 0 ? n : 0] = '\0';
     close(fds[0]);
-    printf("exit child (%.2f s): %s", tu_now_s() - start, out);
+    printf("exit child (%.2f s, %s %d): %s", tu_now_s() - start,
+           WIFEXITED(status) ? "exit status" : "signal",
+           WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), out);
     CHECK(ended);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     CHECK(strstr(out, " 0 failed") != NULL);
