@@ -49,6 +49,13 @@ else
     echo "# include/switchboard.h has no cache API yet: W7 is skipped" >&2
 fi
 
+if grep -q sb_publish_after "$root/include/switchboard.h"; then
+    srcs+=("$here/w11_timers.c")
+    defs+=(-DSB_BENCH_W11)
+else
+    echo "# include/switchboard.h has no timer API yet: W11 is skipped" >&2
+fi
+
 echo "# compiling bench" >&2
 "$CC" -O2 -std=c11 -pthread -Wall -Wextra -I"$root/include" -I"$here" "${defs[@]}" \
     -o "$out/bench" "${srcs[@]}" \

@@ -15,6 +15,10 @@
  *   subscription holds it; a short idle timeout churns its threads), tasks submitted to
  *   them (which publish, or submit a follow-up task), lookups, and creates with other
  *   limits (refused while the group lives).
+ *   timed publishes (sb_publish_after, due in 0-20 ms or far away) kept in shared slots
+ *   that any worker may cancel (the result must be 0 or 1) and release, or (the short
+ *   ones) released at once (fire and forget); publishing callbacks schedule short timed
+ *   publishes too, and cancel workers' timers.
  * Subscription callbacks have behaviors: plain; publish more (bounded hops), or
  * publish_sync to a random live subscription; unsubscribe themselves (plain or _and_join,
  * which must report SB_E_DEADLOCK); unsubscribe another live subscription;
@@ -276,6 +280,7 @@ static sb_subscription *live_ref(unsigned r)
 
 static void publish_random_from_cb(int hop);
 static void publish_sync_from_cb(int hop);
+static void timer_from_cb(int hop);
 
 static void tsub_cb(void *data, sb_subscription *sub, sb_message *msg)
 {
@@ -355,6 +360,8 @@ static void tsub_cb(void *data, sb_subscription *sub, sb_message *msg)
                 publish_random_from_cb(p->hop + 1);
             else if (p->hop < 2 && cb_rnd() % 8 == 0)
                 publish_sync_from_cb(p->hop + 1);
+            else if (p->hop < 2 && cb_rnd() % 8 == 0)
+                timer_from_cb(p->hop + 1);
             break;
         case B_UNSUB_SELF:
             if (!ts->self_done && atomic_load(&ts->payloads) >= ts->self_after) {
@@ -473,12 +480,12 @@ static const char *pay_id(sb_message *msg)
 enum {
     OP_PUBLISH, OP_PUBLISH_SYNC, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_UNSUB_JOIN, OP_TOPIC,
     OP_TYPE, OP_FORWARD, OP_POOL, OP_CACHING, OP_CACHE_READ, OP_CACHE_CLEAR, OP_ROUTER,
-    OP_ROUTE, OP_GROUP, OP_COUNT
+    OP_ROUTE, OP_GROUP, OP_TIMER, OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
     "publish", "publish_sync", "subscribe", "unsubscribe", "unsubscribe_and_join", "topic",
     "type", "forward", "topic pool", "caching topic", "cache get/dump", "cache clear",
-    "router create/unsubscribe", "route add/remove", "worker group"};
+    "router create/unsubscribe", "route add/remove", "worker group", "timer"};
 
 /*
  * Synchronous subscriptions serialize their callbacks across publisher threads, so a
@@ -1099,6 +1106,68 @@ static void op_route(worker *w, unsigned r)
     sb_router_unref(rt);
 }
 
+/* Timers: each slot holds one reference; whoever takes it out owns it. */
+#define NTIMERS 16
+static sb_timer *_Atomic timer_slots[NTIMERS];
+static atomic_long timers_cancelled, timers_bad_cancel;
+
+static void cancel_and_release(sb_timer *tm)
+{
+    if (tm == NULL)
+        return;
+    int rc = sb_timer_cancel(tm);
+    if (rc == 1) {
+        atomic_fetch_add(&timers_cancelled, 1);
+        if (sb_timer_cancel(tm) != 0 || sb_timer_fired(tm) != 0)
+            atomic_fetch_add(&timers_bad_cancel, 1);
+    } else if (rc != 0) {
+        atomic_fetch_add(&timers_bad_cancel, 1);
+    }
+    sb_timer_unref(tm);
+}
+
+/* From a callback: a short timed publish (fire and forget), and maybe a cancel of a
+ * worker's timer. */
+static void timer_from_cb(int hop)
+{
+    unsigned r = cb_rnd();
+    sb_topic *t = sb_topic_create(rand_name(r));
+    sb_message *m = make_pay(ptypes[(r >> 8) % NTYPES], -1, 0, hop);
+    if (t != NULL && m != NULL) {
+        sb_timer *tm = sb_publish_after(t, m, (r >> 12) % 6);
+        if (tm == NULL)
+            atomic_fetch_add(&publish_errors, 1);
+        sb_timer_unref(tm);
+    }
+    sb_message_unref(m);
+    sb_topic_unref(t);
+    if ((r >> 16) % 2 == 0)
+        cancel_and_release(atomic_exchange(&timer_slots[(r >> 17) % NTIMERS], NULL));
+}
+
+static void op_timer(worker *w, unsigned r)
+{
+    unsigned slot = (r >> 8) % NTIMERS;
+    if (r % 3 == 0) { /* cancel someone's timer */
+        cancel_and_release(atomic_exchange(&timer_slots[slot], NULL));
+        return;
+    }
+    sb_topic *t = sb_topic_create(rand_name(r >> 12));
+    sb_message *m = make_pay(pick_type(w, r >> 4), -1, 0, 0);
+    if (t != NULL && m != NULL) {
+        uint64_t delay = (r >> 16) % 8 == 0 ? 60000u : (r >> 16) % 21;
+        sb_timer *tm = sb_publish_after(t, m, delay);
+        if (tm == NULL)
+            atomic_fetch_add(&publish_errors, 1);
+        else if (r % 3 == 1 && delay < 60000u) /* fire and forget */
+            sb_timer_unref(tm);
+        else /* kept for a cancel; the slot's previous timer is cancelled */
+            cancel_and_release(atomic_exchange(&timer_slots[slot], tm));
+    }
+    sb_message_unref(m);
+    sb_topic_unref(t);
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -1120,7 +1189,8 @@ static void *worker_main(void *arg)
                  : pick < 88 ? OP_CACHE_CLEAR
                  : pick < 92 ? OP_ROUTER
                  : pick < 96 ? OP_ROUTE
-                             : OP_GROUP;
+                 : pick < 98 ? OP_GROUP
+                             : OP_TIMER;
         atomic_store(&cur_op[w->idx], op);
         switch (op) {
         case OP_PUBLISH: op_publish(w, x); break;
@@ -1136,8 +1206,9 @@ static void *worker_main(void *arg)
         case OP_CACHE_READ: op_cache_read(w, x); break;
         case OP_CACHE_CLEAR: op_cache_clear(w, x); break;
         case OP_ROUTER: op_router(w, x); break;
+        case OP_ROUTE: op_route(w, x); break;
         case OP_GROUP: op_group(w, x); break;
-        default: op_route(w, x); break;
+        default: op_timer(w, x); break;
         }
         atomic_fetch_add(&op_count[op], 1);
         atomic_fetch_add(&progress[w->idx], 1);
@@ -1265,6 +1336,9 @@ int main(void)
     double run = tu_now_s() - start;
 
     /* ---- teardown, watched by the watchdog (progress[TEARDOWN]) ---- */
+    for (int i = 0; i < NTIMERS; i++)
+        cancel_and_release(atomic_exchange(&timer_slots[i], NULL));
+    CHECK_EQ_INT(atomic_load(&timers_bad_cancel), 0);
     for (int k = 0; k < NTOPICS / 2; k++) {
         for (int j = 0; j < NBALLAST; j++) {
             CHECK(sb_forward_cancel(ballast_fwds[k][j]) == NULL);
@@ -1409,6 +1483,7 @@ int main(void)
     for (int i = 0; i < OP_COUNT; i++)
         printf(" %s %ld%s", op_names[i], atomic_load(&op_count[i]), i + 1 < OP_COUNT ? "," : "\n");
     printf("  %ld tasks submitted to worker groups, all run once\n", atomic_load(&tasks_run));
+    printf("  timers cancelled before they fired: %ld\n", atomic_load(&timers_cancelled));
     printf("  publish_sync from callbacks: %ld completed, %ld refused (would deadlock)\n",
            atomic_load(&cb_sync_done), atomic_load(&cb_sync_refused));
     printf("  %d subscriptions (dedicated %d, pool %d, synchronous %d; ", n, by_kind[0],

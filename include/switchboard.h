@@ -170,6 +170,11 @@ typedef struct sb_router sb_router;
 typedef struct sb_subscription sb_subscription;
 
 /**
+ * A timed publish (opaque, refcounted): see sb_publish_after.
+ */
+typedef struct sb_timer sb_timer;
+
+/**
  * A named topic (opaque, refcounted).
  */
 typedef struct sb_topic sb_topic;
@@ -1551,6 +1556,57 @@ void sb_subscription_unref(struct sb_subscription *sub);
  * (SB_E_INVAL). Ownership: borrowed (never unref it).
  */
 struct sb_message_type *sb_subscription_change_type(void);
+
+/**
+ * Publishes `msg` to `topic` once `delay_ms` milliseconds have passed (never earlier),
+ * as sb_publish does, from the library's timer thread, unless sb_timer_cancel cancels
+ * it first. 0 fires at once; any delay is accepted (UINT64_MAX never fires in
+ * practice). Timers due at the same millisecond fire in creation order. Synchronous
+ * subscriptions of `topic` run on the timer thread: keep them short, they delay the
+ * timers due after. Pending timers fire in the process that scheduled them only: a
+ * forked child does not fire its parent's (README, "Timed publishing"); exiting with
+ * timers pending is fine. Returns the timer, or NULL (SB_E_INVAL for a bad handle,
+ * SB_E_NOMEM if the timer thread cannot be started).
+ * Ownership: `topic` and `msg` are borrowed: the timer takes references of its own to
+ * both and keeps them until it has fired or is cancelled. Returns a new reference to
+ * the timer (sb_timer_unref); dropping it does not cancel the timer.
+ */
+struct sb_timer *sb_publish_after(struct sb_topic *topic,
+                                  struct sb_message *msg,
+                                  uint64_t delay_ms);
+
+/**
+ * Cancels the timer: returns 1 if it was pending (its message will never be published,
+ * and the timer's references to the topic and message are released now), 0 if it had
+ * already fired (its publish is made or under way) or was already cancelled, or a
+ * negative code for a NULL or dead handle. Exactly one of "published once" and "a
+ * cancel returned 1" happens, whatever the threads. May be called from any thread,
+ * callbacks included. In a forked child, a timer created before the fork returns 0
+ * (it is its parent's to fire).
+ * Ownership: `timer` is borrowed (still to be released with sb_timer_unref).
+ */
+int sb_timer_cancel(struct sb_timer *timer);
+
+/**
+ * 1 once the timer has fired (its publish is made or under way), 0 while it is pending
+ * or if it was cancelled; a negative code for a NULL or dead handle.
+ * Ownership: `timer` is borrowed.
+ */
+int sb_timer_fired(struct sb_timer *timer);
+
+/**
+ * Takes a new reference; returns `timer` (NULL for a NULL or dead handle).
+ * Ownership: returns a new reference to the same timer; `timer` is borrowed.
+ */
+struct sb_timer *sb_timer_ref(struct sb_timer *timer);
+
+/**
+ * Drops a reference to the timer handle. NULL-safe; any thread, callbacks included.
+ * It does not cancel the timer: a pending timer still fires (the library keeps what it
+ * needs), so fire-and-forget is `sb_timer_unref(sb_publish_after(...))`.
+ * Ownership: takes ownership of (releases) one reference.
+ */
+void sb_timer_unref(struct sb_timer *timer);
 
 /**
  * Creates the topic `name` (new reference), or returns the live topic of that name.

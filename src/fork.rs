@@ -6,6 +6,8 @@
 //!   inherits one in a held state (log queue, registries, forward graph, pool);
 //! - the log thread is started again by the child's first log line;
 //! - every worker group's pool forgets its workers and starts new ones on demand;
+//! - the timer thread is started again by the child's first timer; the parent's pending
+//!   timers stay the parent's (the child sets its copies aside, see `timer`);
 //! - each dedicated subscription remembers the fork generation its thread belongs to and
 //!   starts a new thread on the first delivery in a newer generation.
 //!
@@ -43,9 +45,11 @@ extern "C" fn prepare() {
     crate::topic::fork_lock();
     crate::forward::fork_lock();
     crate::worker_group::fork_lock();
+    crate::timer::fork_lock();
 }
 
 extern "C" fn parent() {
+    crate::timer::fork_unlock();
     // SAFETY: `prepare` took these locks on this thread, in this order.
     crate::worker_group::fork_unlock();
     unsafe {
@@ -59,6 +63,7 @@ extern "C" fn parent() {
 
 extern "C" fn child() {
     GENERATION.fetch_add(1, Ordering::AcqRel);
+    crate::timer::fork_reset_and_unlock();
     // SAFETY: `prepare` took these locks on the thread that forked, which is this
     // child's only thread.
     crate::worker_group::fork_reset_and_unlock();

@@ -24,6 +24,8 @@ pub mod stats;
 pub mod subscription;
 mod sync;
 pub mod tap;
+pub mod timer;
+mod timer_wheel;
 pub mod topic;
 pub mod topic_pool;
 mod waits;
@@ -41,6 +43,7 @@ pub use message::{Message, Payload};
 pub use message_type::MessageType;
 pub use router::Router;
 pub use subscription::{Callback, Subscription, SubscriptionChange};
+pub use timer::Timer;
 pub use topic::Topic;
 pub use topic_pool::TopicPool;
 

@@ -242,6 +242,7 @@ pub fn json() -> String {
         );
     }
     o.push(']');
+    timers_json(&mut o);
     let _ = write!(
         o,
         ",\"alerts\":{{\"count\":{},\"subsystems\":[",
@@ -277,6 +278,69 @@ pub fn json() -> String {
     }
     o.push_str("]}");
     o
+}
+
+/// The timer service's figures (`"timers":{...}`, after the pools).
+fn timers_json(o: &mut String) {
+    let t = crate::timer::stats();
+    let _ = write!(
+        o,
+        ",\"timers\":{{\"pending\":{},\"scheduled\":{},\"fired\":{},\"cancelled\":{},\"lateness_max_ns\":{},\"lateness_mean_ns\":{}}}",
+        t.pending,
+        t.scheduled,
+        t.fired,
+        t.cancelled,
+        t.lateness_max_ns,
+        t.lateness_total_ns.checked_div(t.fired).unwrap_or(0)
+    );
+}
+
+/// The timer service's metric families.
+fn timer_families(o: &mut String) {
+    let t = crate::timer::stats();
+    let one = |v: u64| [(String::new(), v)];
+    family(
+        o,
+        "timers_pending",
+        "gauge",
+        "Timers neither fired nor cancelled.",
+        &one(t.pending),
+    );
+    family(
+        o,
+        "timers_scheduled_total",
+        "counter",
+        "Timers scheduled (sb_publish_after).",
+        &one(t.scheduled),
+    );
+    family(
+        o,
+        "timers_fired_total",
+        "counter",
+        "Timers fired (published).",
+        &one(t.fired),
+    );
+    family(
+        o,
+        "timers_cancelled_total",
+        "counter",
+        "Timers cancelled before they fired.",
+        &one(t.cancelled),
+    );
+    family(
+        o,
+        "timers_lateness_nanoseconds_total",
+        "counter",
+        "Sum of fired timers' lateness past their due time (divide by fired for the mean).",
+        &one(t.lateness_total_ns),
+    );
+    family(
+        o,
+        "timers_lateness_max_nanoseconds",
+        "gauge",
+        "Latest a timer fired past its due time.",
+        &one(t.lateness_max_ns),
+    );
 }
 
 /// A label value in the exposition format: `\`, `"` and newlines escaped.
@@ -527,6 +591,8 @@ pub fn prometheus() -> String {
         "Log lines dropped (handler too slow).",
         &[(String::new(), log::dropped_count())],
     );
+
+    timer_families(&mut o);
 
     #[cfg(feature = "cluster")]
     {

@@ -401,4 +401,5 @@ c_tests!(
     test_log,
     test_stats,
     test_sbstat,
+    test_timers,
 );

@@ -40,6 +40,7 @@ use switchboard::ffi::message::*;
 use switchboard::ffi::pool::*;
 use switchboard::ffi::router::*;
 use switchboard::ffi::subscription::*;
+use switchboard::ffi::timer::*;
 use switchboard::ffi::topic::*;
 
 // ---------------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ const N_LISTS: usize = 3;
 const N_GROUPS: usize = 3;
 /// Worker group names the ops use (so creates and gets meet the same groups).
 const GROUP_NAMES: [&CStr; 3] = [c"fz.g0", c"fz.g1", c"default"];
+const N_TIMERS: usize = 4;
 const MAX_OPS: usize = 192;
 
 /// A slot reference from the input: `len` (and above) mean "NULL".
@@ -978,6 +980,19 @@ enum Op {
         chain: u8,
         null_fn: bool,
     },
+    // Timed publishing
+    TimerAfter {
+        slot: u8,
+        topic: u8,
+        msg: u8,
+        delay: u8,
+    },
+    TimerCancel {
+        slot: u8,
+    },
+    TimerUnref {
+        slot: u8,
+    },
 }
 
 /// A submitted task: its own reference to its group, and how many follow-ups it submits.
@@ -1031,6 +1046,9 @@ struct State {
     routers: [Option<RouterSlot>; N_ROUTERS],
     lists: [Option<*mut sb_message_list>; N_LISTS],
     groups: [Option<*mut sb_pool>; N_GROUPS],
+    timers: [Option<*mut sb_timer>; N_TIMERS],
+    /// An extra reference to every timer, so teardown cancels all of them.
+    shadow_timers: Vec<*mut sb_timer>,
     /// An extra reference to every subscription / router ever created, so teardown can
     /// unsubscribe and join all of them, whatever the ops did with their own references.
     shadow_subs: Vec<(*mut sb_subscription, *const Ctx)>,
@@ -1119,6 +1137,13 @@ impl State {
             );
         }
         self.cts[i] = (!p.is_null()).then_some(p);
+    }
+    fn put_timer(&mut self, s: u8, p: *mut sb_timer) {
+        let i = idx(N_TIMERS, s);
+        if let Some(old) = self.timers[i].take() {
+            sb_timer_unref(old);
+        }
+        self.timers[i] = (!p.is_null()).then_some(p);
     }
     fn put_list(&mut self, s: u8, p: *mut sb_message_list) {
         let i = idx(N_LISTS, s);
@@ -2159,6 +2184,49 @@ impl State {
                     check!(sb_eid_default().bytes == e.bytes, "default eid not set");
                 }
             }
+            Op::TimerAfter {
+                slot,
+                topic,
+                msg,
+                delay,
+            } => {
+                let (t, m) = (self.topic(topic), self.msg(msg));
+                // Mostly due at once or within a few ms (racing the other ops and the
+                // teardown), some far away (cancelled by the teardown), one never.
+                let delay = match delay % 8 {
+                    d @ 0..=4 => u64::from(d),
+                    5 => 20,
+                    6 => 60_000,
+                    _ => u64::MAX,
+                };
+                let tm = sb_publish_after(t, m, delay);
+                if t.is_null() || m.is_null() {
+                    check!(tm.is_null(), "publish_after with NULL returned a timer");
+                    last_error_checked();
+                } else {
+                    check!(!tm.is_null(), "publish_after failed");
+                    self.shadow_timers.push(sb_timer_ref(tm));
+                }
+                self.put_timer(slot, tm);
+            }
+            Op::TimerCancel { slot } => {
+                let tm = opt(pick(&self.timers, slot));
+                let r = sb_timer_cancel(tm);
+                if tm.is_null() {
+                    check!(r == SB_E_INVAL, "cancel(NULL) returned {r}");
+                    last_error_checked();
+                } else {
+                    check!(r == 0 || r == 1, "cancel returned {r}");
+                    let again = sb_timer_cancel(tm);
+                    check!(again == 0, "a second cancel returned {again}");
+                    if r == 1 {
+                        check!(sb_timer_fired(tm) == 0, "a cancelled timer fired");
+                    }
+                }
+            }
+            Op::TimerUnref { slot } => {
+                self.put_timer(slot, null_mut());
+            }
             Op::PoolConfigure { min, max, idle } => {
                 let (min, max) = (u32::from(min % 3), u32::from(max % 5));
                 let idle = [0u32, 1, 50, 20_000][usize::from(idle % 4)];
@@ -2267,6 +2335,20 @@ impl State {
         SHARED.teardown.store(true, SeqCst);
         for l in self.lists.iter_mut().filter_map(Option::take) {
             sb_message_list_free(l);
+        }
+        // Every timer cancelled (or already fired): nothing of this input is published
+        // after the teardown but what is under way, which check_nothing_left waits for.
+        for tm in self.shadow_timers.drain(..) {
+            let r = sb_timer_cancel(tm);
+            check!(r == 0 || r == 1, "teardown cancel returned {r}");
+            check!(
+                r == 0 || sb_timer_fired(tm) == 0,
+                "a timer both fired and cancelled"
+            );
+            sb_timer_unref(tm);
+        }
+        for tm in self.timers.iter_mut().filter_map(Option::take) {
+            sb_timer_unref(tm);
         }
         for ct in self.cts.iter_mut().filter_map(Option::take) {
             check!(sb_caching_unsubscribe_and_join(ct).is_null(), "non-NULL");
@@ -2414,12 +2496,33 @@ fn library_threads() -> (usize, usize) {
     (dedicated, pool)
 }
 
+/// Starts the library's timer thread (it lives as long as the process) before the
+/// threads of the process are counted.
+fn start_timer_thread() {
+    let name = CString::new("fuzz-timer-start").unwrap();
+    let t = sb_topic_create(name.as_ptr());
+    let mut ty = null_mut();
+    check!(
+        sb_message_type_create(name.as_ptr(), null(), &mut ty) == SB_OK,
+        "type create failed"
+    );
+    let m = sb_message_create_bytes(ty, null(), 0);
+    sb_message_type_unref(ty);
+    let tm = sb_publish_after(t, m, u64::MAX);
+    check!(sb_timer_cancel(tm) == 1, "the start timer did not cancel");
+    sb_timer_unref(tm);
+    sb_message_unref(m);
+    sb_topic_unref(t);
+    std::thread::sleep(Duration::from_millis(20));
+}
+
 static INIT: OnceLock<Init> = OnceLock::new();
 
 fn init() -> &'static Init {
     INIT.get_or_init(|| {
         sb_set_log_handler(Some(log_fn), null_mut());
         sb_pool_configure(POOL_BETWEEN_INPUTS, POOL_BETWEEN_INPUTS, 20_000);
+        start_timer_thread();
         Init {
             eid: sb_eid_default(),
             base_threads: thread_count(),

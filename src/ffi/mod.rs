@@ -26,6 +26,7 @@ pub mod pool;
 pub mod router;
 pub mod stats;
 pub mod subscription;
+pub mod timer;
 pub mod topic;
 
 /// The value an exported function returns when its body panicked.
