@@ -18,6 +18,7 @@
 //! touches the shard's lock, one bucket and the message it returns: no pointer chase to
 //! the id's bytes or to the entry.
 
+use crate::aggregate_outbox::AggregateOutbox;
 use crate::eid::Eid;
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
@@ -370,6 +371,8 @@ pub struct Cache {
     id_fn: IdFn,
     calc: Option<CalcFn>,
     publish: Option<AggregatePublishFn>,
+    /// Changed aggregates waiting to be published, in install order.
+    aggregates: AggregateOutbox,
     /// Seeds the key hash, so collisions cannot be precomputed.
     seed: u64,
     shards: Box<[Shard]>,
@@ -390,6 +393,7 @@ impl Cache {
             id_fn,
             calc,
             publish,
+            aggregates: AggregateOutbox::default(),
             seed: RandomState::new().hash_one(CACHE_MAGIC),
             shards: (0..SHARDS).map(|_| Shard(RwLock::default())).collect(),
         })
@@ -482,7 +486,10 @@ impl Cache {
 
     /// After a change of `entry` (the snapshot `new_snapshot` stored, or None for a
     /// removal): recomputes the aggregate when the cache has a calc function, installs
-    /// it, and publishes it to `original` when it changed.
+    /// it, and publishes it to `original` when it changed. Publications follow install
+    /// order (`aggregate_outbox`): this one may be made by another thread's drain, which
+    /// is publishing an aggregate of the same cache right now, and then shortly after
+    /// this call returns.
     fn refresh_aggregate(
         &self,
         key: &KeyRef<'_>,
@@ -491,14 +498,14 @@ impl Cache {
         original: &Arc<Topic>,
     ) -> Option<AggregateChange> {
         let calc = self.calc.as_ref()?;
-        let aggregate = self.recompute_aggregate(calc, key, entry, new_snapshot);
-        if let Some((_, Some(agg))) = &aggregate {
-            match &self.publish {
+        let aggregate = self.recompute_aggregate(calc, key, entry, new_snapshot, original);
+        if let Some((_, Some(_))) = &aggregate {
+            self.aggregates.drain(|original, agg| match &self.publish {
                 Some(publish) => publish(original, agg),
                 None => {
                     original.publish(agg);
                 }
-            }
+            });
         }
         aggregate
     }
@@ -516,6 +523,7 @@ impl Cache {
         key: &KeyRef<'_>,
         entry: Arc<CacheEntry>,
         new_snapshot: Option<&Arc<Message>>,
+        original: &Arc<Topic>,
     ) -> Option<AggregateChange> {
         let old_agg = entry.aggregate.clone();
         let new_agg = calc(&entry, new_snapshot);
@@ -545,6 +553,10 @@ impl Cache {
         // holds the entry. `old_agg` keeps the replaced aggregate alive.
         drop(entry);
         slot.modify(|e| e.aggregate = new_agg.clone());
+        if let Some(agg) = &new_agg {
+            // Under the shard's lock: queued in install order (see `refresh_aggregate`).
+            self.aggregates.push(original, Arc::clone(agg));
+        }
         let removed = (slot.entry.is_vacant()).then(|| shard.remove(key as &dyn KeyView));
         drop(shard);
         drop(removed);
