@@ -5,6 +5,7 @@
 
 mod aggregate_outbox;
 pub mod cache;
+mod cache_index;
 pub mod caching_topic;
 #[cfg(feature = "cluster")]
 pub mod cluster;
