@@ -187,12 +187,10 @@ fn hash_key(seed: u64, type_id: u32, b: &[u8]) -> u64 {
     h
 }
 
-/// A stored key, with its hash and its entry's position in the shard's index of its type
-/// (which never changes while the entry is in the map).
+/// A stored key, with its hash.
 struct Key {
     hash: u64,
     type_id: u32,
-    pos: u32,
     id: StoredId,
 }
 
@@ -325,6 +323,8 @@ type Map = HashMap<Key, Slot, BuildHasherDefault<PassThrough>>;
 struct Slot {
     local: Option<Arc<Message>>,
     entry: Arc<CacheEntry>,
+    /// The entry's position in the shard's index of its type (fixed while it is here).
+    pos: u32,
 }
 
 impl Slot {
@@ -332,6 +332,7 @@ impl Slot {
         Slot {
             local: entry.local.clone(),
             entry,
+            pos: 0, // set by `ShardData::insert`
         }
     }
 
@@ -356,10 +357,14 @@ fn same_message(a: &Option<Arc<Message>>, b: &Option<Arc<Message>>) -> bool {
     }
 }
 
-/// What a shard's index keeps of a key, to find the entry in the map again.
+/// What a shard's index keeps of an entry: its key, to find it in the map again, and a
+/// third reference to its local snapshot, so that `dump` (the common dump) reads the index
+/// in order and never looks the map up. Every change of the local snapshot goes through
+/// `ShardData::set_local`, which keeps it in step.
 struct IndexKey {
     hash: u64,
     id: StoredId,
+    local: Option<Arc<Message>>,
 }
 
 /// A shard's entries, and its per-type index of them (`cache_index`), which dumps walk.
@@ -371,30 +376,39 @@ struct ShardData {
 
 impl ShardData {
     /// Adds a new entry, inserted as number `seq` (see `Cache::inserted`).
-    fn insert(&mut self, key: &KeyRef<'_>, seq: u64, slot: Slot) {
+    fn insert(&mut self, key: &KeyRef<'_>, seq: u64, mut slot: Slot) {
         let id = StoredId::new(key.id);
-        let pos = self.index.insert(
+        slot.pos = self.index.insert(
             key.type_id,
             seq,
             IndexKey {
                 hash: key.hash,
                 id: id.clone(),
+                local: slot.local.clone(),
             },
         );
         let stored = Key {
             hash: key.hash,
             type_id: key.type_id,
-            pos,
             id,
         };
         self.map.insert(stored, slot);
     }
 
+    /// Refreshes the index's copy of the local snapshot of the entry at `pos` after a
+    /// change. The copy it replaces is also held by the caller (the replaced snapshot),
+    /// so nothing is freed under the lock.
+    fn set_local(&mut self, type_id: u32, pos: u32, local: Option<Arc<Message>>) {
+        if let Some(k) = self.index.get_mut(type_id, pos) {
+            k.local = local;
+        }
+    }
+
     /// Removes an entry. The caller drops the slot after letting go of the lock (it may
-    /// hold a message's last reference).
+    /// hold a message's last reference; the index's copy goes first, so it is not).
     fn remove(&mut self, key: &KeyRef<'_>) -> Option<Slot> {
         let (stored, slot) = self.map.remove_entry(key as &dyn KeyView)?;
-        self.index.remove(stored.type_id, stored.pos);
+        self.index.remove(stored.type_id, slot.pos);
         Some(slot)
     }
 }
@@ -403,6 +417,9 @@ impl ShardData {
 /// shards' locks without bouncing a shared line (128: adjacent-line prefetch on x86).
 #[repr(align(128))]
 struct Shard(RwLock<ShardData>);
+
+/// What a dump takes from an entry (see `Cache::collect`).
+type Pick<'a> = &'a dyn Fn(&Slot, &mut Vec<Arc<Message>>);
 
 /// Index positions a dump walks under one hold of a shard's read lock: a publisher
 /// writing to that shard waits for one such chunk at most (a few microseconds).
@@ -514,8 +531,11 @@ impl Cache {
                     // replaced snapshot alive, so nothing is freed under the lock.
                     let old = slot.modify(|e| e.replace(&eid, local, new.clone()));
                     let entry = self.calc.is_some().then(|| Arc::clone(&slot.entry));
+                    let (pos, now_local) = (slot.pos, local.then(|| slot.local.clone()));
                     if slot.entry.is_empty() && self.calc.is_none() {
                         removed = shard.remove(&key);
+                    } else if let Some(now_local) = now_local {
+                        shard.set_local(key.type_id, pos, now_local);
                     }
                     (old, entry)
                 }
@@ -640,8 +660,11 @@ impl Cache {
             }
             let old = slot.modify(|e| e.replace(eid, local, None));
             let entry = self.calc.is_some().then(|| Arc::clone(&slot.entry));
+            let pos = slot.pos;
             if slot.entry.is_vacant() {
                 removed = shard.remove(&key);
+            } else if local {
+                shard.set_local(key.type_id, pos, None);
             }
             (old, entry)
         };
@@ -694,11 +717,8 @@ impl Cache {
     /// Unlike a copy under every lock at once, two entries may be read at different
     /// instants. `pick` only clones, so no user code runs under a lock, and the result has
     /// room for a chunk before each lock is taken, so no allocation happens under one.
-    fn collect(
-        &self,
-        ty: Option<&MessageType>,
-        pick: impl FnMut(&Slot, &mut Vec<Arc<Message>>),
-    ) -> Vec<Arc<Message>> {
+    /// `pick` None: the local snapshots, from the index alone.
+    fn collect(&self, ty: Option<&MessageType>, pick: Option<Pick<'_>>) -> Vec<Arc<Message>> {
         self.collect_in_chunks(ty, pick, || {})
     }
 
@@ -707,7 +727,7 @@ impl Cache {
     fn collect_in_chunks(
         &self,
         ty: Option<&MessageType>,
-        mut pick: impl FnMut(&Slot, &mut Vec<Arc<Message>>),
+        pick: Option<Pick<'_>>,
         mut between: impl FnMut(),
     ) -> Vec<Arc<Message>> {
         let started = self.inserted.load(Ordering::SeqCst);
@@ -746,6 +766,14 @@ impl Cache {
                             pos += 1;
                             continue;
                         }
+                        let Some(pick) = pick else {
+                            if out.len() == out.capacity() {
+                                break; // room is reserved without the lock
+                            }
+                            out.extend(k.local.iter().cloned());
+                            pos += 1;
+                            continue;
+                        };
                         let key = KeyRef {
                             hash: k.hash,
                             type_id,
@@ -777,25 +805,31 @@ impl Cache {
 
     /// Local snapshots of `ty` (all types when None).
     pub fn dump(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, |s, out| out.extend(s.local.iter().cloned()))
+        self.collect(ty, None)
     }
 
     /// Snapshots of one eid.
     pub fn dump_by_eid(&self, ty: Option<&MessageType>, eid: &Eid) -> Vec<Arc<Message>> {
-        let local = *eid == Eid::default_eid();
-        self.collect(ty, |s, out| {
-            out.extend(s.entry.snapshot_of(eid, local).cloned())
-        })
+        if *eid == Eid::default_eid() {
+            return self.dump(ty);
+        }
+        self.collect(
+            ty,
+            Some(&|s, out| out.extend(s.entry.snapshot_of(eid, false).cloned())),
+        )
     }
 
     /// Every snapshot of every eid (no aggregates).
     pub fn dump_all(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, |s, out| out.extend(s.entry.all().cloned()))
+        self.collect(ty, Some(&|s, out| out.extend(s.entry.all().cloned())))
     }
 
     /// Aggregates of `ty` (all types when None).
     pub fn dump_aggregates(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, |s, out| out.extend(s.entry.aggregate.iter().cloned()))
+        self.collect(
+            ty,
+            Some(&|s, out| out.extend(s.entry.aggregate.iter().cloned())),
+        )
     }
 }
 
@@ -852,7 +886,6 @@ mod tests {
         let k = |id: &str| Key {
             hash: hash_key(9, 1, id.as_bytes()),
             type_id: 1,
-            pos: 0,
             id: StoredId::new(id.as_bytes()),
         };
         // Inline (short) and heap (long) ids, and ids that differ only past the inline
@@ -945,21 +978,17 @@ mod tests {
         // the same order: freed positions are reused last-freed first, so each lands
         // where another was, ahead of the walk or behind it.
         let mut rounds = 0;
-        let listed = cache.collect_in_chunks(
-            Some(&ty),
-            |s, out| out.extend(s.local.iter().cloned()),
-            || {
-                rounds += 1;
+        let listed = cache.collect_in_chunks(Some(&ty), None, || {
+            rounds += 1;
+            for m in &churn {
+                cache.update(m, false, &topic);
+            }
+            if rounds % 2 == 0 {
                 for m in &churn {
-                    cache.update(m, false, &topic);
+                    cache.update(m, true, &topic);
                 }
-                if rounds % 2 == 0 {
-                    for m in &churn {
-                        cache.update(m, true, &topic);
-                    }
-                }
-            },
-        );
+            }
+        });
         assert!(rounds > 64, "several chunks per shard");
         let mut seen = std::collections::HashSet::new();
         let mut stable = 0;

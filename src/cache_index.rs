@@ -91,6 +91,12 @@ impl<K> TypeIndexes<K> {
         Some(key)
     }
 
+    /// The key at `pos` of `type_id`, to change what else it holds.
+    pub(crate) fn get_mut(&mut self, type_id: u32, pos: u32) -> Option<&mut K> {
+        let index = &mut self.by_type.iter_mut().find(|(t, _)| *t == type_id)?.1;
+        index.slots.get_mut(pos as usize)?.as_mut().map(|(_, k)| k)
+    }
+
     /// The types present.
     pub(crate) fn types(&self) -> impl Iterator<Item = u32> + '_ {
         self.by_type.iter().map(|(t, _)| *t)
