@@ -314,17 +314,17 @@ impl Hasher for PassThrough {
     }
 }
 
-type Map = HashMap<Key, Slot, BuildHasherDefault<PassThrough>>;
+/// Key -> the entry's position in the shard's index of its type (`ShardData`).
+type Map = HashMap<Key, u32, BuildHasherDefault<PassThrough>>;
 
-/// A map value: the entry, and beside it a second reference to the entry's local
-/// snapshot, so that `get` (and `dump`), the common reads, find the snapshot in the bucket
-/// they already loaded instead of following the entry pointer to another cache line.
-/// Every change of an entry goes through `modify`, which keeps the copy in step.
+/// An entry as a shard keeps it (in its index, see `ShardData`): the entry, and beside it
+/// a second reference to the entry's local snapshot, so that `get` and `dump`, the common
+/// reads, find the snapshot in the slot they already loaded instead of following the
+/// entry pointer to another cache line. Every change of an entry goes through `modify`,
+/// which keeps the copy in step.
 struct Slot {
     local: Option<Arc<Message>>,
     entry: Arc<CacheEntry>,
-    /// The entry's position in the shard's index of its type (fixed while it is here).
-    pos: u32,
 }
 
 impl Slot {
@@ -332,7 +332,6 @@ impl Slot {
         Slot {
             local: entry.local.clone(),
             entry,
-            pos: 0, // set by `ShardData::insert`
         }
     }
 
@@ -357,59 +356,41 @@ fn same_message(a: &Option<Arc<Message>>, b: &Option<Arc<Message>>) -> bool {
     }
 }
 
-/// What a shard's index keeps of an entry: its key, to find it in the map again, and a
-/// third reference to its local snapshot, so that `dump` (the common dump) reads the index
-/// in order and never looks the map up. Every change of the local snapshot goes through
-/// `ShardData::set_local`, which keeps it in step.
-struct IndexKey {
-    hash: u64,
-    id: StoredId,
-    local: Option<Arc<Message>>,
-}
-
-/// A shard's entries, and its per-type index of them (`cache_index`), which dumps walk.
+/// A shard's entries: each in the index of its type at a stable position
+/// (`cache_index`), which dumps walk in order, and the map from key to position.
 #[derive(Default)]
 struct ShardData {
     map: Map,
-    index: TypeIndexes<IndexKey>,
+    index: TypeIndexes<Slot>,
 }
 
 impl ShardData {
+    fn get(&self, key: &KeyRef<'_>) -> Option<&Slot> {
+        let pos = *self.map.get(key as &dyn KeyView)?;
+        self.index.get(key.type_id, pos)
+    }
+
+    fn get_mut(&mut self, key: &KeyRef<'_>) -> Option<&mut Slot> {
+        let pos = *self.map.get(key as &dyn KeyView)?;
+        self.index.get_mut(key.type_id, pos)
+    }
+
     /// Adds a new entry, inserted as number `seq` (see `Cache::inserted`).
-    fn insert(&mut self, key: &KeyRef<'_>, seq: u64, mut slot: Slot) {
-        let id = StoredId::new(key.id);
-        slot.pos = self.index.insert(
-            key.type_id,
-            seq,
-            IndexKey {
-                hash: key.hash,
-                id: id.clone(),
-                local: slot.local.clone(),
-            },
-        );
+    fn insert(&mut self, key: &KeyRef<'_>, seq: u64, slot: Slot) {
+        let pos = self.index.insert(key.type_id, seq, slot);
         let stored = Key {
             hash: key.hash,
             type_id: key.type_id,
-            id,
+            id: StoredId::new(key.id),
         };
-        self.map.insert(stored, slot);
-    }
-
-    /// Refreshes the index's copy of the local snapshot of the entry at `pos` after a
-    /// change. The copy it replaces is also held by the caller (the replaced snapshot),
-    /// so nothing is freed under the lock.
-    fn set_local(&mut self, type_id: u32, pos: u32, local: Option<Arc<Message>>) {
-        if let Some(k) = self.index.get_mut(type_id, pos) {
-            k.local = local;
-        }
+        self.map.insert(stored, pos);
     }
 
     /// Removes an entry. The caller drops the slot after letting go of the lock (it may
-    /// hold a message's last reference; the index's copy goes first, so it is not).
+    /// hold a message's last reference).
     fn remove(&mut self, key: &KeyRef<'_>) -> Option<Slot> {
-        let (stored, slot) = self.map.remove_entry(key as &dyn KeyView)?;
-        self.index.remove(stored.type_id, slot.pos);
-        Some(slot)
+        let pos = self.map.remove(key as &dyn KeyView)?;
+        self.index.remove(key.type_id, pos)
     }
 }
 
@@ -502,7 +483,7 @@ impl Cache {
     fn read<R>(&self, ty: &MessageType, id: &str, f: impl FnOnce(&Slot) -> R) -> Option<R> {
         let key = self.key(ty, id);
         let shard = self.shard(key.hash).read();
-        shard.map.get(&key as &dyn KeyView).map(f)
+        shard.get(&key).map(f)
     }
 
     /// Stores `snapshot` (or, with `clear`, removes the snapshot of its eid). Returns what
@@ -522,7 +503,7 @@ impl Cache {
         let mut removed = None;
         let (old, entry) = {
             let mut shard = self.shard(key.hash).write();
-            match shard.map.get_mut(&key as &dyn KeyView) {
+            match shard.get_mut(&key) {
                 Some(slot) => {
                     if clear && slot.entry.snapshot_of(&eid, local).is_none() {
                         return None;
@@ -531,11 +512,8 @@ impl Cache {
                     // replaced snapshot alive, so nothing is freed under the lock.
                     let old = slot.modify(|e| e.replace(&eid, local, new.clone()));
                     let entry = self.calc.is_some().then(|| Arc::clone(&slot.entry));
-                    let (pos, now_local) = (slot.pos, local.then(|| slot.local.clone()));
                     if slot.entry.is_empty() && self.calc.is_none() {
                         removed = shard.remove(&key);
-                    } else if let Some(now_local) = now_local {
-                        shard.set_local(key.type_id, pos, now_local);
                     }
                     (old, entry)
                 }
@@ -605,7 +583,7 @@ impl Cache {
         let new_agg = calc(&entry, new_snapshot);
         let unchanged = same_message(&old_agg, &new_agg);
         let mut shard = self.shard(key.hash).write();
-        let Some(slot) = shard.map.get_mut(key as &dyn KeyView) else {
+        let Some(slot) = shard.get_mut(key) else {
             // Cleared and removed while calc ran: nothing to install.
             drop(shard);
             return None;
@@ -652,7 +630,7 @@ impl Cache {
         let mut removed = None;
         let (old, entry) = {
             let mut shard = self.shard(key.hash).write();
-            let Some(slot) = shard.map.get_mut(&key as &dyn KeyView) else {
+            let Some(slot) = shard.get_mut(&key) else {
                 return;
             };
             if slot.entry.snapshot_of(eid, local).is_none() {
@@ -660,11 +638,8 @@ impl Cache {
             }
             let old = slot.modify(|e| e.replace(eid, local, None));
             let entry = self.calc.is_some().then(|| Arc::clone(&slot.entry));
-            let pos = slot.pos;
             if slot.entry.is_vacant() {
                 removed = shard.remove(&key);
-            } else if local {
-                shard.set_local(key.type_id, pos, None);
             }
             (old, entry)
         };
@@ -717,9 +692,14 @@ impl Cache {
     /// Unlike a copy under every lock at once, two entries may be read at different
     /// instants. `pick` only clones, so no user code runs under a lock, and the result has
     /// room for a chunk before each lock is taken, so no allocation happens under one.
-    /// `pick` None: the local snapshots, from the index alone.
-    fn collect(&self, ty: Option<&MessageType>, pick: Option<Pick<'_>>) -> Vec<Arc<Message>> {
-        self.collect_in_chunks(ty, pick, || {})
+    /// `every_eid`: `pick` may take every snapshot of an entry (else one message at most).
+    fn collect(
+        &self,
+        ty: Option<&MessageType>,
+        every_eid: bool,
+        pick: Pick<'_>,
+    ) -> Vec<Arc<Message>> {
+        self.collect_in_chunks(ty, every_eid, pick, || {})
     }
 
     /// `collect`, calling `between` after each chunk, with no lock held (tests change the
@@ -727,7 +707,8 @@ impl Cache {
     fn collect_in_chunks(
         &self,
         ty: Option<&MessageType>,
-        pick: Option<Pick<'_>>,
+        every_eid: bool,
+        pick: Pick<'_>,
         mut between: impl FnMut(),
     ) -> Vec<Arc<Message>> {
         let started = self.inserted.load(Ordering::SeqCst);
@@ -758,7 +739,7 @@ impl Cache {
                     let positions = g.index.positions(type_id);
                     let end = positions.len().min(pos + DUMP_CHUNK);
                     while pos < end {
-                        let Some((seq, k)) = &positions[pos] else {
+                        let Some((seq, slot)) = &positions[pos] else {
                             pos += 1;
                             continue;
                         };
@@ -766,24 +747,13 @@ impl Cache {
                             pos += 1;
                             continue;
                         }
-                        let Some(pick) = pick else {
-                            if out.len() == out.capacity() {
-                                break; // room is reserved without the lock
-                            }
-                            out.extend(k.local.iter().cloned());
-                            pos += 1;
-                            continue;
+                        // Only a dump of every eid takes more than one message per entry
+                        // (the others need not load the entry to know).
+                        let need = if every_eid {
+                            1 + slot.entry.remote_count()
+                        } else {
+                            1
                         };
-                        let key = KeyRef {
-                            hash: k.hash,
-                            type_id,
-                            id: k.id.as_bytes(),
-                        };
-                        let Some(slot) = g.map.get(&key as &dyn KeyView) else {
-                            pos += 1; // not reached: the map and the index change together
-                            continue;
-                        };
-                        let need = 1 + slot.entry.remote_count();
                         if out.capacity() - out.len() < need {
                             room = DUMP_CHUNK + need; // reserved without the lock
                             break;
@@ -805,7 +775,7 @@ impl Cache {
 
     /// Local snapshots of `ty` (all types when None).
     pub fn dump(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, None)
+        self.collect(ty, false, &|s, out| out.extend(s.local.iter().cloned()))
     }
 
     /// Snapshots of one eid.
@@ -813,23 +783,21 @@ impl Cache {
         if *eid == Eid::default_eid() {
             return self.dump(ty);
         }
-        self.collect(
-            ty,
-            Some(&|s, out| out.extend(s.entry.snapshot_of(eid, false).cloned())),
-        )
+        self.collect(ty, false, &|s, out| {
+            out.extend(s.entry.snapshot_of(eid, false).cloned())
+        })
     }
 
     /// Every snapshot of every eid (no aggregates).
     pub fn dump_all(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, Some(&|s, out| out.extend(s.entry.all().cloned())))
+        self.collect(ty, true, &|s, out| out.extend(s.entry.all().cloned()))
     }
 
     /// Aggregates of `ty` (all types when None).
     pub fn dump_aggregates(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(
-            ty,
-            Some(&|s, out| out.extend(s.entry.aggregate.iter().cloned())),
-        )
+        self.collect(ty, false, &|s, out| {
+            out.extend(s.entry.aggregate.iter().cloned())
+        })
     }
 }
 
@@ -893,9 +861,7 @@ mod tests {
         let long = "x".repeat(INLINE_ID + 5);
         let stored = ["x", "", &long[..INLINE_ID], &long[..INLINE_ID + 1], &long];
         for id in stored {
-            let snap = Message::with_value(crate::caching_topic::update_type(), 1u8);
-            let entry = CacheEntry::new(&Eid::default_eid(), true, snap);
-            map.insert(k(id), Slot::new(Arc::new(entry)));
+            map.insert(k(id), 0);
         }
         assert!(matches!(
             StoredId::new(&long.as_bytes()[..INLINE_ID]),
@@ -978,17 +944,22 @@ mod tests {
         // the same order: freed positions are reused last-freed first, so each lands
         // where another was, ahead of the walk or behind it.
         let mut rounds = 0;
-        let listed = cache.collect_in_chunks(Some(&ty), None, || {
-            rounds += 1;
-            for m in &churn {
-                cache.update(m, false, &topic);
-            }
-            if rounds % 2 == 0 {
+        let listed = cache.collect_in_chunks(
+            Some(&ty),
+            false,
+            &|s, out| out.extend(s.local.iter().cloned()),
+            || {
+                rounds += 1;
                 for m in &churn {
-                    cache.update(m, true, &topic);
+                    cache.update(m, false, &topic);
                 }
-            }
-        });
+                if rounds % 2 == 0 {
+                    for m in &churn {
+                        cache.update(m, true, &topic);
+                    }
+                }
+            },
+        );
         assert!(rounds > 64, "several chunks per shard");
         let mut seen = std::collections::HashSet::new();
         let mut stable = 0;
@@ -1026,7 +997,7 @@ mod tests {
         let key = cache.key(&ty, "x");
         let entry = || {
             let shard = cache.shard(key.hash).read();
-            Arc::clone(&shard.map.get(&key as &dyn KeyView).unwrap().entry)
+            Arc::clone(&shard.get(&key).unwrap().entry)
         };
         let held = entry();
         let change = cache.update(&m2, false, &topic).unwrap();

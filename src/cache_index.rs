@@ -91,7 +91,13 @@ impl<K> TypeIndexes<K> {
         Some(key)
     }
 
-    /// The key at `pos` of `type_id`, to change what else it holds.
+    /// The value at `pos` of `type_id`.
+    pub(crate) fn get(&self, type_id: u32, pos: u32) -> Option<&K> {
+        let (_, v) = self.find(type_id)?.slots.get(pos as usize)?.as_ref()?;
+        Some(v)
+    }
+
+    /// The value at `pos` of `type_id`, to change it.
     pub(crate) fn get_mut(&mut self, type_id: u32, pos: u32) -> Option<&mut K> {
         let index = &mut self.by_type.iter_mut().find(|(t, _)| *t == type_id)?.1;
         index.slots.get_mut(pos as usize)?.as_mut().map(|(_, k)| k)
