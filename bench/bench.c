@@ -29,6 +29,7 @@
 extern double sbbench_w0(uint64_t n);
 #ifdef SB_BENCH_W7
 extern void bench_w7(result *r);
+extern void bench_w7_dump_stall(void);
 #endif
 #ifdef SB_BENCH_W11
 extern void bench_w11(result *r); /* w11_timers.c */
@@ -165,7 +166,7 @@ static double res_get(const result *r, const char *key)
     return -1;
 }
 
-static void res_print(const result *r)
+void res_print(const result *r)
 {
     printf("%s", r->id);
     for (int i = 0; i < r->nkv; i++)
@@ -805,6 +806,7 @@ static void run_workload(int w, result *r)
     case 6: fanout(r, POOL, 1, 500000, 1); break;
     case 7:
 #ifdef SB_BENCH_W7
+        bench_w7_dump_stall(); /* its own line, W7d */
         bench_w7(r);
 #else
         res_add(r, "skipped", 1, 0);

@@ -51,5 +51,6 @@ typedef struct result {
 
 void res_init(result *r, const char *id);
 void res_add(result *r, const char *key, double val, int prec);
+void res_print(const result *r);
 
 #endif

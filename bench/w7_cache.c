@@ -3,11 +3,14 @@
  * caching topic; 500,000 snapshots (ids cycling) published until every cache update is
  * seen; then 2 threads doing sb_cache_get on random ids for 2 s; then one sb_cache_dump
  * of all 10,000. Built only when the header has the cache API (bench/run.sh decides).
+ * W7d (below, run with W7, on a line of its own): the longest publisher stall during
+ * dumps of 50,000 and 400,000 entries.
  */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "bench.h"
 
@@ -190,4 +193,146 @@ void bench_w7(result *r)
     }
     sb_cache_unref(cache);
     sb_topic_unref(topic);
+}
+
+/*
+ * W7d: what a dump costs publishers. A cache of N entries (50,000, then 400,000) behind
+ * a caching topic with no subscriber; one thread publishes updates of its ids non-stop
+ * and times every sb_publish (leaving out the calls during which the thread was
+ * preempted: RUSAGE_THREAD's involuntary switches), while the main thread first waits (the machine's own
+ * stalls: preemption) and then dumps the whole cache, at least W7D_DUMPS times and for as
+ * long. Reports the longest publish while idle, the longest during the dumps, how many
+ * publishes took over 100 us in each phase (the idle ones: both 200 ms idle phases), and
+ * the median of the first W7D_DUMPS dump times:
+ *   W7d idle_max_us= idle_slow= stall_50k_us= slow_50k= dump_50k_ms= stall_400k_us=
+ *       slow_400k= dump_400k_ms=
+ */
+#define W7D_DUMPS 5
+#define W7D_IDLE_MS 200
+
+static uint64_t w7d_n; /* entries of the cache under test */
+
+static const char *w7d_id(sb_message *msg)
+{
+    static _Thread_local char buf[24];
+    if (sb_message_get_type(msg) != g_type)
+        return NULL;
+    const payload *p = sb_message_data(msg);
+    snprintf(buf, sizeof buf, "%llu", (unsigned long long)(p->seq % w7d_n));
+    return buf;
+}
+
+typedef struct w7d_pub {
+    sb_topic *topic;
+    _Atomic int phase; /* 0 idle, 1 dumping, 2 stop */
+    uint64_t max_ns[2];
+    uint64_t slow[2];      /* publishes over 100 us */
+    uint64_t preempted[2]; /* publishes left out: preempted during the call */
+} w7d_pub;
+
+static void *w7d_publisher(void *arg)
+{
+    w7d_pub *p = arg;
+    uint64_t seq = 0;
+    int phase;
+    while ((phase = atomic_load_explicit(&p->phase, memory_order_relaxed)) != 2) {
+        sb_message *m = make_msg(seq++);
+        struct rusage r0, r1;
+        getrusage(RUSAGE_THREAD, &r0);
+        uint64_t t0 = now_ns();
+        sb_publish(p->topic, m);
+        uint64_t d = now_ns() - t0;
+        getrusage(RUSAGE_THREAD, &r1);
+        sb_message_unref(m);
+        /* Preempted meanwhile (the machine is shared): the time is the scheduler's, not
+         * the library's; counted apart. A wait for a lock is a voluntary switch. */
+        if (r1.ru_nivcsw != r0.ru_nivcsw) {
+            p->preempted[phase]++;
+            continue;
+        }
+        if (d > p->max_ns[phase])
+            p->max_ns[phase] = d;
+        p->slow[phase] += d > 100000;
+    }
+    return NULL;
+}
+
+/* One cache of n entries: longest publish idle and during dumps (us), median dump (ms). */
+static int w7d_run(uint64_t n, double *idle_us, double *stall_us, double *dump_ms,
+                   double *idle_slow, double *dump_slow)
+{
+    w7d_n = n;
+    sb_cache *cache = sb_cache_create(w7d_id);
+    sb_topic *topic = sb_topic_create("bench/W7d/original");
+    sb_caching_topic *ct = cache && topic ? sb_caching_topic_create(topic, cache) : NULL;
+    if (!ct) {
+        fprintf(stderr, "bench: W7d setup failed: %s\n", sb_last_error());
+        sb_cache_unref(cache);
+        sb_topic_unref(topic);
+        return 0;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        sb_message *m = make_msg(i);
+        sb_publish(topic, m);
+        sb_message_unref(m);
+    }
+    w7d_pub p = { topic, 0, { 0, 0 }, { 0, 0 }, { 0, 0 } };
+    pthread_t th;
+    pthread_create(&th, NULL, w7d_publisher, &p);
+    struct timespec idle = { 0, W7D_IDLE_MS * 1000000L };
+    nanosleep(&idle, NULL);
+    atomic_store(&p.phase, 1);
+    double ms[W7D_DUMPS];
+    size_t len_ok = 1;
+    /* at least W7D_IDLE_MS of dumping too, so the publisher runs through several */
+    uint64_t until = now_ns() + W7D_IDLE_MS * 1000000ull;
+    for (int k = 0; k < W7D_DUMPS || now_ns() < until; k++) {
+        uint64_t t0 = now_ns();
+        sb_message_list *l = sb_cache_dump(cache, g_type);
+        if (k < W7D_DUMPS)
+            ms[k] = (double)(now_ns() - t0) / 1e6; /* the first W7D_DUMPS are timed */
+        len_ok &= l != NULL && sb_message_list_len(l) == n;
+        sb_message_list_free(l);
+    }
+    atomic_store(&p.phase, 2);
+    pthread_join(th, NULL);
+    for (int i = 1; i < W7D_DUMPS; i++) /* insertion sort, for the median */
+        for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
+            double x = ms[j];
+            ms[j] = ms[j - 1];
+            ms[j - 1] = x;
+        }
+    *idle_us = (double)p.max_ns[0] / 1e3;
+    *stall_us = (double)p.max_ns[1] / 1e3;
+    *dump_ms = ms[W7D_DUMPS / 2];
+    *idle_slow = (double)p.slow[0];
+    *dump_slow = (double)p.slow[1];
+    sb_caching_unsubscribe_and_join(ct);
+    sb_cache_unref(cache);
+    sb_topic_unref(topic);
+    if (!len_ok)
+        fprintf(stderr, "bench: W7d: a dump of %llu entries had another length\n",
+                (unsigned long long)n);
+    return (int)len_ok;
+}
+
+void bench_w7_dump_stall(void)
+{
+    result r;
+    res_init(&r, "W7d");
+    double idle50, stall50, dump50, idle400, stall400, dump400, islow50, slow50, islow400,
+        slow400;
+    int ok = w7d_run(50000, &idle50, &stall50, &dump50, &islow50, &slow50);
+    ok &= w7d_run(400000, &idle400, &stall400, &dump400, &islow400, &slow400);
+    res_add(&r, "idle_max_us", idle50 > idle400 ? idle50 : idle400, 1);
+    res_add(&r, "idle_slow", islow50 + islow400, 0);
+    res_add(&r, "stall_50k_us", stall50, 1);
+    res_add(&r, "slow_50k", slow50, 0);
+    res_add(&r, "dump_50k_ms", dump50, 2);
+    res_add(&r, "stall_400k_us", stall400, 1);
+    res_add(&r, "slow_400k", slow400, 0);
+    res_add(&r, "dump_400k_ms", dump400, 2);
+    if (!ok)
+        res_add(&r, "bad_dump_len", 1, 0);
+    res_print(&r);
 }

@@ -701,7 +701,13 @@ struct sb_message_list *sb_cache_get_all(struct sb_cache *cache,
                                          const char *id);
 
 /**
- * The local snapshots of `type` (NULL: every type), as a consistent copy.
+ * The local snapshots of `type` (NULL: every type), as a consistent copy: each entry is
+ * read whole (its snapshots as they were together at one instant), every entry present
+ * for the whole dump is listed exactly once, entries added during the dump are not, and
+ * entries removed during it may be. Different entries may be read at different instants
+ * (the copy is made a few entries at a time, so a publisher never waits for a whole
+ * dump). A dump of one type costs that type's entries only. The same holds for
+ * sb_cache_dump_by_eid and sb_cache_dump_all.
  * Ownership: the arguments are borrowed; returns a new list the caller owns (it holds
  * a reference to each message): free it with sb_message_list_free, which drops those
  * references. NULL only on bad input.

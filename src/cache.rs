@@ -8,7 +8,11 @@
 //! only to clone the message they return; no lock is ever held while user code (id, calc,
 //! publish functions, message destructors) runs. Aggregates are computed on a snapshot of
 //! the entry and installed only if the entry did not change meanwhile (else recomputed),
-//! so concurrent updates through several caching topics never install a stale aggregate.
+//! so concurrent updates through several caching topics never install a stale aggregate;
+//! installed aggregates are published in install order (`aggregate_outbox`). Each shard
+//! also indexes its entries by type at stable positions (`cache_index`), which dumps walk
+//! a chunk at a time, so no dump holds a lock for long and a dump of one type skips the
+//! others.
 //!
 //! Keys are hashed once per operation, with a small seeded FxHash-style function rather
 //! than SipHash: the hash picks the shard (from bits the map does not use) and is stored
@@ -18,6 +22,8 @@
 //! touches the shard's lock, one bucket and the message it returns: no pointer chase to
 //! the id's bytes or to the entry.
 
+use crate::aggregate_outbox::AggregateOutbox;
+use crate::cache_index::TypeIndexes;
 use crate::eid::Eid;
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
@@ -27,6 +33,7 @@ use std::borrow::{Borrow, Cow};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub(crate) const CACHE_MAGIC: u32 = 0x5342_4341; // "SBCA"
@@ -193,6 +200,7 @@ const INLINE_ID: usize = 22;
 /// An id as stored in a key. Most ids (channel names, unique ids) are short and live in
 /// the key, so comparing a key during a lookup does not chase a pointer to another cache
 /// line: in W7's profile that miss was a sixth of every `get`.
+#[derive(Clone)]
 enum StoredId {
     Inline { len: u8, bytes: [u8; INLINE_ID] },
     Heap(Box<[u8]>),
@@ -306,12 +314,14 @@ impl Hasher for PassThrough {
     }
 }
 
-type Map = HashMap<Key, Slot, BuildHasherDefault<PassThrough>>;
+/// Key -> the entry's position in the shard's index of its type (`ShardData`).
+type Map = HashMap<Key, u32, BuildHasherDefault<PassThrough>>;
 
-/// A map value: the entry, and beside it a second reference to the entry's local
-/// snapshot, so that `get` (and `dump`), the common reads, find the snapshot in the bucket
-/// they already loaded instead of following the entry pointer to another cache line.
-/// Every change of an entry goes through `modify`, which keeps the copy in step.
+/// An entry as a shard keeps it (in its index, see `ShardData`): the entry, and beside it
+/// a second reference to the entry's local snapshot, so that `get` and `dump`, the common
+/// reads, find the snapshot in the slot they already loaded instead of following the
+/// entry pointer to another cache line. Every change of an entry goes through `modify`,
+/// which keeps the copy in step.
 struct Slot {
     local: Option<Arc<Message>>,
     entry: Arc<CacheEntry>,
@@ -346,10 +356,55 @@ fn same_message(a: &Option<Arc<Message>>, b: &Option<Arc<Message>>) -> bool {
     }
 }
 
+/// A shard's entries: each in the index of its type at a stable position
+/// (`cache_index`), which dumps walk in order, and the map from key to position.
+#[derive(Default)]
+struct ShardData {
+    map: Map,
+    index: TypeIndexes<Slot>,
+}
+
+impl ShardData {
+    fn get(&self, key: &KeyRef<'_>) -> Option<&Slot> {
+        let pos = *self.map.get(key as &dyn KeyView)?;
+        self.index.get(key.type_id, pos)
+    }
+
+    fn get_mut(&mut self, key: &KeyRef<'_>) -> Option<&mut Slot> {
+        let pos = *self.map.get(key as &dyn KeyView)?;
+        self.index.get_mut(key.type_id, pos)
+    }
+
+    /// Adds a new entry, inserted as number `seq` (see `Cache::inserted`).
+    fn insert(&mut self, key: &KeyRef<'_>, seq: u64, slot: Slot) {
+        let pos = self.index.insert(key.type_id, seq, slot);
+        let stored = Key {
+            hash: key.hash,
+            type_id: key.type_id,
+            id: StoredId::new(key.id),
+        };
+        self.map.insert(stored, pos);
+    }
+
+    /// Removes an entry. The caller drops the slot after letting go of the lock (it may
+    /// hold a message's last reference).
+    fn remove(&mut self, key: &KeyRef<'_>) -> Option<Slot> {
+        let pos = self.map.remove(key as &dyn KeyView)?;
+        self.index.remove(key.type_id, pos)
+    }
+}
+
 /// One shard, on cache lines of its own: readers on different cores take different
 /// shards' locks without bouncing a shared line (128: adjacent-line prefetch on x86).
 #[repr(align(128))]
-struct Shard(RwLock<Map>);
+struct Shard(RwLock<ShardData>);
+
+/// What a dump takes from an entry (see `Cache::collect`).
+type Pick<'a> = &'a dyn Fn(&Slot, &mut Vec<Arc<Message>>);
+
+/// Index positions a dump walks under one hold of a shard's read lock: a publisher
+/// writing to that shard waits for one such chunk at most (a few microseconds).
+const DUMP_CHUNK: usize = 64;
 
 /// (old aggregate, new aggregate).
 pub type AggregateChange = (Option<Arc<Message>>, Option<Arc<Message>>);
@@ -370,8 +425,13 @@ pub struct Cache {
     id_fn: IdFn,
     calc: Option<CalcFn>,
     publish: Option<AggregatePublishFn>,
+    /// Changed aggregates waiting to be published, in install order.
+    aggregates: AggregateOutbox,
     /// Seeds the key hash, so collisions cannot be precomputed.
     seed: u64,
+    /// Entries inserted so far: each new entry is numbered, so a dump skips the entries
+    /// inserted after it started (see `cache_index`).
+    inserted: AtomicU64,
     shards: Box<[Shard]>,
 }
 
@@ -390,7 +450,9 @@ impl Cache {
             id_fn,
             calc,
             publish,
+            aggregates: AggregateOutbox::default(),
             seed: RandomState::new().hash_one(CACHE_MAGIC),
+            inserted: AtomicU64::new(0),
             shards: (0..SHARDS).map(|_| Shard(RwLock::default())).collect(),
         })
     }
@@ -407,7 +469,7 @@ impl Cache {
         }
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<Map> {
+    fn shard(&self, hash: u64) -> &RwLock<ShardData> {
         &self.shards[(hash >> SHARD_SHIFT) as usize & (SHARDS - 1)].0
     }
 
@@ -421,7 +483,7 @@ impl Cache {
     fn read<R>(&self, ty: &MessageType, id: &str, f: impl FnOnce(&Slot) -> R) -> Option<R> {
         let key = self.key(ty, id);
         let shard = self.shard(key.hash).read();
-        shard.get(&key as &dyn KeyView).map(f)
+        shard.get(&key).map(f)
     }
 
     /// Stores `snapshot` (or, with `clear`, removes the snapshot of its eid). Returns what
@@ -441,7 +503,7 @@ impl Cache {
         let mut removed = None;
         let (old, entry) = {
             let mut shard = self.shard(key.hash).write();
-            match shard.get_mut(&key as &dyn KeyView) {
+            match shard.get_mut(&key) {
                 Some(slot) => {
                     if clear && slot.entry.snapshot_of(&eid, local).is_none() {
                         return None;
@@ -451,19 +513,15 @@ impl Cache {
                     let old = slot.modify(|e| e.replace(&eid, local, new.clone()));
                     let entry = self.calc.is_some().then(|| Arc::clone(&slot.entry));
                     if slot.entry.is_empty() && self.calc.is_none() {
-                        removed = shard.remove(&key as &dyn KeyView);
+                        removed = shard.remove(&key);
                     }
                     (old, entry)
                 }
                 None => {
                     let new = new.clone()?; // nothing to clear
                     let entry = Arc::new(CacheEntry::new(&eid, local, new));
-                    let stored = Key {
-                        hash: key.hash,
-                        type_id: key.type_id,
-                        id: StoredId::new(id.as_bytes()),
-                    };
-                    shard.insert(stored, Slot::new(Arc::clone(&entry)));
+                    let seq = self.inserted.fetch_add(1, Ordering::SeqCst) + 1;
+                    shard.insert(&key, seq, Slot::new(Arc::clone(&entry)));
                     (None, self.calc.is_some().then_some(entry))
                 }
             }
@@ -482,7 +540,10 @@ impl Cache {
 
     /// After a change of `entry` (the snapshot `new_snapshot` stored, or None for a
     /// removal): recomputes the aggregate when the cache has a calc function, installs
-    /// it, and publishes it to `original` when it changed.
+    /// it, and publishes it to `original` when it changed. Publications follow install
+    /// order (`aggregate_outbox`): this one may be made by another thread's drain, which
+    /// is publishing an aggregate of the same cache right now, and then shortly after
+    /// this call returns.
     fn refresh_aggregate(
         &self,
         key: &KeyRef<'_>,
@@ -491,14 +552,14 @@ impl Cache {
         original: &Arc<Topic>,
     ) -> Option<AggregateChange> {
         let calc = self.calc.as_ref()?;
-        let aggregate = self.recompute_aggregate(calc, key, entry, new_snapshot);
-        if let Some((_, Some(agg))) = &aggregate {
-            match &self.publish {
+        let aggregate = self.recompute_aggregate(calc, key, entry, new_snapshot, original);
+        if let Some((_, Some(_))) = &aggregate {
+            self.aggregates.drain(|original, agg| match &self.publish {
                 Some(publish) => publish(original, agg),
                 None => {
                     original.publish(agg);
                 }
-            }
+            });
         }
         aggregate
     }
@@ -516,12 +577,13 @@ impl Cache {
         key: &KeyRef<'_>,
         entry: Arc<CacheEntry>,
         new_snapshot: Option<&Arc<Message>>,
+        original: &Arc<Topic>,
     ) -> Option<AggregateChange> {
         let old_agg = entry.aggregate.clone();
         let new_agg = calc(&entry, new_snapshot);
         let unchanged = same_message(&old_agg, &new_agg);
         let mut shard = self.shard(key.hash).write();
-        let Some(slot) = shard.get_mut(key as &dyn KeyView) else {
+        let Some(slot) = shard.get_mut(key) else {
             // Cleared and removed while calc ran: nothing to install.
             drop(shard);
             return None;
@@ -535,17 +597,24 @@ impl Cache {
         }
         if unchanged {
             // `entry` still holds what is removed: nothing is freed under the lock.
-            if entry.is_vacant() {
-                shard.remove(key as &dyn KeyView);
-            }
+            let removed = if entry.is_vacant() {
+                shard.remove(key)
+            } else {
+                None
+            };
             drop(shard);
+            drop(removed);
             return None;
         }
         // Let go of our copy first, so the aggregate is set in place when no one else
         // holds the entry. `old_agg` keeps the replaced aggregate alive.
         drop(entry);
         slot.modify(|e| e.aggregate = new_agg.clone());
-        let removed = (slot.entry.is_vacant()).then(|| shard.remove(key as &dyn KeyView));
+        if let Some(agg) = &new_agg {
+            // Under the shard's lock: queued in install order (see `refresh_aggregate`).
+            self.aggregates.push(original, Arc::clone(agg));
+        }
+        let removed = (slot.entry.is_vacant()).then(|| shard.remove(key));
         drop(shard);
         drop(removed);
         Some((old_agg, new_agg))
@@ -561,7 +630,7 @@ impl Cache {
         let mut removed = None;
         let (old, entry) = {
             let mut shard = self.shard(key.hash).write();
-            let Some(slot) = shard.get_mut(&key as &dyn KeyView) else {
+            let Some(slot) = shard.get_mut(&key) else {
                 return;
             };
             if slot.entry.snapshot_of(eid, local).is_none() {
@@ -570,7 +639,7 @@ impl Cache {
             let old = slot.modify(|e| e.replace(eid, local, None));
             let entry = self.calc.is_some().then(|| Arc::clone(&slot.entry));
             if slot.entry.is_vacant() {
-                removed = shard.remove(&key as &dyn KeyView);
+                removed = shard.remove(&key);
             }
             (old, entry)
         };
@@ -608,30 +677,97 @@ impl Cache {
             .unwrap_or_default()
     }
 
-    /// A point-in-time copy: every shard's read lock is held while the messages are
-    /// copied out (a put changes one shard under its write lock, so no put is half-seen
-    /// and none is seen out of order). `pick` only clones, so no user code runs under the
-    /// locks.
+    /// A copy made a chunk at a time (see `cache_index`): each shard's read lock is held
+    /// for at most `DUMP_CHUNK` index positions, so a publisher never waits for more than
+    /// one chunk, however large the cache. What the copy guarantees (README, "Caches"):
+    ///
+    /// - each entry is read whole, under its shard's lock: the snapshots taken from it are
+    ///   ones it held together at one instant (a put or clear is never half-seen);
+    /// - every entry present for the whole dump is in it, exactly once (positions never
+    ///   move, and each is walked once);
+    /// - entries inserted after the dump started are left out, so no key is listed twice
+    ///   (removed, then inserted again at a position not walked yet); entries removed
+    ///   during the dump may or may not be in it.
+    ///
+    /// Unlike a copy under every lock at once, two entries may be read at different
+    /// instants. `pick` only clones, so no user code runs under a lock, and the result has
+    /// room for a chunk before each lock is taken, so no allocation happens under one.
+    /// `every_eid`: `pick` may take every snapshot of an entry (else one message at most).
     fn collect(
         &self,
         ty: Option<&MessageType>,
-        mut pick: impl FnMut(&Slot, &mut Vec<Arc<Message>>),
+        every_eid: bool,
+        pick: Pick<'_>,
     ) -> Vec<Arc<Message>> {
-        // Size the result first, without holding every lock at once: a large allocation
-        // can be slow (malloc may consolidate its free lists), and writers wait meanwhile.
-        let guess: usize = self.shards.iter().map(|s| s.0.read().len()).sum();
+        self.collect_in_chunks(ty, every_eid, pick, || {})
+    }
+
+    /// `collect`, calling `between` after each chunk, with no lock held (tests change the
+    /// cache there).
+    fn collect_in_chunks(
+        &self,
+        ty: Option<&MessageType>,
+        every_eid: bool,
+        pick: Pick<'_>,
+        mut between: impl FnMut(),
+    ) -> Vec<Arc<Message>> {
+        let started = self.inserted.load(Ordering::SeqCst);
+        let guess: usize = self
+            .shards
+            .iter()
+            .map(|s| {
+                let g = s.0.read();
+                ty.map_or(g.map.len(), |t| g.index.len_of(t.id()))
+            })
+            .sum();
         let mut out = Vec::with_capacity(guess);
-        let guards: Vec<_> = self.shards.iter().map(|s| s.0.read()).collect();
-        out.reserve(
-            guards
-                .iter()
-                .map(|g| g.len())
-                .sum::<usize>()
-                .saturating_sub(guess),
-        );
-        for (k, e) in guards.iter().flat_map(|g| g.iter()) {
-            if ty.is_none_or(|t| t.id() == k.type_id) {
-                pick(e, &mut out);
+        let mut types = Vec::new();
+        for shard in self.shards.iter() {
+            types.clear();
+            match ty {
+                Some(t) => types.push(t.id()),
+                None => types.extend(shard.0.read().index.types()),
+            }
+            for &type_id in &types {
+                let mut pos = 0;
+                // Room an entry needs: its local snapshot and every remote one.
+                let mut room = DUMP_CHUNK;
+                loop {
+                    out.reserve(room);
+                    room = DUMP_CHUNK;
+                    let g = shard.0.read();
+                    let positions = g.index.positions(type_id);
+                    let end = positions.len().min(pos + DUMP_CHUNK);
+                    while pos < end {
+                        let Some((seq, slot)) = &positions[pos] else {
+                            pos += 1;
+                            continue;
+                        };
+                        if *seq > started {
+                            pos += 1;
+                            continue;
+                        }
+                        // Only a dump of every eid takes more than one message per entry
+                        // (the others need not load the entry to know).
+                        let need = if every_eid {
+                            1 + slot.entry.remote_count()
+                        } else {
+                            1
+                        };
+                        if out.capacity() - out.len() < need {
+                            room = DUMP_CHUNK + need; // reserved without the lock
+                            break;
+                        }
+                        pick(slot, &mut out);
+                        pos += 1;
+                    }
+                    let done = pos >= positions.len();
+                    drop(g);
+                    between();
+                    if done {
+                        break;
+                    }
+                }
             }
         }
         out
@@ -639,25 +775,29 @@ impl Cache {
 
     /// Local snapshots of `ty` (all types when None).
     pub fn dump(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, |s, out| out.extend(s.local.iter().cloned()))
+        self.collect(ty, false, &|s, out| out.extend(s.local.iter().cloned()))
     }
 
     /// Snapshots of one eid.
     pub fn dump_by_eid(&self, ty: Option<&MessageType>, eid: &Eid) -> Vec<Arc<Message>> {
-        let local = *eid == Eid::default_eid();
-        self.collect(ty, |s, out| {
-            out.extend(s.entry.snapshot_of(eid, local).cloned())
+        if *eid == Eid::default_eid() {
+            return self.dump(ty);
+        }
+        self.collect(ty, false, &|s, out| {
+            out.extend(s.entry.snapshot_of(eid, false).cloned())
         })
     }
 
     /// Every snapshot of every eid (no aggregates).
     pub fn dump_all(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, |s, out| out.extend(s.entry.all().cloned()))
+        self.collect(ty, true, &|s, out| out.extend(s.entry.all().cloned()))
     }
 
     /// Aggregates of `ty` (all types when None).
     pub fn dump_aggregates(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
-        self.collect(ty, |s, out| out.extend(s.entry.aggregate.iter().cloned()))
+        self.collect(ty, false, &|s, out| {
+            out.extend(s.entry.aggregate.iter().cloned())
+        })
     }
 }
 
@@ -721,9 +861,7 @@ mod tests {
         let long = "x".repeat(INLINE_ID + 5);
         let stored = ["x", "", &long[..INLINE_ID], &long[..INLINE_ID + 1], &long];
         for id in stored {
-            let snap = Message::with_value(crate::caching_topic::update_type(), 1u8);
-            let entry = CacheEntry::new(&Eid::default_eid(), true, snap);
-            map.insert(k(id), Slot::new(Arc::new(entry)));
+            map.insert(k(id), 0);
         }
         assert!(matches!(
             StoredId::new(&long.as_bytes()[..INLINE_ID]),
@@ -771,6 +909,80 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_walked_in_chunks_lists_each_key_once_and_every_stable_entry() {
+        let ty = MessageType::builtin("test/cache/dump-walk");
+        let other = MessageType::builtin("test/cache/dump-walk-other");
+        let topic = Topic::create("test/cache/dump-walk").unwrap();
+        // The id is the payload's bytes.
+        let cache = Cache::new(Box::new(|m: &Arc<Message>| match m.payload() {
+            crate::message::Payload::Bytes(b) => {
+                Some(Cow::Owned(String::from_utf8_lossy(b).into_owned()))
+            }
+            _ => None,
+        }));
+        let snap = |ty: &Arc<MessageType>, id: String| {
+            let bytes = crate::message::Payload::Bytes(id.into_bytes().into_boxed_slice());
+            Message::with_eid(ty, bytes, Some(Eid::default_eid()))
+        };
+        // Stable entries and churning ones, interleaved so the churning ones' positions
+        // are spread over every shard's index, then the churning ones cleared.
+        let n = 64 * DUMP_CHUNK * 3;
+        let mut churn = Vec::new();
+        for i in 0..n {
+            cache.update(&snap(&ty, format!("s{i}")), false, &topic);
+            if i % 16 == 0 {
+                let m = snap(&ty, format!("c{i}"));
+                cache.update(&m, false, &topic);
+                churn.push(m);
+            }
+            cache.update(&snap(&other, format!("o{i}")), false, &topic);
+        }
+        for m in &churn {
+            cache.update(m, true, &topic);
+        }
+        // Between chunks, every churning entry is inserted again and cleared again in
+        // the same order: freed positions are reused last-freed first, so each lands
+        // where another was, ahead of the walk or behind it.
+        let mut rounds = 0;
+        let listed = cache.collect_in_chunks(
+            Some(&ty),
+            false,
+            &|s, out| out.extend(s.local.iter().cloned()),
+            || {
+                rounds += 1;
+                for m in &churn {
+                    cache.update(m, false, &topic);
+                }
+                if rounds % 2 == 0 {
+                    for m in &churn {
+                        cache.update(m, true, &topic);
+                    }
+                }
+            },
+        );
+        assert!(rounds > 64, "several chunks per shard");
+        let mut seen = std::collections::HashSet::new();
+        let mut stable = 0;
+        for m in &listed {
+            assert!(Arc::ptr_eq(m.message_type(), &ty), "another type listed");
+            let crate::message::Payload::Bytes(b) = m.payload() else {
+                panic!("payload")
+            };
+            assert!(seen.insert(b.clone()), "listed twice");
+            stable += usize::from(b[0] == b's');
+        }
+        assert_eq!(stable, n, "every stable entry is listed");
+        // The index holds each type's entries only.
+        let in_index: usize = cache
+            .shards
+            .iter()
+            .map(|s| s.0.read().index.len_of(other.id()))
+            .sum();
+        assert_eq!(in_index, n);
+        assert_eq!(cache.dump(Some(&other)).len(), n);
+    }
+
+    #[test]
     fn an_entry_someone_holds_is_copied_not_changed() {
         let ty = MessageType::builtin("test/cache/cow");
         let topic = Topic::create("test/cache/cow").unwrap();
@@ -785,7 +997,7 @@ mod tests {
         let key = cache.key(&ty, "x");
         let entry = || {
             let shard = cache.shard(key.hash).read();
-            Arc::clone(&shard.get(&key as &dyn KeyView).unwrap().entry)
+            Arc::clone(&shard.get(&key).unwrap().entry)
         };
         let held = entry();
         let change = cache.update(&m2, false, &topic).unwrap();

@@ -3,7 +3,9 @@
 //! The safe Rust core lives in the modules below; `ffi` is the thin C skin over it
 //! (`include/switchboard.h`). See README.md for the C API and its guarantees.
 
+mod aggregate_outbox;
 pub mod cache;
+mod cache_index;
 pub mod caching_topic;
 #[cfg(feature = "cluster")]
 pub mod cluster;

@@ -380,6 +380,8 @@ c_tests!(
     test_cache,
     test_router,
     test_cache_concurrency,
+    test_cache_aggregate_order,
+    test_cache_dump,
     test_regressions,
     test_reentrancy,
     test_torture,
