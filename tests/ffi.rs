@@ -373,6 +373,7 @@ c_tests!(
     test_message,
     test_topic,
     test_subscription,
+    test_formatters,
     test_forward,
     test_topic_pool,
     test_stress,
