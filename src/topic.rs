@@ -23,6 +23,7 @@ use crate::tap;
 use arc_swap::ArcSwap;
 use once_cell::race::OnceBox;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -420,43 +421,82 @@ impl Topic {
         let mut count = self.deliver_local(msg, ctx);
         let tapped = self.run_tap(msg, false);
         if self.has_forwards.load(Ordering::Acquire) {
-            let mut visited = Visited::new(self);
-            self.for_each_forward_target(|to| {
-                count += to.publish_forwarded(msg, ctx, &mut visited, tapped)
-            });
+            count += self.publish_through_forwards(msg, ctx, tapped);
         }
         self.count_publish(msg, count);
         count
     }
 
-    /// `through_tap`: the walk passed a tapped topic on its way here (see `tap`).
-    fn publish_forwarded(
+    /// Delivers `msg` to every topic reached from this one through forwards (not to this
+    /// one), each once, in the order a depth-first recursion would; returns the
+    /// subscriptions reached. `tapped`: whether this topic's tap claimed the publish.
+    ///
+    /// The walk keeps its own stack instead of recursing: a chain of forwards may be
+    /// any length (a 100,000-topic chain recursed as deep, which overflowed a pool
+    /// thread's stack). Each frame holds the forward list it iterates (so the topics in
+    /// it stay alive), how far it got, what its topic's subtree reached so far (counted
+    /// when the frame ends, as the recursion counted on return) and whether the publish
+    /// passed a tapped topic on the way. Topics without forwards of their own get no
+    /// frame, and the first few frames live inline: forwarding A to B costs no
+    /// allocation and one list load, as before.
+    fn publish_through_forwards(
         &self,
         msg: &Arc<Message>,
         ctx: &mut PublishCtx<'_>,
-        visited: &mut Visited,
-        through_tap: bool,
+        tapped: bool,
     ) -> usize {
-        if !visited.insert(self) {
-            return 0;
+        struct Frame {
+            list: arc_swap::Guard<Arc<ForwardList>>,
+            next: usize,
+            reached: usize,
+            tapped: bool,
         }
-        let mut count = self.deliver_local(msg, ctx);
-        let tapped = self.run_tap(msg, through_tap) || through_tap;
-        self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, visited, tapped));
-        self.count_publish(msg, count);
-        count
-    }
-
-    /// Calls `f` with the destination of each forward out of this topic that is not
-    /// cancelled (a cancelled one may still be in the list, see `retire_forward`).
-    fn for_each_forward_target(&self, mut f: impl FnMut(&Arc<Topic>)) {
-        for fwd in self
-            .forwards
-            .load()
-            .iter()
-            .filter(|fwd| !fwd.is_cancelled())
-        {
-            f(fwd.to());
+        let mut visited = Visited::new(self);
+        let mut stack: SmallVec<[Frame; 4]> = SmallVec::new();
+        stack.push(Frame {
+            list: self.forwards.load(),
+            next: 0,
+            reached: 0,
+            tapped,
+        });
+        loop {
+            let top = stack.last_mut().expect("the walk ends when the stack does");
+            let i = top.next;
+            let Some(fwd) = top.list.get(i) else {
+                // This frame's topic is done: count its subtree, then add it to the
+                // topic that forwarded into it (the target of that frame's last step).
+                let done = stack.pop().expect("non-empty");
+                let Some(parent) = stack.last_mut() else {
+                    return done.reached;
+                };
+                parent.list[parent.next - 1]
+                    .to()
+                    .count_publish(msg, done.reached);
+                parent.reached += done.reached;
+                continue;
+            };
+            top.next = i + 1;
+            if fwd.is_cancelled() {
+                continue;
+            }
+            let to = fwd.to();
+            if !visited.insert(to) {
+                continue;
+            }
+            let reached = to.deliver_local(msg, ctx);
+            let tapped = to.run_tap(msg, top.tapped) || top.tapped;
+            if to.has_forwards.load(Ordering::Acquire) {
+                let list = to.forwards.load();
+                stack.push(Frame {
+                    list,
+                    next: 0,
+                    reached,
+                    tapped,
+                });
+            } else {
+                to.count_publish(msg, reached);
+                top.reached += reached;
+            }
         }
     }
 
@@ -478,30 +518,53 @@ impl Topic {
         count
     }
 
-    /// Walks this topic and every topic it reaches through forwards, once each.
-    pub(crate) fn for_each_reachable(&self, f: &mut dyn FnMut(&Topic)) {
-        fn walk(t: &Topic, visited: &mut Visited, f: &mut dyn FnMut(&Topic)) {
-            f(t);
-            t.for_each_forward_target(|to| {
-                if visited.insert(to) {
-                    walk(to, visited, f);
-                }
-            });
+    /// Calls `f` on this topic and on every topic it reaches through forwards, once each,
+    /// until `f` returns true; returns whether it did. Iterative (a worklist, not a
+    /// recursion): a chain of forwards may be any length, and this runs on pool threads'
+    /// small stacks too. The order is unspecified.
+    pub(crate) fn any_reachable(&self, mut f: impl FnMut(&Topic) -> bool) -> bool {
+        if f(self) {
+            return true;
+        }
+        if !self.has_forwards.load(Ordering::Acquire) {
+            return false;
         }
         let mut visited = Visited::new(self);
-        walk(self, &mut visited, f);
+        let mut pending: Vec<Arc<Topic>> = Vec::new();
+        self.push_forward_targets(&mut visited, &mut pending);
+        while let Some(t) = pending.pop() {
+            if f(&t) {
+                return true;
+            }
+            t.push_forward_targets(&mut visited, &mut pending);
+        }
+        false
+    }
+
+    /// Pushes the destinations of this topic's live forwards that `visited` does not
+    /// hold yet (a cancelled forward may still be in the list, see `retire_forward`).
+    fn push_forward_targets(&self, visited: &mut Visited, pending: &mut Vec<Arc<Topic>>) {
+        if !self.has_forwards.load(Ordering::Acquire) {
+            return;
+        }
+        for fwd in self.forwards.load().iter() {
+            if !fwd.is_cancelled() && visited.insert(fwd.to()) {
+                pending.push(Arc::clone(fwd.to()));
+            }
+        }
     }
 
     /// Subscriptions a publish here would reach, including through forwards.
     pub fn subscriber_count(&self) -> usize {
         let mut n = 0;
-        self.for_each_reachable(&mut |t| {
+        self.any_reachable(|t| {
             n += t
                 .subscribers
                 .load()
                 .iter()
                 .filter(|s| s.is_subscribed())
                 .count();
+            false
         });
         n
     }
@@ -514,11 +577,7 @@ impl Topic {
 
     /// Would a message of type `ty` reach at least one subscription that accepts it?
     pub fn wants(&self, ty: &MessageType) -> bool {
-        let mut wanted = false;
-        self.for_each_reachable(&mut |t| {
-            wanted = wanted || t.subscribers.load().iter().any(|s| s.is_live_for(ty));
-        });
-        wanted
+        self.any_reachable(|t| t.subscribers.load().iter().any(|s| s.is_live_for(ty)))
     }
 
     /// Publishes to `sub`'s topic and waits until `sub` handled the message.

@@ -375,6 +375,7 @@ c_tests!(
     test_subscription,
     test_formatters,
     test_forward,
+    test_deep_chain,
     test_topic_pool,
     test_stress,
     test_bad_input,
