@@ -139,7 +139,7 @@ static void in_pool_cb(void *data, sb_subscription *sub, sb_message *msg)
 int main(void)
 {
     TEST_INIT();
-    chain_len = tu_scale(100000, 10000);
+    chain_len = tu_scale(100000, 3000);
     CHECK_EQ_INT(sb_message_type_create("deep.payload", NULL, &ptype), SB_OK);
 
     printf("chain of %d from main\n", chain_len);

@@ -47,9 +47,7 @@ impl Forward {
             from: Arc::clone(from),
             to: Arc::clone(to),
         });
-        let list = from.forwards.load().pushed(Arc::clone(&forward));
-        from.forwards.store(Arc::new(list));
-        from.has_forwards.store(true, Ordering::Release);
+        from.add_forward(&forward);
         crate::tap::interest_changed();
         Ok(forward)
     }

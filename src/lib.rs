@@ -20,6 +20,7 @@ mod names;
 pub mod pool;
 pub mod router;
 mod small_list;
+mod split_list;
 pub mod stats;
 pub mod subscription;
 mod sync;

@@ -17,10 +17,11 @@ use crate::forward::Forward;
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::names::check_name;
-use crate::small_list::{retire, SmallList};
+use crate::small_list::SmallList;
+use crate::split_list::{self, Snapshot};
 use crate::subscription::Subscription;
 use crate::tap;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use once_cell::race::OnceBox;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -58,26 +59,46 @@ pub struct Topic {
     /// lib.rs), and the counters, written by every publish, off the cache line that
     /// publishers only read.
     side: OnceBox<TopicSide>,
-    /// May hold unsubscribed subscriptions, which publishers skip.
-    subscribers: ArcSwap<SubList>,
-    /// Written under the forward graph lock. May hold cancelled forwards, which
+    /// The subscriptions are a split list (`split_list`): the first in this slot, the
+    /// others in the side part (`more_subs`, when `has_more_subs`), so a topic with one
+    /// subscription allocates no list. May hold unsubscribed subscriptions, which
     /// publishers skip.
-    pub(crate) forwards: ArcSwap<ForwardList>,
-    /// `forwards` is non-empty: lets the common publish skip loading it.
-    pub(crate) has_forwards: AtomicBool,
+    first_sub: ArcSwapOption<Subscription>,
+    /// The forwards out of this topic, split the same way. Written under the forward
+    /// graph lock. May hold cancelled forwards, which publishers skip.
+    first_forward: ArcSwapOption<Forward>,
+    /// Some forward is in the lists: lets the common publish skip loading them.
+    has_forwards: AtomicBool,
+    has_more_subs: AtomicBool,
+    has_more_forwards: AtomicBool,
     /// A tap is installed (`tap`): lets every other publish skip the tap map.
     has_tap: AtomicBool,
-    /// Serializes writers of `subscribers` and of the retirement counts.
+    /// Serializes writers of the lists and of the retirement counts.
     write: Mutex<Retired>,
 }
 
 /// A topic's rarely needed parts (see `Topic::side`).
-#[derive(Default)]
 struct TopicSide {
     detail: Option<CString>,
     uniqueid: OnceLock<CString>,
     published: AtomicU64,
     not_dispatched: AtomicU64,
+    /// Subscriptions and forwards past the first (see `Topic::first_sub`).
+    more_subs: split_list::More<Subscription>,
+    more_forwards: split_list::More<Forward>,
+}
+
+impl Default for TopicSide {
+    fn default() -> TopicSide {
+        TopicSide {
+            detail: None,
+            uniqueid: OnceLock::new(),
+            published: AtomicU64::new(0),
+            not_dispatched: AtomicU64::new(0),
+            more_subs: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
+            more_forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
+        }
+    }
 }
 
 /// A topic's figures (`sb_topic_stats`).
@@ -95,8 +116,7 @@ pub struct TopicStats {
 }
 
 static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
-pub(crate) static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> =
-    LazyLock::new(|| Arc::new(SmallList::Empty));
+static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
 type RegistryMap = HashMap<RegKey, Weak<Topic>>;
 static REGISTRY: LazyLock<Mutex<RegistryMap>> = LazyLock::new(Default::default);
 
@@ -254,9 +274,11 @@ impl Topic {
                     ..TopicSide::default()
                 }))
             },
-            subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
-            forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
+            first_sub: ArcSwapOption::const_empty(),
+            first_forward: ArcSwapOption::const_empty(),
             has_forwards: AtomicBool::new(false),
+            has_more_subs: AtomicBool::new(false),
+            has_more_forwards: AtomicBool::new(false),
             has_tap: AtomicBool::new(false),
             write: Mutex::new(Retired::default()),
         });
@@ -343,9 +365,41 @@ impl Topic {
         if !sub.is_subscribed() {
             return;
         }
-        let list = self.subscribers.load().pushed(Arc::clone(sub));
-        self.subscribers.store(Arc::new(list));
+        split_list::push(
+            &self.first_sub,
+            &self.has_more_subs,
+            || &self.side().more_subs,
+            Arc::clone(sub),
+        );
         tap::interest_changed();
+    }
+
+    /// Adds `forward` (out of this topic). Called under the forward graph lock.
+    pub(crate) fn add_forward(&self, forward: &Arc<Forward>) {
+        let _w = self.write.lock();
+        split_list::push(
+            &self.first_forward,
+            &self.has_more_forwards,
+            || &self.side().more_forwards,
+            Arc::clone(forward),
+        );
+        self.has_forwards.store(true, Ordering::Release);
+    }
+
+    /// This topic's subscriptions now (unsubscribed ones included).
+    #[inline]
+    fn subscribers(&self) -> Snapshot<Subscription> {
+        Snapshot::load(&self.first_sub, &self.has_more_subs, || {
+            self.side.get().map(|s| &s.more_subs)
+        })
+    }
+
+    /// The forwards out of this topic now (cancelled ones included).
+    #[inline]
+    fn forwards(&self) -> Snapshot<Forward> {
+        Snapshot::load(&self.first_forward, &self.has_more_forwards, || {
+            self.side.get().map(|s| &s.more_forwards)
+        })
     }
 
     /// Process-unique number of this topic.
@@ -366,8 +420,10 @@ impl Topic {
     /// publishers skip it): it leaves the list now or with others later.
     pub(crate) fn retire_subscriber(&self) {
         let mut w = self.write.lock();
-        let replaced = retire(
-            &self.subscribers,
+        let replaced = split_list::retire_one(
+            &self.first_sub,
+            &self.has_more_subs,
+            self.side.get().map(|s| &s.more_subs),
             &mut w.subscribers,
             |s| !s.is_subscribed(),
             &EMPTY_SUBS,
@@ -381,18 +437,19 @@ impl Topic {
     /// it): it leaves the list now or with others later. Called under the forward graph
     /// lock; returns the replaced list, to be dropped once that lock is released (it
     /// may hold the last reference to forwards, and through them to topics).
-    pub(crate) fn retire_forward(&self) -> Option<Arc<ForwardList>> {
+    pub(crate) fn retire_forward(&self) -> split_list::Replaced<Forward> {
         let mut w = self.write.lock();
-        let replaced = retire(
-            &self.forwards,
+        let more = self.side.get().map(|s| &s.more_forwards);
+        let replaced = split_list::retire_one(
+            &self.first_forward,
+            &self.has_more_forwards,
+            more,
             &mut w.forwards,
             |f| f.is_cancelled(),
             &EMPTY_FORWARDS,
         );
-        if replaced.is_some() {
-            let any = !self.forwards.load().is_empty();
-            self.has_forwards.store(any, Ordering::Release);
-        }
+        let any = !split_list::is_empty(&self.first_forward, more);
+        self.has_forwards.store(any, Ordering::Release);
         replaced
     }
 
@@ -446,7 +503,7 @@ impl Topic {
         tapped: bool,
     ) -> usize {
         struct Frame {
-            list: arc_swap::Guard<Arc<ForwardList>>,
+            list: Snapshot<Forward>,
             next: usize,
             reached: usize,
             tapped: bool,
@@ -454,7 +511,7 @@ impl Topic {
         let mut visited = Visited::new(self);
         let mut stack: SmallVec<[Frame; 4]> = SmallVec::new();
         stack.push(Frame {
-            list: self.forwards.load(),
+            list: self.forwards(),
             next: 0,
             reached: 0,
             tapped,
@@ -462,23 +519,23 @@ impl Topic {
         loop {
             let top = stack.last_mut().expect("the walk ends when the stack does");
             let i = top.next;
-            let Some(fwd) = top.list.get(i) else {
+            let Some(slot) = top.list.slot(i) else {
                 // This frame's topic is done: count its subtree, then add it to the
                 // topic that forwarded into it (the target of that frame's last step).
                 let done = stack.pop().expect("non-empty");
                 let Some(parent) = stack.last_mut() else {
                     return done.reached;
                 };
-                parent.list[parent.next - 1]
-                    .to()
-                    .count_publish(msg, done.reached);
+                if let Some(Some(fwd)) = parent.list.slot(parent.next - 1) {
+                    fwd.to().count_publish(msg, done.reached);
+                }
                 parent.reached += done.reached;
                 continue;
             };
             top.next = i + 1;
-            if fwd.is_cancelled() {
+            let Some(fwd) = slot.filter(|f| !f.is_cancelled()) else {
                 continue;
-            }
+            };
             let to = fwd.to();
             if !visited.insert(to) {
                 continue;
@@ -486,7 +543,7 @@ impl Topic {
             let reached = to.deliver_local(msg, ctx);
             let tapped = to.run_tap(msg, top.tapped) || top.tapped;
             if to.has_forwards.load(Ordering::Acquire) {
-                let list = to.forwards.load();
+                let list = to.forwards();
                 stack.push(Frame {
                     list,
                     next: 0,
@@ -501,7 +558,7 @@ impl Topic {
     }
 
     fn deliver_local(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
-        let subs = self.subscribers.load();
+        let subs = self.subscribers();
         let ty = msg.message_type();
         let mut count = 0;
         for sub in subs.iter() {
@@ -547,7 +604,7 @@ impl Topic {
         if !self.has_forwards.load(Ordering::Acquire) {
             return;
         }
-        for fwd in self.forwards.load().iter() {
+        for fwd in self.forwards().iter() {
             if !fwd.is_cancelled() && visited.insert(fwd.to()) {
                 pending.push(Arc::clone(fwd.to()));
             }
@@ -558,12 +615,7 @@ impl Topic {
     pub fn subscriber_count(&self) -> usize {
         let mut n = 0;
         self.any_reachable(|t| {
-            n += t
-                .subscribers
-                .load()
-                .iter()
-                .filter(|s| s.is_subscribed())
-                .count();
+            n += t.subscribers().iter().filter(|s| s.is_subscribed()).count();
             false
         });
         n
@@ -571,13 +623,13 @@ impl Topic {
 
     /// Subscriptions of this topic alone.
     pub fn direct_subscribers(&self) -> Vec<Arc<Subscription>> {
-        let subs = self.subscribers.load();
+        let subs = self.subscribers();
         subs.iter().filter(|s| s.is_subscribed()).cloned().collect()
     }
 
     /// Would a message of type `ty` reach at least one subscription that accepts it?
     pub fn wants(&self, ty: &MessageType) -> bool {
-        self.any_reachable(|t| t.subscribers.load().iter().any(|s| s.is_live_for(ty)))
+        self.any_reachable(|t| t.subscribers().iter().any(|s| s.is_live_for(ty)))
     }
 
     /// Publishes to `sub`'s topic and waits until `sub` handled the message.
