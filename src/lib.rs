@@ -54,7 +54,7 @@ mod layout_sizes {
     #[test]
     fn objects_stay_within_their_allocator_classes() {
         assert!(
-            size_of::<crate::Topic>() <= 88,
+            size_of::<crate::Topic>() <= 72,
             "{}",
             size_of::<crate::Topic>()
         );
