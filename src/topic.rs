@@ -1,11 +1,18 @@
 //! Topics: named publish points, their registry, and the publish path.
 //!
 //! The publish path takes no lock: a topic's subscriber list and forward list are
-//! immutable snapshots behind `ArcSwap`, replaced whole by the (rare) writers. A publish
-//! walks the topic and, transitively, the topics it forwards to, delivering straight into
-//! each subscription's mailbox: forwarding adds no queue hop. Each topic is visited at
-//! most once per publish and a subscription belongs to exactly one topic, so diamonds
-//! deliver once per subscription.
+//! immutable snapshots behind arc-swap (the first element in a slot of the topic, the
+//! others in a list: `split_list`), replaced by the (rare) writers. A publish walks the
+//! topic and, transitively, the topics it forwards to, delivering straight into each
+//! subscription's mailbox: forwarding adds no queue hop. Each topic is visited at most
+//! once per publish and a subscription belongs to exactly one topic, so diamonds deliver
+//! once per subscription. Every walk through forwards (publish, the cycle check,
+//! counting, `wants`) keeps its own stack or worklist: chains of forwards may be any
+//! length, and callbacks run on pool threads with small stacks.
+//!
+//! Dropping a topic cannot cascade down a chain of forwards: every forward in a topic's
+//! lists holds that topic (its `from`), so a topic whose last reference goes has no
+//! forwards left, and a forward's drop releases its `to`, which is in the same case.
 //!
 //! Unsubscribing and cancelling a forward cost O(1) amortized, however many subscriptions
 //! or forwards the topic has: the element is flagged (publishers skip it) and the list is
