@@ -11,7 +11,8 @@
  * Node commands (names are topic names; every topic has a recorder subscription):
  *   eid E                          sb_eid_set_default
  *   join SERVERS PREFIX NAME HB_MS [key=value ...]
- *   topic T [TYPE]                 create T with a recorder (accepting only TYPE if given)
+ *   topic T [TYPE]                 create T with a recorder (accepting only TYPE if given;
+ *                                  ":json": only the types that have to_json, by formatter)
  *   share T / unshare T / json T   sb_cluster_share_topic / _unshare_topic / _export_json
  *   forward FROM TO                sb_forward_all
  *   slowsub T MS                   a synchronous subscription to T whose callback sleeps MS ms
@@ -49,7 +50,7 @@
 #error "include nats_harness.h before cluster_node.h"
 #endif
 
-#define CN_TOPICS 8
+#define CN_TOPICS 12
 #define CN_SENDERS 8
 
 typedef struct cn_topic {
@@ -387,7 +388,9 @@ static int cn_topic_new(const char *name, const char *only_type)
     if (t->topic == NULL)
         return -1;
     t->sub = sb_subscribe(t->topic, cn_on_message, t);
-    if (only_type != NULL) {
+    if (only_type != NULL && strcmp(only_type, ":json") == 0) {
+        sb_subscription_accept_formatters(t->sub, SB_FORMATTER_JSON);
+    } else if (only_type != NULL) {
         sb_message_type *ty = cn_type(only_type);
         sb_subscription_accept_message_type(t->sub, ty);
         sb_message_type_unref(ty);

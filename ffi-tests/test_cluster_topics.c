@@ -1,7 +1,8 @@
 /*
  * test_cluster_topics.c - shared topics between node processes over a real nats-server:
  * bytes and codec messages in order, no echo, no loops through forwards, types created
- * on arrival, undecodable arrivals counted, selective import, sb_cluster_publish_to,
+ * on arrival, undecodable arrivals counted, selective import (by type and by formatter),
+ * sb_cluster_publish_to,
  * prefix isolation, JSON export read by a plain NATS client, the node list and node
  * events, a forked child.
  */
@@ -157,6 +158,47 @@ static void test_selective_import(void)
     CHECK_EQ_INT(stat_of(&b, ST_RECEIVED), recv0 + 50);
     CHECK_EQ_INT(stat_of(&b, ST_DROPPED_IN), drop0);
     CHECK_EQ_INT(count_of(&b, "sel", CT_TOTAL), 50);
+}
+
+/* One probe message of a type b only just created: true once b has received one. */
+static int probe_arrived(long long before)
+{
+    CN_OK(&a, "pub fsel jsonflater 1 probe");
+    cn_sleep_ms(20);
+    return count_of(&b, "fsel", CT_TOTAL) > before;
+}
+
+static void test_formatter_import(void)
+{
+    /* b's only subscriber of "fsel" accepts the JSON formatter: b takes from the network
+     * the types that have to_json on b, and no other. */
+    CN_OK(&b, "topic fscratch");
+    CN_OK(&b, "pub fscratch jsonfa 0 x"); /* b has the type "jsonfa", with to_json */
+    CN_OK(&b, "topic fsel :json");
+    CN_OK(&b, "share fsel");
+    CN_OK(&a, "topic fsel");
+    CN_OK(&a, "share fsel");
+    long long recv0 = stat_of(&b, ST_RECEIVED);
+    long long drop0 = stat_of(&b, ST_DROPPED_IN);
+    CN_OK(&a, "pub fsel fplain 50 u");
+    CN_OK(&a, "pub fsel jsonfa 50 w");
+    WAIT_UNTIL(count_of(&b, "fsel", CT_TOTAL) == 50);
+    cn_sleep_ms(300);
+    CHECK_EQ_INT(stat_of(&b, ST_RECEIVED), recv0 + 50);
+    CHECK_EQ_INT(stat_of(&b, ST_DROPPED_IN), drop0);
+
+    /* A type with to_json that b creates later is taken too (no other change of interest
+     * on b tells the cluster to look again). */
+    CN_OK(&b, "pub fscratch jsonflater 0 x");
+    WAIT_UNTIL(probe_arrived(50));
+    long long got = count_of(&b, "fsel", CT_TOTAL);
+    CN_OK(&a, "pub fsel jsonflater 20 l");
+    CN_OK(&a, "pub fsel fplain 20 u");
+    WAIT_UNTIL(count_of(&b, "fsel", CT_TOTAL) == got + 20);
+    cn_sleep_ms(300);
+    CHECK_EQ_INT(count_of(&b, "fsel", CT_TOTAL), got + 20);
+    CHECK_EQ_INT(stat_of(&b, ST_RECEIVED), recv0 + got + 20);
+    CHECK_EQ_INT(stat_of(&b, ST_DROPPED_IN), drop0);
 }
 
 static void test_publish_to(void)
@@ -330,6 +372,7 @@ int main(int argc, char **argv)
     test_type_created_on_arrival();
     test_forwards_no_loops();
     test_selective_import();
+    test_formatter_import();
     test_publish_to();
     test_prefix_isolation(argv[0]);
     test_json_export();

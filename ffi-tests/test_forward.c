@@ -316,10 +316,12 @@ static void test_many_forwards(void)
     for (int step = 0; step < MANY_FWD; step++) {
         int k = (step * 37) % MANY_FWD; /* 37 is coprime with 100: each index once */
         CHECK(sb_forward_cancel(fw[k]) == NULL);
-        if (step == 0) {
+        if (step == 1) {
             /* a second cancel of the same handle (a caller bug), while the cancelled
              * forward still sits in src's list (the list is rebuilt only once half of
-             * it is cancelled): an error, and nothing released twice (valgrind) */
+             * it is cancelled; not step 0: the first forward sits in the topic's own
+             * slot, which a cancel empties at once): an error, and nothing released
+             * twice (valgrind) */
             CHECK(sb_topic_create(NULL) == NULL); /* some other error first */
             CHECK(sb_forward_cancel(fw[k]) == NULL);
             CHECK(tu_contains_ci(sb_last_error(), "already cancelled"));

@@ -108,6 +108,12 @@
 #define SB_LOG_DEBUG 4
 
 /**
+ * Formatter bit for sb_subscription_accept_formatters: the message's type has
+ * `to_json` (its vtable gave one).
+ */
+#define SB_FORMATTER_JSON 1
+
+/**
  * A cache of snapshots (opaque, refcounted).
  */
 typedef struct sb_cache sb_cache;
@@ -1495,6 +1501,21 @@ int sb_subscription_accept_message_type(struct sb_subscription *sub,
  */
 int sb_subscription_decline_message_type(struct sb_subscription *sub,
                                          const struct sb_message_type *ty);
+
+/**
+ * Also delivers every message whose type has one of the `formatters` (SB_FORMATTER_JSON:
+ * the type has `to_json`), whether or not the type was accepted by name, including
+ * types created (or given a to_json) later; switches the filter to SB_FILTER_SELECTIVE,
+ * as accepting a type does. Bits add up across calls; 0 changes nothing. A type declined
+ * with sb_subscription_decline_message_type stays declined even when it has an accepted
+ * formatter (unlike Stasis, where decline only undoes an accept); accepting the type by
+ * name lifts the decline. Formatter acceptance counts for sb_topic_wants and for what a
+ * cluster node takes from the network. Only selective filters use it (SB_FILTER_NONE
+ * delivers every type not declined anyway).
+ * Returns SB_OK, or SB_E_INVAL for a NULL or dead handle or an unknown bit.
+ * Ownership: `sub` is borrowed.
+ */
+int sb_subscription_accept_formatters(struct sb_subscription *sub, unsigned int formatters);
 
 /**
  * Sets the filter mode: SB_FILTER_NONE or SB_FILTER_SELECTIVE.

@@ -1,6 +1,16 @@
 //! Per-subscription message type filters, read on every publish without a lock.
+//!
+//! A selective filter delivers the types it accepted by name and, as Stasis's formatter
+//! filters do, every type that has an accepted formatter (`FORMATTER_JSON`: the type
+//! has `to_json`), including types created or given a formatter later: the type's
+//! formatter bits are read at publish time. An explicit decline wins over a formatter:
+//! a declined type is not delivered even when it has an accepted formatter (a consumer
+//! that takes "every JSON type but this noisy one" says so with one decline). Stasis's
+//! decline only clears the type's accept bit, so there the formatter would still let it
+//! through; here decline keeps meaning what it means without a selective filter.
 
-use crate::message_type::MessageType;
+use crate::error::{Error, Result};
+use crate::message_type::{MessageType, FORMATTERS_KNOWN};
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -16,6 +26,8 @@ pub(crate) const FILTER_SELECTIVE: u32 = 1;
 struct TypeSets {
     accepted: Vec<u64>,
     declined: Vec<u64>,
+    /// Accepted formatter bits (`FORMATTER_JSON`...), used in selective mode.
+    formatters: u8,
 }
 
 fn bit(set: &[u64], id: u32) -> bool {
@@ -69,7 +81,10 @@ impl Filter {
                     return mode != MODE_SELECTIVE;
                 };
                 if mode == MODE_SELECTIVE {
+                    // The formatter test runs only for types not accepted by name, so a
+                    // filter without formatters pays nothing more than its bit test.
                     bit(&sets.accepted, ty.id())
+                        || (sets.formatters & ty.formatters() != 0 && !bit(&sets.declined, ty.id()))
                 } else {
                     !bit(&sets.declined, ty.id())
                 }
@@ -127,7 +142,61 @@ impl Filter {
         });
     }
 
+    /// Also accepts every type that has one of the `formatters` bits, and switches to
+    /// selective filtering (nothing changes for 0). Unknown bits are refused.
+    pub(crate) fn accept_formatters(&self, formatters: u32) -> Result<()> {
+        if formatters & !u32::from(FORMATTERS_KNOWN) != 0 {
+            return Err(Error::invalid(format!(
+                "unknown formatter bits {:#x} (known: {:#x})",
+                formatters & !u32::from(FORMATTERS_KNOWN),
+                FORMATTERS_KNOWN
+            )));
+        }
+        if formatters == 0 {
+            return Ok(());
+        }
+        self.update(|sets, selective| {
+            sets.formatters |= formatters as u8;
+            *selective = true;
+        });
+        Ok(())
+    }
+
     pub(crate) fn set_selective(&self, on: bool) {
         self.update(|_, selective| *selective = on);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::message_type::ToJsonFn;
+
+    fn json() -> Option<ToJsonFn> {
+        Some(Box::new(|_| Some("{}".into())))
+    }
+
+    #[test]
+    fn formatters_or_types_and_decline_wins() {
+        let j = MessageType::create("unit/filter/json", json()).unwrap();
+        let p = MessageType::create("unit/filter/plain", None).unwrap();
+        let f = Filter::new();
+        assert!(f.accepts(&j) && f.accepts(&p));
+        assert!(f.accept_formatters(2).is_err());
+        assert!(f.accepts(&p), "a refused call changes nothing");
+        f.accept_formatters(u32::from(FORMATTERS_KNOWN)).unwrap();
+        assert!(f.accepts(&j) && !f.accepts(&p));
+        f.accept(&p);
+        assert!(f.accepts(&j) && f.accepts(&p));
+        f.decline(&j);
+        assert!(!f.accepts(&j) && f.accepts(&p));
+        // A type created after the filter, with a formatter.
+        let epoch = crate::tap::interest_epoch();
+        let later = MessageType::create("unit/filter/json-later", json()).unwrap();
+        assert!(
+            crate::tap::interest_epoch() > epoch,
+            "cluster interest looks again"
+        );
+        assert!(f.accepts(&later));
     }
 }

@@ -22,6 +22,7 @@ mod names;
 pub mod pool;
 pub mod router;
 mod small_list;
+mod split_list;
 pub mod stats;
 pub mod subscription;
 mod sync;
@@ -59,7 +60,7 @@ mod layout_sizes {
     #[test]
     fn objects_stay_within_their_allocator_classes() {
         assert!(
-            size_of::<crate::Topic>() <= 88,
+            size_of::<crate::Topic>() <= 72,
             "{}",
             size_of::<crate::Topic>()
         );

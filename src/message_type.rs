@@ -15,10 +15,17 @@ use crate::names::check_name;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock};
 
 pub(crate) const TYPE_MAGIC: u32 = 0x5342_5459; // "SBTY"
 pub(crate) const DEAD_MAGIC: u32 = 0xdead_dead;
+
+/// Formatter bits (`Formatters`): what a type can render itself as. Subscriptions accept
+/// by these as well as by type (`filter`).
+pub(crate) const FORMATTER_JSON: u8 = 1;
+/// Every formatter bit defined so far.
+pub(crate) const FORMATTERS_KNOWN: u8 = FORMATTER_JSON;
 
 /// Renders a message as JSON text (the wire codecs will sit beside it).
 pub type ToJsonFn = Box<dyn Fn(&Message) -> Option<String> + Send + Sync>;
@@ -30,6 +37,10 @@ pub struct MessageType {
     id: u32,
     name: CString,
     to_json: RwLock<Option<Arc<ToJsonFn>>>,
+    /// The formatters this type has now (`FORMATTER_JSON` when `to_json` is set): read
+    /// with one relaxed load by publish-time filters, which must not take `to_json`'s
+    /// lock. Written with `to_json`, under the registry lock.
+    formatters: AtomicU8,
     /// Publishes of messages of this type. On a cache line of its own: every publish
     /// writes it, and subscribers' threads read the fields above.
     #[cfg(not(feature = "no-stats"))]
@@ -66,19 +77,33 @@ impl MessageType {
             // Only the registry's own reference: nobody uses the type; take the new
             // creator's functions (the old ones may belong to unloaded code).
             if Arc::strong_count(ty) == 1 {
+                let before = ty.formatters();
+                let after = formatters_of(&to_json);
                 *ty.to_json.write() = to_json.map(Arc::new);
+                ty.formatters.store(after, Ordering::Relaxed);
+                if before != after {
+                    // Formatter-accepting subscriptions now want this type, or no longer.
+                    crate::tap::interest_changed();
+                }
             }
             return Arc::clone(ty);
         }
+        let formatters = formatters_of(&to_json);
         let ty = Arc::new(MessageType {
             magic: TYPE_MAGIC,
             id: reg.by_name.len() as u32,
             name: CString::new(name).expect("checked for NUL"),
             to_json: RwLock::new(to_json.map(Arc::new)),
+            formatters: AtomicU8::new(formatters),
             #[cfg(not(feature = "no-stats"))]
             published: Padded::default(),
         });
         reg.by_name.insert(name.into(), Arc::clone(&ty));
+        if formatters != 0 {
+            // A subscription that accepts this formatter wants the new type: whoever
+            // mirrors `Topic::wants` (the cluster's selective import) must look again.
+            crate::tap::interest_changed();
+        }
         ty
     }
 
@@ -135,6 +160,11 @@ impl MessageType {
     pub fn has_to_json(&self) -> bool {
         self.to_json.read().is_some()
     }
+    /// The formatter bits of this type now (`FORMATTER_JSON`...), without a lock.
+    #[inline]
+    pub(crate) fn formatters(&self) -> u8 {
+        self.formatters.load(Ordering::Relaxed)
+    }
     pub fn to_json(&self, msg: &Message) -> Option<String> {
         // Clone out of the lock: to_json is user code.
         let f = self.to_json.read().clone();
@@ -155,6 +185,14 @@ impl MessageType {
 impl std::fmt::Debug for MessageType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MessageType({}#{})", self.name(), self.id)
+    }
+}
+
+fn formatters_of(to_json: &Option<ToJsonFn>) -> u8 {
+    if to_json.is_some() {
+        FORMATTER_JSON
+    } else {
+        0
     }
 }
 

@@ -1,5 +1,5 @@
-//! Immutable list snapshots (a topic's subscribers, its forwards) that hold a single
-//! element inline.
+//! Immutable list snapshots (a topic's subscribers and forwards past the first, see
+//! `split_list`) that hold a single element inline.
 //!
 //! Most topics have one subscription and forward to at most one topic; as an
 //! `Arc<Vec<T>>` each such list cost two allocations (the `Arc` and the vector's buffer).

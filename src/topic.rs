@@ -1,11 +1,18 @@
 //! Topics: named publish points, their registry, and the publish path.
 //!
 //! The publish path takes no lock: a topic's subscriber list and forward list are
-//! immutable snapshots behind `ArcSwap`, replaced whole by the (rare) writers. A publish
-//! walks the topic and, transitively, the topics it forwards to, delivering straight into
-//! each subscription's mailbox: forwarding adds no queue hop. Each topic is visited at
-//! most once per publish and a subscription belongs to exactly one topic, so diamonds
-//! deliver once per subscription.
+//! immutable snapshots behind arc-swap (the first element in a slot of the topic, the
+//! others in a list: `split_list`), replaced by the (rare) writers. A publish walks the
+//! topic and, transitively, the topics it forwards to, delivering straight into each
+//! subscription's mailbox: forwarding adds no queue hop. Each topic is visited at most
+//! once per publish and a subscription belongs to exactly one topic, so diamonds deliver
+//! once per subscription. Every walk through forwards (publish, the cycle check,
+//! counting, `wants`) keeps its own stack or worklist: chains of forwards may be any
+//! length, and callbacks run on pool threads with small stacks.
+//!
+//! Dropping a topic cannot cascade down a chain of forwards: every forward in a topic's
+//! lists holds that topic (its `from`), so a topic whose last reference goes has no
+//! forwards left, and a forward's drop releases its `to`, which is in the same case.
 //!
 //! Unsubscribing and cancelling a forward cost O(1) amortized, however many subscriptions
 //! or forwards the topic has: the element is flagged (publishers skip it) and the list is
@@ -17,17 +24,19 @@ use crate::forward::Forward;
 use crate::message::Message;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::names::check_name;
-use crate::small_list::{retire, SmallList};
+use crate::small_list::SmallList;
+use crate::split_list::{self, Snapshot};
 use crate::subscription::Subscription;
 use crate::tap;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use once_cell::race::OnceBox;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use std::borrow::Borrow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
 pub(crate) const TOPIC_MAGIC: u32 = 0x5342_5450; // "SBTP"
@@ -35,48 +44,70 @@ pub(crate) const TOPIC_MAGIC: u32 = 0x5342_5450; // "SBTP"
 type SubList = SmallList<Arc<Subscription>>;
 pub(crate) type ForwardList = SmallList<Arc<Forward>>;
 
-/// Unsubscribed subscriptions and cancelled forwards still in the lists (see
-/// `small_list::retire`).
-#[derive(Default)]
-struct Retired {
-    subscribers: u32,
-    forwards: u32,
-}
-
+/// Field order: the flags fill what was the padding after `magic`, and the lock (one
+/// byte, its counts in the side part) comes last: 72 bytes, so a topic takes a 96-byte
+/// block of the allocator instead of 112 (W8 holds 100,000; see `layout_sizes` in
+/// lib.rs).
 #[repr(C)]
 pub struct Topic {
     magic: u32,
+    /// Some forward is in the lists: lets the common publish skip loading them.
+    has_forwards: AtomicBool,
+    has_more_subs: AtomicBool,
+    has_more_forwards: AtomicBool,
+    /// A tap is installed (`tap`): lets every other publish skip the tap map.
+    has_tap: AtomicBool,
     name: CString,
     /// Process-unique number; the uniqueid text is built on demand.
     number: u64,
     /// When the topic was created (CLOCK_REALTIME ns), for its statistics.
     created_ns: u64,
     /// What most topics never need, in one thin box allocated on first use: the
-    /// detail, the uniqueid text and the publish counters (allocated by the first
-    /// publish). Keeps a topic in the allocator's 112-byte class (see `layout_sizes` in
-    /// lib.rs), and the counters, written by every publish, off the cache line that
-    /// publishers only read.
+    /// detail, the uniqueid text, the publish counters (allocated by the first
+    /// publish), and the subscriptions and forwards past the first. Keeps the
+    /// counters, written by every publish, off the cache line that publishers only
+    /// read.
     side: OnceBox<TopicSide>,
-    /// May hold unsubscribed subscriptions, which publishers skip.
-    subscribers: ArcSwap<SubList>,
-    /// Written under the forward graph lock. May hold cancelled forwards, which
+    /// The subscriptions are a split list (`split_list`): the first in this slot, the
+    /// others in the side part (`more_subs`, when `has_more_subs`), so a topic with one
+    /// subscription allocates no list. May hold unsubscribed subscriptions, which
     /// publishers skip.
-    pub(crate) forwards: ArcSwap<ForwardList>,
-    /// `forwards` is non-empty: lets the common publish skip loading it.
-    pub(crate) has_forwards: AtomicBool,
-    /// A tap is installed (`tap`): lets every other publish skip the tap map.
-    has_tap: AtomicBool,
-    /// Serializes writers of `subscribers` and of the retirement counts.
-    write: Mutex<Retired>,
+    first_sub: ArcSwapOption<Subscription>,
+    /// The forwards out of this topic, split the same way. Written under the forward
+    /// graph lock. May hold cancelled forwards, which publishers skip.
+    first_forward: ArcSwapOption<Forward>,
+    /// Serializes writers of the lists and of the retirement counts.
+    write: Mutex<()>,
 }
 
 /// A topic's rarely needed parts (see `Topic::side`).
-#[derive(Default)]
 struct TopicSide {
     detail: Option<CString>,
     uniqueid: OnceLock<CString>,
     published: AtomicU64,
     not_dispatched: AtomicU64,
+    /// Subscriptions and forwards past the first (see `Topic::first_sub`).
+    more_subs: split_list::More<Subscription>,
+    more_forwards: split_list::More<Forward>,
+    /// Unsubscribed subscriptions and cancelled forwards still in those lists (see
+    /// `small_list::retire`); written under the topic's `write` lock.
+    retired_subs: AtomicU32,
+    retired_forwards: AtomicU32,
+}
+
+impl Default for TopicSide {
+    fn default() -> TopicSide {
+        TopicSide {
+            detail: None,
+            uniqueid: OnceLock::new(),
+            published: AtomicU64::new(0),
+            not_dispatched: AtomicU64::new(0),
+            more_subs: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
+            more_forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
+            retired_subs: AtomicU32::new(0),
+            retired_forwards: AtomicU32::new(0),
+        }
+    }
 }
 
 /// A topic's figures (`sb_topic_stats`).
@@ -94,58 +125,49 @@ pub struct TopicStats {
 }
 
 static EMPTY_SUBS: LazyLock<Arc<SubList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
-pub(crate) static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> =
-    LazyLock::new(|| Arc::new(SmallList::Empty));
-type RegistryMap = HashMap<RegKey, Weak<Topic>>;
+static EMPTY_FORWARDS: LazyLock<Arc<ForwardList>> = LazyLock::new(|| Arc::new(SmallList::Empty));
+type RegistryMap = HashSet<RegEntry>;
 static REGISTRY: LazyLock<Mutex<RegistryMap>> = LazyLock::new(Default::default);
 
-/// A registry key: the name bytes of the topic the entry maps to, borrowed from that
-/// topic's own `name`, so each name is stored once (W8: 32 bytes less per topic).
+/// A registry entry: a weak reference to a topic, hashed and compared by that topic's
+/// name, read through the reference. One pointer per entry, and each name stored once
+/// (W8: a key of its own cost 32 bytes per topic, a borrowed key beside the reference
+/// about 21 bytes of table per topic more than this).
 ///
 /// Invariant: an entry is inserted only for a topic just created, and removed (under
 /// the registry lock) by that topic's `Drop` before its fields are dropped, or before a
-/// new topic of the same name replaces it. Every key is read under the registry lock,
-/// so the bytes it points to are alive whenever it is read.
-struct RegKey {
-    ptr: *const u8,
-    len: usize,
-}
+/// new topic of the same name replaces it. Every entry is read under the registry lock,
+/// so the topic's `name` is alive whenever it is read, even once the topic's last
+/// strong reference is gone (its `Drop` waits for the lock, and until it has removed
+/// the entry it only reads `name` too).
+struct RegEntry(Weak<Topic>);
 
-impl RegKey {
-    fn of(topic: &Topic) -> RegKey {
-        let bytes = topic.name.as_bytes();
-        RegKey {
-            ptr: bytes.as_ptr(),
-            len: bytes.len(),
-        }
-    }
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: see the invariant above: the owning topic's name is alive while its
-        // entry is in the registry, and the registry is only read under its lock.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+impl RegEntry {
+    fn name(&self) -> &[u8] {
+        // SAFETY: the allocation lives as long as this weak reference, and by the
+        // invariant above the topic's fields are not dropped while the entry is in the
+        // registry, which is only read under its lock.
+        unsafe { (*self.0.as_ptr()).name.as_bytes() }
     }
 }
 
-// SAFETY: a key is only a view of bytes that never change, read under the registry lock.
-unsafe impl Send for RegKey {}
-
-impl Borrow<[u8]> for RegKey {
+impl Borrow<[u8]> for RegEntry {
     fn borrow(&self) -> &[u8] {
-        self.bytes()
+        self.name()
     }
 }
 // Hash and Eq as the borrowed bytes', as `Borrow` requires.
-impl Hash for RegKey {
+impl Hash for RegEntry {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.bytes().hash(state);
+        self.name().hash(state);
     }
 }
-impl PartialEq for RegKey {
+impl PartialEq for RegEntry {
     fn eq(&self, other: &Self) -> bool {
-        self.bytes() == other.bytes()
+        self.name() == other.name()
     }
 }
-impl Eq for RegKey {}
+impl Eq for RegEntry {}
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Topics already visited by one publish, by process-unique number (not by address: a
@@ -208,7 +230,7 @@ impl Topic {
             return Err(Error::invalid("topic detail contains a NUL byte"));
         }
         let mut reg = REGISTRY.lock();
-        if let Some(live) = reg.get(name.as_bytes()).and_then(Weak::upgrade) {
+        if let Some(live) = reg.get(name.as_bytes()).and_then(|e| e.0.upgrade()) {
             return Ok(live);
         }
         Ok(Topic::register_new(&mut reg, name, detail))
@@ -227,7 +249,7 @@ impl Topic {
         // registry lock, could be a dying topic's last one, and its drop takes this lock.
         while reg
             .get(name.as_bytes())
-            .is_some_and(|w| w.strong_count() > 0)
+            .is_some_and(|e| e.0.strong_count() > 0)
         {
             k += 1;
             name = format!("{base}-{k}");
@@ -253,22 +275,26 @@ impl Topic {
                     ..TopicSide::default()
                 }))
             },
-            subscribers: ArcSwap::new(Arc::clone(&EMPTY_SUBS)),
-            forwards: ArcSwap::new(Arc::clone(&EMPTY_FORWARDS)),
             has_forwards: AtomicBool::new(false),
+            has_more_subs: AtomicBool::new(false),
+            has_more_forwards: AtomicBool::new(false),
             has_tap: AtomicBool::new(false),
-            write: Mutex::new(Retired::default()),
+            first_sub: ArcSwapOption::const_empty(),
+            first_forward: ArcSwapOption::const_empty(),
+            write: Mutex::new(()),
         });
-        // A dead topic's entry goes first: `insert` would keep its key, which points into
-        // that topic's name.
+        // A dead topic's entry goes first: `insert` would keep it (an equal entry).
         reg.remove(name.as_bytes());
-        reg.insert(RegKey::of(&topic), Arc::downgrade(&topic));
+        reg.insert(RegEntry(Arc::downgrade(&topic)));
         topic
     }
 
     /// The live topic named `name`.
     pub fn get(name: &str) -> Option<Arc<Topic>> {
-        REGISTRY.lock().get(name.as_bytes()).and_then(Weak::upgrade)
+        REGISTRY
+            .lock()
+            .get(name.as_bytes())
+            .and_then(|e| e.0.upgrade())
     }
 
     pub(crate) fn magic_ok(&self) -> bool {
@@ -342,9 +368,41 @@ impl Topic {
         if !sub.is_subscribed() {
             return;
         }
-        let list = self.subscribers.load().pushed(Arc::clone(sub));
-        self.subscribers.store(Arc::new(list));
+        split_list::push(
+            &self.first_sub,
+            &self.has_more_subs,
+            || &self.side().more_subs,
+            Arc::clone(sub),
+        );
         tap::interest_changed();
+    }
+
+    /// Adds `forward` (out of this topic). Called under the forward graph lock.
+    pub(crate) fn add_forward(&self, forward: &Arc<Forward>) {
+        let _w = self.write.lock();
+        split_list::push(
+            &self.first_forward,
+            &self.has_more_forwards,
+            || &self.side().more_forwards,
+            Arc::clone(forward),
+        );
+        self.has_forwards.store(true, Ordering::Release);
+    }
+
+    /// This topic's subscriptions now (unsubscribed ones included).
+    #[inline]
+    fn subscribers(&self) -> Snapshot<Subscription> {
+        Snapshot::load(&self.first_sub, &self.has_more_subs, || {
+            self.side.get().map(|s| &s.more_subs)
+        })
+    }
+
+    /// The forwards out of this topic now (cancelled ones included).
+    #[inline]
+    fn forwards(&self) -> Snapshot<Forward> {
+        Snapshot::load(&self.first_forward, &self.has_more_forwards, || {
+            self.side.get().map(|s| &s.more_forwards)
+        })
     }
 
     /// Process-unique number of this topic.
@@ -364,13 +422,20 @@ impl Topic {
     /// One of this topic's subscriptions was unsubscribed (its flag is already clear, so
     /// publishers skip it): it leaves the list now or with others later.
     pub(crate) fn retire_subscriber(&self) {
-        let mut w = self.write.lock();
-        let replaced = retire(
-            &self.subscribers,
-            &mut w.subscribers,
+        let w = self.write.lock();
+        let side = self.side.get();
+        let mut gone = side.map_or(0, |s| s.retired_subs.load(Ordering::Relaxed));
+        let replaced = split_list::retire_one(
+            &self.first_sub,
+            &self.has_more_subs,
+            side.map(|s| &s.more_subs),
+            &mut gone,
             |s| !s.is_subscribed(),
             &EMPTY_SUBS,
         );
+        if let Some(side) = side {
+            side.retired_subs.store(gone, Ordering::Relaxed);
+        }
         drop(w);
         tap::interest_changed();
         drop(replaced); // may drop the last reference to subscriptions: not under the lock
@@ -380,18 +445,24 @@ impl Topic {
     /// it): it leaves the list now or with others later. Called under the forward graph
     /// lock; returns the replaced list, to be dropped once that lock is released (it
     /// may hold the last reference to forwards, and through them to topics).
-    pub(crate) fn retire_forward(&self) -> Option<Arc<ForwardList>> {
-        let mut w = self.write.lock();
-        let replaced = retire(
-            &self.forwards,
-            &mut w.forwards,
+    pub(crate) fn retire_forward(&self) -> split_list::Replaced<Forward> {
+        let _w = self.write.lock();
+        let side = self.side.get();
+        let more = side.map(|s| &s.more_forwards);
+        let mut gone = side.map_or(0, |s| s.retired_forwards.load(Ordering::Relaxed));
+        let replaced = split_list::retire_one(
+            &self.first_forward,
+            &self.has_more_forwards,
+            more,
+            &mut gone,
             |f| f.is_cancelled(),
             &EMPTY_FORWARDS,
         );
-        if replaced.is_some() {
-            let any = !self.forwards.load().is_empty();
-            self.has_forwards.store(any, Ordering::Release);
+        if let Some(side) = side {
+            side.retired_forwards.store(gone, Ordering::Relaxed);
         }
+        let any = !split_list::is_empty(&self.first_forward, more);
+        self.has_forwards.store(any, Ordering::Release);
         replaced
     }
 
@@ -420,48 +491,87 @@ impl Topic {
         let mut count = self.deliver_local(msg, ctx);
         let tapped = self.run_tap(msg, false);
         if self.has_forwards.load(Ordering::Acquire) {
-            let mut visited = Visited::new(self);
-            self.for_each_forward_target(|to| {
-                count += to.publish_forwarded(msg, ctx, &mut visited, tapped)
-            });
+            count += self.publish_through_forwards(msg, ctx, tapped);
         }
         self.count_publish(msg, count);
         count
     }
 
-    /// `through_tap`: the walk passed a tapped topic on its way here (see `tap`).
-    fn publish_forwarded(
+    /// Delivers `msg` to every topic reached from this one through forwards (not to this
+    /// one), each once, in the order a depth-first recursion would; returns the
+    /// subscriptions reached. `tapped`: whether this topic's tap claimed the publish.
+    ///
+    /// The walk keeps its own stack instead of recursing: a chain of forwards may be
+    /// any length (a 100,000-topic chain recursed as deep, which overflowed a pool
+    /// thread's stack). Each frame holds the forward list it iterates (so the topics in
+    /// it stay alive), how far it got, what its topic's subtree reached so far (counted
+    /// when the frame ends, as the recursion counted on return) and whether the publish
+    /// passed a tapped topic on the way. Topics without forwards of their own get no
+    /// frame, and the first few frames live inline: forwarding A to B costs no
+    /// allocation and one list load, as before.
+    fn publish_through_forwards(
         &self,
         msg: &Arc<Message>,
         ctx: &mut PublishCtx<'_>,
-        visited: &mut Visited,
-        through_tap: bool,
+        tapped: bool,
     ) -> usize {
-        if !visited.insert(self) {
-            return 0;
+        struct Frame {
+            list: Snapshot<Forward>,
+            next: usize,
+            reached: usize,
+            tapped: bool,
         }
-        let mut count = self.deliver_local(msg, ctx);
-        let tapped = self.run_tap(msg, through_tap) || through_tap;
-        self.for_each_forward_target(|to| count += to.publish_forwarded(msg, ctx, visited, tapped));
-        self.count_publish(msg, count);
-        count
-    }
-
-    /// Calls `f` with the destination of each forward out of this topic that is not
-    /// cancelled (a cancelled one may still be in the list, see `retire_forward`).
-    fn for_each_forward_target(&self, mut f: impl FnMut(&Arc<Topic>)) {
-        for fwd in self
-            .forwards
-            .load()
-            .iter()
-            .filter(|fwd| !fwd.is_cancelled())
-        {
-            f(fwd.to());
+        let mut visited = Visited::new(self);
+        let mut stack: SmallVec<[Frame; 4]> = SmallVec::new();
+        stack.push(Frame {
+            list: self.forwards(),
+            next: 0,
+            reached: 0,
+            tapped,
+        });
+        loop {
+            let top = stack.last_mut().expect("the walk ends when the stack does");
+            let i = top.next;
+            let Some(slot) = top.list.slot(i) else {
+                // This frame's topic is done: count its subtree, then add it to the
+                // topic that forwarded into it (the target of that frame's last step).
+                let done = stack.pop().expect("non-empty");
+                let Some(parent) = stack.last_mut() else {
+                    return done.reached;
+                };
+                if let Some(Some(fwd)) = parent.list.slot(parent.next - 1) {
+                    fwd.to().count_publish(msg, done.reached);
+                }
+                parent.reached += done.reached;
+                continue;
+            };
+            top.next = i + 1;
+            let Some(fwd) = slot.filter(|f| !f.is_cancelled()) else {
+                continue;
+            };
+            let to = fwd.to();
+            if !visited.insert(to) {
+                continue;
+            }
+            let reached = to.deliver_local(msg, ctx);
+            let tapped = to.run_tap(msg, top.tapped) || top.tapped;
+            if to.has_forwards.load(Ordering::Acquire) {
+                let list = to.forwards();
+                stack.push(Frame {
+                    list,
+                    next: 0,
+                    reached,
+                    tapped,
+                });
+            } else {
+                to.count_publish(msg, reached);
+                top.reached += reached;
+            }
         }
     }
 
     fn deliver_local(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
-        let subs = self.subscribers.load();
+        let subs = self.subscribers();
         let ty = msg.message_type();
         let mut count = 0;
         for sub in subs.iter() {
@@ -478,47 +588,61 @@ impl Topic {
         count
     }
 
-    /// Walks this topic and every topic it reaches through forwards, once each.
-    pub(crate) fn for_each_reachable(&self, f: &mut dyn FnMut(&Topic)) {
-        fn walk(t: &Topic, visited: &mut Visited, f: &mut dyn FnMut(&Topic)) {
-            f(t);
-            t.for_each_forward_target(|to| {
-                if visited.insert(to) {
-                    walk(to, visited, f);
-                }
-            });
+    /// Calls `f` on this topic and on every topic it reaches through forwards, once each,
+    /// until `f` returns true; returns whether it did. Iterative (a worklist, not a
+    /// recursion): a chain of forwards may be any length, and this runs on pool threads'
+    /// small stacks too. The order is unspecified.
+    pub(crate) fn any_reachable(&self, mut f: impl FnMut(&Topic) -> bool) -> bool {
+        if f(self) {
+            return true;
+        }
+        if !self.has_forwards.load(Ordering::Acquire) {
+            return false;
         }
         let mut visited = Visited::new(self);
-        walk(self, &mut visited, f);
+        let mut pending: Vec<Arc<Topic>> = Vec::new();
+        self.push_forward_targets(&mut visited, &mut pending);
+        while let Some(t) = pending.pop() {
+            if f(&t) {
+                return true;
+            }
+            t.push_forward_targets(&mut visited, &mut pending);
+        }
+        false
+    }
+
+    /// Pushes the destinations of this topic's live forwards that `visited` does not
+    /// hold yet (a cancelled forward may still be in the list, see `retire_forward`).
+    fn push_forward_targets(&self, visited: &mut Visited, pending: &mut Vec<Arc<Topic>>) {
+        if !self.has_forwards.load(Ordering::Acquire) {
+            return;
+        }
+        for fwd in self.forwards().iter() {
+            if !fwd.is_cancelled() && visited.insert(fwd.to()) {
+                pending.push(Arc::clone(fwd.to()));
+            }
+        }
     }
 
     /// Subscriptions a publish here would reach, including through forwards.
     pub fn subscriber_count(&self) -> usize {
         let mut n = 0;
-        self.for_each_reachable(&mut |t| {
-            n += t
-                .subscribers
-                .load()
-                .iter()
-                .filter(|s| s.is_subscribed())
-                .count();
+        self.any_reachable(|t| {
+            n += t.subscribers().iter().filter(|s| s.is_subscribed()).count();
+            false
         });
         n
     }
 
     /// Subscriptions of this topic alone.
     pub fn direct_subscribers(&self) -> Vec<Arc<Subscription>> {
-        let subs = self.subscribers.load();
+        let subs = self.subscribers();
         subs.iter().filter(|s| s.is_subscribed()).cloned().collect()
     }
 
     /// Would a message of type `ty` reach at least one subscription that accepts it?
     pub fn wants(&self, ty: &MessageType) -> bool {
-        let mut wanted = false;
-        self.for_each_reachable(&mut |t| {
-            wanted = wanted || t.subscribers.load().iter().any(|s| s.is_live_for(ty));
-        });
-        wanted
+        self.any_reachable(|t| t.subscribers().iter().any(|s| s.is_live_for(ty)))
     }
 
     /// Publishes to `sub`'s topic and waits until `sub` handled the message.
@@ -551,8 +675,8 @@ impl Drop for Topic {
     fn drop(&mut self) {
         let mut reg = REGISTRY.lock();
         let name = self.name.as_bytes();
-        if let Some(w) = reg.get(name) {
-            if std::ptr::eq(w.as_ptr(), self) {
+        if let Some(e) = reg.get(name) {
+            if std::ptr::eq(e.0.as_ptr(), self) {
                 reg.remove(name);
                 if reg.is_empty() {
                     // The last topic is gone: give the table back (a process that stops
@@ -575,15 +699,19 @@ impl std::fmt::Debug for Topic {
 /// Every live topic. The registry lock is held only to collect the references: the
 /// caller formats without it (and drops them after, which may take it again).
 pub fn live_topics() -> Vec<Arc<Topic>> {
-    REGISTRY.lock().values().filter_map(Weak::upgrade).collect()
+    REGISTRY
+        .lock()
+        .iter()
+        .filter_map(|e| e.0.upgrade())
+        .collect()
 }
 
 /// Number of live named topics (for leak checks).
 pub fn live_topic_count() -> usize {
     REGISTRY
         .lock()
-        .values()
-        .filter(|w| w.strong_count() > 0)
+        .iter()
+        .filter(|e| e.0.strong_count() > 0)
         .count()
 }
 
@@ -621,26 +749,32 @@ mod tests {
         let again = Topic::create("test/registry/a").unwrap();
         assert_eq!(again.name(), "test/registry/a");
         assert!(Arc::ptr_eq(&Topic::get("test/registry/a").unwrap(), &again));
-        // A dead entry still in the map (its topic's last reference is going away on
-        // another thread) is replaced, key and all.
+        // A dead entry still in the map (its topic's last reference went on another
+        // thread, whose Drop waits for the registry lock) is replaced.
         let weak = Arc::downgrade(&again);
-        let reg_holds_dead = {
-            let mut reg = REGISTRY.lock();
-            let key = RegKey::of(&again);
-            reg.remove(key.bytes());
-            reg.insert(key, Weak::new());
-            drop(reg);
-            Topic::get("test/registry/a").is_none()
-        };
-        assert!(reg_holds_dead);
-        let newer = Topic::create("test/registry/a").unwrap();
-        assert!(!Arc::ptr_eq(&newer, &again));
-        drop(again); // its Drop finds the newer topic's entry and leaves it
+        let mut reg = REGISTRY.lock();
+        let dropper = std::thread::spawn(move || drop(again));
+        while weak.strong_count() > 0 {
+            std::thread::yield_now();
+        }
+        let dead = reg.get(b"test/registry/a".as_slice());
+        assert!(dead.is_some_and(|e| e.0.upgrade().is_none() && e.name() == b"test/registry/a"));
+        let newer = Topic::register_new(&mut reg, "test/registry/a", "");
+        drop(reg);
+        dropper.join().unwrap(); // its Drop found the newer topic's entry and left it
         assert!(weak.upgrade().is_none());
         assert!(Arc::ptr_eq(&Topic::get("test/registry/a").unwrap(), &newer));
         drop(newer);
         drop(ab);
         assert!(Topic::get("test/registry/a").is_none());
         assert!(Topic::get("test/registry/ab").is_none());
+    }
+
+    #[test]
+    fn a_registry_entry_is_one_pointer() {
+        assert_eq!(
+            std::mem::size_of::<RegEntry>(),
+            std::mem::size_of::<usize>()
+        );
     }
 }

@@ -28,7 +28,7 @@
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashSet;
-use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_long, c_uint, c_void, CStr, CString};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{LazyLock, Mutex, OnceLock};
@@ -311,6 +311,9 @@ struct FilterModel {
 }
 
 impl FilterModel {
+    /// True when the subscription surely accepts `ty`. A selective filter that accepts
+    /// formatters also takes the types that have to_json now, which the model does not
+    /// follow (a dormant type revived with another vtable changes): those are left out.
     fn accepts(&self, ty: *mut sb_message_type) -> bool {
         let t = ty as usize;
         if self.selective {
@@ -776,6 +779,10 @@ enum Op {
     Decline {
         sub: u8,
         ty: u8,
+    },
+    AcceptFormatters {
+        sub: u8,
+        bits: u8,
     },
     SetFilter {
         sub: u8,
@@ -1628,6 +1635,25 @@ impl State {
                         f.selective = true;
                     }
                     _ => check!(r == SB_E_INVAL, "accept with NULL returned {r}"),
+                }
+            }
+            Op::AcceptFormatters { sub, bits } => {
+                let s = pick(&self.subs, sub);
+                let bits: c_uint = match bits % 4 {
+                    0 => 0,
+                    1 => SB_FORMATTER_JSON,
+                    2 => 2,
+                    _ => c_uint::MAX,
+                };
+                let r = sb_subscription_accept_formatters(s.map_or(null_mut(), |s| s.p), bits);
+                match s {
+                    Some(s) if bits <= SB_FORMATTER_JSON => {
+                        check!(r == SB_OK, "accept_formatters({bits}) returned {r}");
+                        if bits != 0 {
+                            unsafe { &*s.ctx }.filter.lock().unwrap().selective = true;
+                        }
+                    }
+                    _ => check!(r == SB_E_INVAL, "accept_formatters({bits}) returned {r}"),
                 }
             }
             Op::Decline { sub, ty } => {

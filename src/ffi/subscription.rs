@@ -7,6 +7,7 @@ use super::{act_and_release, boundary, fail_code, fail_null, to_code, Handle};
 use crate::error::{set_last_error, Error, Result};
 use crate::filter::{FILTER_NONE, FILTER_SELECTIVE};
 use crate::mailbox::{Kind, Overflow};
+use crate::message_type::FORMATTER_JSON;
 use crate::subscription::{change_type, ChangeView, RawCallback, Subscription};
 use std::ffi::{c_char, c_int, c_long, c_uint, c_void};
 
@@ -41,6 +42,12 @@ pub const SB_FILTER_NONE: sb_subscription_filter = 0;
 pub const SB_FILTER_SELECTIVE: sb_subscription_filter = 1;
 
 const _: () = assert!(SB_FILTER_NONE == FILTER_NONE && SB_FILTER_SELECTIVE == FILTER_SELECTIVE);
+
+/// Formatter bit for sb_subscription_accept_formatters: the message's type has
+/// `to_json` (its vtable gave one).
+pub const SB_FORMATTER_JSON: c_uint = 1;
+
+const _: () = assert!(SB_FORMATTER_JSON == FORMATTER_JSON as c_uint);
 
 /// Overflow policies (an unsigned int, checked on input).
 pub type sb_overflow = c_uint;
@@ -302,6 +309,27 @@ pub extern "C" fn sb_subscription_decline_message_type(
             (Err(e), _) | (_, Err(e)) => fail_code(e),
         },
     )
+}
+
+/// Also delivers every message whose type has one of the `formatters` (SB_FORMATTER_JSON:
+/// the type has `to_json`), whether or not the type was accepted by name, including
+/// types created (or given a to_json) later; switches the filter to SB_FILTER_SELECTIVE,
+/// as accepting a type does. Bits add up across calls; 0 changes nothing. A type declined
+/// with sb_subscription_decline_message_type stays declined even when it has an accepted
+/// formatter (unlike Stasis, where decline only undoes an accept); accepting the type by
+/// name lifts the decline. Formatter acceptance counts for sb_topic_wants and for what a
+/// cluster node takes from the network. Only selective filters use it (SB_FILTER_NONE
+/// delivers every type not declined anyway).
+/// Returns SB_OK, or SB_E_INVAL for a NULL or dead handle or an unknown bit.
+/// Ownership: `sub` is borrowed.
+#[no_mangle]
+pub extern "C" fn sb_subscription_accept_formatters(
+    sub: *mut sb_subscription,
+    formatters: c_uint,
+) -> c_int {
+    boundary(|| {
+        to_code(sb_subscription::borrow(sub).and_then(|s| s.filter.accept_formatters(formatters)))
+    })
 }
 
 /// Sets the filter mode: SB_FILTER_NONE or SB_FILTER_SELECTIVE.
