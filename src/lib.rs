@@ -18,6 +18,7 @@ pub mod message;
 pub mod message_type;
 mod names;
 pub mod pool;
+mod ring;
 pub mod router;
 mod small_list;
 pub mod stats;
