@@ -400,4 +400,5 @@ c_tests!(
     test_log,
     test_stats,
     test_sbstat,
+    test_queue_memory,
 );
