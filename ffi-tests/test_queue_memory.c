@@ -3,13 +3,14 @@
  * drained.
  *
  * A dedicated and a pool subscription each get their callback stuck on a gate the test
- * controls, then a backlog of 1,000,000 messages (100,000 under valgrind) is published
+ * controls, then a backlog of 1,000,000 messages (20,000 under valgrind) is published
  * to them. The bytes the process has allocated (mallinfo2: arena plus mmapped blocks)
  * are taken before the backlog and after the gate opened and both queues drained; the
  * growth must stay under an eighth of what the backlog's queue slots took (24 bytes a
  * message and subscription), and at least 1 MiB is allowed: a queue that keeps its grown
- * buffer keeps all of it. Everything published is delivered, in order, and the
- * subscriptions keep working afterwards.
+ * buffer keeps all of it. (Not under valgrind, whose allocator mallinfo2 does not
+ * describe.) Everything published is delivered, in order, and the subscriptions keep
+ * working afterwards.
  */
 #include "test_util.h"
 
@@ -64,7 +65,8 @@ static void publish_n(sb_topic *t, long long n)
 int main(void)
 {
     TEST_INIT();
-    const long long n = tu_scale(1000000, 100000);
+    const long long n = tu_scale(1000000, 20000);
+    const int measure = !tu_slow();
     CHECK_EQ_INT(sb_message_type_create("queue_memory/payload", NULL, &ptype), 0);
     sb_topic *t = sb_topic_create("queue_memory/topic");
     CHECK(t != NULL);
@@ -90,7 +92,8 @@ int main(void)
     CHECK_EQ_INT(sb_subscription_get_stats(ded, &st), 0);
     CHECK(st.queued >= (uint64_t)n);
     size_t during = allocated_bytes();
-    CHECK(during > before + (size_t)n * 24); /* the backlog is there */
+    if (measure)
+        CHECK(during > before + (size_t)n * 24); /* the backlog is there */
 
     atomic_store(&gate_open, 1);
     WAIT_UNTIL(atomic_load(&dc.seen) == n && atomic_load(&pc.seen) == n);
@@ -108,7 +111,8 @@ int main(void)
         bound = 1u << 20;
     printf("allocated: before %zu, backlog %zu, after %zu (growth bound %zu)\n", before,
            during, after, bound);
-    CHECK(after < before + bound);
+    if (measure)
+        CHECK(after < before + bound);
 
     /* still working */
     atomic_store(&dc.seen, 0);
