@@ -280,6 +280,12 @@ impl Mailbox {
         self.ring().map_or(0, Ring::len)
     }
 
+    /// Items ever queued, locked and ring (the models' accounting checks).
+    #[cfg(loom)]
+    pub(crate) fn pushed(&self, st: &State) -> u64 {
+        st.pushed + self.ring_claimed()
+    }
+
     /// Items the ring ever took (exact under the lock while it is closed).
     fn ring_claimed(&self) -> u64 {
         self.ring().map_or(0, |r| r.claimed() as u64)
