@@ -139,8 +139,8 @@ impl Ring {
         }
     }
 
-    /// Consumer (mailbox lock held): moves every written item, in order, to `out` via
-    /// `put`; says whether a claimed position is still being written.
+    /// Consumer (mailbox lock held): hands every written item, in order, to `put`; says
+    /// whether a claimed position is still being written.
     pub(crate) fn drain(&self, mut put: impl FnMut(Arc<Message>)) -> Rest {
         let mut head = self.consumer.head.load(Relaxed);
         let start = head;
