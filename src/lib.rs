@@ -20,6 +20,7 @@ pub mod message;
 pub mod message_type;
 mod names;
 pub mod pool;
+mod ring;
 pub mod router;
 mod small_list;
 mod split_list;

@@ -1,14 +1,26 @@
 //! A subscription's mailbox: its queue of pending deliveries and the scheduling state
 //! machine that makes its callbacks run one at a time.
 //!
-//! Everything lives under one small mutex. A publisher holds it for a push (no allocation
-//! at steady state: two buffers ping-pong between producer and runner), a runner for a
-//! swap that takes the whole queue as one batch. So the runner touches the lock once per
-//! batch, not once per message, and the state machine (idle / scheduled / running) is
-//! trivially consistent with the queue it describes.
+//! The state lives under one small mutex. A runner holds it to take the whole queue as
+//! one batch (a swap: two buffers ping-pong between producer and runner, no allocation at
+//! steady state), so it touches the lock once per batch, not once per message, and the
+//! state machine (idle / scheduled / running) is trivially consistent with the queue it
+//! describes.
+//!
+//! A publisher pushes without the lock while a runner is active: into the subscription's
+//! lock-free ring (`ring`), allocated on the first burst, open only while the runner is
+//! committed to look again, so such a push never has to wake or schedule anybody. Every
+//! other push (an idle or parked runner, a full ring, the final message, an overflow
+//! policy or congestion limits in force, the synchronous kind) takes the lock, closes
+//! the ring and uses the locked queue as before. The runner drains the ring before the
+//! locked queue and reopens the ring only once the locked queue is empty, so each
+//! publishing thread's items keep their order across the two.
 
 use crate::message::Message;
-use crate::sync::{thread_token, AtomicUsize, Condvar, Mutex, MutexGuard, ThreadToken};
+use crate::ring::{Rest, Ring, RING_SLOTS};
+use crate::sync::{
+    spin_pause, thread_token, AtomicPtr, AtomicU32, Condvar, Mutex, MutexGuard, ThreadToken,
+};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -84,6 +96,17 @@ pub enum Overflow {
     Block,
 }
 
+/// What `take_locked` found.
+enum Take {
+    Batch(VecDeque<Item>),
+    /// Nothing queued: the runner is idle now.
+    Empty,
+    /// Synchronous kind: the run was handed to the thread whose item is at the head.
+    HandedOff,
+    /// Nothing taken, but a producer is writing the ring's next slot: try again.
+    Pending,
+}
+
 pub(crate) enum Push {
     /// The mailbox is closed (final message queued): nothing is delivered after it.
     Closed,
@@ -109,6 +132,7 @@ pub(crate) struct State {
     pub(crate) run: RunState,
     closed: bool,
     pub(crate) done: bool,
+    /// Items queued through the locked queue (the ring counts its own).
     pushed: u64,
     handled: u64,
     /// Threads blocked in join or in a synchronous wait.
@@ -179,6 +203,9 @@ static DEFAULT_POLICY: Policy = Policy {
 /// length, written per message) sit next to the subscription's read-mostly fields.
 #[repr(C)]
 pub(crate) struct Mailbox {
+    /// The lock-free ring (see the module comment): null until the first burst, then
+    /// set once (under the lock) and freed with the mailbox.
+    ring: AtomicPtr<Ring>,
     /// Wakes a parked dedicated thread.
     wake: Condvar,
     /// Wakes joiners and synchronous waiters when items are handled.
@@ -189,15 +216,15 @@ pub(crate) struct Mailbox {
     /// sleeps); and `ALERT_CHANGED`: the queue fell back under its low-water mark (or
     /// the subscription ended congested), and the runner has not told the alert
     /// registry yet (`take_alert_changed`).
-    done: AtomicUsize,
-    /// Queue length, published for lock-free peeks (spin-before-park).
-    len: AtomicUsize,
+    done: AtomicU32,
+    /// Locked queue length, published for lock-free peeks (spin-before-park).
+    len: AtomicU32,
     state: Mutex<State>,
 }
 
 pub(crate) const DEFAULT_HIGH_WATER: usize = 10_000;
-const DONE: usize = 1;
-const ALERT_CHANGED: usize = 2;
+const DONE: u32 = 1;
+const ALERT_CHANGED: u32 = 2;
 
 impl Mailbox {
     /// Offset of the first field written on every push or batch.
@@ -222,16 +249,46 @@ impl Mailbox {
                 first_pending: false,
                 queued_max: 0,
             }),
+            ring: AtomicPtr::new(std::ptr::null_mut()),
             wake: Condvar::new(),
             progress: Condvar::new(),
             room: Condvar::new(),
-            len: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
+            len: AtomicU32::new(0),
+            done: AtomicU32::new(0),
         }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock()
+    }
+
+    fn ring(&self) -> Option<&Ring> {
+        let ring = self.ring.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer is a `Box<Ring>` leaked by `ring_for_burst` (the
+        // acquire load saw its release store), freed only by `Drop`, which has `&mut self`.
+        unsafe { ring.as_ref() }
+    }
+
+    /// Publishes the locked queue's length (saturating: it is only a peek).
+    fn store_len(&self, len: usize) {
+        self.len
+            .store(u32::try_from(len).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+
+    /// Items in the ring (exact under the lock once the ring is closed).
+    fn ring_len(&self) -> usize {
+        self.ring().map_or(0, Ring::len)
+    }
+
+    /// Items ever queued, locked and ring (the models' accounting checks).
+    #[cfg(loom)]
+    pub(crate) fn pushed(&self, st: &State) -> u64 {
+        st.pushed + self.ring_claimed()
+    }
+
+    /// Items the ring ever took (exact under the lock while it is closed).
+    fn ring_claimed(&self) -> u64 {
+        self.ring().map_or(0, |r| r.claimed() as u64)
     }
 
     /// The final message was handled (lock-free peek).
@@ -260,14 +317,15 @@ impl Mailbox {
             delivered: st.handled - (p.evicted - p.evicted_pending),
             dropped: p.dropped,
             congestion_warnings: p.congestion_warnings,
-            queued: st.queue.len() as u64,
+            queued: (st.queue.len() + self.ring_len()) as u64,
             queued_max: u64::from(st.queued_max),
             congested: st.congested && !st.done,
         }
     }
 
+    /// Queued and not taken yet: the locked queue and the ring (a racy snapshot).
     pub(crate) fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.len.load(Ordering::Relaxed) as usize + self.ring_len()
     }
 
     /// High-water warnings so far.
@@ -280,8 +338,29 @@ impl Mailbox {
     /// caller may block, for room in a full queue or for another thread's synchronous
     /// run (it is not this mailbox's runner, nor inside any callback).
     pub(crate) fn push(&self, item: Item, kind: Kind, may_wait: bool) -> Push {
+        let item = match self.ring() {
+            // The lock-free path (synchronous items carry their thread: never in the ring).
+            Some(ring) if !item.last && item.from.is_none() => match ring.try_push(item.msg) {
+                Ok(seq) => {
+                    return Push::Queued {
+                        seq,
+                        action: Action::Nothing,
+                        congested: None,
+                        direct: None,
+                    }
+                }
+                Err(msg) => Item { msg, ..item },
+            },
+            _ => item,
+        };
         let me = item.from;
         let mut st = self.state.lock();
+        // Everything queued from now on goes after what the ring holds.
+        if let Some(ring) = self.ring() {
+            if ring.is_open() {
+                ring.close();
+            }
+        }
         let mut evicted = None;
         // Synchronous queues only ever hold the items of publishers waiting for their
         // turn; dropping one would leave its publisher waiting forever.
@@ -356,19 +435,18 @@ impl Mailbox {
             };
         }
         st.queue.push_back(item);
-        if st.pushed == 0 {
+        let ring_claimed = self.ring_claimed();
+        if st.pushed == 0 && ring_claimed == 0 {
             st.first_pending = true;
         }
         st.pushed += 1;
-        let seq = st.pushed;
+        let seq = st.pushed + ring_claimed;
         let len = st.queue.len();
-        self.len.store(len, Ordering::Relaxed);
-        #[cfg(not(feature = "no-stats"))]
-        if len > st.queued_max as usize {
-            st.queued_max = u32::try_from(len).unwrap_or(u32::MAX);
-        }
+        self.store_len(len);
+        let queued = len + self.ring_len();
+        st.note_queued(queued);
         // Congestion counts the whole backlog: queued plus the batch being delivered.
-        let backlog = len + st.in_flight;
+        let backlog = queued + st.in_flight;
         let congested = if backlog > st.policy().high_water && !st.congested {
             st.congested = true;
             // Allocates the policy on the first warning: the counter lives there so that
@@ -422,9 +500,8 @@ impl Mailbox {
     /// the leading items `me` published. When the head belongs to another thread, the run
     /// is handed to that thread (waiting in `wait_turn`) and this runner stops.
     pub(crate) fn take_batch(&self, me: ThreadToken, kind: Kind) -> Option<VecDeque<Item>> {
-        let mut st = self.state.lock();
-        let (batch, handed_off) = self.take_locked(&mut st, me, kind);
-        drop(st);
+        let st = self.state.lock();
+        let (batch, handed_off) = self.take_retrying(st, me, kind);
         if handed_off {
             self.progress.notify_all();
         }
@@ -444,71 +521,179 @@ impl Mailbox {
     ) -> Option<VecDeque<Item>> {
         let mut st = self.state.lock();
         let finished = self.finish_locked(&mut st, batch, n, last);
-        let (next, handed_off) = self.take_locked(&mut st, me, kind);
-        drop(st);
+        let (next, handed_off) = self.take_retrying(st, me, kind);
         if finished || handed_off {
             self.progress.notify_all();
         }
         next
     }
 
-    /// Dedicated kind: blocks until something is queued, then takes it as a batch
-    /// (waiting for a push and `take_batch` under one acquisition of the lock).
-    pub(crate) fn park_and_take(&self, me: ThreadToken, kind: Kind) -> Option<VecDeque<Item>> {
-        let mut st = self.state.lock();
-        if st.queue.is_empty() {
-            st.release_small_buffers();
+    /// `take_locked`, waiting out a producer that claimed a ring slot and has not
+    /// written it yet (the lock released meanwhile); releases the lock.
+    fn take_retrying<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        me: ThreadToken,
+        kind: Kind,
+    ) -> (Option<VecDeque<Item>>, bool) {
+        loop {
+            match self.take_locked(&mut st, me, kind, kind == Kind::Pool) {
+                Take::Batch(batch) => return (Some(batch), false),
+                Take::Empty => return (None, false),
+                Take::HandedOff => return (None, true),
+                Take::Pending => {
+                    drop(st);
+                    spin_pause();
+                    st = self.state.lock();
+                }
+            }
         }
-        while st.queue.is_empty() {
-            st.parked = true;
-            self.wake.wait(&mut st);
-            st.parked = false;
-        }
-        let (batch, handed_off) = self.take_locked(&mut st, me, kind);
-        drop(st);
-        if handed_off {
-            self.progress.notify_all();
-        }
-        batch
     }
 
-    /// `take_batch` with the lock held; also says whether the run was handed to another
-    /// thread (whose `wait_turn` must then be woken).
+    /// Dedicated kind: blocks until something is queued, then takes it as a batch
+    /// (waiting for a push and `take_batch` under one acquisition of the lock). The ring
+    /// is closed before the thread parks, so every later push takes the lock and sees
+    /// `parked`.
+    pub(crate) fn park_and_take(&self, me: ThreadToken, kind: Kind) -> Option<VecDeque<Item>> {
+        let mut st = self.state.lock();
+        loop {
+            match self.take_locked(&mut st, me, kind, true) {
+                Take::Batch(batch) => return Some(batch),
+                Take::HandedOff => {
+                    drop(st);
+                    self.progress.notify_all();
+                    return None;
+                }
+                Take::Pending => {
+                    drop(st);
+                    spin_pause();
+                    st = self.state.lock();
+                }
+                Take::Empty => {
+                    st.parked = true;
+                    self.wake.wait(&mut st);
+                    st.parked = false;
+                }
+            }
+        }
+    }
+
+    /// `take_batch` with the lock held. `close_when_empty`: when nothing is queued,
+    /// close the ring too (the runner goes idle or parks; a dedicated thread that will
+    /// spin first leaves it open).
     fn take_locked(
         &self,
         st: &mut State,
         me: ThreadToken,
         kind: Kind,
-    ) -> (Option<VecDeque<Item>>, bool) {
-        let Some(head_from) = st.queue.front().map(|i| i.from) else {
+        close_when_empty: bool,
+    ) -> Take {
+        if kind == Kind::Synchronous {
+            return self.take_synchronous(st, me);
+        }
+        let ring = self.ring();
+        let queued = st.queue.len() + ring.map_or(0, Ring::len);
+        let mut batch = std::mem::take(&mut st.spare);
+        loop {
+            let rest = ring.map_or(Rest::Empty, |r| {
+                r.drain(|msg| {
+                    batch.push_back(Item {
+                        msg,
+                        last: false,
+                        from: None,
+                    })
+                })
+            });
+            // The locked queue only holds items queued after all the ring's.
+            if rest == Rest::Empty && !st.queue.is_empty() {
+                if batch.is_empty() {
+                    std::mem::swap(&mut batch, &mut st.queue);
+                } else {
+                    batch.extend(st.queue.drain(..));
+                }
+            }
+            if !batch.is_empty() {
+                break;
+            }
+            st.spare = batch;
+            if rest == Rest::Pending {
+                return Take::Pending;
+            }
+            if close_when_empty && !ring.is_none_or(Ring::close_if_empty) {
+                // A producer claimed a slot since the drain: take it.
+                batch = std::mem::take(&mut st.spare);
+                continue;
+            }
             st.run = RunState::Idle;
             st.release_small_buffers();
-            return (None, false);
-        };
-        if kind == Kind::Synchronous {
-            if let Some(owner) = head_from.filter(|t| *t != me) {
-                st.run = RunState::Running(owner);
-                return (None, true);
-            }
+            return Take::Empty;
         }
-        let mut batch = std::mem::take(&mut st.spare);
-        if kind == Kind::Synchronous {
-            while st
-                .queue
-                .front()
-                .is_some_and(|i| i.from.is_none_or(|t| t == me))
-            {
-                batch.extend(st.queue.pop_front());
-            }
-        } else {
-            std::mem::swap(&mut batch, &mut st.queue);
-        }
-        self.len.store(st.queue.len(), Ordering::Relaxed);
+        st.note_queued(queued);
+        self.store_len(st.queue.len());
         st.start_batch(me, batch.len());
         if st.policy().blocked > 0 {
             self.room.notify_all();
         }
-        (Some(batch), false)
+        self.open_ring(st, batch.len());
+        Take::Batch(batch)
+    }
+
+    /// The synchronous kind's `take_locked` (no ring): the batch is only the leading
+    /// items `me` published; when the head belongs to another thread, the run is handed
+    /// to that thread.
+    fn take_synchronous(&self, st: &mut State, me: ThreadToken) -> Take {
+        let Some(head_from) = st.queue.front().map(|i| i.from) else {
+            st.run = RunState::Idle;
+            st.release_small_buffers();
+            return Take::Empty;
+        };
+        if let Some(owner) = head_from.filter(|t| *t != me) {
+            st.run = RunState::Running(owner);
+            return Take::HandedOff;
+        }
+        let mut batch = std::mem::take(&mut st.spare);
+        while st
+            .queue
+            .front()
+            .is_some_and(|i| i.from.is_none_or(|t| t == me))
+        {
+            batch.extend(st.queue.pop_front());
+        }
+        self.store_len(st.queue.len());
+        st.start_batch(me, batch.len());
+        Take::Batch(batch)
+    }
+
+    /// After a take (lock held, `n` items taken): opens the ring for lock-free pushes
+    /// when nothing forces the locked path. It stays closed while an overflow policy is
+    /// in force, and while a full ring on top of the batch could cross the high-water
+    /// mark unseen (the locked push is where congestion is counted).
+    fn open_ring(&self, st: &State, n: usize) {
+        let p = st.policy();
+        if st.closed
+            || !st.queue.is_empty()
+            || p.overflow != Overflow::Unbounded
+            || n + RING_SLOTS > p.high_water
+        {
+            return;
+        }
+        let Some(ring) = self.ring().or_else(|| self.ring_for_burst(st, n)) else {
+            return;
+        };
+        if !ring.is_open() {
+            ring.open(st.pushed);
+        }
+    }
+
+    /// Allocates the ring once the subscription sees a burst (a batch of
+    /// `RING_AFTER_BATCH` or more): an idle or lightly used subscription carries none.
+    fn ring_for_burst(&self, st: &State, n: usize) -> Option<&Ring> {
+        if n < RING_AFTER_BATCH || st.closed {
+            return None;
+        }
+        let ring = Box::into_raw(Box::new(Ring::new()));
+        self.ring.store(ring, Ordering::Release);
+        self.ring()
     }
 
     /// Returns the drained batch buffer for reuse and records `n` deliveries; `last`
@@ -524,8 +709,15 @@ impl Mailbox {
 
     /// `finish_batch` with the lock held; says whether waiters must be woken.
     fn finish_locked(&self, st: &mut State, batch: VecDeque<Item>, n: usize, last: bool) -> bool {
-        if st.spare.capacity() < batch.capacity() {
+        // A buffer that grew with a backlog is given back once drained, not kept as the
+        // spare: a backlog of a million messages left 24 MB behind.
+        if st.spare.capacity() < batch.capacity() && batch.capacity() <= KEEP_BUFFER_MAX {
             st.spare = batch;
+        } else {
+            drop(batch);
+        }
+        if st.queue.is_empty() && st.queue.capacity() > KEEP_BUFFER_MAX {
+            st.queue = VecDeque::new();
         }
         let evicted =
             (st.policy.as_deref_mut()).map_or(0, |p| std::mem::take(&mut p.evicted_pending));
@@ -603,6 +795,7 @@ impl Mailbox {
 
     pub(crate) fn set_overflow(&self, policy: Overflow, limit: usize) {
         let mut st = self.state.lock();
+        self.absorb_ring(&mut st);
         let p = st.policy_mut();
         p.overflow = policy;
         p.limit = if policy == Overflow::Unbounded {
@@ -617,12 +810,68 @@ impl Mailbox {
 
     pub(crate) fn set_limits(&self, low: usize, high: usize) {
         let mut st = self.state.lock();
+        self.absorb_ring(&mut st);
         let p = st.policy_mut();
         p.low_water = low;
         p.high_water = high;
         st.congested = st.queue.len() + st.in_flight > high;
     }
 }
+
+impl Mailbox {
+    /// Closes the ring and moves what it holds to the locked queue (lock held), before
+    /// an overflow policy or congestion limits take effect: they are enforced on the
+    /// locked queue, and the ring stays closed while they are not the defaults. The ring
+    /// is open only while the locked queue is empty, so its items go first.
+    fn absorb_ring(&self, st: &mut MutexGuard<'_, State>) {
+        let Some(ring) = self.ring() else {
+            return;
+        };
+        ring.close();
+        let mut moved = VecDeque::new();
+        // A producer that claimed a slot before the close is a few instructions from
+        // writing it; it needs no lock to finish.
+        while ring.drain(|msg| {
+            moved.push_back(Item {
+                msg,
+                last: false,
+                from: None,
+            })
+        }) == Rest::Pending
+        {
+            spin_pause();
+        }
+        if !moved.is_empty() {
+            // The ring's items were counted when claimed: the locked count takes them
+            // over, so sequence numbers stay what the pushes returned.
+            moved.append(&mut st.queue);
+            st.queue = moved;
+            self.store_len(st.queue.len());
+        }
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        let ring = self.ring.load(Ordering::Acquire);
+        if !ring.is_null() {
+            // SAFETY: set once from `Box::into_raw` (`ring_for_burst`); nobody else holds
+            // the mailbox any more.
+            drop(unsafe { Box::from_raw(ring) });
+        }
+    }
+}
+
+/// A batch buffer that grew past this many items is freed once drained (24 bytes an
+/// item: 96 KB), so a backlog's queue memory goes back to the allocator.
+const KEEP_BUFFER_MAX: usize = 4096;
+
+/// A batch of this many items is a burst: the subscription gets its ring.
+#[cfg(not(loom))]
+const RING_AFTER_BATCH: usize = 4;
+/// Every batch: the models exercise the ring from the first take.
+#[cfg(loom)]
+const RING_AFTER_BATCH: usize = 1;
 
 /// Buffers up to this many items are freed when the mailbox goes idle, until it has
 /// delivered `KEEP_BUFFERS_AFTER` messages: a hundred thousand subscriptions that saw a
@@ -638,6 +887,17 @@ impl State {
         self.first_pending = false;
         self.run = RunState::Running(me);
         self.in_flight = n;
+    }
+
+    /// The queue (locked and ring) held `n` items: the longest so far? Only the runner
+    /// shortens the queue, so its length just before a take is a local maximum.
+    fn note_queued(&mut self, n: usize) {
+        #[cfg(not(feature = "no-stats"))]
+        if n > self.queued_max as usize {
+            self.queued_max = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        #[cfg(feature = "no-stats")]
+        let _ = n;
     }
 
     fn release_small_buffers(&mut self) {

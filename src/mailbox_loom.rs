@@ -70,6 +70,18 @@
 //!    push gets through) and `_final_releases` (the runner starts only after the
 //!    others finished, so only the final push can release the producer, whose push is
 //!    then refused).
+//! 7. The lock-free ring (`crate::ring`, two slots under loom, allocated at the first
+//!    take, so every model above also runs its pushes through the ring once a runner
+//!    took a batch: ring pushes, a full ring's fallback to the locked queue, the close
+//!    before idling or parking, the final item behind ring items).
+//!    `loom_ring_dedicated_full_and_final`: a dedicated thread that has not parked (ring
+//!    open), a producer pushing more than the ring holds, and the final item racing it:
+//!    everything accepted is delivered once, in order, before the final item, join
+//!    waits for it, nothing is left in either queue. `loom_ring_pool_idle_vs_push`: a
+//!    pool subscription scheduled with its ring open, two producers, a worker that goes
+//!    idle only after closing an empty ring: nothing stranded, never scheduled twice,
+//!    each producer's order holds. `loom_ring_sync_waiter_seq`: sequence numbers count
+//!    both queues, so a `publish_sync`-style waiter returns only after its item.
 //!
 //! Notes on the harness:
 //! - Shared state is held in `std::sync::Arc` (as the library holds subscriptions), not
@@ -471,8 +483,9 @@ fn pool_scheduling(name: &str, spawned_workers: usize, preemption_bound: usize) 
         assert_eq!(in_range(&log, 0..10), P0, "producer 0's order: {log:?}");
         let st = sub.mb.lock();
         assert!(st.queue.is_empty(), "items stranded in the queue: {log:?}");
+        assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
         assert_eq!(st.run, RunState::Idle, "a lost wake-up / stuck state");
-        assert_eq!((st.pushed, st.handled), (3, 3));
+        assert_eq!((sub.mb.pushed(&st), st.handled), (3, 3));
         drop(st);
         assert_eq!(pool.q.lock().unwrap().queued, 0);
     });
@@ -525,7 +538,8 @@ fn final_and_join(kind: Kind, runner: fn(&Sub, Option<&Pool>)) {
     check_final_delivery(&sub.log.get(), &accepted.get());
     let st = sub.mb.lock();
     assert!(st.done && st.closed && st.queue.is_empty());
-    assert_eq!(st.handled, st.pushed);
+    assert_eq!(sub.mb.len(), 0, "items stranded in the ring");
+    assert_eq!(st.handled, sub.mb.pushed(&st));
 }
 
 #[test]
@@ -819,7 +833,7 @@ fn loom_synchronous_handoff() {
         let st = sub.mb.lock();
         assert!(st.queue.is_empty());
         assert_eq!(st.run, RunState::Idle);
-        assert_eq!((st.pushed, st.handled), (4, 4));
+        assert_eq!((sub.mb.pushed(&st), st.handled), (4, 4));
     });
 }
 
@@ -874,7 +888,7 @@ fn loom_synchronous_final() {
         let st = sub.mb.lock();
         assert!(st.done && st.queue.is_empty());
         assert_eq!(st.run, RunState::Idle);
-        assert_eq!(st.handled, st.pushed);
+        assert_eq!(st.handled, sub.mb.pushed(&st));
     });
 }
 
@@ -942,7 +956,7 @@ fn loom_synchronous_deferred() {
         let st = sub.mb.lock();
         assert!(st.queue.is_empty(), "an item was stranded: {log:?}");
         assert_eq!(st.run, RunState::Idle);
-        assert_eq!((st.pushed, st.handled), (3, 3));
+        assert_eq!((sub.mb.pushed(&st), st.handled), (3, 3));
     });
 }
 
@@ -1026,7 +1040,11 @@ fn loom_drop_oldest_accounting() {
             .collect();
         assert_eq!(&log[1..log.len() - 1], delivered, "delivered in seq order");
         let st = sub.mb.lock();
-        assert_eq!(st.handled, st.pushed, "every item counted as handled");
+        assert_eq!(
+            st.handled,
+            sub.mb.pushed(&st),
+            "every item counted as handled"
+        );
         assert_eq!(
             st.dropped() as usize + log.len(),
             all.len() + 2,
@@ -1127,5 +1145,144 @@ fn loom_block_overflow_final_releases() {
 
         check_final_delivery(&sub.log.get(), &accepted.get());
         assert!(accepted.get().len() <= 1, "the limit was exceeded");
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 7: the lock-free ring in front of the locked queue (two slots under loom).
+
+/// Main takes the Subscribe item as the runner's first batch, which opens the ring (as a
+/// runner that keeps going leaves it); returns the runner's token.
+fn open_ring_with_first_batch(sub: &Sub, kind: Kind) -> ThreadToken {
+    let me = thread_token();
+    assert!(matches!(
+        sub.mb.push(item(SUBSCRIBE, false, None), kind, true),
+        Push::Queued { .. }
+    ));
+    let mut batch = sub.mb.take_batch(me, kind).expect("the Subscribe item");
+    let (n, last) = sub.deliver(&mut batch, &|_| {});
+    sub.mb.finish_batch(batch, n, last);
+    me
+}
+
+/// A dedicated thread that has not parked (ring open) and a producer pushing more than
+/// the ring holds: pushes go to the ring, then (full) to the locked queue, closing the
+/// ring, then to the ring again once the runner reopened it; the final item races them
+/// and the thread parks (closing the ring) and is woken. Everything accepted is
+/// delivered once, in order, before the final item; join waits for it; nothing is left
+/// in either queue.
+#[test]
+fn loom_ring_dedicated_full_and_final() {
+    check("ring_dedicated_full_and_final", 2, || {
+        let sub = Sub::new();
+        open_ring_with_first_batch(&sub, Kind::Dedicated);
+        let accepted = Arc::new(Log::new());
+        let runner = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || sub.dedicated_thread(usize::MAX))
+        };
+        let producer = {
+            let (sub, accepted) = (Arc::clone(&sub), Arc::clone(&accepted));
+            thread::spawn(move || produce(&sub, Kind::Dedicated, None, &[1, 2, 3], &accepted))
+        };
+        let unsubscriber = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || push_final(&sub, Kind::Dedicated, None))
+        };
+        let handled_at_join = sub.join();
+        runner.join().unwrap();
+        producer.join().unwrap();
+        unsubscriber.join().unwrap();
+        assert!(handled_at_join, "join returned before the final item");
+        let log = sub.log.get();
+        assert_eq!(log.first(), Some(&SUBSCRIBE));
+        check_final_delivery(&log[1..], &accepted.get());
+        let st = sub.mb.lock();
+        assert!(st.done && st.queue.is_empty());
+        assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
+        assert_eq!(st.handled, sub.mb.pushed(&st));
+    });
+}
+
+/// A pool subscription scheduled with its ring open; two producers push (one more than
+/// the ring holds), a worker serves the run queue until nothing is left. The worker goes
+/// idle only after closing an empty ring, so a push either lands in the ring before
+/// that (and is taken) or takes the lock and schedules: nothing is stranded, the
+/// mailbox is never scheduled twice, each producer's order holds.
+#[test]
+fn loom_ring_pool_idle_vs_push() {
+    check("ring_pool_idle_vs_push", 2, || {
+        let sub = Sub::new();
+        let pool = Pool::new(2);
+        // As `run_pool_turn` with a quota of one batch: the mailbox goes back on the run
+        // queue, ring open.
+        open_ring_with_first_batch(&sub, Kind::Pool);
+        sub.mb.reschedule();
+        pool.schedule();
+        let producer = |values: &'static [usize]| {
+            let (sub, pool) = (Arc::clone(&sub), Arc::clone(&pool));
+            thread::spawn(move || {
+                for &v in values {
+                    assert!(matches!(
+                        pool.push(&sub, item(v, false, None)),
+                        Push::Queued { .. }
+                    ));
+                }
+                pool.feeder_done();
+            })
+        };
+        let p0 = producer(&[0, 1]);
+        let p1 = producer(&[10]);
+        pool.worker(&sub, false);
+        p0.join().unwrap();
+        p1.join().unwrap();
+        let log = sub.log.get();
+        assert_eq!(log.first(), Some(&SUBSCRIBE));
+        let mut sorted = log[1..].to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [0, 1, 10], "each item delivered once: {log:?}");
+        assert_eq!(in_range(&log, 0..10), [0, 1], "producer 0's order: {log:?}");
+        let st = sub.mb.lock();
+        assert!(st.queue.is_empty());
+        assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
+        assert_eq!(st.run, RunState::Idle, "a lost wake-up / stuck state");
+        assert_eq!((sub.mb.pushed(&st), st.handled), (4, 4));
+    });
+}
+
+/// `publish_sync` through the ring: a waiter for the item it pushed returns once that
+/// item and every earlier one was delivered, whichever queue each went through.
+#[test]
+fn loom_ring_sync_waiter_seq() {
+    check("ring_sync_waiter_seq", 2, || {
+        let sub = Sub::new();
+        open_ring_with_first_batch(&sub, Kind::Dedicated);
+        let runner = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || sub.dedicated_thread(usize::MAX))
+        };
+        let waiter = {
+            let sub = Arc::clone(&sub);
+            thread::spawn(move || {
+                let mut seqs = Vec::new();
+                for v in [1, 2, 3] {
+                    match sub.mb.push(item(v, false, None), Kind::Dedicated, true) {
+                        Push::Queued { seq, .. } => seqs.push(seq),
+                        _ => panic!("refused"),
+                    }
+                }
+                assert_eq!(seqs, [2, 3, 4], "sequence numbers count both queues");
+                sub.mb.wait_until(|st| st.handled() >= 4 || st.done);
+                let log = sub.log.get();
+                assert_eq!(
+                    log,
+                    [SUBSCRIBE, 1, 2, 3],
+                    "returned before its item was handled"
+                );
+            })
+        };
+        waiter.join().unwrap();
+        push_final(&sub, Kind::Dedicated, None);
+        runner.join().unwrap();
     });
 }

@@ -11,7 +11,7 @@
 #[cfg(not(loom))]
 pub(crate) use self::std_sync::{Condvar, Mutex, MutexGuard};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::AtomicUsize;
+pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize};
 
 /// std's Mutex and Condvar with parking_lot's API (no poisoning: a panic while holding
 /// the lock cannot leave our state half-updated in a way later users must see).
@@ -70,7 +70,15 @@ pub(crate) mod std_sync {
 }
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::AtomicUsize;
+pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize};
+
+/// A spinning waiter's pause (loom must see it, or it explores the spin forever).
+pub(crate) fn spin_pause() {
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
 #[cfg(loom)]
 pub(crate) use loom_shim::{Condvar, Mutex, MutexGuard};
 

@@ -406,4 +406,5 @@ c_tests!(
     test_stats,
     test_sbstat,
     test_timers,
+    test_queue_memory,
 );
