@@ -45,17 +45,6 @@
  * under valgrind a child reports its result (its failed checks and valgrind's count of
  * memory errors) through a pipe and waits; the process that forked it then kills it with
  * SIGKILL, which skips the leak check (a SIGKILL sent by the child itself does not). */
-#if defined(__has_include)
-#if __has_include(<valgrind/valgrind.h>)
-#include <valgrind/valgrind.h>
-#define HAVE_VALGRIND_H 1
-#endif
-#endif
-#ifndef HAVE_VALGRIND_H
-#define RUNNING_ON_VALGRIND 0
-#define VALGRIND_COUNT_ERRORS 0
-#endif
-
 #define NCHILD 4
 
 static sb_message_type *ptype;

@@ -36,43 +36,9 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 
-#if defined(__has_include)
-#if __has_include(<valgrind/valgrind.h>)
-#include <valgrind/valgrind.h>
-#define HAVE_VALGRIND_H 1
-#endif
-#endif
-#ifndef HAVE_VALGRIND_H
-#define RUNNING_ON_VALGRIND 0
-#endif
-
 static sb_message_type *ptype;
 
 /* ---- helpers ---- */
-
-/* Threads of this process whose name starts with `prefix` (Linux: /proc/self/task). */
-static int threads_named(const char *prefix)
-{
-    DIR *d = opendir("/proc/self/task");
-    if (d == NULL)
-        return -1;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        char path[300], comm[64] = "";
-        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
-        FILE *f = fopen(path, "r");
-        if (f == NULL)
-            continue;
-        if (fgets(comm, sizeof comm, f) != NULL && strncmp(comm, prefix, strlen(prefix)) == 0)
-            n++;
-        fclose(f);
-    }
-    closedir(d);
-    return n;
-}
 
 /* The calling thread's name starts with `prefix`. */
 static int on_thread_named(const char *prefix)
@@ -311,8 +277,8 @@ static void test_isolation(void)
     sb_pool_unref(slow);
     sb_pool_unref(fast);
     sb_topic_unref(t);
-    WAIT_UNTIL(threads_named("sb-grp-gSlow") == 0);
-    WAIT_UNTIL(threads_named("sb-grp-gFast") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gSlow") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gFast") == 0);
     gate_destroy(&slow_gate);
     CHECK_TOPIC_GONE("groups.iso");
 }
@@ -338,33 +304,33 @@ static void gated_task(void *data)
 
 static void test_lifetime(void)
 {
-    if (threads_named("sb") < 0) {
+    if (tu_threads_named("sb") < 0) {
         printf("note: /proc/self/task unavailable, thread checks skipped\n");
         return;
     }
     /* a reference keeps it: min 2 workers, long idle timeout, so they would stay */
     sb_pool *p = sb_pool_create("gLife", 2, 2, 60000);
     CHECK(p != NULL);
-    CHECK_EQ_INT(threads_named("sb-grp-gLife"), 0); /* workers start as work arrives */
+    CHECK_EQ_INT(tu_threads_named("sb-grp-gLife"), 0); /* workers start as work arrives */
     sb_topic *t = sb_topic_create("groups.life");
     atomic_int calls;
     atomic_init(&calls, 0);
     sb_subscription *s = sb_subscribe_pool_in(t, p, on_group_thread_cb, &calls);
     CHECK(s != NULL);
     WAIT_UNTIL(atomic_load(&calls) == 1); /* its Subscribe, on a worker of the group */
-    CHECK(threads_named("sb-grp-gLife") >= 1);
+    CHECK(tu_threads_named("sb-grp-gLife") >= 1);
 
     /* a subscription keeps it after the last reference went */
     sb_pool_unref(p);
     CHECK(group_exists("gLife"));
     CHECK_EQ_INT(publish_payload(t, ptype, 0, 0, 0), 1);
     WAIT_UNTIL(atomic_load(&calls) == 2);
-    CHECK(threads_named("sb-grp-gLife") >= 1);
+    CHECK(tu_threads_named("sb-grp-gLife") >= 1);
     CHECK(sb_unsubscribe_and_join(s) == NULL);
     CHECK_EQ_INT(atomic_load(&calls), 3);
     /* the final message handled, nothing uses it: gone, and so are its threads */
     CHECK(!group_exists("gLife"));
-    WAIT_UNTIL(threads_named("sb-grp-gLife") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gLife") == 0);
 
     /* queued tasks keep it */
     gate_init(&task_gate);
@@ -377,11 +343,11 @@ static void test_lifetime(void)
     WAIT_UNTIL(atomic_load(&task_gate.waiting) == 1); /* one worker: the other queued */
     sb_pool_unref(p);
     CHECK(group_exists("gLife"));
-    CHECK_STAYS(threads_named("sb-grp-gLife") == 1, 50);
+    CHECK_STAYS(tu_threads_named("sb-grp-gLife") == 1, 50);
     gate_open(&task_gate);
     WAIT_UNTIL(atomic_load(&ran) == 2);
     WAIT_UNTIL(!group_exists("gLife"));
-    WAIT_UNTIL(threads_named("sb-grp-gLife") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gLife") == 0);
     CHECK_STAYS(atomic_load(&ran) == 2, 20);
     gate_destroy(&task_gate);
 
@@ -444,7 +410,7 @@ static void test_tasks_once(void)
     }
     CHECK_EQ_INT(once, total);
     CHECK_EQ_INT(wrong, 0);
-    WAIT_UNTIL(threads_named("sb-grp-gTask") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gTask") == 0);
     free(slots);
 }
 
@@ -512,8 +478,8 @@ static void test_nested_submit(void)
     sb_pool_unref(c.pool);
     sb_pool_unref(c.other);
     WAIT_UNTIL(!group_exists("gChain") && !group_exists("gOther"));
-    WAIT_UNTIL(threads_named("sb-grp-gChain") == 0);
-    WAIT_UNTIL(threads_named("sb-grp-gOther") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gChain") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gOther") == 0);
     CHECK_TOPIC_GONE("groups.nested");
 }
 
@@ -618,9 +584,9 @@ static void test_cross_group_join(void)
     sb_pool_unref(b);
     sb_topic_unref(t);
     sb_topic_unref(tb);
-    WAIT_UNTIL(threads_named("sb-grp-gA") == 0);
-    WAIT_UNTIL(threads_named("sb-grp-gB") == 0);
-    WAIT_UNTIL(threads_named("sb-grp-gOne") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gA") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gB") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gOne") == 0);
     CHECK_TOPIC_GONE("groups.join");
     CHECK_TOPIC_GONE("groups.join.b");
 }
@@ -669,7 +635,7 @@ static void test_ordering(void)
     }
     sb_pool_unref(p);
     sb_topic_unref(order_topic);
-    WAIT_UNTIL(threads_named("sb-grp-gOrder") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gOrder") == 0);
     CHECK_TOPIC_GONE("groups.order");
 }
 
@@ -710,7 +676,7 @@ static void test_router(void)
     CHECK_EQ_INT(atomic_load(&routed), n);
     CHECK(atomic_load(&defaulted) < 1000000);
     WAIT_UNTIL(!group_exists("gRoute"));
-    WAIT_UNTIL(threads_named("sb-grp-gRoute") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gRoute") == 0);
     sb_message_type_unref(other);
     sb_topic_unref(t);
     CHECK_TOPIC_GONE("groups.router");
@@ -742,7 +708,7 @@ static void test_stats(void)
     CHECK(strstr(prom, "gStats") == NULL);
     sb_string_free(json);
     sb_string_free(prom);
-    WAIT_UNTIL(threads_named("sb-grp-gStats") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gStats") == 0);
 }
 
 /* ---- fork ---- */
@@ -776,14 +742,14 @@ static void test_fork(void)
         atomic_init(&ran, 0);
         CHECK_EQ_INT(sb_pool_submit(p, count_task, &ran), SB_OK);
         WAIT_UNTIL(atomic_load(&ran) == 1);
-        CHECK(threads_named("sb-grp-gFork") >= 1);
+        CHECK(tu_threads_named("sb-grp-gFork") >= 1);
         sb_subscription *keep = sb_subscription_ref(s);
         CHECK(sb_unsubscribe(s) == NULL);
         WAIT_UNTIL(sb_subscription_is_done(keep) == 1);
         CHECK_RECORDER_LIFECYCLE(&r);
         sb_subscription_unref(keep);
         sb_pool_unref(p);
-        WAIT_UNTIL(threads_named("sb-grp-gFork") == 0);
+        WAIT_UNTIL(tu_threads_named("sb-grp-gFork") == 0);
         char result = atomic_load(&tu_failed) == failed0 ? 'k' : 'f';
         ssize_t w = write(fds[1], &result, 1);
         (void)w;
@@ -816,7 +782,7 @@ static void test_fork(void)
     recorder_destroy(&r);
     sb_pool_unref(p);
     sb_topic_unref(t);
-    WAIT_UNTIL(threads_named("sb-grp-gFork") == 0);
+    WAIT_UNTIL(tu_threads_named("sb-grp-gFork") == 0);
     CHECK_TOPIC_GONE("groups.fork");
 }
 
@@ -837,6 +803,6 @@ int main(void)
     test_fork();
     sb_message_type_unref(ptype);
     WAIT_UNTIL(atomic_load(&payload_created) == atomic_load(&payload_destroyed));
-    CHECK_EQ_INT(threads_named("sb-grp-"), 0);
+    CHECK_EQ_INT(tu_threads_named("sb-grp-"), 0);
     return TEST_DONE();
 }

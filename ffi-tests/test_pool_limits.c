@@ -110,27 +110,7 @@ static void plain_cb(void *data, sb_subscription *sub, sb_message *msg) {
         atomic_fetch_add(&plain_seen, 1);
 }
 
-static int pool_threads(void) {
-    DIR *dir = opendir("/proc/self/task");
-    if (dir == NULL)
-        return -1;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(dir)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        char path[300], comm[64] = "";
-        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
-        FILE *f = fopen(path, "r");
-        if (f == NULL)
-            continue; /* the thread just exited */
-        if (fgets(comm, sizeof comm, f) != NULL && strncmp(comm, "sb-pool", 7) == 0)
-            n++;
-        fclose(f);
-    }
-    closedir(dir);
-    return n;
-}
+static int pool_threads(void) { return tu_threads_named("sb-pool"); }
 
 /* ---- a gang: pool subscriptions whose callbacks block on a gate (the test's own
  * mutex + condvar, not a library wait, so each blocked callback holds its worker and

@@ -33,16 +33,6 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 
-#if defined(__has_include)
-#if __has_include(<valgrind/valgrind.h>)
-#include <valgrind/valgrind.h>
-#define HAVE_VALGRIND_H 1
-#endif
-#endif
-#ifndef HAVE_VALGRIND_H
-#define RUNNING_ON_VALGRIND 0
-#endif
-
 static sb_message_type *ttype;
 
 /* Under ThreadSanitizer (SB_TSAN=1, `make tsan`) everything is slower too, and its

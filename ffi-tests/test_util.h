@@ -24,6 +24,7 @@
 #define _POSIX_C_SOURCE 200809L
 #endif
 
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -38,6 +39,19 @@
 
 #include "switchboard.h"
 
+/* valgrind's client requests when its header is installed (RUNNING_ON_VALGRIND,
+ * VALGRIND_COUNT_ERRORS); constant stand-ins otherwise. */
+#if defined(__has_include)
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#define HAVE_VALGRIND_H 1
+#endif
+#endif
+#ifndef HAVE_VALGRIND_H
+#define RUNNING_ON_VALGRIND 0
+#define VALGRIND_COUNT_ERRORS 0
+#endif
+
 static atomic_int tu_passed;
 static atomic_int tu_failed;
 
@@ -46,6 +60,31 @@ static inline int tu_slow(void)
 {
     const char *v = getenv("SB_VALGRIND");
     return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
+}
+
+/* Threads of this process whose name starts with `prefix` (Linux: /proc/self/task/N/comm;
+ * the library names its threads sb-pool, sb-grp-<group>, sb-timer...); -1 if unreadable. */
+static inline int tu_threads_named(const char *prefix)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (d == NULL)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], comm[64] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (f == NULL)
+            continue; /* the thread just exited */
+        if (fgets(comm, sizeof comm, f) != NULL && strncmp(comm, prefix, strlen(prefix)) == 0)
+            n++;
+        fclose(f);
+    }
+    closedir(d);
+    return n;
 }
 
 /* Pick a workload size: `normal` natively, `slow` under valgrind. */
