@@ -87,6 +87,14 @@ static inline int tu_threads_named(const char *prefix)
     return n;
 }
 
+/* Running under ThreadSanitizer (`make tsan` exports SB_TSAN=1): slower too, and its
+ * runtime has its own allocator (mallinfo2 describes nothing). */
+static inline int tu_tsan(void)
+{
+    const char *v = getenv("SB_TSAN");
+    return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
+}
+
 /* Pick a workload size: `normal` natively, `slow` under valgrind. */
 static inline int tu_scale(int normal, int slow) { return tu_slow() ? slow : normal; }
 
