@@ -298,49 +298,47 @@ fn timers_json(o: &mut String) {
 /// The timer service's metric families.
 fn timer_families(o: &mut String) {
     let t = crate::timer::stats();
-    let one = |v: u64| [(String::new(), v)];
-    family(
-        o,
-        "timers_pending",
-        "gauge",
-        "Timers neither fired nor cancelled.",
-        &one(t.pending),
-    );
-    family(
-        o,
-        "timers_scheduled_total",
-        "counter",
-        "Timers scheduled (sb_publish_after).",
-        &one(t.scheduled),
-    );
-    family(
-        o,
-        "timers_fired_total",
-        "counter",
-        "Timers fired (published).",
-        &one(t.fired),
-    );
-    family(
-        o,
-        "timers_cancelled_total",
-        "counter",
-        "Timers cancelled before they fired.",
-        &one(t.cancelled),
-    );
-    family(
-        o,
-        "timers_lateness_nanoseconds_total",
-        "counter",
-        "Sum of fired timers' lateness past their due time (divide by fired for the mean).",
-        &one(t.lateness_total_ns),
-    );
-    family(
-        o,
-        "timers_lateness_max_nanoseconds",
-        "gauge",
-        "Latest a timer fired past its due time.",
-        &one(t.lateness_max_ns),
-    );
+    let families: [(&str, &str, &str, u64); 6] = [
+        (
+            "timers_pending",
+            "gauge",
+            "Timers neither fired nor cancelled.",
+            t.pending,
+        ),
+        (
+            "timers_scheduled_total",
+            "counter",
+            "Timers scheduled (sb_publish_after).",
+            t.scheduled,
+        ),
+        (
+            "timers_fired_total",
+            "counter",
+            "Timers fired (published).",
+            t.fired,
+        ),
+        (
+            "timers_cancelled_total",
+            "counter",
+            "Timers cancelled before they fired.",
+            t.cancelled,
+        ),
+        (
+            "timers_lateness_nanoseconds_total",
+            "counter",
+            "Sum of fired timers' lateness past their due time (divide by fired for the mean).",
+            t.lateness_total_ns,
+        ),
+        (
+            "timers_lateness_max_nanoseconds",
+            "gauge",
+            "Latest a timer fired past its due time.",
+            t.lateness_max_ns,
+        ),
+    ];
+    for (name, kind, help, v) in families {
+        family(o, name, kind, help, &[(String::new(), v)]);
+    }
 }
 
 /// A label value in the exposition format: `\`, `"` and newlines escaped.
