@@ -34,6 +34,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -93,6 +95,20 @@ static inline int tu_tsan(void)
 {
     const char *v = getenv("SB_TSAN");
     return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
+}
+
+/* Ends a forked child that has reported its result (through a pipe) and reaps it; true
+ * when it exited with status 0. Under valgrind the child waits to be killed (SIGKILL
+ * skips the leak check of memory its parent's threads left in it), so there only the
+ * reaping counts. */
+static inline int tu_reap_reported_child(pid_t pid)
+{
+    if (RUNNING_ON_VALGRIND)
+        kill(pid, SIGKILL);
+    int status = 0;
+    if (waitpid(pid, &status, 0) != pid)
+        return 0;
+    return RUNNING_ON_VALGRIND || (WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
 /* Pick a workload size: `normal` natively, `slow` under valgrind. */
