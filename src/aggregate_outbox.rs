@@ -14,7 +14,7 @@
 //! Lock order: a shard's lock, then the queue's lock; the queue's lock is held only to
 //! push or pop, never while publishing or dropping a message.
 
-use crate::message::Message;
+use crate::message::MessageRef;
 use crate::topic::Topic;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// An aggregate to publish, and the original topic it goes to.
-type Pending = (Arc<Topic>, Arc<Message>);
+type Pending = (Arc<Topic>, MessageRef);
 
 #[derive(Default)]
 pub(crate) struct AggregateOutbox {
@@ -45,7 +45,7 @@ impl AggregateOutbox {
     /// Queues `aggregate` for `original`. Called under the write lock of the shard that
     /// installed it: installs of one object are serialized by that lock, so they queue in
     /// install order.
-    pub(crate) fn push(&self, original: &Arc<Topic>, aggregate: Arc<Message>) {
+    pub(crate) fn push(&self, original: &Arc<Topic>, aggregate: MessageRef) {
         self.queue
             .lock()
             .push_back((Arc::clone(original), aggregate));
@@ -54,7 +54,7 @@ impl AggregateOutbox {
     /// Publishes queued aggregates in order with `publish`, unless another thread (or an
     /// outer call on this one) is doing it: that drain publishes ours too before it stops.
     /// Called with no lock held.
-    pub(crate) fn drain(&self, publish: impl Fn(&Arc<Topic>, &Arc<Message>)) {
+    pub(crate) fn drain(&self, publish: impl Fn(&Arc<Topic>, &MessageRef)) {
         loop {
             if self.draining.swap(true, Ordering::SeqCst) {
                 return;

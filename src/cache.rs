@@ -25,7 +25,7 @@
 use crate::aggregate_outbox::AggregateOutbox;
 use crate::cache_index::TypeIndexes;
 use crate::eid::Eid;
-use crate::message::Message;
+use crate::message::MessageRef;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::topic::Topic;
 use parking_lot::RwLock;
@@ -42,13 +42,13 @@ pub(crate) const ENTRY_MAGIC: u32 = 0x5342_4345; // "SBCE"
 /// Extracts an object's id from a snapshot; None: not cacheable. The id may borrow from
 /// the snapshot (the C id function's string usually points into the message's data): it
 /// is used only during the call, and copied only when a new object is cached.
-pub type IdFn = Box<dyn for<'m> Fn(&'m Arc<Message>) -> Option<Cow<'m, str>> + Send + Sync>;
+pub type IdFn = Box<dyn for<'m> Fn(&'m MessageRef) -> Option<Cow<'m, str>> + Send + Sync>;
 /// Computes the aggregate of an entry after a change (`new_snapshot` None on a clear).
 /// Returning the entry's current aggregate means "unchanged"; None means "no aggregate".
 pub type CalcFn =
-    Box<dyn Fn(&Arc<CacheEntry>, Option<&Arc<Message>>) -> Option<Arc<Message>> + Send + Sync>;
+    Box<dyn Fn(&Arc<CacheEntry>, Option<&MessageRef>) -> Option<MessageRef> + Send + Sync>;
 /// Publishes a changed aggregate to the original topic.
-pub type AggregatePublishFn = Box<dyn Fn(&Arc<Topic>, &Arc<Message>) + Send + Sync>;
+pub type AggregatePublishFn = Box<dyn Fn(&Arc<Topic>, &MessageRef) + Send + Sync>;
 
 /// A power of two. Readers on different cores mostly hit different shards.
 const SHARDS: usize = 64;
@@ -62,26 +62,26 @@ const SHARD_SHIFT: u32 = 48;
 #[derive(Clone)]
 pub struct CacheEntry {
     magic: u32,
-    local: Option<Arc<Message>>,
+    local: Option<MessageRef>,
     /// Sorted by eid, at most one per eid.
-    remote: Vec<Arc<Message>>,
-    aggregate: Option<Arc<Message>>,
+    remote: Vec<MessageRef>,
+    aggregate: Option<MessageRef>,
 }
 
 impl CacheEntry {
     pub(crate) fn magic_ok(&self) -> bool {
         self.magic == ENTRY_MAGIC
     }
-    pub fn local(&self) -> Option<&Arc<Message>> {
+    pub fn local(&self) -> Option<&MessageRef> {
         self.local.as_ref()
     }
-    pub fn remote(&self, idx: usize) -> Option<&Arc<Message>> {
+    pub fn remote(&self, idx: usize) -> Option<&MessageRef> {
         self.remote.get(idx)
     }
     pub fn remote_count(&self) -> usize {
         self.remote.len()
     }
-    pub fn aggregate(&self) -> Option<&Arc<Message>> {
+    pub fn aggregate(&self) -> Option<&MessageRef> {
         self.aggregate.as_ref()
     }
     fn is_empty(&self) -> bool {
@@ -91,7 +91,7 @@ impl CacheEntry {
     fn is_vacant(&self) -> bool {
         self.is_empty() && self.aggregate.is_none()
     }
-    fn snapshot_of(&self, eid: &Eid, local: bool) -> Option<&Arc<Message>> {
+    fn snapshot_of(&self, eid: &Eid, local: bool) -> Option<&MessageRef> {
         if local {
             self.local.as_ref()
         } else {
@@ -99,17 +99,12 @@ impl CacheEntry {
         }
     }
     /// Snapshots of every eid: local first, then remote.
-    fn all(&self) -> impl Iterator<Item = &Arc<Message>> {
+    fn all(&self) -> impl Iterator<Item = &MessageRef> {
         self.local.iter().chain(self.remote.iter())
     }
 
     /// Replaces the snapshot of `eid` by `new` (None removes it); returns the old one.
-    fn replace(
-        &mut self,
-        eid: &Eid,
-        local: bool,
-        new: Option<Arc<Message>>,
-    ) -> Option<Arc<Message>> {
+    fn replace(&mut self, eid: &Eid, local: bool, new: Option<MessageRef>) -> Option<MessageRef> {
         if local {
             return std::mem::replace(&mut self.local, new);
         }
@@ -126,7 +121,7 @@ impl CacheEntry {
         }
     }
 
-    fn new(eid: &Eid, local: bool, snapshot: Arc<Message>) -> CacheEntry {
+    fn new(eid: &Eid, local: bool, snapshot: MessageRef) -> CacheEntry {
         let mut e = CacheEntry {
             magic: ENTRY_MAGIC,
             local: None,
@@ -323,7 +318,7 @@ type Map = HashMap<Key, u32, BuildHasherDefault<PassThrough>>;
 /// entry pointer to another cache line. Every change of an entry goes through `modify`,
 /// which keeps the copy in step.
 struct Slot {
-    local: Option<Arc<Message>>,
+    local: Option<MessageRef>,
     entry: Arc<CacheEntry>,
 }
 
@@ -348,9 +343,9 @@ impl Slot {
 }
 
 /// Both None, or the same message.
-fn same_message(a: &Option<Arc<Message>>, b: &Option<Arc<Message>>) -> bool {
+fn same_message(a: &Option<MessageRef>, b: &Option<MessageRef>) -> bool {
     match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (Some(a), Some(b)) => MessageRef::ptr_eq(a, b),
         (None, None) => true,
         _ => false,
     }
@@ -400,21 +395,21 @@ impl ShardData {
 struct Shard(RwLock<ShardData>);
 
 /// What a dump takes from an entry (see `Cache::collect`).
-type Pick<'a> = &'a dyn Fn(&Slot, &mut Vec<Arc<Message>>);
+type Pick<'a> = &'a dyn Fn(&Slot, &mut Vec<MessageRef>);
 
 /// Index positions a dump walks under one hold of a shard's read lock: a publisher
 /// writing to that shard waits for one such chunk at most (a few microseconds).
 const DUMP_CHUNK: usize = 64;
 
 /// (old aggregate, new aggregate).
-pub type AggregateChange = (Option<Arc<Message>>, Option<Arc<Message>>);
+pub type AggregateChange = (Option<MessageRef>, Option<MessageRef>);
 
 /// What one put or clear changed.
 pub struct Change<'a> {
     /// The snapshot's type (borrowed from the snapshot: no shared count to bump).
     pub snapshot_type: &'a Arc<MessageType>,
-    pub old: Option<Arc<Message>>,
-    pub new: Option<Arc<Message>>,
+    pub old: Option<MessageRef>,
+    pub new: Option<MessageRef>,
     /// (old aggregate, new aggregate) when the aggregate changed.
     pub aggregate: Option<AggregateChange>,
 }
@@ -474,7 +469,7 @@ impl Cache {
     }
 
     /// The id the cache keys `msg` under (the id function's answer; user code).
-    pub fn id_of<'m>(&self, msg: &'m Arc<Message>) -> Option<Cow<'m, str>> {
+    pub fn id_of<'m>(&self, msg: &'m MessageRef) -> Option<Cow<'m, str>> {
         (self.id_fn)(msg)
     }
 
@@ -490,7 +485,7 @@ impl Cache {
     /// changed, or None when the message is not cacheable or nothing was there to clear.
     pub(crate) fn update<'s>(
         &self,
-        snapshot: &'s Arc<Message>,
+        snapshot: &'s MessageRef,
         clear: bool,
         original: &Arc<Topic>,
     ) -> Option<Change<'s>> {
@@ -499,7 +494,7 @@ impl Cache {
         let ty = snapshot.message_type();
         let key = self.key(ty, &id);
         let local = eid == Eid::default_eid();
-        let new = (!clear).then(|| Arc::clone(snapshot));
+        let new = (!clear).then(|| MessageRef::clone(snapshot));
         let mut removed = None;
         let (old, entry) = {
             let mut shard = self.shard(key.hash).write();
@@ -548,7 +543,7 @@ impl Cache {
         &self,
         key: &KeyRef<'_>,
         entry: Arc<CacheEntry>,
-        new_snapshot: Option<&Arc<Message>>,
+        new_snapshot: Option<&MessageRef>,
         original: &Arc<Topic>,
     ) -> Option<AggregateChange> {
         let calc = self.calc.as_ref()?;
@@ -576,7 +571,7 @@ impl Cache {
         calc: &CalcFn,
         key: &KeyRef<'_>,
         entry: Arc<CacheEntry>,
-        new_snapshot: Option<&Arc<Message>>,
+        new_snapshot: Option<&MessageRef>,
         original: &Arc<Topic>,
     ) -> Option<AggregateChange> {
         let old_agg = entry.aggregate.clone();
@@ -612,7 +607,7 @@ impl Cache {
         slot.modify(|e| e.aggregate = new_agg.clone());
         if let Some(agg) = &new_agg {
             // Under the shard's lock: queued in install order (see `refresh_aggregate`).
-            self.aggregates.push(original, Arc::clone(agg));
+            self.aggregates.push(original, MessageRef::clone(agg));
         }
         let removed = (slot.entry.is_vacant()).then(|| shard.remove(key));
         drop(shard);
@@ -652,17 +647,12 @@ impl Cache {
     }
 
     /// The local snapshot (default eid) of (type, id).
-    pub fn get(&self, ty: &MessageType, id: &str) -> Option<Arc<Message>> {
+    pub fn get(&self, ty: &MessageType, id: &str) -> Option<MessageRef> {
         self.read(ty, id, |s| s.local.clone()).flatten()
     }
 
     /// The snapshot of one eid, or the aggregate when `eid` is None.
-    pub fn get_by_eid(
-        &self,
-        ty: &MessageType,
-        id: &str,
-        eid: Option<&Eid>,
-    ) -> Option<Arc<Message>> {
+    pub fn get_by_eid(&self, ty: &MessageType, id: &str, eid: Option<&Eid>) -> Option<MessageRef> {
         let local = eid.is_some_and(|e| *e == Eid::default_eid());
         self.read(ty, id, |s| match eid {
             None => s.entry.aggregate.clone(),
@@ -672,7 +662,7 @@ impl Cache {
     }
 
     /// Every snapshot (local and remote) of (type, id).
-    pub fn get_all(&self, ty: &MessageType, id: &str) -> Vec<Arc<Message>> {
+    pub fn get_all(&self, ty: &MessageType, id: &str) -> Vec<MessageRef> {
         self.read(ty, id, |s| s.entry.all().cloned().collect())
             .unwrap_or_default()
     }
@@ -698,7 +688,7 @@ impl Cache {
         ty: Option<&MessageType>,
         every_eid: bool,
         pick: Pick<'_>,
-    ) -> Vec<Arc<Message>> {
+    ) -> Vec<MessageRef> {
         self.collect_in_chunks(ty, every_eid, pick, || {})
     }
 
@@ -710,7 +700,7 @@ impl Cache {
         every_eid: bool,
         pick: Pick<'_>,
         mut between: impl FnMut(),
-    ) -> Vec<Arc<Message>> {
+    ) -> Vec<MessageRef> {
         let started = self.inserted.load(Ordering::SeqCst);
         let guess: usize = self
             .shards
@@ -774,12 +764,12 @@ impl Cache {
     }
 
     /// Local snapshots of `ty` (all types when None).
-    pub fn dump(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
+    pub fn dump(&self, ty: Option<&MessageType>) -> Vec<MessageRef> {
         self.collect(ty, false, &|s, out| out.extend(s.local.iter().cloned()))
     }
 
     /// Snapshots of one eid.
-    pub fn dump_by_eid(&self, ty: Option<&MessageType>, eid: &Eid) -> Vec<Arc<Message>> {
+    pub fn dump_by_eid(&self, ty: Option<&MessageType>, eid: &Eid) -> Vec<MessageRef> {
         if *eid == Eid::default_eid() {
             return self.dump(ty);
         }
@@ -789,12 +779,12 @@ impl Cache {
     }
 
     /// Every snapshot of every eid (no aggregates).
-    pub fn dump_all(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
+    pub fn dump_all(&self, ty: Option<&MessageType>) -> Vec<MessageRef> {
         self.collect(ty, true, &|s, out| out.extend(s.entry.all().cloned()))
     }
 
     /// Aggregates of `ty` (all types when None).
-    pub fn dump_aggregates(&self, ty: Option<&MessageType>) -> Vec<Arc<Message>> {
+    pub fn dump_aggregates(&self, ty: Option<&MessageType>) -> Vec<MessageRef> {
         self.collect(ty, false, &|s, out| {
             out.extend(s.entry.aggregate.iter().cloned())
         })
@@ -810,6 +800,7 @@ impl Drop for Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Message;
 
     #[test]
     fn hash_depends_on_every_part_of_the_key() {
@@ -914,7 +905,7 @@ mod tests {
         let other = MessageType::builtin("test/cache/dump-walk-other");
         let topic = Topic::create("test/cache/dump-walk").unwrap();
         // The id is the payload's bytes.
-        let cache = Cache::new(Box::new(|m: &Arc<Message>| match m.payload() {
+        let cache = Cache::new(Box::new(|m: &MessageRef| match m.payload() {
             crate::message::Payload::Bytes(b) => {
                 Some(Cow::Owned(String::from_utf8_lossy(b).into_owned()))
             }
@@ -1001,19 +992,19 @@ mod tests {
         };
         let held = entry();
         let change = cache.update(&m2, false, &topic).unwrap();
-        assert!(Arc::ptr_eq(change.old.as_ref().unwrap(), &m1));
+        assert!(MessageRef::ptr_eq(change.old.as_ref().unwrap(), &m1));
         assert!(
-            Arc::ptr_eq(held.local().unwrap(), &m1),
+            MessageRef::ptr_eq(held.local().unwrap(), &m1),
             "the held entry did not change"
         );
-        assert!(Arc::ptr_eq(&cache.get(&ty, "x").unwrap(), &m2));
+        assert!(MessageRef::ptr_eq(&cache.get(&ty, "x").unwrap(), &m2));
         // Nobody holds it now: updated in place, same allocation.
         drop(held);
         let before = Arc::as_ptr(&entry());
         cache.update(&m1, false, &topic);
         let after = Arc::as_ptr(&entry());
         assert_eq!(before, after);
-        assert!(Arc::ptr_eq(&cache.get(&ty, "x").unwrap(), &m1));
+        assert!(MessageRef::ptr_eq(&cache.get(&ty, "x").unwrap(), &m1));
         // A clear of the last snapshot removes the entry.
         assert!(cache.update(&m1, true, &topic).is_some());
         assert!(cache.get(&ty, "x").is_none());

@@ -4,7 +4,7 @@
 use crate::cache::{Cache, Change};
 use crate::error::Result;
 use crate::mailbox::Kind;
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::subscription::{change_type, Subscription, SubscriptionChange};
 use crate::topic::Topic;
@@ -43,8 +43,8 @@ pub struct CacheUpdate {
     /// `message_type`), and a count bumped here by the publisher and dropped by the
     /// subscriber's thread would bounce a shared cache line on every update.
     snapshot_type: ManuallyDrop<Arc<MessageType>>,
-    old: Option<Arc<Message>>,
-    new: Option<Arc<Message>>,
+    old: Option<MessageRef>,
+    new: Option<MessageRef>,
 }
 
 // SAFETY: the view points into the Arcs owned by the same immutable value.
@@ -52,16 +52,16 @@ unsafe impl Send for CacheUpdate {}
 // SAFETY: as above.
 unsafe impl Sync for CacheUpdate {}
 
-fn opt_ptr(m: &Option<Arc<Message>>) -> *const Message {
-    m.as_ref().map_or(std::ptr::null(), Arc::as_ptr)
+fn opt_ptr(m: &Option<MessageRef>) -> *const Message {
+    m.as_ref().map_or(std::ptr::null(), MessageRef::as_ptr)
 }
 
 impl CacheUpdate {
     pub fn message(
         snapshot_type: &Arc<MessageType>,
-        old: Option<Arc<Message>>,
-        new: Option<Arc<Message>>,
-    ) -> Arc<Message> {
+        old: Option<MessageRef>,
+        new: Option<MessageRef>,
+    ) -> MessageRef {
         let update = CacheUpdate {
             view: UpdateView {
                 snapshot_type: Arc::as_ptr(snapshot_type),
@@ -80,32 +80,32 @@ impl CacheUpdate {
     pub fn snapshot_type(&self) -> &Arc<MessageType> {
         &self.snapshot_type
     }
-    pub fn old(&self) -> Option<&Arc<Message>> {
+    pub fn old(&self) -> Option<&MessageRef> {
         self.old.as_ref()
     }
-    pub fn new_snapshot(&self) -> Option<&Arc<Message>> {
+    pub fn new_snapshot(&self) -> Option<&MessageRef> {
         self.new.as_ref()
     }
 }
 
 /// Payload of a clear message: the snapshot whose entry goes.
 pub struct CacheClear {
-    snapshot: Arc<Message>,
+    snapshot: MessageRef,
 }
 
 impl CacheClear {
     /// The snapshot whose entry goes.
-    pub fn snapshot(&self) -> &Arc<Message> {
+    pub fn snapshot(&self) -> &MessageRef {
         &self.snapshot
     }
 }
 
 /// A message that, published to an original topic, removes `snapshot`'s entry.
-pub fn clear_message(snapshot: &Arc<Message>) -> Arc<Message> {
+pub fn clear_message(snapshot: &MessageRef) -> MessageRef {
     Message::with_value(
         clear_type(),
         CacheClear {
-            snapshot: Arc::clone(snapshot),
+            snapshot: MessageRef::clone(snapshot),
         },
     )
 }
@@ -125,7 +125,7 @@ impl CachingTopic {
     pub fn create(original: &Arc<Topic>, cache: &Arc<Cache>) -> Result<Arc<CachingTopic>> {
         let topic = Topic::create_distinct(&format!("{}-cached", original.name()))?;
         let (t, c, o) = (Arc::clone(&topic), Arc::clone(cache), Arc::clone(original));
-        let callback = Box::new(move |sub: &Arc<Subscription>, msg: &Arc<Message>| {
+        let callback = Box::new(move |sub: &Arc<Subscription>, msg: &MessageRef| {
             handle(sub, msg, &t, &c, &o);
         });
         let sub = Subscription::subscribe(original, Kind::Synchronous, callback)?;
@@ -174,7 +174,7 @@ fn publish_change(topic: &Topic, change: Change<'_>) {
 /// The caching subscription's callback.
 fn handle(
     sub: &Arc<Subscription>,
-    msg: &Arc<Message>,
+    msg: &MessageRef,
     topic: &Topic,
     cache: &Cache,
     original: &Arc<Topic>,

@@ -109,40 +109,66 @@ thread_local! {
     static LAST_ERROR: RefCell<[u8; LAST_ERROR_CAP]> = const { RefCell::new([0; LAST_ERROR_CAP]) };
 }
 
-thread_local! {
-    /// The code `sb_last_error_code()` returns: that of the latest exported call on this
+/// The calling thread's error codes, in one thread-local cell: an exported call's start
+/// and end each cost one lookup (in a shared library every thread-local access is a
+/// call into the dynamic loader, and three exported calls per message add up).
+#[derive(Clone, Copy)]
+struct Codes {
+    /// What `sb_last_error_code()` returns: the code of the latest exported call on this
     /// thread (0 when it succeeded).
-    static LAST_CODE: Cell<i32> = const { Cell::new(SB_OK) };
+    last: i32,
     /// The failure recorded by the exported call running right now on this thread (the
     /// innermost one, when a callback calls the library from inside a library call).
-    static OWN_CODE: Cell<i32> = const { Cell::new(SB_OK) };
+    own: i32,
+}
+
+const NO_FAILURE: Codes = Codes {
+    last: SB_OK,
+    own: SB_OK,
+};
+
+thread_local! {
+    static CODES: Cell<Codes> = const { Cell::new(NO_FAILURE) };
 }
 
 /// The calling thread's last error code (0 after a call that succeeded).
 pub fn last_error_code() -> i32 {
-    LAST_CODE.try_with(Cell::get).unwrap_or(SB_OK)
+    CODES.try_with(|c| c.get().last).unwrap_or(SB_OK)
 }
 
 /// Marks the start of an exported call: its outcome starts as success. Returns what
 /// [`end_call`] needs to restore the enclosing call's state (a callback's calls run
 /// inside another exported call on the same thread).
+#[inline]
 pub(crate) fn begin_call() -> i32 {
-    let _ = LAST_CODE.try_with(|c| c.set(SB_OK));
-    OWN_CODE.try_with(|c| c.replace(SB_OK)).unwrap_or(SB_OK)
+    CODES
+        .try_with(|c| c.replace(NO_FAILURE).own)
+        .unwrap_or(SB_OK)
 }
 
 /// Marks the end of an exported call: the last error code is this call's own failure
 /// (0 when it recorded none, whatever the calls nested in it did), and the enclosing
 /// call's own failure, if any, is kept for when that one returns.
+#[inline]
 pub(crate) fn end_call(saved: i32) {
-    let mine = OWN_CODE.try_with(|c| c.replace(saved)).unwrap_or(SB_OK);
-    let _ = LAST_CODE.try_with(|c| c.set(mine));
+    let _ = CODES.try_with(|c| {
+        let mine = c.get().own;
+        c.set(Codes {
+            last: mine,
+            own: saved,
+        });
+    });
 }
 
 /// Records `err` as the calling thread's last error (truncated to the buffer).
 pub fn set_last_error(err: &Error) {
-    let _ = OWN_CODE.try_with(|c| c.set(err.code()));
-    let _ = LAST_CODE.try_with(|c| c.set(err.code()));
+    let code = err.code();
+    let _ = CODES.try_with(|c| {
+        c.set(Codes {
+            last: code,
+            own: code,
+        })
+    });
     let text = err.message.as_bytes();
     // try_with: a thread being torn down has no TLS left; losing the text is harmless.
     let _ = LAST_ERROR.try_with(|slot| {

@@ -16,18 +16,17 @@
 //! locked queue and reopens the ring only once the locked queue is empty, so each
 //! publishing thread's items keep their order across the two.
 
-use crate::message::Message;
+use crate::message::MessageRef;
 use crate::ring::{Rest, Ring, RING_SLOTS};
 use crate::sync::{
     spin_pause, thread_token, AtomicPtr, AtomicU32, Condvar, Mutex, MutexGuard, ThreadToken,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 /// One pending delivery.
 pub(crate) struct Item {
-    pub(crate) msg: Arc<Message>,
+    pub(crate) msg: MessageRef,
     /// The Unsubscribe change message: always the last item a mailbox ever holds.
     pub(crate) last: bool,
     /// Synchronous kind only: the publishing thread, which must run the callback. None:

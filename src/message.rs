@@ -7,6 +7,8 @@ use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
+pub use crate::message_ref::MessageRef;
+
 pub(crate) const MESSAGE_MAGIC: u32 = 0x5342_4d53; // "SBMS"
 
 /// Destructor of a C payload.
@@ -61,13 +63,15 @@ pub(crate) fn now_realtime_ns() -> u64 {
 }
 
 impl Message {
-    /// A message from this node (the default eid).
-    pub fn new(mtype: &Arc<MessageType>, payload: Payload) -> Arc<Message> {
+    /// A message from this node (the default eid). Messages only exist counted, so the
+    /// constructors return the counted reference.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(mtype: &Arc<MessageType>, payload: Payload) -> MessageRef {
         Message::with_eid(mtype, payload, Some(Eid::default_eid()))
     }
 
     /// A message from `eid`, or an aggregate when `eid` is None.
-    pub fn with_eid(mtype: &Arc<MessageType>, payload: Payload, eid: Option<Eid>) -> Arc<Message> {
+    pub fn with_eid(mtype: &Arc<MessageType>, payload: Payload, eid: Option<Eid>) -> MessageRef {
         Message::with_eid_at(mtype, payload, eid, now_realtime_ns())
     }
 
@@ -78,8 +82,8 @@ impl Message {
         payload: Payload,
         eid: Option<Eid>,
         timestamp_ns: u64,
-    ) -> Arc<Message> {
-        Arc::new(Message {
+    ) -> MessageRef {
+        MessageRef::new(Message {
             magic: MESSAGE_MAGIC,
             // SAFETY: the registry holds a reference to every type forever, so this
             // uncounted Arc stays valid for the message's life; ManuallyDrop keeps it
@@ -92,7 +96,7 @@ impl Message {
     }
 
     /// A message carrying a Rust value.
-    pub fn with_value<T: Any + Send + Sync>(mtype: &Arc<MessageType>, value: T) -> Arc<Message> {
+    pub fn with_value<T: Any + Send + Sync>(mtype: &Arc<MessageType>, value: T) -> MessageRef {
         Message::new(mtype, Payload::Value(Box::new(value)))
     }
 

@@ -26,10 +26,9 @@
 //! a release store of the sequence number; the consumer (one at a time: it holds the
 //! mailbox lock) reads it with an acquire load.
 
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 use crate::sync::{AtomicPtr, AtomicUsize};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::Arc;
 
 /// Slots of a ring (a power of two). Big enough that a publisher streaming at full
 /// speed fills it in well over the runner's coalescing wait; small enough that a busy
@@ -104,7 +103,7 @@ impl Ring {
     /// Queues `msg` if the ring is open and has room, returning the item's sequence
     /// number in the mailbox; gives it back otherwise (the caller takes the locked path).
     #[inline]
-    pub(crate) fn try_push(&self, msg: Arc<Message>) -> Result<u64, Arc<Message>> {
+    pub(crate) fn try_push(&self, msg: MessageRef) -> Result<u64, MessageRef> {
         let mut tail = self.producer.tail.load(Relaxed);
         loop {
             if tail & OPEN == 0 {
@@ -130,7 +129,8 @@ impl Ring {
             {
                 Ok(_) => {
                     let base = self.producer.seq_base.load(Relaxed);
-                    slot.msg.store(Arc::into_raw(msg).cast_mut(), Relaxed);
+                    slot.msg
+                        .store(MessageRef::into_raw(msg).cast_mut(), Relaxed);
                     slot.seq.store(pos + 1, Release);
                     return Ok((base + pos + 1) as u64);
                 }
@@ -141,7 +141,7 @@ impl Ring {
 
     /// Consumer (mailbox lock held): hands every written item, in order, to `put`; says
     /// whether a claimed position is still being written.
-    pub(crate) fn drain(&self, mut put: impl FnMut(Arc<Message>)) -> Rest {
+    pub(crate) fn drain(&self, mut put: impl FnMut(MessageRef)) -> Rest {
         let mut head = self.consumer.head.load(Relaxed);
         let start = head;
         loop {
@@ -155,7 +155,7 @@ impl Ring {
             // message here before publishing the slot (the acquire load above saw its
             // release), and only the consumer, which holds the mailbox lock, takes a
             // published slot, once: this reference is ours.
-            put(unsafe { Arc::from_raw(raw) });
+            put(unsafe { MessageRef::from_raw(raw) });
             head += 1;
         }
         if head != start {
@@ -226,7 +226,7 @@ mod tests {
     use super::*;
     use crate::message_type::MessageType;
 
-    fn msg(n: usize) -> Arc<Message> {
+    fn msg(n: usize) -> MessageRef {
         let ty = MessageType::create("ring/test", None).unwrap();
         Message::with_value(&ty, n)
     }
@@ -264,9 +264,9 @@ mod tests {
         let ring = Ring::new();
         ring.open(0);
         let m = msg(1);
-        ring.try_push(Arc::clone(&m)).unwrap();
-        assert_eq!(Arc::strong_count(&m), 2);
+        ring.try_push(MessageRef::clone(&m)).unwrap();
+        assert_eq!(MessageRef::ref_count(&m), 2);
         drop(ring);
-        assert_eq!(Arc::strong_count(&m), 1);
+        assert_eq!(MessageRef::ref_count(&m), 1);
     }
 }

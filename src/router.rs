@@ -9,7 +9,7 @@
 use crate::caching_topic::{update_type, CacheUpdate};
 use crate::error::{Error, Result};
 use crate::mailbox::Kind;
-use crate::message::Message;
+use crate::message::MessageRef;
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::subscription::{change_type, Callback, Subscription};
 use crate::topic::Topic;
@@ -31,7 +31,7 @@ struct Routes {
 }
 
 impl Routes {
-    fn dispatch(&self, sub: &Arc<Subscription>, msg: &Arc<Message>) {
+    fn dispatch(&self, sub: &Arc<Subscription>, msg: &MessageRef) {
         let ty = msg.message_type();
         if Arc::ptr_eq(ty, update_type()) {
             if let Some(update) = msg.value::<CacheUpdate>() {

@@ -13,7 +13,7 @@ use crate::filter::Filter;
 use crate::fork;
 use crate::log;
 use crate::mailbox::{Action, Item, Kind, Mailbox, Overflow, Push};
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::pool;
 use crate::sync::ThreadToken;
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 pub(crate) const SUBSCRIPTION_MAGIC: u32 = 0x5342_5342; // "SBSB"
 
 /// A subscription's callback. It never runs concurrently with itself.
-pub type Callback = Box<dyn Fn(&Arc<Subscription>, &Arc<Message>) + Send + Sync>;
+pub type Callback = Box<dyn Fn(&Arc<Subscription>, &MessageRef) + Send + Sync>;
 
 /// A C-style callback: called with its argument and the addresses of the subscription
 /// and of the message (which are what C handles point to).
@@ -385,7 +385,7 @@ impl Subscription {
 
     /// Queues `msg` (already filtered by the caller) and does what the mailbox asks.
     /// Returns the item's sequence number, or None when the mailbox is closed.
-    pub(crate) fn offer(self: &Arc<Self>, msg: &Arc<Message>, last: bool) -> Option<u64> {
+    pub(crate) fn offer(self: &Arc<Self>, msg: &MessageRef, last: bool) -> Option<u64> {
         if self.kind == Kind::Dedicated
             && self.thread_generation.load(Ordering::Relaxed) != generation_tag()
         {
@@ -394,7 +394,7 @@ impl Subscription {
         // Only the synchronous kind compares thread ids; the others skip the lookup.
         let me = (self.kind == Kind::Synchronous).then(crate::sync::thread_token);
         let item = Item {
-            msg: Arc::clone(msg),
+            msg: MessageRef::clone(msg),
             last,
             from: me,
         };
@@ -530,7 +530,7 @@ impl Subscription {
         }
     }
 
-    fn call(self: &Arc<Self>, msg: &Arc<Message>) {
+    fn call(self: &Arc<Self>, msg: &MessageRef) {
         let run = || match &self.callback {
             Handler::Boxed(cb) => {
                 let closure = cb.lock().clone();
@@ -544,7 +544,7 @@ impl Subscription {
                 f(
                     *data,
                     Arc::as_ptr(self).cast_mut().cast(),
-                    Arc::as_ptr(msg).cast_mut().cast(),
+                    MessageRef::as_ptr(msg).cast_mut().cast(),
                 )
             },
         };
@@ -954,7 +954,7 @@ unsafe impl Send for SubscriptionChange {}
 unsafe impl Sync for SubscriptionChange {}
 
 impl SubscriptionChange {
-    fn message(topic: &Arc<Topic>, number: u64, unsubscribe: bool) -> Arc<Message> {
+    fn message(topic: &Arc<Topic>, number: u64, unsubscribe: bool) -> MessageRef {
         let uniqueid = uniqueid_text(topic, number);
         let description = if unsubscribe {
             c"Unsubscribe"

@@ -15,7 +15,7 @@
 //! changes, forwards): a layer that mirrors `Topic::wants` elsewhere polls it to know
 //! when to look again.
 
-use crate::message::Message;
+use crate::message::MessageRef;
 use crate::topic::Topic;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -28,7 +28,7 @@ pub trait Tap: Send + Sync {
     /// `msg` was published to `topic` or forwarded into it. `through_tap`: the publish
     /// reached `topic` through a topic whose tap claimed it. Returns whether this tap
     /// claims the publish (the topics it reaches from here are then `through_tap`).
-    fn on_publish(&self, topic: &Topic, msg: &Arc<Message>, through_tap: bool) -> bool;
+    fn on_publish(&self, topic: &Topic, msg: &MessageRef, through_tap: bool) -> bool;
 }
 
 type TapMap = HashMap<u64, Arc<dyn Tap>>;
@@ -56,7 +56,7 @@ pub fn set_tap(topic: &Topic, tap: Option<Arc<dyn Tap>>) {
 }
 
 /// Calls `topic`'s tap, if it has one; returns whether the tap claimed the publish.
-pub(crate) fn run(topic: &Topic, msg: &Arc<Message>, through_tap: bool) -> bool {
+pub(crate) fn run(topic: &Topic, msg: &MessageRef, through_tap: bool) -> bool {
     let taps = TAPS.load();
     taps.get(&topic.number())
         .is_some_and(|tap| tap.on_publish(topic, msg, through_tap))

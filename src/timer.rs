@@ -25,7 +25,7 @@
 //! copies at its first timer call, and cancelling one of them there returns false.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::Message;
+use crate::message::MessageRef;
 use crate::message_type::DEAD_MAGIC;
 use crate::sync::std_sync::{Condvar, Mutex, MutexGuard};
 use crate::timer_wheel::{Key, Wheel};
@@ -105,7 +105,7 @@ impl Drop for Timer {
 struct Pending {
     timer: Arc<Timer>,
     topic: Arc<Topic>,
-    msg: Arc<Message>,
+    msg: MessageRef,
     due_ns: u64,
 }
 
@@ -154,7 +154,7 @@ fn now_ns() -> u64 {
 
 /// Schedules `msg` to be published to `topic` after `delay_ms` milliseconds. The timer
 /// keeps its own references to both until it fires or is cancelled.
-pub fn publish_after(topic: &Arc<Topic>, msg: &Arc<Message>, delay_ms: u64) -> Result<Arc<Timer>> {
+pub fn publish_after(topic: &Arc<Topic>, msg: &MessageRef, delay_ms: u64) -> Result<Arc<Timer>> {
     crate::fork::install();
     reap_stale();
     let due_ns = now_ns().saturating_add(delay_ms.saturating_mul(1_000_000));
@@ -170,7 +170,7 @@ pub fn publish_after(topic: &Arc<Topic>, msg: &Arc<Message>, delay_ms: u64) -> R
             key,
         }),
         topic: Arc::clone(topic),
-        msg: Arc::clone(msg),
+        msg: MessageRef::clone(msg),
         due_ns,
     });
     let Some((key, pending)) = inserted else {

@@ -21,7 +21,7 @@
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::forward::Forward;
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::names::check_name;
 use crate::small_list::SmallList;
@@ -415,7 +415,7 @@ impl Topic {
     }
 
     /// Runs this topic's tap, if any; true when it claimed the publish.
-    fn run_tap(&self, msg: &Arc<Message>, through_tap: bool) -> bool {
+    fn run_tap(&self, msg: &MessageRef, through_tap: bool) -> bool {
         self.has_tap.load(Ordering::Acquire) && tap::run(self, msg, through_tap)
     }
 
@@ -468,13 +468,13 @@ impl Topic {
 
     /// Publishes `msg`; returns the number of subscriptions it was queued to (or, for
     /// synchronous ones, delivered to).
-    pub fn publish(&self, msg: &Arc<Message>) -> usize {
+    pub fn publish(&self, msg: &MessageRef) -> usize {
         self.publish_ctx(msg, &mut PublishCtx::default())
     }
 
     pub(crate) fn publish_except(
         &self,
-        msg: &Arc<Message>,
+        msg: &MessageRef,
         exclude: Option<&Arc<Subscription>>,
     ) -> usize {
         self.publish_ctx(
@@ -486,7 +486,7 @@ impl Topic {
         )
     }
 
-    pub(crate) fn publish_ctx(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
+    pub(crate) fn publish_ctx(&self, msg: &MessageRef, ctx: &mut PublishCtx<'_>) -> usize {
         msg.message_type().count_publish();
         let mut count = self.deliver_local(msg, ctx);
         let tapped = self.run_tap(msg, false);
@@ -511,7 +511,7 @@ impl Topic {
     /// allocation and one list load, as before.
     fn publish_through_forwards(
         &self,
-        msg: &Arc<Message>,
+        msg: &MessageRef,
         ctx: &mut PublishCtx<'_>,
         tapped: bool,
     ) -> usize {
@@ -570,7 +570,7 @@ impl Topic {
         }
     }
 
-    fn deliver_local(&self, msg: &Arc<Message>, ctx: &mut PublishCtx<'_>) -> usize {
+    fn deliver_local(&self, msg: &MessageRef, ctx: &mut PublishCtx<'_>) -> usize {
         let subs = self.subscribers();
         let ty = msg.message_type();
         let mut count = 0;
@@ -646,7 +646,7 @@ impl Topic {
     }
 
     /// Publishes to `sub`'s topic and waits until `sub` handled the message.
-    pub fn publish_sync(sub: &Arc<Subscription>, msg: &Arc<Message>) -> Result<usize> {
+    pub fn publish_sync(sub: &Arc<Subscription>, msg: &MessageRef) -> Result<usize> {
         if !sub.is_subscribed() {
             return Err(Error::state(format!(
                 "subscription {} is unsubscribed",

@@ -11,7 +11,7 @@ use super::{codec, Inner, NodeMessage, SharedTopic};
 use crate::caching_topic::clear_message;
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Message, Payload};
+use crate::message::{Message, MessageRef, Payload};
 use crate::message_type::MessageType;
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -200,7 +200,7 @@ impl Delivery {
     }
 
     /// Builds the message a body carries (type by name, decoded payload).
-    fn decode(&mut self, type_name: &str, env: &Envelope, payload: &[u8]) -> Option<Arc<Message>> {
+    fn decode(&mut self, type_name: &str, env: &Envelope, payload: &[u8]) -> Option<MessageRef> {
         let (ty, payload) = if env.flags & FLAG_BYTES != 0 {
             let ty = match MessageType::find(type_name) {
                 Some(t) => t,

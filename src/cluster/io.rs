@@ -11,7 +11,7 @@ use super::wire::{self, Envelope, Heartbeat, FLAG_BYTES, FLAG_CLEAR, NODE_LEFT, 
 use super::{codec, Inner, Out};
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{now_realtime_ns, Message};
+use crate::message::{now_realtime_ns, Message, MessageRef};
 use crate::message_type::MessageType;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -931,7 +931,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             .collect();
         // What we wrote, to check afterwards that it is still current: a change made
         // meanwhile may have been stored before our older copy, which then won.
-        let mut written: Vec<(String, Arc<MessageType>, String, Arc<Message>)> = Vec::new();
+        let mut written: Vec<(String, Arc<MessageType>, String, MessageRef)> = Vec::new();
         let mut pending = Vec::new();
         for snap in cache.dump_by_eid(None, &me) {
             let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
@@ -957,7 +957,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             let mut changed = Vec::new();
             for (key, ty, id, snap) in &written {
                 let now = cache.get_by_eid(ty, id, Some(&me));
-                if now.as_ref().is_some_and(|n| Arc::ptr_eq(n, snap)) {
+                if now.as_ref().is_some_and(|n| MessageRef::ptr_eq(n, snap)) {
                     continue;
                 }
                 if let Some(ack) = store_put(s, key, now.as_ref()).await? {
@@ -993,7 +993,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
 async fn store_put(
     s: &Shared,
     key: &str,
-    snap: Option<&Arc<Message>>,
+    snap: Option<&MessageRef>,
 ) -> Result<Option<jetstream::context::PublishAckFuture>> {
     let subject = format!("$KV.{}.{key}", s.inner.bucket);
     let r = match snap {

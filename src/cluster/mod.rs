@@ -30,7 +30,7 @@ use crate::cache::Cache;
 use crate::caching_topic::{clear_type, update_type, CacheClear, CacheUpdate, CachingTopic};
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 use crate::message_type::MessageType;
 use crate::tap::{self, Tap};
 use crate::topic::Topic;
@@ -91,7 +91,7 @@ unsafe impl Send for NodeMessage {}
 unsafe impl Sync for NodeMessage {}
 
 impl NodeMessage {
-    pub fn message(node: &nodes::Node) -> Arc<Message> {
+    pub fn message(node: &nodes::Node) -> MessageRef {
         let name = CString::new(node.name.replace('\0', "?")).expect("NULs replaced");
         let value = NodeMessage {
             view: NodeView {
@@ -138,23 +138,23 @@ pub(crate) enum Out {
     /// A message of a shared topic, to every node (`clear`: a cache clear of `msg`).
     Broadcast {
         token: Arc<str>,
-        msg: Arc<Message>,
+        msg: MessageRef,
         clear: bool,
     },
     /// A message for one node.
     Direct {
         to: Eid,
         token: Arc<str>,
-        msg: Arc<Message>,
+        msg: MessageRef,
     },
     /// JSON export of a local message.
-    Json { token: Arc<str>, msg: Arc<Message> },
+    Json { token: Arc<str>, msg: MessageRef },
     /// A change of one of our snapshots in a shared cache: store it (or delete it).
     Snapshot {
         token: Arc<str>,
         cache: Arc<Cache>,
-        old: Option<Arc<Message>>,
-        new: Option<Arc<Message>>,
+        old: Option<MessageRef>,
+        new: Option<MessageRef>,
     },
 }
 
@@ -221,7 +221,7 @@ struct TopicTap {
 }
 
 impl Tap for TopicTap {
-    fn on_publish(&self, _topic: &Topic, msg: &Arc<Message>, through_tap: bool) -> bool {
+    fn on_publish(&self, _topic: &Topic, msg: &MessageRef, through_tap: bool) -> bool {
         let inner = &self.inner;
         if !inner.in_this_process() {
             return false;
@@ -232,7 +232,7 @@ impl Tap for TopicTap {
                     if inner.is_local(snap) && codec::sendable(snap) {
                         inner.push(Out::Broadcast {
                             token: Arc::clone(&self.token),
-                            msg: Arc::clone(snap),
+                            msg: MessageRef::clone(snap),
                             clear: true,
                         });
                     }
@@ -240,7 +240,7 @@ impl Tap for TopicTap {
             } else if inner.is_local(msg) && codec::sendable(msg) {
                 inner.push(Out::Broadcast {
                     token: Arc::clone(&self.token),
-                    msg: Arc::clone(msg),
+                    msg: MessageRef::clone(msg),
                     clear: false,
                 });
             }
@@ -248,7 +248,7 @@ impl Tap for TopicTap {
         if self.export_json && inner.is_local(msg) && msg.message_type().has_to_json() {
             inner.push(Out::Json {
                 token: Arc::clone(&self.token),
-                msg: Arc::clone(msg),
+                msg: MessageRef::clone(msg),
             });
         }
         self.shared
@@ -263,7 +263,7 @@ struct CacheTap {
 }
 
 impl Tap for CacheTap {
-    fn on_publish(&self, _topic: &Topic, msg: &Arc<Message>, _through_tap: bool) -> bool {
+    fn on_publish(&self, _topic: &Topic, msg: &MessageRef, _through_tap: bool) -> bool {
         let inner = &self.inner;
         if !inner.in_this_process() || !Arc::ptr_eq(msg.message_type(), update_type()) {
             return false;
@@ -271,7 +271,7 @@ impl Tap for CacheTap {
         let Some(u) = msg.value::<CacheUpdate>() else {
             return false;
         };
-        let local = |m: Option<&Arc<Message>>| m.is_some_and(|m| inner.is_local(m));
+        let local = |m: Option<&MessageRef>| m.is_some_and(|m| inner.is_local(m));
         let (old, new) = (u.old(), u.new_snapshot());
         if local(new) || (new.is_none() && local(old)) {
             inner.push(Out::Snapshot {
@@ -550,7 +550,7 @@ impl Cluster {
         }
     }
 
-    pub fn publish_to(&self, node: &Eid, topic: &Arc<Topic>, msg: &Arc<Message>) -> Result<()> {
+    pub fn publish_to(&self, node: &Eid, topic: &Arc<Topic>, msg: &MessageRef) -> Result<()> {
         let inner = self.usable()?;
         if !inner.nodes.lock().is_up(node) || *node == inner.me {
             return Err(Error::state(format!("node {node} is not up")));
@@ -564,13 +564,13 @@ impl Cluster {
         inner.push(Out::Direct {
             to: *node,
             token: wire::escaped(topic.name()).into(),
-            msg: Arc::clone(msg),
+            msg: MessageRef::clone(msg),
         });
         Ok(())
     }
 
     /// One node message per known node, this one included.
-    pub fn nodes(&self) -> Result<Vec<Arc<Message>>> {
+    pub fn nodes(&self) -> Result<Vec<MessageRef>> {
         let inner = self.usable()?;
         let nodes = inner.nodes.lock().all();
         Ok(nodes.iter().map(NodeMessage::message).collect())

@@ -9,7 +9,7 @@ use super::{codec, config::Config, Inner, SharedTopic, Stats};
 use crate::cache::Cache;
 use crate::caching_topic::CachingTopic;
 use crate::eid::Eid;
-use crate::message::{Message, Payload};
+use crate::message::{MessageRef, Payload};
 use crate::message_type::MessageType;
 use crate::topic::Topic;
 use crossbeam_queue::ArrayQueue;
@@ -38,7 +38,7 @@ pub struct Outcome {
     pub delivered: usize,
 }
 
-fn id_of(msg: &Arc<Message>) -> Option<Cow<'_, str>> {
+fn id_of(msg: &MessageRef) -> Option<Cow<'_, str>> {
     let Payload::Bytes(b) = msg.payload() else {
         return None;
     };
@@ -73,7 +73,7 @@ pub fn deliver(arrivals: &[Arrival<'_>]) -> Outcome {
     let sub = crate::subscription::Subscription::subscribe(
         &topic,
         crate::Kind::Synchronous,
-        Box::new(move |_, msg: &Arc<Message>| {
+        Box::new(move |_, msg: &MessageRef| {
             if !Arc::ptr_eq(msg.message_type(), crate::subscription::change_type()) {
                 d2.fetch_add(1, Ordering::Relaxed);
             }

@@ -9,7 +9,7 @@ use crate::cache::{AggregatePublishFn, Cache, CacheEntry, CalcFn, IdFn};
 use crate::caching_topic::{clear_message, clear_type, update_type, CachingTopic, UpdateView};
 use crate::eid::Eid;
 use crate::error::{set_last_error, Error};
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 use crate::message_type::DEAD_MAGIC;
 use std::borrow::Cow;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -35,6 +35,7 @@ pub struct sb_message_list {
 
 impl Handle for sb_cache {
     type Rust = Cache;
+    type Ptr = std::sync::Arc<Cache>;
     const WHAT: &'static str = "sb_cache";
     fn magic_ok(r: &Cache) -> bool {
         r.magic_ok()
@@ -42,6 +43,7 @@ impl Handle for sb_cache {
 }
 impl Handle for sb_cache_entry {
     type Rust = CacheEntry;
+    type Ptr = std::sync::Arc<CacheEntry>;
     const WHAT: &'static str = "sb_cache_entry";
     fn magic_ok(r: &CacheEntry) -> bool {
         r.magic_ok()
@@ -49,6 +51,7 @@ impl Handle for sb_cache_entry {
 }
 impl Handle for sb_caching_topic {
     type Rust = CachingTopic;
+    type Ptr = std::sync::Arc<CachingTopic>;
     const WHAT: &'static str = "sb_caching_topic";
     fn magic_ok(r: &CachingTopic) -> bool {
         r.magic_ok()
@@ -61,7 +64,7 @@ const LIST_MAGIC: u32 = 0x5342_4c53; // "SBLS"
 #[repr(C)]
 struct MessageList {
     magic: u32,
-    items: Vec<Arc<Message>>,
+    items: Vec<MessageRef>,
 }
 
 impl Drop for MessageList {
@@ -70,7 +73,7 @@ impl Drop for MessageList {
     }
 }
 
-pub(crate) fn list_out(items: Vec<Arc<Message>>) -> *mut sb_message_list {
+pub(crate) fn list_out(items: Vec<MessageRef>) -> *mut sb_message_list {
     Box::into_raw(Box::new(MessageList {
         magic: LIST_MAGIC,
         items,
@@ -150,7 +153,7 @@ const _: () = assert!(std::mem::size_of::<sb_cache_update>() == std::mem::size_o
 /// The id function a C id callback becomes: `call(msg)` is the callback's answer.
 fn c_id_fn(call: impl Fn(*mut sb_message) -> *const c_char + Send + Sync + 'static) -> IdFn {
     let warned_not_utf8 = AtomicBool::new(false);
-    Box::new(move |msg: &Arc<Message>| {
+    Box::new(move |msg: &MessageRef| {
         let p = call(sb_message::as_ptr(msg));
         // SAFETY: NULL or a NUL-terminated string borrowed from the message (header:
         // "borrowed, e.g. from the message's data"). The cache reads it only during the
@@ -180,11 +183,12 @@ fn c_id_fn(call: impl Fn(*mut sb_message) -> *const c_char + Send + Sync + 'stat
 fn c_calc_fn(
     call: impl Fn(*mut sb_cache_entry, *mut sb_message) -> *mut sb_message + Send + Sync + 'static,
 ) -> CalcFn {
-    Box::new(move |entry: &Arc<CacheEntry>, new: Option<&Arc<Message>>| {
+    Box::new(move |entry: &Arc<CacheEntry>, new: Option<&MessageRef>| {
         let new_ptr = new.map_or(std::ptr::null_mut(), sb_message::as_ptr);
         let agg = call(sb_cache_entry::as_ptr(entry), new_ptr);
         // SAFETY: calc returns NULL or a new reference, which we take over.
-        (!agg.is_null()).then(|| unsafe { Arc::from_raw(agg.cast_const().cast::<Message>()) })
+        (!agg.is_null())
+            .then(|| unsafe { MessageRef::from_raw(agg.cast_const().cast::<Message>()) })
     })
 }
 
@@ -192,7 +196,7 @@ fn c_calc_fn(
 fn c_publish_fn(
     call: impl Fn(*mut sb_topic, *mut sb_message) + Send + Sync + 'static,
 ) -> AggregatePublishFn {
-    Box::new(move |topic: &Arc<crate::Topic>, agg: &Arc<Message>| {
+    Box::new(move |topic: &Arc<crate::Topic>, agg: &MessageRef| {
         call(sb_topic::as_ptr(topic), sb_message::as_ptr(agg))
     })
 }
@@ -300,7 +304,7 @@ pub extern "C" fn sb_cache_unref(cache: *mut sb_cache) {
 
 fn entry_msg(
     entry: *mut sb_cache_entry,
-    pick: impl FnOnce(&CacheEntry) -> Option<&Arc<Message>>,
+    pick: impl FnOnce(&CacheEntry) -> Option<&MessageRef>,
 ) -> *mut sb_message {
     match sb_cache_entry::borrow(entry) {
         Ok(e) => pick(&e).map_or(std::ptr::null_mut(), sb_message::as_ptr),
@@ -487,7 +491,7 @@ fn with_cache_type_id<R: super::FailureValue>(
     }
 }
 
-fn msg_out(m: Option<Arc<Message>>) -> *mut sb_message {
+fn msg_out(m: Option<MessageRef>) -> *mut sb_message {
     m.map_or(std::ptr::null_mut(), sb_message::into_raw)
 }
 
@@ -550,7 +554,7 @@ pub extern "C" fn sb_cache_get_all(
 fn dump(
     cache: *mut sb_cache,
     ty: *mut sb_message_type,
-    f: impl FnOnce(&Cache, Option<&crate::MessageType>) -> Vec<Arc<Message>>,
+    f: impl FnOnce(&Cache, Option<&crate::MessageType>) -> Vec<MessageRef>,
 ) -> *mut sb_message_list {
     let c = match sb_cache::borrow(cache) {
         Ok(c) => c,

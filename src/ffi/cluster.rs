@@ -82,9 +82,8 @@ mod imp {
     use crate::cluster::{Cluster, NodeView, CLUSTER_MAGIC};
     use crate::eid::Eid;
     use crate::ffi::{ref_arg, Handle};
-    use crate::message::{Message, Payload};
+    use crate::message::{Message, MessageRef, Payload};
     use crate::message_type::DEAD_MAGIC;
-    use std::sync::Arc;
 
     const _: () =
         assert!(std::mem::size_of::<sb_cluster_node>() == std::mem::size_of::<NodeView>());
@@ -98,6 +97,7 @@ mod imp {
 
     impl Handle for sb_cluster {
         type Rust = Cluster;
+        type Ptr = std::sync::Arc<Cluster>;
         const WHAT: &'static str = "sb_cluster";
         fn magic_ok(r: &Cluster) -> bool {
             r.magic_ok()
@@ -246,7 +246,7 @@ mod imp {
 
     pub fn nodes(c: *mut sb_cluster) -> Result<*mut sb_message_list> {
         let c = sb_cluster::borrow(c)?;
-        let nodes: Vec<Arc<Message>> = c.nodes()?;
+        let nodes: Vec<MessageRef> = c.nodes()?;
         Ok(super::super::cache::list_out(nodes))
     }
 

@@ -19,6 +19,7 @@ pub struct sb_message {
 
 impl Handle for sb_message_type {
     type Rust = MessageType;
+    type Ptr = std::sync::Arc<MessageType>;
     const WHAT: &'static str = "sb_message_type";
     fn magic_ok(r: &MessageType) -> bool {
         r.magic_ok()
@@ -26,6 +27,7 @@ impl Handle for sb_message_type {
 }
 impl Handle for sb_message {
     type Rust = Message;
+    type Ptr = crate::message::MessageRef;
     const WHAT: &'static str = "sb_message";
     fn magic_ok(r: &Message) -> bool {
         r.magic_ok()

@@ -2,7 +2,7 @@
 //! - runs its body inside [`boundary`], so no panic unwinds into C (a panic becomes the
 //!   function's failure value plus a last-error text);
 //! - turns handles into Rust references through [`Handle`], the one place that knows a
-//!   C handle is an `Arc` and checks its magic tag, so NULL, freed or wrong-type
+//!   C handle is an `Arc` (a `MessageRef` for messages) and checks its magic tag, so NULL, freed or wrong-type
 //!   pointers get a clear error instead of a crash (best effort for freed memory);
 //! - reports failures through `sb_last_error()`.
 
@@ -106,16 +106,58 @@ pub(crate) fn fail_null<T>(e: Error) -> *mut T {
     std::ptr::null_mut()
 }
 
-/// A C handle type whose pointers are `Arc::into_raw` of `Self::Rust`.
+/// The counted pointer behind a C handle: `Arc<T>` for most objects, `MessageRef` for
+/// messages (a cheaper count in a recycled block).
+pub(crate) trait Counted: Clone + Deref {
+    /// Hands a reference over as the object's address.
+    fn into_raw(this: Self) -> *const Self::Target;
+    /// The object's address, the reference staying with `this`.
+    fn as_ptr(this: &Self) -> *const Self::Target;
+    /// Takes back a reference `into_raw` handed over.
+    ///
+    /// # Safety
+    /// `p` came from `into_raw` of this type, and the reference is not used again.
+    unsafe fn from_raw(p: *const Self::Target) -> Self;
+}
+
+impl<T> Counted for Arc<T> {
+    fn into_raw(this: Self) -> *const T {
+        Arc::into_raw(this)
+    }
+    fn as_ptr(this: &Self) -> *const T {
+        Arc::as_ptr(this)
+    }
+    unsafe fn from_raw(p: *const T) -> Self {
+        // SAFETY: the caller's promise.
+        unsafe { Arc::from_raw(p) }
+    }
+}
+
+impl Counted for crate::message::MessageRef {
+    fn into_raw(this: Self) -> *const crate::Message {
+        crate::message::MessageRef::into_raw(this)
+    }
+    fn as_ptr(this: &Self) -> *const crate::Message {
+        crate::message::MessageRef::as_ptr(this)
+    }
+    unsafe fn from_raw(p: *const crate::Message) -> Self {
+        // SAFETY: the caller's promise.
+        unsafe { crate::message::MessageRef::from_raw(p) }
+    }
+}
+
+/// A C handle type whose pointers are `Counted::into_raw` of `Self::Ptr`.
 pub(crate) trait Handle: Sized {
     type Rust;
+    /// The counted pointer C holds references of (`Arc<Self::Rust>` but for messages).
+    type Ptr: Counted<Target = Self::Rust>;
     /// For error messages: "sb_topic".
     const WHAT: &'static str;
     fn magic_ok(r: &Self::Rust) -> bool;
 
     /// Checks `p` and borrows the object it points to. The caller's reference keeps it
     /// alive for the duration of the call.
-    fn borrow<'a>(p: *const Self) -> Result<Borrowed<'a, Self::Rust>> {
+    fn borrow<'a>(p: *const Self) -> Result<Borrowed<'a, Self::Ptr>> {
         if p.is_null() {
             return Err(Error::invalid(format!("{} is NULL", Self::WHAT)));
         }
@@ -130,8 +172,8 @@ pub(crate) trait Handle: Sized {
         // SAFETY: `p` is non-null and aligned; the caller promises it came from this
         // library and holds a reference. The magic check below catches most freed or
         // wrong-type pointers before anything else is read.
-        let arc = ManuallyDrop::new(unsafe { Arc::from_raw(rp) });
-        if !Self::magic_ok(&arc) {
+        let ptr = ManuallyDrop::new(unsafe { <Self::Ptr as Counted>::from_raw(rp) });
+        if !Self::magic_ok(&ptr) {
             return Err(Error::invalid(format!(
                 "{} pointer is not a live {} (freed, or another type)",
                 Self::WHAT,
@@ -139,24 +181,24 @@ pub(crate) trait Handle: Sized {
             )));
         }
         Ok(Borrowed {
-            arc,
+            ptr,
             _life: std::marker::PhantomData,
         })
     }
 
     /// A new reference (for storing beyond the call).
-    fn clone_arc(p: *const Self) -> Result<Arc<Self::Rust>> {
-        Self::borrow(p).map(|b| Arc::clone(&b))
+    fn clone_arc(p: *const Self) -> Result<Self::Ptr> {
+        Self::borrow(p).map(|b| Self::Ptr::clone(&b))
     }
 
     /// Hands a reference to C.
-    fn into_raw(arc: Arc<Self::Rust>) -> *mut Self {
-        Arc::into_raw(arc) as *mut Self
+    fn into_raw(ptr: Self::Ptr) -> *mut Self {
+        Counted::into_raw(ptr) as *mut Self
     }
 
     /// A borrowed pointer to an object the library keeps alive.
-    fn as_ptr(arc: &Arc<Self::Rust>) -> *mut Self {
-        Arc::as_ptr(arc) as *mut Self
+    fn as_ptr(ptr: &Self::Ptr) -> *mut Self {
+        Counted::as_ptr(ptr) as *mut Self
     }
 
     /// Drops the caller's reference. NULL is a no-op.
@@ -165,7 +207,7 @@ pub(crate) trait Handle: Sized {
             return Ok(());
         }
         let b = Self::borrow(p)?;
-        drop(ManuallyDrop::into_inner(b.arc));
+        drop(ManuallyDrop::into_inner(b.ptr));
         Ok(())
     }
 }
@@ -174,7 +216,7 @@ pub(crate) trait Handle: Sized {
 /// (the `x = sb_unsubscribe(x)` idiom). Failures become the last error.
 pub(crate) fn act_and_release<H: Handle>(
     p: *mut H,
-    f: impl FnOnce(&Arc<H::Rust>) -> Result<()>,
+    f: impl FnOnce(&H::Ptr) -> Result<()>,
 ) -> *mut H {
     match H::borrow(p) {
         Ok(obj) => {
@@ -188,16 +230,17 @@ pub(crate) fn act_and_release<H: Handle>(
     std::ptr::null_mut()
 }
 
-/// A checked, borrowed handle; derefs to the `Arc` so `self: &Arc<Self>` methods work.
-pub(crate) struct Borrowed<'a, T> {
-    arc: ManuallyDrop<Arc<T>>,
-    _life: std::marker::PhantomData<&'a T>,
+/// A checked, borrowed handle; derefs to the counted pointer so `self: &Arc<Self>`
+/// methods work.
+pub(crate) struct Borrowed<'a, P: Deref> {
+    ptr: ManuallyDrop<P>,
+    _life: std::marker::PhantomData<&'a P::Target>,
 }
 
-impl<T> Deref for Borrowed<'_, T> {
-    type Target = Arc<T>;
-    fn deref(&self) -> &Arc<T> {
-        &self.arc
+impl<P: Deref> Deref for Borrowed<'_, P> {
+    type Target = P;
+    fn deref(&self) -> &P {
+        &self.ptr
     }
 }
 

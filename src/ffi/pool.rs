@@ -18,6 +18,7 @@ pub struct sb_pool {
 
 impl Handle for sb_pool {
     type Rust = Group;
+    type Ptr = std::sync::Arc<Group>;
     const WHAT: &'static str = "sb_pool";
     fn magic_ok(r: &Group) -> bool {
         r.magic_ok()

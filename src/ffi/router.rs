@@ -19,6 +19,7 @@ pub struct sb_router {
 
 impl Handle for sb_router {
     type Rust = Router;
+    type Ptr = std::sync::Arc<Router>;
     const WHAT: &'static str = "sb_router";
     fn magic_ok(r: &Router) -> bool {
         r.magic_ok()

@@ -18,6 +18,7 @@ pub struct sb_subscription {
 
 impl Handle for sb_subscription {
     type Rust = Subscription;
+    type Ptr = std::sync::Arc<Subscription>;
     const WHAT: &'static str = "sb_subscription";
     fn magic_ok(r: &Subscription) -> bool {
         r.magic_ok()

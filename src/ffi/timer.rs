@@ -14,6 +14,7 @@ pub struct sb_timer {
 
 impl Handle for sb_timer {
     type Rust = Timer;
+    type Ptr = std::sync::Arc<Timer>;
     const WHAT: &'static str = "sb_timer";
     fn magic_ok(r: &Timer) -> bool {
         r.magic_ok()

@@ -24,6 +24,7 @@ pub struct sb_topic_pool {
 
 impl Handle for sb_topic {
     type Rust = Topic;
+    type Ptr = std::sync::Arc<Topic>;
     const WHAT: &'static str = "sb_topic";
     fn magic_ok(r: &Topic) -> bool {
         r.magic_ok()
@@ -31,6 +32,7 @@ impl Handle for sb_topic {
 }
 impl Handle for sb_forward {
     type Rust = Forward;
+    type Ptr = std::sync::Arc<Forward>;
     const WHAT: &'static str = "sb_forward";
     fn magic_ok(r: &Forward) -> bool {
         r.magic_ok()
@@ -38,6 +40,7 @@ impl Handle for sb_forward {
 }
 impl Handle for sb_topic_pool {
     type Rust = TopicPool;
+    type Ptr = std::sync::Arc<TopicPool>;
     const WHAT: &'static str = "sb_topic_pool";
     fn magic_ok(r: &TopicPool) -> bool {
         r.magic_ok()
