@@ -164,6 +164,17 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_message_block_is_64_bytes_at_most() {
+        // The count and the message: what a subscriber reads fits in one cache line's size.
+        assert!(
+            std::mem::size_of::<Counted>() <= 64,
+            "{}",
+            std::mem::size_of::<Counted>()
+        );
+    }
+
+    #[test]
     fn the_last_reference_runs_the_dtor_once_on_any_thread() {
         let ty = MessageType::builtin("test/message_ref");
         let before = DTORS.load(Ordering::SeqCst);
