@@ -125,10 +125,19 @@ pub(crate) enum Push {
     },
 }
 
-pub(crate) struct State {
+/// The locked queue and the runner's spare buffer (see `State::bufs`).
+#[derive(Default)]
+struct Buffers {
     queue: VecDeque<Item>,
     /// The runner's empty buffer, swapped in when it takes a batch.
     spare: VecDeque<Item>,
+}
+
+pub(crate) struct State {
+    /// None while the queue and the spare buffer are both unallocated: a subscription
+    /// that is idle and was never busy holds 8 bytes here, not the two deques' 64 (see
+    /// `release_small_buffers`; 100,000 such subscriptions are W8's case).
+    bufs: Option<Box<Buffers>>,
     pub(crate) run: RunState,
     closed: bool,
     pub(crate) done: bool,
@@ -234,8 +243,7 @@ impl Mailbox {
     pub(crate) fn new() -> Mailbox {
         Mailbox {
             state: Mutex::new(State {
-                queue: VecDeque::new(),
-                spare: VecDeque::new(),
+                bufs: None,
                 run: RunState::Idle,
                 closed: false,
                 done: false,
@@ -317,7 +325,7 @@ impl Mailbox {
             delivered: st.handled - (p.evicted - p.evicted_pending),
             dropped: p.dropped,
             congestion_warnings: p.congestion_warnings,
-            queued: (st.queue.len() + self.ring_len()) as u64,
+            queued: (st.queue().len() + self.ring_len()) as u64,
             queued_max: u64::from(st.queued_max),
             congested: st.congested && !st.done,
         }
@@ -366,7 +374,7 @@ impl Mailbox {
         // turn; dropping one would leave its publisher waiting forever.
         if !item.last
             && kind != Kind::Synchronous
-            && st.queue.len() >= st.policy().limit
+            && st.queue().len() >= st.policy().limit
             && !st.closed
         {
             match st.policy().overflow {
@@ -379,12 +387,12 @@ impl Mailbox {
                 }
                 // The subscription's first message (its Subscribe change) is never
                 // dropped, like its final one: evict the oldest after it, if any.
-                Overflow::DropOldest if st.first_pending && st.queue.len() < 2 => {}
+                Overflow::DropOldest if st.first_pending && st.queue().len() < 2 => {}
                 Overflow::DropOldest => {
                     evicted = if st.first_pending {
-                        st.queue.remove(1)
+                        st.queue_mut().remove(1)
                     } else {
-                        st.queue.pop_front()
+                        st.queue_mut().pop_front()
                     };
                     st.policy_mut().dropped += 1;
                     st.policy_mut().evicted += 1;
@@ -401,7 +409,7 @@ impl Mailbox {
                 }
                 Overflow::Block if may_wait => {
                     st.policy_mut().blocked += 1;
-                    while st.queue.len() >= st.policy().limit
+                    while st.queue().len() >= st.policy().limit
                         && !st.closed
                         && st.policy().overflow == Overflow::Block
                     {
@@ -423,7 +431,7 @@ impl Mailbox {
                 self.room.notify_all();
             }
         }
-        if kind == Kind::Synchronous && st.run == RunState::Idle && st.queue.is_empty() {
+        if kind == Kind::Synchronous && st.run == RunState::Idle && st.queue().is_empty() {
             // As if queued and taken at once as a batch of one.
             st.pushed += 1;
             st.start_batch(me.unwrap_or_else(thread_token), 1);
@@ -434,14 +442,14 @@ impl Mailbox {
                 direct: Some(item),
             };
         }
-        st.queue.push_back(item);
+        st.queue_mut().push_back(item);
         let ring_claimed = self.ring_claimed();
         if st.pushed == 0 && ring_claimed == 0 {
             st.first_pending = true;
         }
         st.pushed += 1;
         let seq = st.pushed + ring_claimed;
-        let len = st.queue.len();
+        let len = st.queue().len();
         self.store_len(len);
         let queued = len + self.ring_len();
         st.note_queued(queued);
@@ -478,7 +486,7 @@ impl Mailbox {
             },
         };
         if action == Action::Deferred {
-            st.queue.back_mut().expect("just pushed").from = None;
+            st.queue_mut().back_mut().expect("just pushed").from = None;
         }
         drop(st);
         drop(evicted); // may run a dtor: outside the lock
@@ -592,8 +600,8 @@ impl Mailbox {
             return self.take_synchronous(st, me);
         }
         let ring = self.ring();
-        let queued = st.queue.len() + ring.map_or(0, Ring::len);
-        let mut batch = std::mem::take(&mut st.spare);
+        let queued = st.queue().len() + ring.map_or(0, Ring::len);
+        let mut batch = st.take_spare();
         loop {
             let rest = ring.map_or(Rest::Empty, |r| {
                 r.drain(|msg| {
@@ -605,23 +613,23 @@ impl Mailbox {
                 })
             });
             // The locked queue only holds items queued after all the ring's.
-            if rest == Rest::Empty && !st.queue.is_empty() {
+            if rest == Rest::Empty && !st.queue().is_empty() {
                 if batch.is_empty() {
-                    std::mem::swap(&mut batch, &mut st.queue);
+                    std::mem::swap(&mut batch, st.queue_mut());
                 } else {
-                    batch.extend(st.queue.drain(..));
+                    batch.extend(st.queue_mut().drain(..));
                 }
             }
             if !batch.is_empty() {
                 break;
             }
-            st.spare = batch;
+            st.set_spare(batch);
             if rest == Rest::Pending {
                 return Take::Pending;
             }
             if close_when_empty && !ring.is_none_or(Ring::close_if_empty) {
                 // A producer claimed a slot since the drain: take it.
-                batch = std::mem::take(&mut st.spare);
+                batch = st.take_spare();
                 continue;
             }
             st.run = RunState::Idle;
@@ -629,7 +637,7 @@ impl Mailbox {
             return Take::Empty;
         }
         st.note_queued(queued);
-        self.store_len(st.queue.len());
+        self.store_len(st.queue().len());
         st.start_batch(me, batch.len());
         if st.policy().blocked > 0 {
             self.room.notify_all();
@@ -642,7 +650,7 @@ impl Mailbox {
     /// items `me` published; when the head belongs to another thread, the run is handed
     /// to that thread.
     fn take_synchronous(&self, st: &mut State, me: ThreadToken) -> Take {
-        let Some(head_from) = st.queue.front().map(|i| i.from) else {
+        let Some(head_from) = st.queue().front().map(|i| i.from) else {
             st.run = RunState::Idle;
             st.release_small_buffers();
             return Take::Empty;
@@ -651,15 +659,15 @@ impl Mailbox {
             st.run = RunState::Running(owner);
             return Take::HandedOff;
         }
-        let mut batch = std::mem::take(&mut st.spare);
+        let mut batch = st.take_spare();
         while st
-            .queue
+            .queue()
             .front()
             .is_some_and(|i| i.from.is_none_or(|t| t == me))
         {
-            batch.extend(st.queue.pop_front());
+            batch.extend(st.queue_mut().pop_front());
         }
-        self.store_len(st.queue.len());
+        self.store_len(st.queue().len());
         st.start_batch(me, batch.len());
         Take::Batch(batch)
     }
@@ -671,7 +679,7 @@ impl Mailbox {
     fn open_ring(&self, st: &State, n: usize) {
         let p = st.policy();
         if st.closed
-            || !st.queue.is_empty()
+            || !st.queue().is_empty()
             || p.overflow != Overflow::Unbounded
             || n + RING_SLOTS > p.high_water
         {
@@ -711,27 +719,29 @@ impl Mailbox {
     fn finish_locked(&self, st: &mut State, batch: VecDeque<Item>, n: usize, last: bool) -> bool {
         // A buffer that grew with a backlog is given back once drained, not kept as the
         // spare: a backlog of a million messages left 24 MB behind.
-        if st.spare.capacity() < batch.capacity() && batch.capacity() <= KEEP_BUFFER_MAX {
-            st.spare = batch;
+        let spare_capacity = st.bufs.as_ref().map_or(0, |b| b.spare.capacity());
+        if spare_capacity < batch.capacity() && batch.capacity() <= KEEP_BUFFER_MAX {
+            st.set_spare(batch);
         } else {
             drop(batch);
         }
-        if st.queue.is_empty() && st.queue.capacity() > KEEP_BUFFER_MAX {
-            st.queue = VecDeque::new();
+        if let Some(b) = st.bufs.as_deref_mut() {
+            if b.queue.is_empty() && b.queue.capacity() > KEEP_BUFFER_MAX {
+                b.queue = VecDeque::new();
+            }
         }
         let evicted =
             (st.policy.as_deref_mut()).map_or(0, |p| std::mem::take(&mut p.evicted_pending));
         st.handled += n as u64 + evicted;
         st.in_flight = 0;
-        if st.congested && (last || st.queue.len() < st.policy().low_water) {
+        if st.congested && (last || st.queue().len() < st.policy().low_water) {
             st.congested = false;
             self.done.fetch_or(ALERT_CHANGED, Ordering::Release);
         }
         if last {
             st.done = true;
             self.done.fetch_or(DONE, Ordering::Release);
-            st.queue = VecDeque::new();
-            st.spare = VecDeque::new();
+            st.bufs = None;
         }
         st.waiters > 0
     }
@@ -757,7 +767,8 @@ impl Mailbox {
         if st.run == RunState::Running(me) {
             return true;
         }
-        for item in st.queue.iter_mut().filter(|i| i.from == Some(me)) {
+        let queue = st.bufs.iter_mut().flat_map(|b| b.queue.iter_mut());
+        for item in queue.filter(|i| i.from == Some(me)) {
             item.from = None;
         }
         false
@@ -765,7 +776,7 @@ impl Mailbox {
 
     /// Synchronous kind: are items published by `me` still queued?
     pub(crate) fn has_items_from(&self, me: ThreadToken) -> bool {
-        self.state.lock().queue.iter().any(|i| i.from == Some(me))
+        self.state.lock().queue().iter().any(|i| i.from == Some(me))
     }
 
     /// Synchronous kind: blocks until the run is handed to `me` (true) or the mailbox is
@@ -814,7 +825,7 @@ impl Mailbox {
         let p = st.policy_mut();
         p.low_water = low;
         p.high_water = high;
-        st.congested = st.queue.len() + st.in_flight > high;
+        st.congested = st.queue().len() + st.in_flight > high;
     }
 }
 
@@ -844,9 +855,11 @@ impl Mailbox {
         if !moved.is_empty() {
             // The ring's items were counted when claimed: the locked count takes them
             // over, so sequence numbers stay what the pushes returned.
-            moved.append(&mut st.queue);
-            st.queue = moved;
-            self.store_len(st.queue.len());
+            let queue = st.queue_mut();
+            moved.append(queue);
+            *queue = moved;
+            let len = queue.len();
+            self.store_len(len);
         }
     }
 }
@@ -904,11 +917,39 @@ impl State {
         if self.handled >= KEEP_BUFFERS_AFTER {
             return;
         }
-        if self.queue.is_empty() && self.queue.capacity() <= SMALL_BUFFER {
-            self.queue = VecDeque::new();
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return;
+        };
+        if b.queue.is_empty() && b.queue.capacity() <= SMALL_BUFFER {
+            b.queue = VecDeque::new();
         }
-        if self.spare.capacity() <= SMALL_BUFFER {
-            self.spare = VecDeque::new();
+        if b.spare.capacity() <= SMALL_BUFFER {
+            b.spare = VecDeque::new();
+        }
+        if b.queue.capacity() == 0 && b.spare.capacity() == 0 {
+            self.bufs = None;
+        }
+    }
+
+    /// The locked queue (items queued after all the ring's).
+    pub(crate) fn queue(&self) -> &VecDeque<Item> {
+        const EMPTY: &VecDeque<Item> = &VecDeque::new();
+        self.bufs.as_deref().map_or(EMPTY, |b| &b.queue)
+    }
+    /// The locked queue, to change: allocates the buffers' box if there is none.
+    fn queue_mut(&mut self) -> &mut VecDeque<Item> {
+        &mut self.bufs.get_or_insert_with(Box::default).queue
+    }
+    /// The spare buffer (empty, perhaps with capacity), to take a batch into.
+    fn take_spare(&mut self) -> VecDeque<Item> {
+        self.bufs
+            .as_deref_mut()
+            .map_or_else(VecDeque::new, |b| std::mem::take(&mut b.spare))
+    }
+    /// Keeps `spare` (empty) for the next batch; one without capacity needs no box.
+    fn set_spare(&mut self, spare: VecDeque<Item>) {
+        if spare.capacity() > 0 || self.bufs.is_some() {
+            self.bufs.get_or_insert_with(Box::default).spare = spare;
         }
     }
 
