@@ -22,6 +22,7 @@ use crate::sync::{
     spin_pause, thread_token, AtomicPtr, AtomicU32, Condvar, Mutex, MutexGuard, ThreadToken,
 };
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -55,6 +56,32 @@ pub(crate) enum RunState {
     Scheduled,
     /// A thread is delivering a batch.
     Running(ThreadToken),
+}
+
+/// A `RunState` in one word, as `State` keeps it (the enum takes two: its tag beside the
+/// token): 0 idle, `u64::MAX` scheduled, else the running thread's token (tokens count
+/// up from 1 and never get near `u64::MAX`).
+#[derive(Clone, Copy)]
+struct RunWord(u64);
+
+const RUN_SCHEDULED: u64 = u64::MAX;
+
+impl RunWord {
+    fn new(run: RunState) -> RunWord {
+        RunWord(match run {
+            RunState::Idle => 0,
+            RunState::Scheduled => RUN_SCHEDULED,
+            RunState::Running(t) => t.number().get(),
+        })
+    }
+
+    fn get(self) -> RunState {
+        match NonZeroU64::new(self.0) {
+            None => RunState::Idle,
+            Some(t) if t.get() == RUN_SCHEDULED => RunState::Scheduled,
+            Some(t) => RunState::Running(ThreadToken::from_number(t)),
+        }
+    }
 }
 
 /// What the pusher must do once it has released the lock.
@@ -138,7 +165,7 @@ pub(crate) struct State {
     /// that is idle and was never busy holds 8 bytes here, not the two deques' 64 (see
     /// `release_small_buffers`; 100,000 such subscriptions are W8's case).
     bufs: Option<Box<Buffers>>,
-    pub(crate) run: RunState,
+    run: RunWord,
     closed: bool,
     pub(crate) done: bool,
     /// Items queued through the locked queue (the ring counts its own).
@@ -244,7 +271,7 @@ impl Mailbox {
         Mailbox {
             state: Mutex::new(State {
                 bufs: None,
-                run: RunState::Idle,
+                run: RunWord::new(RunState::Idle),
                 closed: false,
                 done: false,
                 pushed: 0,
@@ -398,7 +425,7 @@ impl Mailbox {
                     st.policy_mut().evicted += 1;
                     // An evicted item counts as handled (publish_sync waiters wait on the
                     // count), but not before the batch ahead of it is.
-                    if matches!(st.run, RunState::Running(_)) {
+                    if matches!(st.run(), RunState::Running(_)) {
                         st.policy_mut().evicted_pending += 1;
                     } else {
                         st.handled += 1;
@@ -431,7 +458,7 @@ impl Mailbox {
                 self.room.notify_all();
             }
         }
-        if kind == Kind::Synchronous && st.run == RunState::Idle && st.queue().is_empty() {
+        if kind == Kind::Synchronous && st.run() == RunState::Idle && st.queue().is_empty() {
             // As if queued and taken at once as a batch of one.
             st.pushed += 1;
             st.start_batch(me.unwrap_or_else(thread_token), 1);
@@ -467,17 +494,17 @@ impl Mailbox {
         let action = match kind {
             Kind::Dedicated if st.parked => Action::Wake,
             Kind::Dedicated => Action::Nothing,
-            Kind::Pool => match st.run {
+            Kind::Pool => match st.run() {
                 RunState::Idle => {
-                    st.run = RunState::Scheduled;
+                    st.set_run(RunState::Scheduled);
                     Action::Schedule
                 }
                 _ => Action::Nothing,
             },
-            Kind::Synchronous => match st.run {
+            Kind::Synchronous => match st.run() {
                 RunState::Idle => {
                     let me = me.unwrap_or_else(thread_token);
-                    st.run = RunState::Running(me);
+                    st.set_run(RunState::Running(me));
                     Action::RunHere
                 }
                 RunState::Running(t) if Some(t) == me => Action::Nested,
@@ -632,7 +659,7 @@ impl Mailbox {
                 batch = st.take_spare();
                 continue;
             }
-            st.run = RunState::Idle;
+            st.set_run(RunState::Idle);
             st.release_small_buffers();
             return Take::Empty;
         }
@@ -651,12 +678,12 @@ impl Mailbox {
     /// to that thread.
     fn take_synchronous(&self, st: &mut State, me: ThreadToken) -> Take {
         let Some(head_from) = st.queue().front().map(|i| i.from) else {
-            st.run = RunState::Idle;
+            st.set_run(RunState::Idle);
             st.release_small_buffers();
             return Take::Empty;
         };
         if let Some(owner) = head_from.filter(|t| *t != me) {
-            st.run = RunState::Running(owner);
+            st.set_run(RunState::Running(owner));
             return Take::HandedOff;
         }
         let mut batch = st.take_spare();
@@ -748,12 +775,12 @@ impl Mailbox {
 
     /// Marks a pool subscription scheduled again (the worker yields it for fairness).
     pub(crate) fn reschedule(&self) {
-        self.state.lock().run = RunState::Scheduled;
+        self.state.lock().set_run(RunState::Scheduled);
     }
 
     /// The thread delivering a batch now, if any.
     pub(crate) fn runner(&self) -> Option<ThreadToken> {
-        match self.state.lock().run {
+        match self.state.lock().run() {
             RunState::Running(t) => Some(t),
             _ => None,
         }
@@ -764,7 +791,7 @@ impl Mailbox {
     /// returns false, so `me` need not wait for the run to come back.
     pub(crate) fn reclaim_or_defer(&self, me: ThreadToken) -> bool {
         let mut st = self.state.lock();
-        if st.run == RunState::Running(me) {
+        if st.run() == RunState::Running(me) {
             return true;
         }
         let queue = st.bufs.iter_mut().flat_map(|b| b.queue.iter_mut());
@@ -784,11 +811,11 @@ impl Mailbox {
     pub(crate) fn wait_turn(&self, me: ThreadToken) -> bool {
         let mut st = self.state.lock();
         st.waiters += 1;
-        while st.run != RunState::Running(me) && !st.done {
+        while st.run() != RunState::Running(me) && !st.done {
             self.progress.wait(&mut st);
         }
         st.waiters -= 1;
-        st.run == RunState::Running(me)
+        st.run() == RunState::Running(me)
     }
 
     /// Blocks until `cond(state)` holds.
@@ -898,7 +925,7 @@ impl State {
     /// `me` runs a batch of `n` items just taken (or handed back: `Push::Queued::direct`).
     fn start_batch(&mut self, me: ThreadToken, n: usize) {
         self.first_pending = false;
-        self.run = RunState::Running(me);
+        self.set_run(RunState::Running(me));
         self.in_flight = n;
     }
 
@@ -951,6 +978,13 @@ impl State {
         if spare.capacity() > 0 || self.bufs.is_some() {
             self.bufs.get_or_insert_with(Box::default).spare = spare;
         }
+    }
+
+    pub(crate) fn run(&self) -> RunState {
+        self.run.get()
+    }
+    fn set_run(&mut self, run: RunState) {
+        self.run = RunWord::new(run);
     }
 
     fn policy(&self) -> &Policy {

@@ -403,7 +403,7 @@ impl Pool {
         let me = thread_token();
         while self.pop(until_final) {
             assert_eq!(
-                sub.mb.lock().run,
+                sub.mb.lock().run(),
                 RunState::Scheduled,
                 "a mailbox on the run queue must be Scheduled"
             );
@@ -487,7 +487,7 @@ fn pool_scheduling(name: &str, spawned_workers: usize, preemption_bound: usize) 
             "items stranded in the queue: {log:?}"
         );
         assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
-        assert_eq!(st.run, RunState::Idle, "a lost wake-up / stuck state");
+        assert_eq!(st.run(), RunState::Idle, "a lost wake-up / stuck state");
         assert_eq!((sub.mb.pushed(&st), st.handled), (3, 3));
         drop(st);
         assert_eq!(pool.q.lock().unwrap().queued, 0);
@@ -835,7 +835,7 @@ fn loom_synchronous_handoff() {
         assert_eq!(log.len(), 4, "each item delivered once: {log:?}");
         let st = sub.mb.lock();
         assert!(st.queue().is_empty());
-        assert_eq!(st.run, RunState::Idle);
+        assert_eq!(st.run(), RunState::Idle);
         assert_eq!((sub.mb.pushed(&st), st.handled), (4, 4));
     });
 }
@@ -890,7 +890,7 @@ fn loom_synchronous_final() {
         check_final_delivery(&sub.log.get(), &accepted.get());
         let st = sub.mb.lock();
         assert!(st.done && st.queue().is_empty());
-        assert_eq!(st.run, RunState::Idle);
+        assert_eq!(st.run(), RunState::Idle);
         assert_eq!(st.handled, sub.mb.pushed(&st));
     });
 }
@@ -958,7 +958,7 @@ fn loom_synchronous_deferred() {
         );
         let st = sub.mb.lock();
         assert!(st.queue().is_empty(), "an item was stranded: {log:?}");
-        assert_eq!(st.run, RunState::Idle);
+        assert_eq!(st.run(), RunState::Idle);
         assert_eq!((sub.mb.pushed(&st), st.handled), (3, 3));
     });
 }
@@ -1248,7 +1248,7 @@ fn loom_ring_pool_idle_vs_push() {
         let st = sub.mb.lock();
         assert!(st.queue().is_empty());
         assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
-        assert_eq!(st.run, RunState::Idle, "a lost wake-up / stuck state");
+        assert_eq!(st.run(), RunState::Idle, "a lost wake-up / stuck state");
         assert_eq!((sub.mb.pushed(&st), st.handled), (4, 4));
     });
 }
