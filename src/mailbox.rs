@@ -244,10 +244,12 @@ pub(crate) struct Mailbox {
     ring: AtomicPtr<Ring>,
     /// Wakes a parked dedicated thread.
     wake: Condvar,
-    /// Wakes joiners and synchronous waiters when items are handled.
+    /// Wakes joiners and synchronous waiters when items are handled, and publishers
+    /// blocked on a full queue when there is room. One condvar for both (notified with
+    /// `notify_all` only, every waiter re-checking its own condition): the two kinds of
+    /// waiters are rare, together rarer still, and a second condvar cost 4 bytes of
+    /// every subscription.
     progress: Condvar,
-    /// Wakes publishers blocked on a full queue.
-    room: Condvar,
     /// Mirror of `State::done` (`DONE`), for lock-free peeks (a joiner spins before it
     /// sleeps); and `ALERT_CHANGED`: the queue fell back under its low-water mark (or
     /// the subscription ended congested), and the runner has not told the alert
@@ -287,7 +289,6 @@ impl Mailbox {
             ring: AtomicPtr::new(std::ptr::null_mut()),
             wake: Condvar::new(),
             progress: Condvar::new(),
-            room: Condvar::new(),
             len: AtomicU32::new(0),
             done: AtomicU32::new(0),
         }
@@ -440,7 +441,7 @@ impl Mailbox {
                         && !st.closed
                         && st.policy().overflow == Overflow::Block
                     {
-                        self.room.wait(&mut st);
+                        self.progress.wait(&mut st);
                     }
                     st.policy_mut().blocked -= 1;
                 }
@@ -455,7 +456,7 @@ impl Mailbox {
         if item.last {
             st.closed = true;
             if st.policy().blocked > 0 {
-                self.room.notify_all();
+                self.progress.notify_all();
             }
         }
         if kind == Kind::Synchronous && st.run() == RunState::Idle && st.queue().is_empty() {
@@ -667,7 +668,7 @@ impl Mailbox {
         self.store_len(st.queue().len());
         st.start_batch(me, batch.len());
         if st.policy().blocked > 0 {
-            self.room.notify_all();
+            self.progress.notify_all();
         }
         self.open_ring(st, batch.len());
         Take::Batch(batch)
@@ -842,7 +843,7 @@ impl Mailbox {
             limit
         };
         if p.blocked > 0 {
-            self.room.notify_all();
+            self.progress.notify_all();
         }
     }
 
