@@ -59,12 +59,14 @@ pub(crate) enum RunState {
 }
 
 /// A `RunState` in one word, as `State` keeps it (the enum takes two: its tag beside the
-/// token): 0 idle, `u64::MAX` scheduled, else the running thread's token (tokens count
-/// up from 1 and never get near `u64::MAX`).
+/// token): 0 idle, `u64::MAX` scheduled, `u64::MAX - 1` idle with the dedicated thread
+/// parked on `wake` (a flag of its own took a byte the state had no room for), else
+/// the running thread's token (tokens count up from 1 and never get near those).
 #[derive(Clone, Copy)]
 struct RunWord(u64);
 
 const RUN_SCHEDULED: u64 = u64::MAX;
+const RUN_PARKED: u64 = u64::MAX - 1;
 
 impl RunWord {
     fn new(run: RunState) -> RunWord {
@@ -79,6 +81,7 @@ impl RunWord {
         match NonZeroU64::new(self.0) {
             None => RunState::Idle,
             Some(t) if t.get() == RUN_SCHEDULED => RunState::Scheduled,
+            Some(t) if t.get() == RUN_PARKED => RunState::Idle,
             Some(t) => RunState::Running(ThreadToken::from_number(t)),
         }
     }
@@ -173,15 +176,13 @@ pub(crate) struct State {
     handled: u64,
     /// Threads blocked in join or in a synchronous wait.
     waiters: u32,
-    /// The dedicated thread is blocked on `wake`.
-    parked: bool,
     congested: bool,
     /// Congestion limits, overflow policy and what they counted: None (no allocation)
     /// while the limits are the defaults and nothing was dropped or warned about, as for
     /// almost every subscription.
     policy: Option<Box<Policy>>,
-    /// Size of the batch being delivered.
-    in_flight: usize,
+    /// Size of the batch being delivered (saturating: 4 bytes fit the state in 56).
+    in_flight: u32,
     /// The queue's front item is the first one ever pushed (the Subscribe change
     /// message) and has not been taken yet: DropOldest never evicts it.
     first_pending: bool,
@@ -279,7 +280,6 @@ impl Mailbox {
                 pushed: 0,
                 handled: 0,
                 waiters: 0,
-                parked: false,
                 congested: false,
                 policy: None,
                 in_flight: 0,
@@ -482,7 +482,7 @@ impl Mailbox {
         let queued = len + self.ring_len();
         st.note_queued(queued);
         // Congestion counts the whole backlog: queued plus the batch being delivered.
-        let backlog = queued + st.in_flight;
+        let backlog = queued + st.in_flight as usize;
         let congested = if backlog > st.policy().high_water && !st.congested {
             st.congested = true;
             // Allocates the policy on the first warning: the counter lives there so that
@@ -493,7 +493,7 @@ impl Mailbox {
             None
         };
         let action = match kind {
-            Kind::Dedicated if st.parked => Action::Wake,
+            Kind::Dedicated if st.parked() => Action::Wake,
             Kind::Dedicated => Action::Nothing,
             Kind::Pool => match st.run() {
                 RunState::Idle => {
@@ -606,9 +606,9 @@ impl Mailbox {
                     st = self.state.lock();
                 }
                 Take::Empty => {
-                    st.parked = true;
+                    st.set_parked(true);
                     self.wake.wait(&mut st);
-                    st.parked = false;
+                    st.set_parked(false);
                 }
             }
         }
@@ -853,7 +853,7 @@ impl Mailbox {
         let p = st.policy_mut();
         p.low_water = low;
         p.high_water = high;
-        st.congested = st.queue().len() + st.in_flight > high;
+        st.congested = st.queue().len() + st.in_flight as usize > high;
     }
 }
 
@@ -927,7 +927,7 @@ impl State {
     fn start_batch(&mut self, me: ThreadToken, n: usize) {
         self.first_pending = false;
         self.set_run(RunState::Running(me));
-        self.in_flight = n;
+        self.in_flight = u32::try_from(n).unwrap_or(u32::MAX);
     }
 
     /// The queue (locked and ring) held `n` items: the longest so far? Only the runner
@@ -986,6 +986,20 @@ impl State {
     }
     fn set_run(&mut self, run: RunState) {
         self.run = RunWord::new(run);
+    }
+    /// The dedicated thread is blocked on `wake` (the run state is idle meanwhile).
+    fn parked(&self) -> bool {
+        self.run.0 == RUN_PARKED
+    }
+    /// The dedicated thread, idle, parks (true) or woke up (false): nobody else changes
+    /// a dedicated mailbox's run state.
+    fn set_parked(&mut self, on: bool) {
+        debug_assert_eq!(self.run(), RunState::Idle);
+        self.run = if on {
+            RunWord(RUN_PARKED)
+        } else {
+            RunWord::new(RunState::Idle)
+        };
     }
 
     fn policy(&self) -> &Policy {
