@@ -71,7 +71,7 @@ mod layout_sizes {
             size_of::<crate::Forward>()
         );
         assert!(
-            size_of::<crate::Subscription>() <= 176,
+            size_of::<crate::Subscription>() <= 168,
             "{}",
             size_of::<crate::Subscription>()
         );
