@@ -74,7 +74,7 @@ mod layout_sizes {
             size_of::<crate::Forward>()
         );
         assert!(
-            size_of::<crate::Subscription>() <= 264,
+            size_of::<crate::Subscription>() <= 168,
             "{}",
             size_of::<crate::Subscription>()
         );

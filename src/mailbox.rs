@@ -22,6 +22,7 @@ use crate::sync::{
     spin_pause, thread_token, AtomicPtr, AtomicU32, Condvar, Mutex, MutexGuard, ThreadToken,
 };
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 use std::sync::atomic::Ordering;
 
 /// One pending delivery.
@@ -54,6 +55,35 @@ pub(crate) enum RunState {
     Scheduled,
     /// A thread is delivering a batch.
     Running(ThreadToken),
+}
+
+/// A `RunState` in one word, as `State` keeps it (the enum takes two: its tag beside the
+/// token): 0 idle, `u64::MAX` scheduled, `u64::MAX - 1` idle with the dedicated thread
+/// parked on `wake` (a flag of its own took a byte the state had no room for), else
+/// the running thread's token (tokens count up from 1 and never get near those).
+#[derive(Clone, Copy)]
+struct RunWord(u64);
+
+const RUN_SCHEDULED: u64 = u64::MAX;
+const RUN_PARKED: u64 = u64::MAX - 1;
+
+impl RunWord {
+    fn new(run: RunState) -> RunWord {
+        RunWord(match run {
+            RunState::Idle => 0,
+            RunState::Scheduled => RUN_SCHEDULED,
+            RunState::Running(t) => t.number().get(),
+        })
+    }
+
+    fn get(self) -> RunState {
+        match NonZeroU64::new(self.0) {
+            None => RunState::Idle,
+            Some(t) if t.get() == RUN_SCHEDULED => RunState::Scheduled,
+            Some(t) if t.get() == RUN_PARKED => RunState::Idle,
+            Some(t) => RunState::Running(ThreadToken::from_number(t)),
+        }
+    }
 }
 
 /// What the pusher must do once it has released the lock.
@@ -124,11 +154,20 @@ pub(crate) enum Push {
     },
 }
 
-pub(crate) struct State {
+/// The locked queue and the runner's spare buffer (see `State::bufs`).
+#[derive(Default)]
+struct Buffers {
     queue: VecDeque<Item>,
     /// The runner's empty buffer, swapped in when it takes a batch.
     spare: VecDeque<Item>,
-    pub(crate) run: RunState,
+}
+
+pub(crate) struct State {
+    /// None while the queue and the spare buffer are both unallocated: a subscription
+    /// that is idle and was never busy holds 8 bytes here, not the two deques' 64 (see
+    /// `release_small_buffers`; 100,000 such subscriptions are W8's case).
+    bufs: Option<Box<Buffers>>,
+    run: RunWord,
     closed: bool,
     pub(crate) done: bool,
     /// Items queued through the locked queue (the ring counts its own).
@@ -136,15 +175,13 @@ pub(crate) struct State {
     handled: u64,
     /// Threads blocked in join or in a synchronous wait.
     waiters: u32,
-    /// The dedicated thread is blocked on `wake`.
-    parked: bool,
     congested: bool,
     /// Congestion limits, overflow policy and what they counted: None (no allocation)
     /// while the limits are the defaults and nothing was dropped or warned about, as for
     /// almost every subscription.
     policy: Option<Box<Policy>>,
-    /// Size of the batch being delivered.
-    in_flight: usize,
+    /// Size of the batch being delivered (saturating: 4 bytes fit the state in 56).
+    in_flight: u32,
     /// The queue's front item is the first one ever pushed (the Subscribe change
     /// message) and has not been taken yet: DropOldest never evicts it.
     first_pending: bool,
@@ -207,10 +244,12 @@ pub(crate) struct Mailbox {
     ring: AtomicPtr<Ring>,
     /// Wakes a parked dedicated thread.
     wake: Condvar,
-    /// Wakes joiners and synchronous waiters when items are handled.
+    /// Wakes joiners and synchronous waiters when items are handled, and publishers
+    /// blocked on a full queue when there is room. One condvar for both (notified with
+    /// `notify_all` only, every waiter re-checking its own condition): the two kinds of
+    /// waiters are rare, together rarer still, and a second condvar cost 4 bytes of
+    /// every subscription.
     progress: Condvar,
-    /// Wakes publishers blocked on a full queue.
-    room: Condvar,
     /// Mirror of `State::done` (`DONE`), for lock-free peeks (a joiner spins before it
     /// sleeps); and `ALERT_CHANGED`: the queue fell back under its low-water mark (or
     /// the subscription ended congested), and the runner has not told the alert
@@ -233,15 +272,13 @@ impl Mailbox {
     pub(crate) fn new() -> Mailbox {
         Mailbox {
             state: Mutex::new(State {
-                queue: VecDeque::new(),
-                spare: VecDeque::new(),
-                run: RunState::Idle,
+                bufs: None,
+                run: RunWord::new(RunState::Idle),
                 closed: false,
                 done: false,
                 pushed: 0,
                 handled: 0,
                 waiters: 0,
-                parked: false,
                 congested: false,
                 policy: None,
                 in_flight: 0,
@@ -251,7 +288,6 @@ impl Mailbox {
             ring: AtomicPtr::new(std::ptr::null_mut()),
             wake: Condvar::new(),
             progress: Condvar::new(),
-            room: Condvar::new(),
             len: AtomicU32::new(0),
             done: AtomicU32::new(0),
         }
@@ -316,7 +352,7 @@ impl Mailbox {
             delivered: st.handled - (p.evicted - p.evicted_pending),
             dropped: p.dropped,
             congestion_warnings: p.congestion_warnings,
-            queued: (st.queue.len() + self.ring_len()) as u64,
+            queued: (st.queue().len() + self.ring_len()) as u64,
             queued_max: u64::from(st.queued_max),
             congested: st.congested && !st.done,
         }
@@ -365,7 +401,7 @@ impl Mailbox {
         // turn; dropping one would leave its publisher waiting forever.
         if !item.last
             && kind != Kind::Synchronous
-            && st.queue.len() >= st.policy().limit
+            && st.queue().len() >= st.policy().limit
             && !st.closed
         {
             match st.policy().overflow {
@@ -378,18 +414,18 @@ impl Mailbox {
                 }
                 // The subscription's first message (its Subscribe change) is never
                 // dropped, like its final one: evict the oldest after it, if any.
-                Overflow::DropOldest if st.first_pending && st.queue.len() < 2 => {}
+                Overflow::DropOldest if st.first_pending && st.queue().len() < 2 => {}
                 Overflow::DropOldest => {
                     evicted = if st.first_pending {
-                        st.queue.remove(1)
+                        st.queue_mut().remove(1)
                     } else {
-                        st.queue.pop_front()
+                        st.queue_mut().pop_front()
                     };
                     st.policy_mut().dropped += 1;
                     st.policy_mut().evicted += 1;
                     // An evicted item counts as handled (publish_sync waiters wait on the
                     // count), but not before the batch ahead of it is.
-                    if matches!(st.run, RunState::Running(_)) {
+                    if matches!(st.run(), RunState::Running(_)) {
                         st.policy_mut().evicted_pending += 1;
                     } else {
                         st.handled += 1;
@@ -400,11 +436,11 @@ impl Mailbox {
                 }
                 Overflow::Block if may_wait => {
                     st.policy_mut().blocked += 1;
-                    while st.queue.len() >= st.policy().limit
+                    while st.queue().len() >= st.policy().limit
                         && !st.closed
                         && st.policy().overflow == Overflow::Block
                     {
-                        self.room.wait(&mut st);
+                        self.progress.wait(&mut st);
                     }
                     st.policy_mut().blocked -= 1;
                 }
@@ -419,10 +455,10 @@ impl Mailbox {
         if item.last {
             st.closed = true;
             if st.policy().blocked > 0 {
-                self.room.notify_all();
+                self.progress.notify_all();
             }
         }
-        if kind == Kind::Synchronous && st.run == RunState::Idle && st.queue.is_empty() {
+        if kind == Kind::Synchronous && st.run() == RunState::Idle && st.queue().is_empty() {
             // As if queued and taken at once as a batch of one.
             st.pushed += 1;
             st.start_batch(me.unwrap_or_else(thread_token), 1);
@@ -433,19 +469,19 @@ impl Mailbox {
                 direct: Some(item),
             };
         }
-        st.queue.push_back(item);
+        st.queue_mut().push_back(item);
         let ring_claimed = self.ring_claimed();
         if st.pushed == 0 && ring_claimed == 0 {
             st.first_pending = true;
         }
         st.pushed += 1;
         let seq = st.pushed + ring_claimed;
-        let len = st.queue.len();
+        let len = st.queue().len();
         self.store_len(len);
         let queued = len + self.ring_len();
         st.note_queued(queued);
         // Congestion counts the whole backlog: queued plus the batch being delivered.
-        let backlog = queued + st.in_flight;
+        let backlog = queued + st.in_flight as usize;
         let congested = if backlog > st.policy().high_water && !st.congested {
             st.congested = true;
             // Allocates the policy on the first warning: the counter lives there so that
@@ -456,19 +492,19 @@ impl Mailbox {
             None
         };
         let action = match kind {
-            Kind::Dedicated if st.parked => Action::Wake,
+            Kind::Dedicated if st.parked() => Action::Wake,
             Kind::Dedicated => Action::Nothing,
-            Kind::Pool => match st.run {
+            Kind::Pool => match st.run() {
                 RunState::Idle => {
-                    st.run = RunState::Scheduled;
+                    st.set_run(RunState::Scheduled);
                     Action::Schedule
                 }
                 _ => Action::Nothing,
             },
-            Kind::Synchronous => match st.run {
+            Kind::Synchronous => match st.run() {
                 RunState::Idle => {
                     let me = me.unwrap_or_else(thread_token);
-                    st.run = RunState::Running(me);
+                    st.set_run(RunState::Running(me));
                     Action::RunHere
                 }
                 RunState::Running(t) if Some(t) == me => Action::Nested,
@@ -477,7 +513,7 @@ impl Mailbox {
             },
         };
         if action == Action::Deferred {
-            st.queue.back_mut().expect("just pushed").from = None;
+            st.queue_mut().back_mut().expect("just pushed").from = None;
         }
         drop(st);
         drop(evicted); // may run a dtor: outside the lock
@@ -569,9 +605,9 @@ impl Mailbox {
                     st = self.state.lock();
                 }
                 Take::Empty => {
-                    st.parked = true;
+                    st.set_parked(true);
                     self.wake.wait(&mut st);
-                    st.parked = false;
+                    st.set_parked(false);
                 }
             }
         }
@@ -591,8 +627,8 @@ impl Mailbox {
             return self.take_synchronous(st, me);
         }
         let ring = self.ring();
-        let queued = st.queue.len() + ring.map_or(0, Ring::len);
-        let mut batch = std::mem::take(&mut st.spare);
+        let queued = st.queue().len() + ring.map_or(0, Ring::len);
+        let mut batch = st.take_spare();
         loop {
             let rest = ring.map_or(Rest::Empty, |r| {
                 r.drain(|msg| {
@@ -604,34 +640,34 @@ impl Mailbox {
                 })
             });
             // The locked queue only holds items queued after all the ring's.
-            if rest == Rest::Empty && !st.queue.is_empty() {
+            if rest == Rest::Empty && !st.queue().is_empty() {
                 if batch.is_empty() {
-                    std::mem::swap(&mut batch, &mut st.queue);
+                    std::mem::swap(&mut batch, st.queue_mut());
                 } else {
-                    batch.extend(st.queue.drain(..));
+                    batch.extend(st.queue_mut().drain(..));
                 }
             }
             if !batch.is_empty() {
                 break;
             }
-            st.spare = batch;
+            st.set_spare(batch);
             if rest == Rest::Pending {
                 return Take::Pending;
             }
             if close_when_empty && !ring.is_none_or(Ring::close_if_empty) {
                 // A producer claimed a slot since the drain: take it.
-                batch = std::mem::take(&mut st.spare);
+                batch = st.take_spare();
                 continue;
             }
-            st.run = RunState::Idle;
+            st.set_run(RunState::Idle);
             st.release_small_buffers();
             return Take::Empty;
         }
         st.note_queued(queued);
-        self.store_len(st.queue.len());
+        self.store_len(st.queue().len());
         st.start_batch(me, batch.len());
         if st.policy().blocked > 0 {
-            self.room.notify_all();
+            self.progress.notify_all();
         }
         self.open_ring(st, batch.len());
         Take::Batch(batch)
@@ -641,24 +677,24 @@ impl Mailbox {
     /// items `me` published; when the head belongs to another thread, the run is handed
     /// to that thread.
     fn take_synchronous(&self, st: &mut State, me: ThreadToken) -> Take {
-        let Some(head_from) = st.queue.front().map(|i| i.from) else {
-            st.run = RunState::Idle;
+        let Some(head_from) = st.queue().front().map(|i| i.from) else {
+            st.set_run(RunState::Idle);
             st.release_small_buffers();
             return Take::Empty;
         };
         if let Some(owner) = head_from.filter(|t| *t != me) {
-            st.run = RunState::Running(owner);
+            st.set_run(RunState::Running(owner));
             return Take::HandedOff;
         }
-        let mut batch = std::mem::take(&mut st.spare);
+        let mut batch = st.take_spare();
         while st
-            .queue
+            .queue()
             .front()
             .is_some_and(|i| i.from.is_none_or(|t| t == me))
         {
-            batch.extend(st.queue.pop_front());
+            batch.extend(st.queue_mut().pop_front());
         }
-        self.store_len(st.queue.len());
+        self.store_len(st.queue().len());
         st.start_batch(me, batch.len());
         Take::Batch(batch)
     }
@@ -670,7 +706,7 @@ impl Mailbox {
     fn open_ring(&self, st: &State, n: usize) {
         let p = st.policy();
         if st.closed
-            || !st.queue.is_empty()
+            || !st.queue().is_empty()
             || p.overflow != Overflow::Unbounded
             || n + RING_SLOTS > p.high_water
         {
@@ -710,39 +746,41 @@ impl Mailbox {
     fn finish_locked(&self, st: &mut State, batch: VecDeque<Item>, n: usize, last: bool) -> bool {
         // A buffer that grew with a backlog is given back once drained, not kept as the
         // spare: a backlog of a million messages left 24 MB behind.
-        if st.spare.capacity() < batch.capacity() && batch.capacity() <= KEEP_BUFFER_MAX {
-            st.spare = batch;
+        let spare_capacity = st.bufs.as_ref().map_or(0, |b| b.spare.capacity());
+        if spare_capacity < batch.capacity() && batch.capacity() <= KEEP_BUFFER_MAX {
+            st.set_spare(batch);
         } else {
             drop(batch);
         }
-        if st.queue.is_empty() && st.queue.capacity() > KEEP_BUFFER_MAX {
-            st.queue = VecDeque::new();
+        if let Some(b) = st.bufs.as_deref_mut() {
+            if b.queue.is_empty() && b.queue.capacity() > KEEP_BUFFER_MAX {
+                b.queue = VecDeque::new();
+            }
         }
         let evicted =
             (st.policy.as_deref_mut()).map_or(0, |p| std::mem::take(&mut p.evicted_pending));
         st.handled += n as u64 + evicted;
         st.in_flight = 0;
-        if st.congested && (last || st.queue.len() < st.policy().low_water) {
+        if st.congested && (last || st.queue().len() < st.policy().low_water) {
             st.congested = false;
             self.done.fetch_or(ALERT_CHANGED, Ordering::Release);
         }
         if last {
             st.done = true;
             self.done.fetch_or(DONE, Ordering::Release);
-            st.queue = VecDeque::new();
-            st.spare = VecDeque::new();
+            st.bufs = None;
         }
         st.waiters > 0
     }
 
     /// Marks a pool subscription scheduled again (the worker yields it for fairness).
     pub(crate) fn reschedule(&self) {
-        self.state.lock().run = RunState::Scheduled;
+        self.state.lock().set_run(RunState::Scheduled);
     }
 
     /// The thread delivering a batch now, if any.
     pub(crate) fn runner(&self) -> Option<ThreadToken> {
-        match self.state.lock().run {
+        match self.state.lock().run() {
             RunState::Running(t) => Some(t),
             _ => None,
         }
@@ -753,10 +791,11 @@ impl Mailbox {
     /// returns false, so `me` need not wait for the run to come back.
     pub(crate) fn reclaim_or_defer(&self, me: ThreadToken) -> bool {
         let mut st = self.state.lock();
-        if st.run == RunState::Running(me) {
+        if st.run() == RunState::Running(me) {
             return true;
         }
-        for item in st.queue.iter_mut().filter(|i| i.from == Some(me)) {
+        let queue = st.bufs.iter_mut().flat_map(|b| b.queue.iter_mut());
+        for item in queue.filter(|i| i.from == Some(me)) {
             item.from = None;
         }
         false
@@ -764,7 +803,7 @@ impl Mailbox {
 
     /// Synchronous kind: are items published by `me` still queued?
     pub(crate) fn has_items_from(&self, me: ThreadToken) -> bool {
-        self.state.lock().queue.iter().any(|i| i.from == Some(me))
+        self.state.lock().queue().iter().any(|i| i.from == Some(me))
     }
 
     /// Synchronous kind: blocks until the run is handed to `me` (true) or the mailbox is
@@ -772,11 +811,11 @@ impl Mailbox {
     pub(crate) fn wait_turn(&self, me: ThreadToken) -> bool {
         let mut st = self.state.lock();
         st.waiters += 1;
-        while st.run != RunState::Running(me) && !st.done {
+        while st.run() != RunState::Running(me) && !st.done {
             self.progress.wait(&mut st);
         }
         st.waiters -= 1;
-        st.run == RunState::Running(me)
+        st.run() == RunState::Running(me)
     }
 
     /// Blocks until `cond(state)` holds.
@@ -803,7 +842,7 @@ impl Mailbox {
             limit
         };
         if p.blocked > 0 {
-            self.room.notify_all();
+            self.progress.notify_all();
         }
     }
 
@@ -813,7 +852,7 @@ impl Mailbox {
         let p = st.policy_mut();
         p.low_water = low;
         p.high_water = high;
-        st.congested = st.queue.len() + st.in_flight > high;
+        st.congested = st.queue().len() + st.in_flight as usize > high;
     }
 }
 
@@ -843,9 +882,11 @@ impl Mailbox {
         if !moved.is_empty() {
             // The ring's items were counted when claimed: the locked count takes them
             // over, so sequence numbers stay what the pushes returned.
-            moved.append(&mut st.queue);
-            st.queue = moved;
-            self.store_len(st.queue.len());
+            let queue = st.queue_mut();
+            moved.append(queue);
+            *queue = moved;
+            let len = queue.len();
+            self.store_len(len);
         }
     }
 }
@@ -884,8 +925,8 @@ impl State {
     /// `me` runs a batch of `n` items just taken (or handed back: `Push::Queued::direct`).
     fn start_batch(&mut self, me: ThreadToken, n: usize) {
         self.first_pending = false;
-        self.run = RunState::Running(me);
-        self.in_flight = n;
+        self.set_run(RunState::Running(me));
+        self.in_flight = u32::try_from(n).unwrap_or(u32::MAX);
     }
 
     /// The queue (locked and ring) held `n` items: the longest so far? Only the runner
@@ -903,12 +944,61 @@ impl State {
         if self.handled >= KEEP_BUFFERS_AFTER {
             return;
         }
-        if self.queue.is_empty() && self.queue.capacity() <= SMALL_BUFFER {
-            self.queue = VecDeque::new();
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return;
+        };
+        if b.queue.is_empty() && b.queue.capacity() <= SMALL_BUFFER {
+            b.queue = VecDeque::new();
         }
-        if self.spare.capacity() <= SMALL_BUFFER {
-            self.spare = VecDeque::new();
+        if b.spare.capacity() <= SMALL_BUFFER {
+            b.spare = VecDeque::new();
         }
+        if b.queue.capacity() == 0 && b.spare.capacity() == 0 {
+            self.bufs = None;
+        }
+    }
+
+    /// The locked queue (items queued after all the ring's).
+    pub(crate) fn queue(&self) -> &VecDeque<Item> {
+        const EMPTY: &VecDeque<Item> = &VecDeque::new();
+        self.bufs.as_deref().map_or(EMPTY, |b| &b.queue)
+    }
+    /// The locked queue, to change: allocates the buffers' box if there is none.
+    fn queue_mut(&mut self) -> &mut VecDeque<Item> {
+        &mut self.bufs.get_or_insert_with(Box::default).queue
+    }
+    /// The spare buffer (empty, perhaps with capacity), to take a batch into.
+    fn take_spare(&mut self) -> VecDeque<Item> {
+        self.bufs
+            .as_deref_mut()
+            .map_or_else(VecDeque::new, |b| std::mem::take(&mut b.spare))
+    }
+    /// Keeps `spare` (empty) for the next batch; one without capacity needs no box.
+    fn set_spare(&mut self, spare: VecDeque<Item>) {
+        if spare.capacity() > 0 || self.bufs.is_some() {
+            self.bufs.get_or_insert_with(Box::default).spare = spare;
+        }
+    }
+
+    pub(crate) fn run(&self) -> RunState {
+        self.run.get()
+    }
+    fn set_run(&mut self, run: RunState) {
+        self.run = RunWord::new(run);
+    }
+    /// The dedicated thread is blocked on `wake` (the run state is idle meanwhile).
+    fn parked(&self) -> bool {
+        self.run.0 == RUN_PARKED
+    }
+    /// The dedicated thread, idle, parks (true) or woke up (false): nobody else changes
+    /// a dedicated mailbox's run state.
+    fn set_parked(&mut self, on: bool) {
+        debug_assert_eq!(self.run(), RunState::Idle);
+        self.run = if on {
+            RunWord(RUN_PARKED)
+        } else {
+            RunWord::new(RunState::Idle)
+        };
     }
 
     fn policy(&self) -> &Policy {

@@ -403,7 +403,7 @@ impl Pool {
         let me = thread_token();
         while self.pop(until_final) {
             assert_eq!(
-                sub.mb.lock().run,
+                sub.mb.lock().run(),
                 RunState::Scheduled,
                 "a mailbox on the run queue must be Scheduled"
             );
@@ -482,9 +482,12 @@ fn pool_scheduling(name: &str, spawned_workers: usize, preemption_bound: usize) 
         assert_eq!(sorted, [0, 1, 10], "each item delivered once: {log:?}");
         assert_eq!(in_range(&log, 0..10), P0, "producer 0's order: {log:?}");
         let st = sub.mb.lock();
-        assert!(st.queue.is_empty(), "items stranded in the queue: {log:?}");
+        assert!(
+            st.queue().is_empty(),
+            "items stranded in the queue: {log:?}"
+        );
         assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
-        assert_eq!(st.run, RunState::Idle, "a lost wake-up / stuck state");
+        assert_eq!(st.run(), RunState::Idle, "a lost wake-up / stuck state");
         assert_eq!((sub.mb.pushed(&st), st.handled), (3, 3));
         drop(st);
         assert_eq!(pool.q.lock().unwrap().queued, 0);
@@ -537,7 +540,7 @@ fn final_and_join(kind: Kind, runner: fn(&Sub, Option<&Pool>)) {
     );
     check_final_delivery(&sub.log.get(), &accepted.get());
     let st = sub.mb.lock();
-    assert!(st.done && st.closed && st.queue.is_empty());
+    assert!(st.done && st.closed && st.queue().is_empty());
     assert_eq!(sub.mb.len(), 0, "items stranded in the ring");
     assert_eq!(st.handled, sub.mb.pushed(&st));
 }
@@ -670,10 +673,10 @@ fn unsubscribe_vs_publish(rebuild: bool) {
             );
         }
         let st = leaving.mb.lock();
-        assert!(st.done && st.queue.is_empty());
+        assert!(st.done && st.queue().is_empty());
         drop(st);
         let st = staying.mb.lock();
-        let got: Vec<usize> = st.queue.iter().map(value).collect();
+        let got: Vec<usize> = st.queue().iter().map(value).collect();
         assert_eq!(got, [1, 2], "the remaining subscriber gets every message");
     });
 }
@@ -831,8 +834,8 @@ fn loom_synchronous_handoff() {
         assert_eq!(in_range(&log, 10..20), [10], "publisher b: {log:?}");
         assert_eq!(log.len(), 4, "each item delivered once: {log:?}");
         let st = sub.mb.lock();
-        assert!(st.queue.is_empty());
-        assert_eq!(st.run, RunState::Idle);
+        assert!(st.queue().is_empty());
+        assert_eq!(st.run(), RunState::Idle);
         assert_eq!((sub.mb.pushed(&st), st.handled), (4, 4));
     });
 }
@@ -886,8 +889,8 @@ fn loom_synchronous_final() {
         );
         check_final_delivery(&sub.log.get(), &accepted.get());
         let st = sub.mb.lock();
-        assert!(st.done && st.queue.is_empty());
-        assert_eq!(st.run, RunState::Idle);
+        assert!(st.done && st.queue().is_empty());
+        assert_eq!(st.run(), RunState::Idle);
         assert_eq!(st.handled, sub.mb.pushed(&st));
     });
 }
@@ -954,8 +957,8 @@ fn loom_synchronous_deferred() {
             "nested after its cause: {log:?}"
         );
         let st = sub.mb.lock();
-        assert!(st.queue.is_empty(), "an item was stranded: {log:?}");
-        assert_eq!(st.run, RunState::Idle);
+        assert!(st.queue().is_empty(), "an item was stranded: {log:?}");
+        assert_eq!(st.run(), RunState::Idle);
         assert_eq!((sub.mb.pushed(&st), st.handled), (3, 3));
     });
 }
@@ -1082,7 +1085,7 @@ fn loom_block_overflow() {
 
         check_final_delivery(&sub.log.get(), &accepted.get());
         let st = sub.mb.lock();
-        assert!(st.done && st.queue.is_empty());
+        assert!(st.done && st.queue().is_empty());
         assert_eq!(st.policy().blocked, 0);
         assert_eq!(st.dropped(), 0);
     });
@@ -1198,7 +1201,7 @@ fn loom_ring_dedicated_full_and_final() {
         assert_eq!(log.first(), Some(&SUBSCRIBE));
         check_final_delivery(&log[1..], &accepted.get());
         let st = sub.mb.lock();
-        assert!(st.done && st.queue.is_empty());
+        assert!(st.done && st.queue().is_empty());
         assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
         assert_eq!(st.handled, sub.mb.pushed(&st));
     });
@@ -1243,9 +1246,9 @@ fn loom_ring_pool_idle_vs_push() {
         assert_eq!(sorted, [0, 1, 10], "each item delivered once: {log:?}");
         assert_eq!(in_range(&log, 0..10), [0, 1], "producer 0's order: {log:?}");
         let st = sub.mb.lock();
-        assert!(st.queue.is_empty());
+        assert!(st.queue().is_empty());
         assert_eq!(sub.mb.len(), 0, "items stranded in the ring: {log:?}");
-        assert_eq!(st.run, RunState::Idle, "a lost wake-up / stuck state");
+        assert_eq!(st.run(), RunState::Idle, "a lost wake-up / stuck state");
         assert_eq!((sub.mb.pushed(&st), st.handled), (4, 4));
     });
 }

@@ -20,6 +20,7 @@ use crate::sync::ThreadToken;
 use crate::topic::Topic;
 use crate::waits;
 use crate::worker_group::{self, Group};
+use arc_swap::ArcSwapOption;
 use once_cell::race::OnceBox;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -47,11 +48,13 @@ pub type RawCallback = unsafe extern "C" fn(data: *mut c_void, sub: *mut c_void,
 /// is dropped when the final message has been handled, before a join can return: the
 /// finished subscription itself may stay referenced by its topic's list for a while
 /// (`small_list::retire`), and a module unloaded after its join must not have its dtors
-/// run later from there. The lock is only held to take or drop the reference, never
-/// during the call.
+/// run later from there. The closure is called through a reference cloned out of the
+/// `ArcSwapOption` (never borrowed from it), so taking it out cannot pull it from under
+/// a call. That word (a locked `Option`, 16 bytes, made the enum 24) fits beside the
+/// C variant's function pointer, whose niche holds the discriminant: 16 bytes in all.
 enum Handler {
     Raw { f: RawCallback, data: *mut c_void },
-    Boxed(parking_lot::Mutex<Option<Arc<Callback>>>),
+    Boxed(ArcSwapOption<Callback>),
 }
 
 // SAFETY: `Raw`'s argument is the C subscriber's; API.md makes the subscriber promise
@@ -66,6 +69,15 @@ unsafe impl Sync for Handler {}
 /// at subscribe/unsubscribe time), so that the read-mostly group never shares a cache
 /// line with the mailbox's written words (checked by the assertion below). Sharing one
 /// made every publish miss on the filter and the overflow flag.
+///
+/// The spacer costs no room: it is those fields and the mailbox's own rarely written
+/// words (its ring pointer, condvars and done flag), 64 bytes where the separation
+/// needs 63 (the read-mostly group ends at 36, the mailbox's length is at 100). What
+/// keeps the whole at 168 bytes (a 192-byte block with the `Arc` counts, a class that
+/// W8's figure rests on, see `layout_sizes`) is the mailbox's state: 56 bytes, its
+/// queue buffers boxed and only while in use. Another field in the spacer would not
+/// cost padding either, but it would push the mailbox's state 8 bytes further: into
+/// the next size class (fields most subscriptions leave unset go to `Rare`).
 #[repr(C)]
 pub struct Subscription {
     // Read on every publish, written rarely.
@@ -84,16 +96,13 @@ pub struct Subscription {
     /// runner with `callback_max_ns`, rarely once the maximum settled.
     callback_max_type: AtomicU32,
     callback: Handler,
-    /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand
-    /// (in a thin box: the room it saves holds the callback figures).
+    /// Process-unique number; the uniqueid text "<topic>:<number>" is built on demand.
     number: u64,
-    uniqueid: OnceBox<CString>,
+    /// What few subscriptions have: allocated by the first that needs it.
+    rare: OnceBox<Rare>,
     /// The longest single callback so far (see `callback_max_type`). Written by the
     /// runner only (callbacks never overlap).
     callback_max_ns: AtomicU64,
-    /// Pool kind: the worker group that runs it (None: the shared one); the subscription
-    /// uses the group (keeps it alive) until its final message was handled.
-    group: Option<Arc<Group>>,
     // Written on every push and batch (its own cold fields first).
     mailbox: Mailbox,
 }
@@ -105,6 +114,19 @@ const _: () = assert!(
     std::mem::offset_of!(Subscription, mailbox) + Mailbox::FIRST_HOT_OFFSET
         >= std::mem::offset_of!(Subscription, thread_generation) + 4 + 63
 );
+
+/// A subscription's fields that most subscriptions never set, boxed (`Subscription::rare`,
+/// one word): in the subscription they pushed its mailbox's per-message words 8 bytes
+/// further, and its block into the next size class.
+#[derive(Default)]
+struct Rare {
+    /// Pool kind: the worker group that runs it (None: the shared one); the subscription
+    /// uses the group (keeps it alive) until its final message was handled. Set at
+    /// subscribe time (the box comes with it), read when the subscription is scheduled.
+    group: Option<Arc<Group>>,
+    /// The uniqueid text, built on demand (logs, statistics, a dedicated thread's name).
+    uniqueid: OnceBox<CString>,
+}
 
 thread_local! {
     /// Subscriptions whose callback this thread is running right now (innermost last):
@@ -164,7 +186,7 @@ impl Subscription {
             topic,
             kind,
             None,
-            Handler::Boxed(parking_lot::Mutex::new(Some(Arc::new(callback)))),
+            Handler::Boxed(ArcSwapOption::from_pointee(callback)),
         )
     }
 
@@ -178,7 +200,7 @@ impl Subscription {
             topic,
             Kind::Pool,
             Some(group),
-            Handler::Boxed(parking_lot::Mutex::new(Some(Arc::new(callback)))),
+            Handler::Boxed(ArcSwapOption::from_pointee(callback)),
         )
     }
 
@@ -220,11 +242,16 @@ impl Subscription {
             kind,
             topic: Arc::clone(topic),
             number: n,
-            uniqueid: OnceBox::new(),
+            rare: match group {
+                Some(group) => OnceBox::with_value(Box::new(Rare {
+                    group: Some(group),
+                    uniqueid: OnceBox::new(),
+                })),
+                None => OnceBox::new(),
+            },
             callback_max_ns: AtomicU64::new(0),
             callback_max_type: AtomicU32::new(0),
             callback,
-            group,
             filter: Filter::new(),
             mailbox: Mailbox::new(),
             subscribed: AtomicBool::new(true),
@@ -255,8 +282,15 @@ impl Subscription {
         self.uniqueid_cstr().to_str().expect("built from UTF-8")
     }
     pub(crate) fn uniqueid_cstr(&self) -> &CStr {
-        self.uniqueid
+        self.rare()
+            .uniqueid
             .get_or_init(|| Box::new(uniqueid_text(&self.topic, self.number)))
+    }
+    fn rare(&self) -> &Rare {
+        self.rare.get_or_init(Box::default)
+    }
+    fn group(&self) -> Option<&Arc<Group>> {
+        self.rare.get().and_then(|r| r.group.as_ref())
     }
     pub fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
@@ -453,16 +487,13 @@ impl Subscription {
 
     /// Hands the subscription to its group's pool (the mailbox said it is runnable).
     fn schedule(self: &Arc<Self>) {
-        let group = self
-            .group
-            .as_ref()
-            .unwrap_or_else(|| worker_group::shared());
+        let group = self.group().unwrap_or_else(|| worker_group::shared());
         group.pool().schedule(Arc::clone(self));
     }
 
     /// After the final message was handled: the subscription no longer uses its group.
     fn leave_group(&self) {
-        if let Some(g) = &self.group {
+        if let Some(g) = self.group() {
             g.release();
         }
     }
@@ -525,16 +556,15 @@ impl Subscription {
     /// `Handler`). Runs on the runner's thread before the mailbox is marked done.
     fn release_handler(&self) {
         if let Handler::Boxed(cb) = &self.callback {
-            let closure = cb.lock().take();
-            drop(closure); // may run user dtors: outside the lock
+            let closure = cb.swap(None);
+            drop(closure); // may run user dtors
         }
     }
 
     fn call(self: &Arc<Self>, msg: &MessageRef) {
         let run = || match &self.callback {
             Handler::Boxed(cb) => {
-                let closure = cb.lock().clone();
-                if let Some(closure) = closure {
+                if let Some(closure) = cb.load_full() {
                     closure(self, msg);
                 }
             }

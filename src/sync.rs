@@ -88,6 +88,16 @@ use std::num::NonZeroU64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ThreadToken(NonZeroU64);
 
+impl ThreadToken {
+    /// The token's number (a mailbox's run state keeps it in a word of its own).
+    pub(crate) fn number(self) -> NonZeroU64 {
+        self.0
+    }
+    pub(crate) fn from_number(n: NonZeroU64) -> ThreadToken {
+        ThreadToken(n)
+    }
+}
+
 #[cfg(not(loom))]
 pub(crate) fn thread_token() -> ThreadToken {
     use std::cell::Cell;
