@@ -34,6 +34,7 @@ pub mod timer;
 mod timer_wheel;
 pub mod topic;
 pub mod topic_pool;
+#[cfg(not(loom))]
 mod valgrind;
 mod waits;
 pub mod worker_group;

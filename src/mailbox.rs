@@ -316,7 +316,7 @@ impl Mailbox {
     }
 
     /// Items ever queued, locked and ring (the models' accounting checks).
-    #[cfg(loom)]
+    #[cfg(all(loom, test))]
     pub(crate) fn pushed(&self, st: &State) -> u64 {
         st.pushed + self.ring_claimed()
     }

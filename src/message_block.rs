@@ -34,6 +34,8 @@ use std::ptr::NonNull;
 use std::cell::RefCell;
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+use std::thread::LocalKey;
 
 /// Blocks per magazine.
 #[cfg(not(loom))]
@@ -48,6 +50,8 @@ const DEPOT_EMPTY: usize = 16;
 /// The block cache for blocks of one layout (messages' only, in practice).
 pub(crate) struct BlockCache {
     layout: Layout,
+    #[cfg(not(loom))]
+    magazines: &'static LocalKey<ThreadMagazines>,
     #[cfg(not(loom))]
     full: [AtomicPtr<Magazine>; DEPOT_FULL],
     #[cfg(not(loom))]
@@ -82,7 +86,7 @@ impl Magazine {
 /// boundary (a thread alternating one free and one alloc at a full magazine does not go
 /// to the depot every time).
 #[cfg(not(loom))]
-struct Magazines {
+pub(crate) struct Magazines {
     cache: Option<&'static BlockCache>,
     loaded: Option<Box<Magazine>>,
     previous: Option<Box<Magazine>>,
@@ -102,19 +106,62 @@ impl Drop for Magazines {
     }
 }
 
+/// A thread's magazines for one cache (`block_cache!` declares one per cache).
 #[cfg(not(loom))]
-thread_local! {
-    static MAGAZINES: RefCell<Magazines> = const {
-        RefCell::new(Magazines { cache: None, loaded: None, previous: None })
+pub(crate) type ThreadMagazines = RefCell<Magazines>;
+
+#[cfg(not(loom))]
+impl Magazines {
+    pub(crate) const NONE: Magazines = Magazines {
+        cache: None,
+        loaded: None,
+        previous: None,
     };
 }
+
+/// Declares `static $name: BlockCache` for blocks of `$ty`'s layout, with thread-local
+/// magazines of its own (a thread's magazines hold one cache's blocks only).
+macro_rules! block_cache {
+    ($vis:vis static $name:ident: $ty:ty;) => {
+        #[cfg(not(loom))]
+        $vis static $name: $crate::message_block::BlockCache = {
+            thread_local! {
+                static MAGAZINES: $crate::message_block::ThreadMagazines =
+                    const { std::cell::RefCell::new($crate::message_block::Magazines::NONE) };
+            }
+            $crate::message_block::BlockCache::new(std::alloc::Layout::new::<$ty>(), &MAGAZINES)
+        };
+        #[cfg(loom)]
+        $vis static $name: $crate::message_block::BlockCache =
+            $crate::message_block::BlockCache::new(std::alloc::Layout::new::<$ty>());
+    };
+}
+pub(crate) use block_cache;
 
 #[cfg(not(loom))]
 #[allow(clippy::declare_interior_mutable_const)]
 const NO_MAGAZINE: AtomicPtr<Magazine> = AtomicPtr::new(std::ptr::null_mut());
 
 impl BlockCache {
-    /// A cache of `layout`'s blocks; one per process (a thread's magazines serve one).
+    /// A cache of `layout`'s blocks whose threads keep their magazines in `magazines`
+    /// (declare both with `block_cache!`).
+    #[cfg(not(loom))]
+    pub(crate) const fn new(
+        layout: Layout,
+        magazines: &'static LocalKey<ThreadMagazines>,
+    ) -> BlockCache {
+        BlockCache {
+            layout,
+            magazines,
+            full: [NO_MAGAZINE; DEPOT_FULL],
+            empty: [NO_MAGAZINE; DEPOT_EMPTY],
+            full_count: AtomicUsize::new(0),
+            state: AtomicU8::new(0),
+        }
+    }
+
+    /// Loom models: the system allocator, no cache.
+    #[cfg(loom)]
     pub(crate) const fn new(layout: Layout) -> BlockCache {
         BlockCache {
             layout,
@@ -133,7 +180,8 @@ impl BlockCache {
     pub(crate) fn alloc(&'static self) -> Option<NonNull<u8>> {
         #[cfg(not(loom))]
         if self.enabled() {
-            let cached = MAGAZINES
+            let cached = self
+                .magazines
                 .try_with(|m| m.try_borrow_mut().ok().and_then(|mut m| self.take(&mut m)))
                 .ok()
                 .flatten();
@@ -152,7 +200,8 @@ impl BlockCache {
     pub(crate) unsafe fn free(&'static self, block: NonNull<u8>) {
         #[cfg(not(loom))]
         if self.enabled() {
-            let kept = MAGAZINES
+            let kept = self
+                .magazines
                 .try_with(|m| match m.try_borrow_mut() {
                     Ok(mut m) => {
                         self.keep(&mut m, block);
@@ -335,8 +384,12 @@ mod tests {
     use std::collections::HashSet;
 
     // One cache per test: tests run in parallel.
-    static HANDOFF: BlockCache = BlockCache::new(Layout::new::<[u64; 8]>());
-    static BOUNDED: BlockCache = BlockCache::new(Layout::new::<[u64; 8]>());
+    block_cache!(
+        static HANDOFF: [u64; 8];
+    );
+    block_cache!(
+        static BOUNDED: [u64; 8];
+    );
 
     fn block(cache: &'static BlockCache) -> NonNull<u8> {
         let b = cache.alloc().expect("memory");

@@ -6,7 +6,7 @@
 //! the block starts `MESSAGE_OFFSET` bytes before it.
 
 use crate::message::Message;
-use crate::message_block::BlockCache;
+use crate::message_block::block_cache;
 use std::alloc::Layout;
 use std::ops::Deref;
 use std::ptr::NonNull;
@@ -20,7 +20,9 @@ struct Counted {
 
 const MESSAGE_OFFSET: usize = std::mem::offset_of!(Counted, msg);
 
-static BLOCKS: BlockCache = BlockCache::new(Layout::new::<Counted>());
+block_cache!(
+    static BLOCKS: Counted;
+);
 
 /// Above this many references a clone aborts, as `Arc` does: a count that could wrap
 /// would free a message still in use.

@@ -4,7 +4,7 @@
 /// valgrind's RUNNING_ON_VALGRIND client request: its "special instruction" sequence,
 /// which valgrind recognises and answers, and which natively leaves every register as
 /// it was (the four rotations of rdi add up to 128 bits) so the default 0 stands.
-#[cfg(all(target_arch = "x86_64", not(loom)))]
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn running_on_valgrind() -> bool {
     /// VG_USERREQ__RUNNING_ON_VALGRIND in valgrind.h.
     const RUNNING_ON_VALGRIND: u64 = 0x1001;
@@ -32,7 +32,7 @@ pub(crate) fn running_on_valgrind() -> bool {
 
 /// Other architectures: assumed not (the block cache stays on; run valgrind there
 /// knowing cached blocks show as "still reachable").
-#[cfg(not(all(target_arch = "x86_64", not(loom))))]
+#[cfg(not(target_arch = "x86_64"))]
 pub(crate) fn running_on_valgrind() -> bool {
     false
 }
