@@ -369,7 +369,12 @@ static void in_callback_cb(void *data, sb_subscription *sub, sb_message *msg)
     if (p->id == 0) {
         /* cancel another pending timer, drop our own handle, schedule a new one */
         atomic_store(&victim_cancel_rc, sb_timer_cancel(atomic_load(&victim)));
-        sb_timer_unref(atomic_exchange(&own_handle, NULL));
+        /* The test stores the handle once sb_publish_after has returned it; a slow
+         * scheduler (valgrind) can fire the 10 ms timer first: wait for it (bounded). */
+        sb_timer *own = NULL;
+        for (int i = 0; i < 1000000 && (own = atomic_exchange(&own_handle, NULL)) == NULL; i++)
+            sched_yield();
+        sb_timer_unref(own);
         sb_timer_unref(schedule(cb_topic, 2, 5));
     }
 }
