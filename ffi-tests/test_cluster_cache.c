@@ -14,7 +14,11 @@
 #define EID_C "00:00:00:00:00:0c"
 #define EID_D "00:00:00:00:00:0d"
 #define HB_MS 200
-#define MISSED 3
+/* Heartbeats missed before a node counts as down. Under ThreadSanitizer every node is
+ * instrumented (5-20x slower) and the tests run two at a time: a node paused that long
+ * was declared down while alive, and the others purged its stored snapshots (see the
+ * notes: a live node does not re-assert them), which a later joiner then lacked. */
+#define MISSED (cn_tsan() ? 15 : 3)
 
 static nh_server srv;
 static const char *argv0;
@@ -97,8 +101,9 @@ static void test_late_join(nh_child *a, nh_child *b, nh_child *c)
     /* every live node's snapshots are there when sharecache returns. Under
      * ThreadSanitizer (every node instrumented, 5-20x slower) one node's snapshots were
      * seen to arrive after the return: there the test waits for them and says so (an
-     * open question about the late join on a slow node, recorded in the notes), while
-     * the native and valgrind runs keep the strict check. */
+     * open question about the late join on a slow node, recorded in the notes; a node
+     * falsely declared down, whose stored snapshots the others purged, is one cause),
+     * while the native and valgrind runs keep the strict check. */
     if (cn_tsan() && dump_of(c, "snaplate", D_REMOTE) != 2 * n) {
         printf("note: late join under ThreadSanitizer: %lld of %d entries at return\n",
                dump_of(c, "snaplate", D_REMOTE), 2 * n);
