@@ -13,6 +13,8 @@
 #define EID_B "00:00:00:00:00:0b"
 #define EID_C "00:00:00:00:00:0c"
 #define EID_D "00:00:00:00:00:0d"
+#define EID_E "00:00:00:00:00:0e"
+#define EID_F "00:00:00:00:00:0f"
 #define HB_MS 200
 /* Heartbeats missed before a node counts as down. Under ThreadSanitizer every node is
  * instrumented (5-20x slower) and the tests run two at a time: a node paused that long
@@ -184,6 +186,30 @@ static void test_new_session(nh_child *b)
     CHECK_EQ_INT(cn_stop(&a3), 0);
 }
 
+/* A node paused longer than the others' patience is declared down, and they purge its
+ * stored snapshots (late joiners must not load a gone node's). Alive all along, it
+ * finds its presence gone once it runs again and writes everything back: the others
+ * read its snapshots again, and a later joiner loads them. */
+static void test_paused_node(nh_child *b)
+{
+    nh_child e, f;
+    start_node(&e, EID_E, "e");
+    CN_OK(&e, "put reg snappause k1 5");
+    CN_OK(&e, "sharecache reg");
+    WAIT_UNTIL(get_of(b, "snappause", "k1", EID_E) == 5);
+    CHECK(kill(e.pid, SIGSTOP) == 0);
+    WAIT_UNTIL(get_of(b, "snappause", "k1", EID_E) == -1); /* down: cleared */
+    /* the purge is b's own, started when it saw e down: give it time to land */
+    cn_sleep_ms(HB_MS * 2);
+    CHECK(kill(e.pid, SIGCONT) == 0);
+    WAIT_UNTIL(get_of(b, "snappause", "k1", EID_E) == 5);
+    start_node(&f, EID_F, "f");
+    CN_OK(&f, "sharecache reg");
+    WAIT_UNTIL(get_of(&f, "snappause", "k1", EID_E) == 5);
+    CHECK_EQ_INT(cn_stop(&f), 0);
+    CHECK_EQ_INT(cn_stop(&e), 0);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "node") == 0)
@@ -206,6 +232,7 @@ int main(int argc, char **argv)
     test_clean_leave(&b, &c);
     test_kill9(&a, &b);
     test_new_session(&b);
+    test_paused_node(&b);
 
     CHECK_EQ_INT(cn_stop(&b), 0);
     nh_child_close(&a, 1000);

@@ -191,6 +191,12 @@ struct Shared {
     reasserting: AtomicBool,
     /// The sender is handing queued items to the client (see `sender`).
     sending: AtomicBool,
+    /// Our presence has been written to the store at least once (see `check_presence`).
+    present: AtomicBool,
+    /// A presence check is running.
+    checking: AtomicBool,
+    /// The node is leaving: its keys are being removed on purpose.
+    leaving: AtomicBool,
 }
 
 impl Shared {
@@ -215,15 +221,56 @@ impl Shared {
     }
 }
 
+/// Every this many heartbeats, a node that keeps snapshots in the store checks that its
+/// presence is still there (`check_presence`).
+const PRESENCE_CHECK_EVERY: u32 = 5;
+
 /// Sends a heartbeat every heartbeat_ms while connected (one went out at join).
 async fn heartbeats(s: Arc<Shared>) {
     let period = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms));
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beats: u32 = 0;
     loop {
         every.tick().await;
         if s.inner.stats.connected.load(Ordering::Relaxed) {
             s.send_heartbeat(NODE_UP).await;
+            beats = beats.wrapping_add(1);
+            if beats.is_multiple_of(PRESENCE_CHECK_EVERY)
+                && s.present.load(Ordering::Acquire)
+                && !s.checking.swap(true, Ordering::AcqRel)
+            {
+                // A task of its own: a slow store must never delay a heartbeat.
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    let bound = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms)) * 4;
+                    let _ = tokio::time::timeout(bound, check_presence(&s)).await;
+                    s.checking.store(false, Ordering::Release);
+                });
+            }
+        }
+    }
+}
+
+/// A node the others took for down (it missed their patience's worth of heartbeats: a
+/// pause, an overloaded machine) has had its keys purged from the store by them, so that
+/// late joiners do not load a gone node's snapshots. Alive all along, it still holds its
+/// snapshots: when its presence has gone from the store, it writes everything again
+/// (`reassert`, as after a reconnect to an emptied store), and the new assertion in its
+/// heartbeat makes the others read them back.
+async fn check_presence(s: &Arc<Shared>) {
+    if s.leaving.load(Ordering::Acquire) || s.reasserting.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(kv) = bucket(s).await else {
+        return;
+    };
+    if let Ok(None) = kv.get(wire::presence_key(&s.inner.me)).await {
+        if !s.leaving.load(Ordering::Acquire) && !s.reasserting.load(Ordering::Acquire) {
+            crate::log::warn(
+                "cluster: this node's stored snapshots were removed (another node took it for down): writing them again",
+            );
+            schedule_reassert(s);
         }
     }
 }
@@ -254,6 +301,9 @@ impl Io {
                 store_failures: AtomicU64::new(0),
                 reasserting: AtomicBool::new(false),
                 sending: AtomicBool::new(false),
+                present: AtomicBool::new(false),
+                checking: AtomicBool::new(false),
+                leaving: AtomicBool::new(false),
             }),
             subs: HashMap::new(),
             interest_epoch: u64::MAX,
@@ -554,6 +604,7 @@ impl Io {
     }
 
     async fn leave(&mut self) {
+        self.s.leaving.store(true, Ordering::Release);
         let inner = Arc::clone(&self.s.inner);
         let deadline = Instant::now() + super::LEAVE_DRAIN;
         while (inner.queued() > 0 || self.s.sending.load(Ordering::SeqCst))
@@ -979,6 +1030,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
     kv.put(wire::presence_key(&me), Bytes::from(presence.encode()))
         .await
         .map_err(|e| store_error("write", e))?;
+    s.present.store(true, Ordering::Release);
     let _ = s
         .client
         .publish(
