@@ -288,6 +288,38 @@ static uint64_t total_seen(sub_ctx *ctx, int nsubs)
     return s;
 }
 
+/* Publishes seq [from, to) to t, one every gap_ns (busy-waiting on the clock); returns 0
+ * if it ran past the deadline. */
+static int publish_paced(sb_topic *t, uint64_t from, uint64_t to, uint64_t gap_ns, uint64_t deadline)
+{
+    uint64_t next = now_ns();
+    for (uint64_t i = from; i < to; i++) {
+        while (now_ns() < next)
+            ; /* pace: busy-wait on the clock */
+        publish_one(t, i);
+        next += gap_ns;
+        if ((i & 1023) == 0 && now_ns() > deadline)
+            return 0;
+    }
+    return 1;
+}
+
+/* A subscription context that records the latency of n messages (in ctx->lat_ns, which
+ * the caller frees with the context). */
+static sub_ctx *latency_ctx(completion *done, uint64_t n)
+{
+    sub_ctx *ctx = aligned_alloc(64, sizeof *ctx);
+    uint64_t *lat = calloc(n, sizeof *lat);
+    if (!ctx || !lat)
+        die("malloc");
+    memset(ctx, 0, sizeof *ctx);
+    ctx->done = done;
+    ctx->lat_ns = lat;
+    ctx->lat_n = n;
+    atomic_store(&ctx->target, UINT64_MAX);
+    return ctx;
+}
+
 /* ------------------------------------------------------------ W1-W4, W6 */
 
 /* 1 publisher (this thread) -> nsubs subscriptions of kind k, either on the topic
@@ -380,34 +412,15 @@ static void w5(result *r)
     const uint64_t n = 100000, warm = 10000, gap_ns = 10000;
     completion done;
     completion_init(&done);
-    sub_ctx *ctx = aligned_alloc(64, sizeof *ctx);
-    uint64_t *lat = calloc(n, sizeof *lat);
-    if (!ctx || !lat)
-        die("malloc");
-    memset(ctx, 0, sizeof *ctx);
-    ctx->done = &done;
-    ctx->lat_ns = lat;
+    sub_ctx *ctx = latency_ctx(&done, n);
+    uint64_t *lat = ctx->lat_ns;
     ctx->lat_from = warm;
-    ctx->lat_n = n;
-    atomic_store(&ctx->target, UINT64_MAX);
 
     sb_topic *t = new_topic("W5");
     sb_subscription *s = subscribe(DEDICATED, t, count_cb, ctx);
     uint64_t deadline = deadline_from_now();
-    int ok = 1;
     arm(ctx, 1, &done, warm + n);
-    uint64_t next = now_ns();
-    for (uint64_t i = 0; i < warm + n; i++) {
-        while (now_ns() < next)
-            ; /* pace: busy-wait on the clock */
-        publish_one(t, i);
-        next += gap_ns;
-        if ((i & 1023) == 0 && now_ns() > deadline) {
-            ok = 0;
-            break;
-        }
-    }
-    ok = ok && completion_wait(&done, deadline);
+    int ok = publish_paced(t, 0, warm + n, gap_ns, deadline) && completion_wait(&done, deadline);
     if (ok) {
         qsort(lat, n, sizeof *lat, cmp_u64);
         res_add(r, "p50_us", lat[n / 2] / 1e3, 2);
@@ -479,16 +492,7 @@ static int w12_phase(sb_topic *t, sub_ctx *ctx, completion *done, uint64_t base,
     atomic_store(&ctx->seen, 0);
     arm(ctx, 1, done, warm + n);
     uint64_t deadline = deadline_from_now();
-    uint64_t next = now_ns();
-    for (uint64_t i = base; i < base + warm + n; i++) {
-        while (now_ns() < next)
-            ; /* pace: busy-wait on the clock */
-        publish_one(t, i);
-        next += gap_ns;
-        if ((i & 1023) == 0 && now_ns() > deadline)
-            return 0;
-    }
-    if (!completion_wait(done, deadline))
+    if (!publish_paced(t, base, base + warm + n, gap_ns, deadline) || !completion_wait(done, deadline))
         return 0;
     qsort(ctx->lat_ns, n, sizeof *ctx->lat_ns, cmp_u64);
     *p50 = ctx->lat_ns[n / 2] / 1e3;
@@ -505,13 +509,8 @@ static void w12(result *r)
         die("sb_pool_create");
     completion done;
     completion_init(&done);
-    sub_ctx *ctx = aligned_alloc(64, sizeof *ctx);
-    uint64_t *lat = calloc(n, sizeof *lat);
-    if (!ctx || !lat)
-        die("malloc");
-    memset(ctx, 0, sizeof *ctx);
-    ctx->done = &done;
-    ctx->lat_ns = lat;
+    sub_ctx *ctx = latency_ctx(&done, n);
+    uint64_t *lat = ctx->lat_ns;
 
     sb_topic *ft = new_topic("W12-fast");
     sb_topic *st = new_topic("W12-slow");

@@ -72,17 +72,8 @@ typedef struct cn_topic {
 /* Cluster tests also run their node processes instrumented under ThreadSanitizer (the
  * same binary): there, as under valgrind, workloads shrink and timing bounds are not
  * checked (waits stay bounded). */
-static inline int cn_slow(void)
-{
-    const char *v = getenv("SB_TSAN");
-    return tu_slow() || (v != NULL && v[0] != '\0' && strcmp(v, "0") != 0);
-}
+static inline int cn_slow(void) { return tu_slow() || tu_tsan(); }
 static inline int cn_scale(int normal, int slow) { return cn_slow() ? slow : normal; }
-static inline int cn_tsan(void)
-{
-    const char *v = getenv("SB_TSAN");
-    return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
-}
 
 static void cn_sleep_ms(long ms)
 {

@@ -20,7 +20,7 @@
  * instrumented (5-20x slower) and the tests run two at a time: a node paused that long
  * was declared down while alive, and the others purged its stored snapshots (see the
  * notes: a live node does not re-assert them), which a later joiner then lacked. */
-#define MISSED (cn_tsan() ? 15 : 3)
+#define MISSED (tu_tsan() ? 15 : 3)
 
 static nh_server srv;
 static const char *argv0;
@@ -106,7 +106,7 @@ static void test_late_join(nh_child *a, nh_child *b, nh_child *c)
      * open question about the late join on a slow node, recorded in the notes; a node
      * falsely declared down, whose stored snapshots the others purged, is one cause),
      * while the native and valgrind runs keep the strict check. */
-    if (cn_tsan() && dump_of(c, "snaplate", D_REMOTE) != 2 * n) {
+    if (tu_tsan() && dump_of(c, "snaplate", D_REMOTE) != 2 * n) {
         printf("note: late join under ThreadSanitizer: %lld of %d entries at return\n",
                dump_of(c, "snaplate", D_REMOTE), 2 * n);
         WAIT_UNTIL(dump_of(c, "snaplate", D_REMOTE) == 2 * n &&

@@ -142,21 +142,32 @@ static void test_forwards_no_loops(void)
     CHECK_EQ_INT(count_of(&a, "dev", CT_REMOTE), 0);
 }
 
+/* a shares `topic` and publishes 50 messages of type `unwanted`, then 50 of `wanted`:
+ * b receives the wanted ones and nothing else (the others never reach it: nothing is
+ * dropped on arrival either). Sets b's received and dropped counts from before the
+ * publishes, for later checks. */
+static void check_imports_only(const char *topic, const char *unwanted, const char *wanted,
+                               long long *received_before, long long *dropped_before)
+{
+    CN_OK(&a, "topic %s", topic);
+    CN_OK(&a, "share %s", topic);
+    long long recv0 = *received_before = stat_of(&b, ST_RECEIVED);
+    long long drop0 = *dropped_before = stat_of(&b, ST_DROPPED_IN);
+    CN_OK(&a, "pub %s %s 50 u", topic, unwanted);
+    CN_OK(&a, "pub %s %s 50 w", topic, wanted);
+    WAIT_UNTIL(count_of(&b, topic, CT_TOTAL) == 50);
+    cn_sleep_ms(300);
+    CHECK_EQ_INT(stat_of(&b, ST_RECEIVED), recv0 + 50);
+    CHECK_EQ_INT(stat_of(&b, ST_DROPPED_IN), drop0);
+}
+
 static void test_selective_import(void)
 {
     /* b's only subscriber of "sel" accepts "wanted": b must not even receive the rest */
     CN_OK(&b, "topic sel wanted");
     CN_OK(&b, "share sel");
-    CN_OK(&a, "topic sel");
-    CN_OK(&a, "share sel");
-    long long recv0 = stat_of(&b, ST_RECEIVED);
-    long long drop0 = stat_of(&b, ST_DROPPED_IN);
-    CN_OK(&a, "pub sel unwanted 50 u");
-    CN_OK(&a, "pub sel wanted 50 w");
-    WAIT_UNTIL(count_of(&b, "sel", CT_TOTAL) == 50);
-    cn_sleep_ms(300);
-    CHECK_EQ_INT(stat_of(&b, ST_RECEIVED), recv0 + 50);
-    CHECK_EQ_INT(stat_of(&b, ST_DROPPED_IN), drop0);
+    long long recv0, drop0;
+    check_imports_only("sel", "unwanted", "wanted", &recv0, &drop0);
     CHECK_EQ_INT(count_of(&b, "sel", CT_TOTAL), 50);
 }
 
@@ -176,16 +187,8 @@ static void test_formatter_import(void)
     CN_OK(&b, "pub fscratch jsonfa 0 x"); /* b has the type "jsonfa", with to_json */
     CN_OK(&b, "topic fsel :json");
     CN_OK(&b, "share fsel");
-    CN_OK(&a, "topic fsel");
-    CN_OK(&a, "share fsel");
-    long long recv0 = stat_of(&b, ST_RECEIVED);
-    long long drop0 = stat_of(&b, ST_DROPPED_IN);
-    CN_OK(&a, "pub fsel fplain 50 u");
-    CN_OK(&a, "pub fsel jsonfa 50 w");
-    WAIT_UNTIL(count_of(&b, "fsel", CT_TOTAL) == 50);
-    cn_sleep_ms(300);
-    CHECK_EQ_INT(stat_of(&b, ST_RECEIVED), recv0 + 50);
-    CHECK_EQ_INT(stat_of(&b, ST_DROPPED_IN), drop0);
+    long long recv0, drop0;
+    check_imports_only("fsel", "fplain", "jsonfa", &recv0, &drop0);
 
     /* A type with to_json that b creates later is taken too (no other change of interest
      * on b tells the cluster to look again). */
@@ -263,8 +266,8 @@ static void test_nodes_and_events(void)
 {
     const char *r = cn_cmd(&a, "nodes");
     /* a, b, c, and the forked child (left, still listed) */
-    CHECK(r != NULL && strncmp(r, cn_tsan() ? "ok 3 " : "ok 4 ", 5) == 0);
-    CHECK(r != NULL && (cn_tsan() || strstr(r, "0f:0f:0f:0f:0f:0f=3/forked-child") != NULL));
+    CHECK(r != NULL && strncmp(r, tu_tsan() ? "ok 3 " : "ok 4 ", 5) == 0);
+    CHECK(r != NULL && (tu_tsan() || strstr(r, "0f:0f:0f:0f:0f:0f=3/forked-child") != NULL));
     CHECK(r != NULL && strstr(r, EID_B "=1/b") != NULL);
     CHECK(r != NULL && strstr(r, EID_C "=1/c") != NULL);
     CHECK(r != NULL && strstr(r, EID_A "=1/a") != NULL);
@@ -331,7 +334,7 @@ static void test_overload_is_counted(void)
 /* First, while the nodes deliver nothing (fork wants a quiescent moment). */
 static void test_fork(void)
 {
-    if (cn_tsan()) {
+    if (tu_tsan()) {
         /* ThreadSanitizer's runtime does not follow a multi-threaded process into a child
          * that starts threads of its own ("dup thread with used id"): checked natively and
          * under valgrind only. */

@@ -259,16 +259,7 @@ static void run_child(const char *self, const char *variant)
         dup2(fds[1], 1);
         close(fds[0]);
         close(fds[1]);
-        setenv("SB_EXIT_CHILD", variant, 1);
-        if (tu_slow()) {
-            char *args[] = {"valgrind", "-q", "--leak-check=no", "--error-exitcode=99",
-                            (char *)self, NULL};
-            execvp("valgrind", args);
-        } else {
-            char *args[] = {(char *)self, NULL};
-            execv(self, args);
-        }
-        _exit(127);
+        tu_exec_self(self, "SB_EXIT_CHILD", variant);
     }
     close(fds[1]);
 

@@ -38,12 +38,7 @@ static sb_message_type *ttype;
 /* Under ThreadSanitizer (SB_TSAN=1, `make tsan`) everything is slower too, and its
  * runtime does not follow a threaded process into a forked child: the fork test is left
  * to the native and valgrind runs. */
-static int tsan_mode(void)
-{
-    const char *v = getenv("SB_TSAN");
-    return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
-}
-static int slow_mode(void) { return tu_slow() || tsan_mode(); }
+static int slow_mode(void) { return tu_slow() || tu_tsan(); }
 
 static uint64_t now_ns(void)
 {
@@ -554,7 +549,7 @@ static void test_many(void)
     size_t heap = after.uordblks + after.hblkhd - before.uordblks - before.hblkhd;
     double per_timer = (double)heap / n;
     printf("%d pending timers: %.1f heap bytes each\n", n, per_timer);
-    if (!RUNNING_ON_VALGRIND && !tsan_mode()) /* their malloc: mallinfo2 reports nothing */
+    if (!RUNNING_ON_VALGRIND && !tu_tsan()) /* their malloc: mallinfo2 reports nothing */
         CHECK(per_timer <= 512.0);
     int all = 1;
     for (int i = 0; i < n; i++)
@@ -580,7 +575,7 @@ static void test_many(void)
     long long left = (long long)(emptied.uordblks + emptied.hblkhd) -
                      (long long)(before.uordblks + before.hblkhd);
     printf("after cancelling them: %lld heap bytes kept\n", left);
-    if (!RUNNING_ON_VALGRIND && !tsan_mode())
+    if (!RUNNING_ON_VALGRIND && !tu_tsan())
         CHECK(left < 256 * 1024);
 
     /* as many spread over 1 s, all fired, once each */
@@ -742,16 +737,7 @@ static void test_exit(const char *self)
         dup2(fds[1], 1);
         close(fds[0]);
         close(fds[1]);
-        setenv("SB_TIMERS_EXIT_CHILD", "1", 1);
-        if (tu_slow()) {
-            char *args[] = {"valgrind", "-q", "--leak-check=no", "--error-exitcode=99",
-                            (char *)self, NULL};
-            execvp("valgrind", args);
-        } else {
-            char *args[] = {(char *)self, NULL};
-            execv(self, args);
-        }
-        _exit(127);
+        tu_exec_self(self, "SB_TIMERS_EXIT_CHILD", "1");
     }
     close(fds[1]);
     int status = 0, ended = 0;
@@ -788,7 +774,7 @@ int main(int argc, char **argv)
         return exit_child();
 
     /* fork first, from a quiescent process */
-    if (!tsan_mode())
+    if (!tu_tsan())
         test_fork();
     test_bad_input();
     test_fires_once();

@@ -97,6 +97,23 @@ static inline int tu_tsan(void)
     return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
 }
 
+/* In a forked child: runs this test program again (`self`, its path) with `env` set to
+ * `value`, under valgrind when the test runs under it, so the new program is checked
+ * too. Does not return (exit status 127 when nothing could be run). */
+static inline void tu_exec_self(const char *self, const char *env, const char *value)
+{
+    setenv(env, value, 1);
+    if (tu_slow()) {
+        char *args[] = {"valgrind", "-q", "--leak-check=no", "--error-exitcode=99", (char *)self,
+                        NULL};
+        execvp("valgrind", args);
+    } else {
+        char *args[] = {(char *)self, NULL};
+        execv(self, args);
+    }
+    _exit(127);
+}
+
 /* Ends a forked child that has reported its result (through a pipe) and reaps it; true
  * when it exited with status 0. Under valgrind the child waits to be killed (SIGKILL
  * skips the leak check of memory its parent's threads left in it), so there only the
