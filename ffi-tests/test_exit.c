@@ -259,7 +259,8 @@ static void run_child(const char *self, const char *variant)
         dup2(fds[1], 1);
         close(fds[0]);
         close(fds[1]);
-        tu_exec_self(self, "SB_EXIT_CHILD", variant);
+        setenv("SB_EXIT_CHILD", variant, 1);
+        tu_exec_self(self);
     }
     close(fds[1]);
 

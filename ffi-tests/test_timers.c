@@ -737,7 +737,8 @@ static void test_exit(const char *self)
         dup2(fds[1], 1);
         close(fds[0]);
         close(fds[1]);
-        tu_exec_self(self, "SB_TIMERS_EXIT_CHILD", "1");
+        setenv("SB_TIMERS_EXIT_CHILD", "1", 1);
+        tu_exec_self(self);
     }
     close(fds[1]);
     int status = 0, ended = 0;

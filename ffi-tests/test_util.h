@@ -97,12 +97,12 @@ static inline int tu_tsan(void)
     return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
 }
 
-/* In a forked child: runs this test program again (`self`, its path) with `env` set to
- * `value`, under valgrind when the test runs under it, so the new program is checked
- * too. Does not return (exit status 127 when nothing could be run). */
-static inline void tu_exec_self(const char *self, const char *env, const char *value)
+/* In a forked child: runs this test program again (`self`, its path; the caller sets
+ * what tells it what to do in its environment first), under valgrind when the test runs
+ * under it, so the new program is checked too. Does not return (exit status 127 when
+ * nothing could be run). */
+static inline void tu_exec_self(const char *self)
 {
-    setenv(env, value, 1);
     if (tu_slow()) {
         char *args[] = {"valgrind", "-q", "--leak-check=no", "--error-exitcode=99", (char *)self,
                         NULL};
