@@ -136,31 +136,28 @@ pub fn last_error_code() -> i32 {
     CODES.try_with(|c| c.get().last).unwrap_or(SB_OK)
 }
 
-/// Marks the start of an exported call: its outcome starts as success. Returns what
-/// [`end_call`] needs to restore the enclosing call's state (a callback's calls run
-/// inside another exported call on the same thread).
+/// Runs an exported call's `body`: its outcome starts as success, and afterwards the
+/// last error code is the call's own failure (0 when it recorded none, whatever the calls
+/// nested in it did, e.g. from a callback); the enclosing call's own failure, if any, is
+/// kept for when that one returns. One lookup of the thread-local cell for both ends: in
+/// a shared library each lookup is a call into the loader, and a publish makes three
+/// exported calls.
 #[inline]
-pub(crate) fn begin_call() -> i32 {
-    CODES
-        .try_with(|c| c.replace(NO_FAILURE).own)
-        .unwrap_or(SB_OK)
-}
-
-/// Marks the end of an exported call: the last error code is this call's own failure
-/// (0 when it recorded none, whatever the calls nested in it did), and the enclosing
-/// call's own failure, if any, is kept for when that one returns.
-#[inline]
-pub(crate) fn end_call(saved: i32) {
-    let _ = CODES.try_with(|c| {
+pub(crate) fn in_call<R>(body: impl FnOnce() -> R) -> R {
+    // The cell is const-initialised and has no destructor, so it is never torn down and
+    // `with` cannot fail, even while the thread exits.
+    CODES.with(|c| {
+        let saved = c.replace(NO_FAILURE).own;
+        let r = body();
         let mine = c.get().own;
         c.set(Codes {
             last: mine,
             own: saved,
         });
-    });
+        r
+    })
 }
 
-/// Records `err` as the calling thread's last error (truncated to the buffer).
 pub fn set_last_error(err: &Error) {
     let code = err.code();
     let _ = CODES.try_with(|c| {

@@ -66,8 +66,7 @@ impl FailureValue for () {
 /// (`SB_E_INTERNAL`). The calling thread's last error code is this call's: 0 unless the
 /// body recorded a failure (calls that callbacks make inside it have their own).
 pub(crate) fn boundary<R: FailureValue>(body: impl FnOnce() -> R) -> R {
-    let saved = crate::error::begin_call();
-    let r = match catch_unwind(AssertUnwindSafe(body)) {
+    crate::error::in_call(|| match catch_unwind(AssertUnwindSafe(body)) {
         Ok(r) => r,
         Err(payload) => {
             let what = payload
@@ -83,9 +82,7 @@ pub(crate) fn boundary<R: FailureValue>(body: impl FnOnce() -> R) -> R {
             set_last_error(&err);
             R::failure()
         }
-    };
-    crate::error::end_call(saved);
-    r
+    })
 }
 
 /// Maps a `Result` to the C convention for int-returning functions.
