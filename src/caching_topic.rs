@@ -47,6 +47,10 @@ pub struct CacheUpdate {
     new: Option<MessageRef>,
 }
 
+// Every update is made on the publishing thread and dropped on the subscriber's: it must
+// stay small enough for a recycled value block (`value_block`), not a malloc each.
+const _: () = assert!(crate::value_block::fits::<CacheUpdate>());
+
 // SAFETY: the view points into the Arcs owned by the same immutable value.
 unsafe impl Send for CacheUpdate {}
 // SAFETY: as above.

@@ -2,6 +2,7 @@
 
 use crate::eid::Eid;
 use crate::message_type::{MessageType, DEAD_MAGIC};
+use crate::value_block::PooledValue;
 use std::any::Any;
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
@@ -27,6 +28,9 @@ pub enum Payload {
     /// updates) the value is `#[repr(C)]` with the C view as its first field, so the
     /// address of the value is the `void *` C code reads.
     Value(Box<dyn Any + Send + Sync>),
+    /// A Rust value as `Value`, in a block of the value block cache (`value_block`):
+    /// what `Message::with_value` makes of values that fit.
+    Pooled(PooledValue),
 }
 
 /// An immutable message.
@@ -95,9 +99,14 @@ impl Message {
         })
     }
 
-    /// A message carrying a Rust value.
+    /// A message carrying a Rust value: in a recycled block when it fits (the library's
+    /// own messages all do), else boxed.
     pub fn with_value<T: Any + Send + Sync>(mtype: &Arc<MessageType>, value: T) -> MessageRef {
-        Message::new(mtype, Payload::Value(Box::new(value)))
+        let payload = match PooledValue::new(value) {
+            Ok(v) => Payload::Pooled(v),
+            Err(value) => Payload::Value(Box::new(value)),
+        };
+        Message::new(mtype, payload)
     }
 
     pub(crate) fn magic_ok(&self) -> bool {
@@ -117,6 +126,9 @@ impl Message {
             Payload::Value(v) => {
                 (&**v as *const (dyn Any + Send + Sync)).cast::<c_void>() as *mut c_void
             }
+            Payload::Pooled(v) => {
+                (&**v as *const (dyn Any + Send + Sync)).cast::<c_void>() as *mut c_void
+            }
         }
     }
     pub fn data_len(&self) -> usize {
@@ -128,6 +140,7 @@ impl Message {
     pub fn value<T: Any>(&self) -> Option<&T> {
         match &self.payload {
             Payload::Value(v) => v.downcast_ref(),
+            Payload::Pooled(v) => v.downcast_ref(),
             _ => None,
         }
     }
