@@ -574,6 +574,17 @@ impl Mailbox {
         loop {
             match self.take_locked(&mut st, me, kind, kind == Kind::Pool) {
                 Take::Batch(batch) => return (Some(batch), false),
+                Take::Empty if kind == Kind::Pool => {
+                    // The subscription just went idle, and its worker still holds a
+                    // reference, which it drops after this returns. From now on a publish
+                    // can schedule it on another worker, which may deliver the final
+                    // message before this one has let go: the releasing window starts
+                    // here, under the lock, so that a join of that final message waits
+                    // for this reference too (the worker leaves the window once it
+                    // dropped it; `Turn::Idle`).
+                    crate::subscription::releasing::enter();
+                    return (None, false);
+                }
                 Take::Empty => return (None, false),
                 Take::HandedOff => return (None, true),
                 Take::Pending => {

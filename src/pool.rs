@@ -460,7 +460,12 @@ impl Pool {
         match work {
             Work::Subscription(sub) => match sub.run_pool_turn(me, BATCHES_PER_TURN) {
                 Turn::More => self.queue.push(Work::Subscription(sub)),
-                Turn::Idle => {}
+                Turn::Idle => {
+                    // The turn found the subscription idle and entered the releasing
+                    // window (`Mailbox::take_batch`): leave it once the reference is gone.
+                    drop(sub);
+                    releasing::leave();
+                }
                 Turn::Final => {
                     drop(sub);
                     releasing::leave();

@@ -837,7 +837,9 @@ impl Subscription {
 pub(crate) enum Turn {
     /// Work is left: the subscription goes back on the pool's queue.
     More,
-    /// Nothing queued now; the next publish schedules it again.
+    /// Nothing queued now; the next publish schedules it again. The turn entered the
+    /// releasing window as the subscription went idle (`Mailbox::take_batch`); the worker
+    /// must `releasing::leave` once it dropped its reference.
     Idle,
     /// The final message was handled; the worker must `releasing::leave` once it dropped
     /// its reference.
