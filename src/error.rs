@@ -158,6 +158,7 @@ pub(crate) fn in_call<R>(body: impl FnOnce() -> R) -> R {
     })
 }
 
+/// Records `err` as the calling thread's last error (truncated to the buffer).
 pub fn set_last_error(err: &Error) {
     let code = err.code();
     let _ = CODES.try_with(|c| {
