@@ -123,12 +123,16 @@ impl Message {
         match &self.payload {
             Payload::Raw { data, .. } => *data,
             Payload::Bytes(b) => b.as_ptr() as *mut c_void,
-            Payload::Value(v) => {
-                (&**v as *const (dyn Any + Send + Sync)).cast::<c_void>() as *mut c_void
-            }
-            Payload::Pooled(v) => {
-                (&**v as *const (dyn Any + Send + Sync)).cast::<c_void>() as *mut c_void
-            }
+            Payload::Value(v) => value_ptr(&**v),
+            Payload::Pooled(v) => value_ptr(&**v),
+        }
+    }
+    /// The Rust value, boxed or pooled.
+    fn any_value(&self) -> Option<&(dyn Any + Send + Sync)> {
+        match &self.payload {
+            Payload::Value(v) => Some(&**v),
+            Payload::Pooled(v) => Some(&**v),
+            _ => None,
         }
     }
     pub fn data_len(&self) -> usize {
@@ -138,11 +142,7 @@ impl Message {
         }
     }
     pub fn value<T: Any>(&self) -> Option<&T> {
-        match &self.payload {
-            Payload::Value(v) => v.downcast_ref(),
-            Payload::Pooled(v) => v.downcast_ref(),
-            _ => None,
-        }
+        self.any_value()?.downcast_ref()
     }
     pub fn timestamp_ns(&self) -> u64 {
         self.timestamp_ns
@@ -150,6 +150,13 @@ impl Message {
     pub fn eid(&self) -> Option<&Eid> {
         self.eid.as_ref()
     }
+}
+
+/// The address of a Rust value, as C reads it (`Payload::Value`).
+fn value_ptr(v: &(dyn Any + Send + Sync)) -> *mut c_void {
+    (v as *const (dyn Any + Send + Sync))
+        .cast::<c_void>()
+        .cast_mut()
 }
 
 impl Drop for Message {

@@ -460,13 +460,9 @@ impl Pool {
         match work {
             Work::Subscription(sub) => match sub.run_pool_turn(me, BATCHES_PER_TURN) {
                 Turn::More => self.queue.push(Work::Subscription(sub)),
-                Turn::Idle => {
-                    // The turn found the subscription idle and entered the releasing
-                    // window (`Mailbox::take_batch`): leave it once the reference is gone.
-                    drop(sub);
-                    releasing::leave();
-                }
-                Turn::Final => {
+                // Either way the turn entered the releasing window (see `Turn`): leave
+                // it once the reference is gone.
+                Turn::Idle | Turn::Final => {
                     drop(sub);
                     releasing::leave();
                 }
