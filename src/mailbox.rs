@@ -136,6 +136,17 @@ enum Take {
     Pending,
 }
 
+/// What `claim_direct` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// The caller runs the mailbox now, with its message as a batch of one numbered so.
+    Claimed(u64),
+    /// Somebody runs it or items wait: the caller takes the general path (`push`).
+    Busy,
+    /// The final message was queued: nothing is delivered after it.
+    Closed,
+}
+
 pub(crate) enum Push {
     /// The mailbox is closed (final message queued): nothing is delivered after it.
     Closed,
@@ -528,6 +539,37 @@ impl Mailbox {
         }
     }
 
+    /// Synchronous kind, an item that is not the final one: when nobody runs the
+    /// mailbox and nothing is queued, marks it running on `me` with a batch of one that
+    /// never enters the queue, as `push` does for such an item, but without an `Item`:
+    /// the caller delivers the message it holds (no count taken on it) and then calls
+    /// `finish_one_and_take`. The common synchronous publish is this and that, one
+    /// acquisition of the lock each.
+    pub(crate) fn claim_direct(&self, me: ThreadToken) -> Claim {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Claim::Closed;
+        }
+        if st.run() != RunState::Idle || !st.queue().is_empty() {
+            return Claim::Busy;
+        }
+        st.pushed += 1;
+        st.start_batch(me, 1);
+        Claim::Claimed(st.pushed)
+    }
+
+    /// After the delivery of a `claim_direct` batch (never the final message): counts it
+    /// handled and takes the next batch as `finish_and_take` does.
+    pub(crate) fn finish_one_and_take(&self, me: ThreadToken) -> Option<VecDeque<Item>> {
+        let mut st = self.state.lock();
+        let notify = self.count_finished(&mut st, 1, false);
+        let (next, handed_off) = self.take_retrying(st, me, Kind::Synchronous);
+        if notify || handed_off {
+            self.progress.notify_all();
+        }
+        next
+    }
+
     /// Takes everything queued as one batch and marks the mailbox running on `me`; when
     /// the queue is empty, marks it idle and returns None.
     ///
@@ -768,6 +810,12 @@ impl Mailbox {
                 b.queue = VecDeque::new();
             }
         }
+        self.count_finished(st, n, last)
+    }
+
+    /// Records `n` deliveries (lock held); `last`: the final message was among them.
+    /// Says whether waiters must be woken.
+    fn count_finished(&self, st: &mut State, n: usize, last: bool) -> bool {
         let evicted =
             (st.policy.as_deref_mut()).map_or(0, |p| std::mem::take(&mut p.evicted_pending));
         st.handled += n as u64 + evicted;

@@ -44,7 +44,9 @@
 //!    delivered after the final item; everything published before the unsubscriber
 //!    started is delivered before it; the subscriber left in the list gets everything.
 //! 4. `loom_synchronous_handoff`, `loom_synchronous_final`: the synchronous kind. Two
-//!    publishers push with their thread token and follow the action (`RunHere`: run
+//!    publishers first try to claim an idle, empty mailbox for the message they hold
+//!    (`claim_direct`, then `finish_one_and_take`); when it is busy they push with their
+//!    thread token and follow the action (`RunHere`: run
 //!    here, starting with the item itself when the idle mailbox handed it back instead
 //!    of queueing it; `WaitTurn`: wait for the hand-off, then run; `Nested`: a callback
 //!    publishing to its own subscription). Every item is delivered on its publisher's
@@ -95,7 +97,7 @@
 //! - Assertions on the main thread run after the spawned threads are joined: a panic
 //!   while spawned threads have not started yet makes loom abort instead of report.
 
-use super::{Action, Item, Kind, Mailbox, Overflow, Push, RunState};
+use super::{Action, Claim, Item, Kind, Mailbox, Overflow, Push, RunState};
 use crate::message::Message;
 use crate::message_type::MessageType;
 use crate::sync::{thread_token, ThreadToken};
@@ -690,24 +692,33 @@ fn unsubscribe_vs_publish(rebuild: bool) {
 /// callback, which must not wait for another thread), hands those items to the runner.
 /// Checks that each item runs on its publisher's thread (a deferred one, `from ==
 /// None`, on any).
-/// `direct`: the item an idle mailbox handed back instead of queueing.
+/// `direct`: the item an idle mailbox handed back instead of queueing; `claimed`: the
+/// value of a message delivered from the publisher's hands (`Mailbox::claim_direct`).
 fn run_until_idle_in(
     sub: &Sub,
     me: ThreadToken,
     nested: &dyn Fn(usize),
     in_callback: bool,
     mut direct: Option<Item>,
+    mut claimed: Option<usize>,
 ) {
     loop {
-        let mut next = match direct.take() {
-            Some(it) => {
+        let mut next = match (direct.take(), claimed.take()) {
+            (Some(it), _) => {
                 let mut one = VecDeque::from([it]);
                 let (n, last) = sub.deliver(&mut one, nested);
                 assert_eq!(n, 1);
                 sub.mb
                     .finish_and_take(VecDeque::new(), n, last, me, Kind::Synchronous)
             }
-            None => sub.mb.take_batch(me, Kind::Synchronous),
+            (None, Some(v)) => {
+                // Never queued: the model's item stands for the message the publisher holds.
+                let mut one = VecDeque::from([item(v, false, Some(me))]);
+                let (n, last) = sub.deliver(&mut one, nested);
+                assert_eq!((n, last), (1, false));
+                sub.mb.finish_one_and_take(me)
+            }
+            (None, None) => sub.mb.take_batch(me, Kind::Synchronous),
         };
         while let Some(mut batch) = next {
             for it in &batch {
@@ -738,7 +749,7 @@ fn run_until_idle_in(
 }
 
 fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), direct: Option<Item>) {
-    run_until_idle_in(sub, me, nested, false, direct)
+    run_until_idle_in(sub, me, nested, false, direct, None)
 }
 
 /// A callback's publish of `v` to its own (synchronous) subscription: always `Nested`,
@@ -762,6 +773,21 @@ fn publish_nested(sub: &Sub, v: usize) {
 /// the unsubscribe's final item. False when the mailbox was closed.
 fn sync_publish(sub: &Sub, v: usize, last: bool, nested: &dyn Fn(usize)) -> bool {
     let me = thread_token();
+    if !last {
+        // The common case first, as `Subscription::offer` does.
+        match sub.mb.claim_direct(me) {
+            Claim::Claimed(_) => {
+                run_until_idle_in(sub, me, nested, false, None, Some(v));
+                assert!(
+                    sub.log.get().contains(&v),
+                    "the publish of {v} returned before its callback ran"
+                );
+                return true;
+            }
+            Claim::Closed => return false,
+            Claim::Busy => {}
+        }
+    }
     let (action, direct) = match sub
         .mb
         .push(item(v, last, Some(me)), Kind::Synchronous, true)
@@ -924,6 +950,14 @@ fn loom_synchronous_deferred() {
             let (sub, nested) = (Arc::clone(&sub), Arc::clone(&nested));
             thread::spawn(move || {
                 let me = thread_token();
+                // As `Subscription::offer`: the direct claim first, whatever the context.
+                match sub.mb.claim_direct(me) {
+                    Claim::Claimed(_) => {
+                        return run_until_idle_in(&sub, me, &*nested, true, None, Some(10));
+                    }
+                    Claim::Closed => panic!("an open mailbox refused a claim"),
+                    Claim::Busy => {}
+                }
                 match sub
                     .mb
                     .push(item(10, false, Some(me)), Kind::Synchronous, false)
@@ -932,7 +966,7 @@ fn loom_synchronous_deferred() {
                         action: Action::RunHere,
                         direct,
                         ..
-                    } => run_until_idle_in(&sub, me, &*nested, true, direct),
+                    } => run_until_idle_in(&sub, me, &*nested, true, direct, None),
                     Push::Queued {
                         action: Action::Deferred,
                         ..

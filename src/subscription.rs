@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::filter::Filter;
 use crate::fork;
 use crate::log;
-use crate::mailbox::{Action, Item, Kind, Mailbox, Overflow, Push};
+use crate::mailbox::{Action, Claim, Item, Kind, Mailbox, Overflow, Push};
 use crate::message::{Message, MessageRef};
 use crate::message_type::{MessageType, DEAD_MAGIC};
 use crate::pool;
@@ -132,6 +132,17 @@ thread_local! {
     /// Subscriptions whose callback this thread is running right now (innermost last):
     /// a join of one of them would wait on ourselves.
     static RUNNING: RefCell<Vec<*const Subscription>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a synchronous run delivers first (`Subscription::run_until_idle`).
+enum First<'a> {
+    /// A message the publisher holds, claimed as a batch of one (`Mailbox::claim_direct`).
+    Borrowed(&'a MessageRef),
+    /// An item the mailbox handed back instead of queueing (`Push::Queued::direct`),
+    /// already counted as the run's first batch.
+    Item(Item),
+    /// Whatever is queued.
+    Queued,
 }
 
 struct RunningGuard;
@@ -427,6 +438,19 @@ impl Subscription {
         }
         // Only the synchronous kind compares thread ids; the others skip the lookup.
         let me = (self.kind == Kind::Synchronous).then(crate::sync::thread_token);
+        if let (Some(me), false) = (me, last) {
+            // The common synchronous publish: nobody runs the subscription and nothing
+            // waits, so the message is delivered from the caller's hands, with no item
+            // queued and no count taken on it (the caller holds it for the whole call).
+            match self.mailbox.claim_direct(me) {
+                Claim::Claimed(seq) => {
+                    self.run_until_idle(me, First::Borrowed(msg));
+                    return Some(seq);
+                }
+                Claim::Closed => return None,
+                Claim::Busy => {}
+            }
+        }
         let item = Item {
             msg: MessageRef::clone(msg),
             last,
@@ -469,13 +493,14 @@ impl Subscription {
                 }
                 match action {
                     Action::Schedule => self.schedule(),
-                    Action::RunHere => {
-                        self.run_until_idle(me.unwrap_or_else(crate::sync::thread_token), direct)
-                    }
+                    Action::RunHere => self.run_until_idle(
+                        me.unwrap_or_else(crate::sync::thread_token),
+                        direct.map_or(First::Queued, First::Item),
+                    ),
                     Action::WaitTurn => {
                         let me = me.unwrap_or_else(crate::sync::thread_token);
                         if pool::blocking(|| self.mailbox.wait_turn(me)) {
-                            self.run_until_idle(me, None);
+                            self.run_until_idle(me, First::Queued);
                         }
                     }
                     Action::Nothing | Action::Wake | Action::Nested | Action::Deferred => {}
@@ -540,16 +565,31 @@ impl Subscription {
     /// Delivers one item (the caller marked this thread running the subscription);
     /// returns whether it was the final one.
     fn deliver_item(self: &Arc<Self>, item: Item) -> bool {
+        self.deliver_message(&item.msg, item.last)
+    }
+
+    /// `deliver_item` of a message the caller holds; `last`: the final message.
+    fn deliver_message(self: &Arc<Self>, msg: &MessageRef, last: bool) -> bool {
         // The final message is filtered here: it is queued whatever the filter says,
         // because it closes the mailbox.
-        if !item.last || self.filter.accepts(item.msg.message_type()) {
-            self.call(&item.msg);
+        if !last || self.filter.accepts(msg.message_type()) {
+            self.call(msg);
         }
-        if item.last {
+        if last {
             self.release_handler();
             self.leave_group();
         }
-        item.last
+        last
+    }
+
+    /// Delivers a batch of one that the mailbox never queued (`First`), timed as a
+    /// callback; returns whether it was the final message.
+    fn deliver_first(self: &Arc<Self>, msg: &MessageRef, last: bool) -> bool {
+        let _running = RunningGuard::enter(Arc::as_ptr(self));
+        let t = stats_clock();
+        let last = self.deliver_message(msg, last);
+        self.note_callback(t, msg.message_type().id());
+        last
     }
 
     /// After the final message: drops a library closure and what it holds (see
@@ -589,26 +629,22 @@ impl Subscription {
         }
     }
 
-    /// Runs batches on this thread until the queue is empty. Returns true when the final
-    /// message was delivered.
-    /// `direct`: an item the mailbox handed back instead of queueing (`Push::Queued`),
-    /// already counted as this run's first batch.
-    fn run_until_idle(self: &Arc<Self>, me: ThreadToken, mut direct: Option<Item>) {
+    /// Runs batches on this thread until the queue is empty, starting with `first`.
+    fn run_until_idle(self: &Arc<Self>, me: ThreadToken, first: First<'_>) {
+        let mut first = Some(first);
         loop {
-            let mut next = match direct.take() {
-                Some(item) => {
-                    let last = {
-                        let _running = RunningGuard::enter(Arc::as_ptr(self));
-                        let t = stats_clock();
-                        let ty = item.msg.message_type().id();
-                        let last = self.deliver_item(item);
-                        self.note_callback(t, ty);
-                        last
-                    };
+            let mut next = match first.take() {
+                Some(First::Borrowed(msg)) => {
+                    self.deliver_first(msg, false);
+                    self.mailbox.finish_one_and_take(me)
+                }
+                Some(First::Item(item)) => {
+                    let last = self.deliver_first(&item.msg, item.last);
+                    drop(item);
                     self.mailbox
                         .finish_and_take(VecDeque::new(), 1, last, me, self.kind)
                 }
-                None => self.mailbox.take_batch(me, self.kind),
+                Some(First::Queued) | None => self.mailbox.take_batch(me, self.kind),
             };
             while let Some(mut batch) = next {
                 let (n, last) = self.deliver(&mut batch);
