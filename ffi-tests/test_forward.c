@@ -90,6 +90,54 @@ static void test_direct(void)
     sb_topic_unref(dst);
 }
 
+/* A topic whose subscriptions all left takes new ones (the publish path skips a topic
+ * with none): directly, and as the target of a forward; and the subscription left in
+ * the list when the first one goes keeps receiving. */
+static void test_subscriptions_come_back(void)
+{
+    printf("subscriptions come back\n");
+    sb_topic *src = sb_topic_create("fwd.b.src");
+    sb_topic *dst = sb_topic_create("fwd.b.dst");
+    sb_forward *fw = sb_forward_all(src, dst);
+    CHECK(fw != NULL);
+    for (int round = 0; round < 3; round++) {
+        recorder r1, r2;
+        recorder_init(&r1, ptype, dst);
+        recorder_init(&r2, ptype, dst);
+        CHECK_EQ_INT(publish_payload(src, ptype, 0, 1, 0), 0);
+        sb_subscription *s1 = sb_subscribe_synchronous(dst, recorder_cb, &r1);
+        CHECK_EQ_INT(publish_payload(src, ptype, 0, 2, 0), 1);
+        sb_subscription *s2 = sb_subscribe_synchronous(dst, recorder_cb, &r2);
+        CHECK_EQ_INT(publish_payload(src, ptype, 0, 3, 0), 2);
+        CHECK(sb_unsubscribe_and_join(s1) == NULL);
+        CHECK_EQ_INT(publish_payload(src, ptype, 0, 4, 0), 1);
+        CHECK_EQ_INT(publish_payload(dst, ptype, 0, 5, 0), 1);
+        CHECK(sb_unsubscribe_and_join(s2) == NULL);
+        CHECK_EQ_INT(publish_payload(src, ptype, 0, 6, 0), 0);
+        CHECK_EQ_INT(publish_payload(dst, ptype, 0, 7, 0), 0);
+        CHECK_EQ_INT(atomic_load(&r1.payloads), 2);
+        CHECK_EQ_INT(atomic_load(&r2.payloads), 3);
+        CHECK_RECORDER_LIFECYCLE(&r1);
+        CHECK_RECORDER_LIFECYCLE(&r2);
+        recorder_destroy(&r1);
+        recorder_destroy(&r2);
+
+        /* the source itself, which forwards too */
+        recorder rs;
+        recorder_init(&rs, ptype, src);
+        sb_subscription *ss = sb_subscribe_synchronous(src, recorder_cb, &rs);
+        CHECK_EQ_INT(publish_payload(src, ptype, 0, 8, 0), 1);
+        CHECK(sb_unsubscribe_and_join(ss) == NULL);
+        CHECK_EQ_INT(publish_payload(src, ptype, 0, 9, 0), 0);
+        CHECK_EQ_INT(atomic_load(&rs.payloads), 1);
+        CHECK_RECORDER_LIFECYCLE(&rs);
+        recorder_destroy(&rs);
+    }
+    CHECK(sb_forward_cancel(fw) == NULL);
+    sb_topic_unref(src);
+    sb_topic_unref(dst);
+}
+
 /* a -> b -> c -> d: a publish to a reaches subscribers of b, c and d */
 static void test_transitive(void)
 {
@@ -423,6 +471,7 @@ int main(void)
     TEST_INIT();
     ptype = make_type("fwd.payload");
     test_direct();
+    test_subscriptions_come_back();
     test_transitive();
     test_diamond();
     test_cycles();
@@ -433,7 +482,8 @@ int main(void)
     /* cancelled forwards and finished subscriptions released every topic */
     const char *topics[] = {"fwd.src", "fwd.dst", "fwd.t.a", "fwd.t.b", "fwd.t.c", "fwd.t.d",
                             "fwd.d.a", "fwd.d.b", "fwd.d.c", "fwd.d.d", "fwd.c.a", "fwd.c.b",
-                            "fwd.c.c", "fwd.k.src", "fwd.k.dst", "fwd.cc.src", "fwd.cc.dst"};
+                            "fwd.c.c", "fwd.k.src", "fwd.k.dst", "fwd.cc.src", "fwd.cc.dst",
+                            "fwd.b.src", "fwd.b.dst"};
     for (size_t i = 0; i < sizeof topics / sizeof topics[0]; i++)
         CHECK_TOPIC_GONE(topics[i]);
     WAIT_UNTIL(atomic_load(&payload_created) == atomic_load(&payload_destroyed));
