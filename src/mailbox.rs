@@ -624,7 +624,9 @@ impl Mailbox {
                     // here, under the lock, so that a join of that final message waits
                     // for this reference too (the worker leaves the window once it
                     // dropped it; `Turn::Idle`).
-                    crate::subscription::releasing::enter();
+                    crate::subscription::releasing::enter(crate::subscription::releasing::Key::of(
+                        self,
+                    ));
                     return (None, false);
                 }
                 Take::Empty => return (None, false),

@@ -463,8 +463,9 @@ impl Pool {
                 // Either way the turn entered the releasing window (see `Turn`): leave
                 // it once the reference is gone.
                 Turn::Idle | Turn::Final => {
+                    let key = sub.releasing_key();
                     drop(sub);
-                    releasing::leave();
+                    releasing::leave(key);
                 }
             },
             Work::Task(task) => {

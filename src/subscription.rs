@@ -280,6 +280,11 @@ impl Subscription {
         Ok(sub)
     }
 
+    /// This subscription's slot of the releasing window (see [`releasing`]).
+    pub(crate) fn releasing_key(&self) -> releasing::Key {
+        releasing::Key::of(&self.mailbox)
+    }
+
     pub(crate) fn magic_ok(&self) -> bool {
         self.magic == SUBSCRIPTION_MAGIC
     }
@@ -693,7 +698,7 @@ impl Subscription {
             };
             let (n, last) = self.deliver(&mut batch);
             if last {
-                releasing::enter();
+                releasing::enter(self.releasing_key());
                 self.mailbox.finish_batch(batch, n, true);
                 return Turn::Final;
             }
@@ -716,8 +721,9 @@ impl Subscription {
         thread::Builder::new()
             .name(format!("sb-sub-{}", self.uniqueid()))
             .spawn(move || {
+                let key = runner.releasing_key();
                 if runner.dedicated_thread() {
-                    releasing::leave();
+                    releasing::leave(key);
                 }
             })
             .map(drop)
@@ -765,7 +771,7 @@ impl Subscription {
             while let Some(mut batch) = next {
                 let (n, last) = self.deliver(&mut batch);
                 if last {
-                    releasing::enter();
+                    releasing::enter(self.releasing_key());
                     self.mailbox.finish_batch(batch, n, true);
                     self.after_batches();
                     return true;
@@ -832,7 +838,7 @@ impl Subscription {
             ));
         }
         self.wait_done()?;
-        releasing::wait();
+        releasing::wait(self.releasing_key());
         // A subscription that ended above its high-water mark leaves the alert registry
         // before the join returns (its runner may not have told it yet); one relaxed load
         // when nothing is in alert.
@@ -885,46 +891,86 @@ pub(crate) enum Turn {
 /// Runners (pool workers, dedicated threads) between handling a subscription's final
 /// message and dropping their reference to it.
 ///
-/// A join returns once that count is zero, so that after `sb_unsubscribe_and_join` no
-/// library thread still holds the subscription (nor, through it, its topic): a module
-/// that unloads and a process that exits right after the join leave nothing for a leak
-/// checker to find. One counter for all subscriptions, in static memory: the runner
-/// cannot signal through the subscription after dropping its reference (it may have been
-/// the last), and the window is a few instructions long, so a joiner that waits for
-/// another subscription's runner waits no longer.
+/// A join returns once its subscription's count is zero, so that after
+/// `sb_unsubscribe_and_join` no library thread still holds the subscription (nor, through
+/// it, its topic): a module that unloads and a process that exits right after the join
+/// leave nothing for a leak checker to find. The counts live in static memory, because
+/// the runner cannot signal through the subscription after dropping its reference (it may
+/// have been the last): a fixed set of slots, each subscription counted in the slot its
+/// mailbox's address picks (`Key`). A join waits only for its own slot, so the windows
+/// of other subscriptions (a busy pool enters one whenever a subscription goes idle) do
+/// not hold it up; two subscriptions sharing a slot only make a join wait as long as a
+/// window lasts, a few instructions while its runner runs.
 pub(crate) mod releasing {
+    use crate::mailbox::Mailbox;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::thread;
     use std::time::{Duration, Instant};
 
-    static RUNNERS: AtomicUsize = AtomicUsize::new(0);
+    const SLOT_BITS: u32 = 6;
+    /// One count per cache line: runners of different subscriptions do not bounce one.
+    #[repr(align(64))]
+    struct Slot(AtomicUsize);
+    static RUNNERS: [Slot; 1 << SLOT_BITS] = [const { Slot(AtomicUsize::new(0)) }; 1 << SLOT_BITS];
     /// A runner descheduled inside the window resumes well within this; past it the join
     /// returns anyway (the reference goes shortly after), never hangs.
     const BOUND: Duration = Duration::from_secs(2);
+    /// Polls of a busy slot before the joiner gives up its core: the window lasts a few
+    /// hundred nanoseconds while its runner runs, and a yield on a loaded machine can
+    /// cost the joiner a whole time slice (W9 churned at half the rate when the first
+    /// poll yielded).
+    const SPINS: u32 = 256;
 
-    /// Before the final message's completion becomes visible to joiners.
-    pub(crate) fn enter() {
-        RUNNERS.fetch_add(1, Ordering::SeqCst);
+    /// The slot of one subscription: computed from its mailbox's address, which the
+    /// runner still knows (as a number) after dropping its reference.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Key(usize);
+
+    impl Key {
+        pub(crate) fn of(mailbox: &Mailbox) -> Key {
+            let addr = std::ptr::from_ref(mailbox) as usize as u64;
+            // Fibonacci hashing of the address without its low (alignment) bits.
+            let h = (addr >> 6).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SLOT_BITS);
+            Key(h as usize)
+        }
+        #[cfg(test)]
+        pub(crate) fn index(self) -> usize {
+            self.0
+        }
+        fn slot(self) -> &'static AtomicUsize {
+            &RUNNERS[self.0].0
+        }
+    }
+
+    /// Before the completion this window covers becomes visible to joiners.
+    pub(crate) fn enter(key: Key) {
+        key.slot().fetch_add(1, Ordering::SeqCst);
     }
 
     /// After the runner dropped its reference.
-    pub(crate) fn leave() {
-        RUNNERS.fetch_sub(1, Ordering::SeqCst);
+    pub(crate) fn leave(key: Key) {
+        key.slot().fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// In a forked child: no runner survived the fork, so none is inside the window.
+    /// In a forked child: no runner survived the fork, so none is inside a window.
     pub(crate) fn fork_reset() {
-        RUNNERS.store(0, Ordering::SeqCst);
+        for slot in &RUNNERS {
+            slot.0.store(0, Ordering::SeqCst);
+        }
     }
 
     /// Called once the joined subscription is done (so its runner entered before).
-    pub(crate) fn wait() {
-        if RUNNERS.load(Ordering::SeqCst) == 0 {
-            return;
+    pub(crate) fn wait(key: Key) {
+        let slot = key.slot();
+        for _ in 0..SPINS {
+            if slot.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            std::hint::spin_loop();
         }
         let start = Instant::now();
         let mut polls = 0u32;
-        while RUNNERS.load(Ordering::SeqCst) != 0 && start.elapsed() < BOUND {
+        while slot.load(Ordering::SeqCst) != 0 && start.elapsed() < BOUND {
             polls += 1;
             if polls < 64 {
                 thread::yield_now();
@@ -1056,6 +1102,41 @@ impl SubscriptionChange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A join waits for the releasing window of its own subscription only: with the
+    /// window of a subscription in another slot held open, it returns at once (a single
+    /// count for every subscription made it wait out the whole bound, 2 s); with its own
+    /// open, it returns once that window closes.
+    #[test]
+    fn a_join_waits_only_for_its_own_releasing_window() {
+        let boxes: Vec<Mailbox> = (0..64).map(|_| Mailbox::new()).collect();
+        let a = releasing::Key::of(&boxes[0]);
+        let b = boxes
+            .iter()
+            .map(releasing::Key::of)
+            .find(|k| k.index() != a.index())
+            .expect("64 mailboxes share no slot with the first");
+        releasing::enter(a);
+        let start = Instant::now();
+        releasing::wait(b);
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(1),
+            "a join waited for another subscription's window"
+        );
+        let closed = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                closed.store(true, Ordering::SeqCst);
+                releasing::leave(a);
+            });
+            releasing::wait(a);
+            assert!(
+                closed.load(Ordering::SeqCst),
+                "a join returned while its own window was open"
+            );
+        });
+    }
 
     #[test]
     fn uniqueid_text_is_name_colon_number() {
