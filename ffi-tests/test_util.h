@@ -7,7 +7,7 @@
  *   CHECK_EQ_INT(a, b)    same, for two integers (prints both values on failure)
  *   CHECK_STR(a, b)       same, for two C strings (NULL-safe)
  *   WAIT_UNTIL(cond)      poll cond (nanosleep 1 ms) for up to tu_wait_seconds() (10 s,
- *                         120 s under valgrind), then records a failure
+ *                         120 s under valgrind or ThreadSanitizer), then records a failure
  *                         "FAIL file:line: timeout waiting for cond". tu_last_wait_ok()
  *                         tells the outcome.
  *   CHECK_STAYS(cond, ms) sample cond for ~ms milliseconds; fails if it ever turns false
@@ -214,8 +214,10 @@ static inline double tu_now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* Bound on any single wait: generous, only meant to turn a hang into a failure. */
-static inline double tu_wait_seconds(void) { return tu_slow() ? 120.0 : 10.0; }
+/* Bound on any single wait: generous, only meant to turn a hang into a failure. Under
+ * valgrind or ThreadSanitizer everything runs several times slower (a cluster store's
+ * repair after a lost server took over 10 s under ThreadSanitizer). */
+static inline double tu_wait_seconds(void) { return tu_slow() || tu_tsan() ? 120.0 : 10.0; }
 
 typedef struct tu_waiter {
     double deadline;
@@ -298,7 +300,7 @@ static inline void tu_init(void)
     sa.sa_handler = tu_watchdog_handler;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGALRM, &sa, NULL);
-    alarm(tu_slow() ? 540 : 100);
+    alarm(tu_slow() || tu_tsan() ? 540 : 100);
     setvbuf(stdout, NULL, _IOLBF, 0);
 }
 

@@ -18,6 +18,7 @@
 
 use crate::message::MessageRef;
 use crate::ring::{Rest, Ring, RING_SLOTS};
+use crate::subscription::releasing;
 use crate::sync::{
     spin_pause, thread_token, AtomicPtr, AtomicU32, Condvar, Mutex, MutexGuard, ThreadToken,
 };
@@ -624,9 +625,7 @@ impl Mailbox {
                     // here, under the lock, so that a join of that final message waits
                     // for this reference too (the worker leaves the window once it
                     // dropped it; `Turn::Idle`).
-                    crate::subscription::releasing::enter(crate::subscription::releasing::Key::of(
-                        self,
-                    ));
+                    releasing::enter(releasing::Key::of(self));
                     return (None, false);
                 }
                 Take::Empty => return (None, false),

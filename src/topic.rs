@@ -45,9 +45,9 @@ type SubList = SmallList<Arc<Subscription>>;
 pub(crate) type ForwardList = SmallList<Arc<Forward>>;
 
 /// Field order: the flags fill what was the padding after `magic`, and the lock (one
-/// byte, its counts in the side part) and one more flag come last: 72 bytes, so a topic takes a 96-byte
-/// block of the allocator instead of 112 (W8 holds 100,000; see `layout_sizes` in
-/// lib.rs).
+/// byte, its counts in the side part) and one more flag come last: 72 bytes, so a topic
+/// takes a 96-byte block of the allocator instead of 112 (W8 holds 100,000; see
+/// `layout_sizes` in lib.rs).
 #[repr(C)]
 pub struct Topic {
     magic: u32,
