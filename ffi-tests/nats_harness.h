@@ -625,6 +625,15 @@ static inline void nh_sweep_stale_dirs(void)
     closedir(d);
 }
 
+/* Sets s's client and monitoring ports (and the URLs made of them). */
+static inline void nh_server_set_ports(nh_server *s, int port, int monitor_port)
+{
+    s->port = port;
+    s->monitor_port = monitor_port;
+    snprintf(s->url, sizeof s->url, "nats://127.0.0.1:%d", s->port);
+    snprintf(s->tls_url, sizeof s->tls_url, "tls://127.0.0.1:%d", s->port);
+}
+
 /* Prepares s (temp dir, certificates, ports, names; no config yet). */
 static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
 {
@@ -677,13 +686,10 @@ static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
     }
     if (s->opts.tls && nh_server_make_certs(s) != 0)
         return -1;
-    int ports[3];
-    if (nh_free_ports(ports, 3) != 0)
+    int ports[2];
+    if (nh_free_ports(ports, 2) != 0)
         return -1;
-    s->port = ports[0];
-    s->monitor_port = ports[1];
-    snprintf(s->url, sizeof s->url, "nats://127.0.0.1:%d", s->port);
-    snprintf(s->tls_url, sizeof s->tls_url, "tls://127.0.0.1:%d", s->port);
+    nh_server_set_ports(s, ports[0], ports[1]);
     snprintf(s->name, sizeof s->name, "nh-%d", s->port);
     return 0;
 }
@@ -834,10 +840,7 @@ static inline int nh_server_start(nh_server *s, const nh_server_opts *opts)
             nh_server_free(s);
             return -1;
         }
-        s->port = ports[0];
-        s->monitor_port = ports[1];
-        snprintf(s->url, sizeof s->url, "nats://127.0.0.1:%d", s->port);
-        snprintf(s->tls_url, sizeof s->tls_url, "tls://127.0.0.1:%d", s->port);
+        nh_server_set_ports(s, ports[0], ports[1]);
         unlink(s->log);
     }
 }
@@ -1001,24 +1004,29 @@ static inline void nh_cluster_free(nh_cluster *cl)
     cl->n = 0;
 }
 
-/* Starts n (1..NH_CLUSTER_MAX, 3 for JetStream quorum) servers routed to each other, with
- * JetStream clustered (cluster name, server names "<cluster>-<i>"); every member gets the
- * same opts. Waits until the cluster is ready (nh_cluster_wait_ready). 0 on success; on
- * failure nothing is left running. */
-static inline int nh_cluster_start(nh_cluster *cl, int n, const nh_server_opts *opts)
+/* One attempt of nh_cluster_start. Every port (a route, a client and a monitoring port per
+ * member) is picked in one nh_free_ports call, so they are distinct: picked in separate
+ * calls, a port released by one pick can come back from the next (a member once got the
+ * route port of another as its client port). *port_taken is set when a member could not
+ * bind because another process took one of the ports since it was picked. */
+static inline int nh_cluster_try_start(nh_cluster *cl, int n, const nh_server_opts *opts,
+                                       int *port_taken)
 {
     memset(cl, 0, sizeof *cl);
-    if (n < 1 || n > NH_CLUSTER_MAX)
+    *port_taken = 0;
+    int ports[3 * NH_CLUSTER_MAX];
+    if (nh_free_ports(ports, 3 * n) != 0)
         return -1;
-    int rports[NH_CLUSTER_MAX];
-    if (nh_free_ports(rports, n) != 0)
-        return -1;
+    const int *rports = ports;          /* route port of member i */
+    const int *cports = ports + n;      /* client port */
+    const int *mports = ports + 2 * n;  /* monitoring port */
     snprintf(cl->name, sizeof cl->name, "nhc-%d", rports[0]);
     for (int i = 0; i < n; i++) {
         nh_server *s = &cl->servers[i];
         cl->n = i + 1;
         if (nh_server_init(s, opts) != 0)
             goto fail;
+        nh_server_set_ports(s, cports[i], mports[i]);
         if (i > 0 && s->opts.tls) {
             /* one CA for the cluster: members share member 0's certificates */
             snprintf(s->ca_file, sizeof s->ca_file, "%s", cl->servers[0].ca_file);
@@ -1041,6 +1049,7 @@ static inline int nh_cluster_start(nh_cluster *cl, int n, const nh_server_opts *
             goto fail;
     for (int i = 0; i < n; i++)
         if (nh_server_wait_ready(&cl->servers[i], nh_scale_ms(NH_START_TIMEOUT_MS)) != 0) {
+            *port_taken = nh_file_contains(cl->servers[i].log, "address already in use");
             nh_print_tail(cl->servers[i].log, 4096);
             goto fail;
         }
@@ -1050,6 +1059,26 @@ static inline int nh_cluster_start(nh_cluster *cl, int n, const nh_server_opts *
 fail:
     nh_cluster_free(cl);
     return -1;
+}
+
+/* Starts n (1..NH_CLUSTER_MAX, 3 for JetStream quorum) servers routed to each other, with
+ * JetStream clustered (cluster name, server names "<cluster>-<i>"); every member gets the
+ * same opts. Waits until the cluster is ready (nh_cluster_wait_ready). When another process
+ * took a port between its pick and the server's bind, starts over on new ports (three
+ * attempts). 0 on success; on failure nothing is left running. */
+static inline int nh_cluster_start(nh_cluster *cl, int n, const nh_server_opts *opts)
+{
+    memset(cl, 0, sizeof *cl);
+    if (n < 1 || n > NH_CLUSTER_MAX)
+        return -1;
+    for (int attempt = 0;; attempt++) {
+        int port_taken = 0;
+        if (nh_cluster_try_start(cl, n, opts, &port_taken) == 0)
+            return 0;
+        if (!port_taken || attempt == 2)
+            return -1;
+        nh_log("a port was taken since it was picked: starting the cluster on new ports");
+    }
 }
 
 /* kill -9 member i (the others keep running). */

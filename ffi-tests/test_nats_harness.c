@@ -348,6 +348,18 @@ static void test_cluster(void)
     if (cl.n != 3)
         return;
     printf("cluster of 3 ready in %.1f s\n", tu_now_s() - t0);
+    /* every member's client, monitoring and route port differs from every other port */
+    int all[9], distinct = 1;
+    for (int i = 0; i < 3; i++) {
+        all[3 * i] = cl.servers[i].port;
+        all[3 * i + 1] = cl.servers[i].monitor_port;
+        all[3 * i + 2] = cl.servers[i].cluster_port;
+    }
+    for (int i = 0; i < 9; i++)
+        for (int j = 0; j < i; j++)
+            if (all[i] == all[j])
+                distinct = 0;
+    CHECK(distinct);
     char urls[256], want[256];
     snprintf(want, sizeof want, "%s,%s,%s", cl.servers[0].url, cl.servers[1].url,
              cl.servers[2].url);
