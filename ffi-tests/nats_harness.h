@@ -22,6 +22,8 @@
  *   nh_server_kill9(s)             SIGKILL and reap
  *   nh_server_restart(s, wipe)     start again on the same ports, keeping or wiping the store
  *   nh_server_free(s)              stop and remove the temp dir
+ *   (while no process runs on a server's ports, from their pick to its start and between a
+ *   stop or kill and a restart, sockets bound to them keep other programs' picks off them)
  *   nh_cluster_start(cl, n, opts)  n servers with routes and clustered JetStream, ready
  *   nh_cluster_wait_ready(cl, ms)  every running member routed to the others, JetStream
  *                                  meta leader elected among them, /healthz ok
@@ -450,6 +452,8 @@ typedef struct nh_server {
     int nroutes;
     char info[4096];        /* the INFO line the server sent at its last start */
     int last_status;        /* wait status of its last exit */
+    int held[3];            /* sockets bound to its ports while no server process runs */
+    int nheld;
 } nh_server;
 
 /* The server binary from $SB_NATS_SERVER, or NULL if unset or not executable. */
@@ -634,6 +638,45 @@ static inline void nh_server_set_ports(nh_server *s, int port, int monitor_port)
     snprintf(s->tls_url, sizeof s->tls_url, "tls://127.0.0.1:%d", s->port);
 }
 
+/* Closes the sockets that hold s's ports (see nh_server_hold_ports). */
+static inline void nh_server_release_ports(nh_server *s)
+{
+    for (int i = 0; i < s->nheld; i++)
+        close(s->held[i]);
+    s->nheld = 0;
+}
+
+/* While no server process runs on s's ports (from their pick to the first start, and
+ * between a stop or kill -9 and a restart), a socket bound to each (SO_REUSEADDR, not
+ * listening) keeps other programs' "any free port" picks off them, so the restart finds
+ * them free; nh_server_spawn closes them just before the server binds. A port that
+ * cannot be held (taken already) is left alone: the start then reports it. */
+static inline void nh_server_hold_ports(nh_server *s)
+{
+    nh_server_release_ports(s);
+    int ports[3] = {s->port, s->monitor_port, s->cluster_port};
+    for (int i = 0; i < 3; i++) {
+        if (ports[i] <= 0)
+            continue;
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0)
+            continue;
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        nh_set_cloexec(fd);
+        struct sockaddr_in a;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_port = htons((unsigned short)ports[i]);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+            close(fd);
+            continue;
+        }
+        s->held[s->nheld++] = fd;
+    }
+}
+
 /* Prepares s (temp dir, certificates, ports, names; no config yet). */
 static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
 {
@@ -690,6 +733,7 @@ static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
     if (nh_free_ports(ports, 2) != 0)
         return -1;
     nh_server_set_ports(s, ports[0], ports[1]);
+    nh_server_hold_ports(s);
     snprintf(s->name, sizeof s->name, "nh-%d", s->port);
     return 0;
 }
@@ -716,6 +760,7 @@ static inline int nh_server_spawn(nh_server *s)
     char exe_copy[NH_PATH];
     snprintf(exe_copy, sizeof exe_copy, "%s", exe);
     char *argv[] = {exe_copy, "-c", s->conf, NULL};
+    nh_server_release_ports(s); /* the server binds them now */
     pid_t parent = getpid();
     pid_t pid = fork();
     if (pid == 0) {
@@ -792,6 +837,7 @@ static inline void nh_server_stop(nh_server *s)
     }
     s->last_status = st;
     s->pid = 0;
+    nh_server_hold_ports(s);
 }
 
 /* kill -9 and reap. */
@@ -804,12 +850,14 @@ static inline void nh_server_kill9(nh_server *s)
     nh_reap(s->pid, NH_STOP_TIMEOUT_MS, &st);
     s->last_status = st;
     s->pid = 0;
+    nh_server_hold_ports(s);
 }
 
 /* Stops the server and removes its temp dir (safe on a failed or zeroed nh_server). */
 static inline void nh_server_free(nh_server *s)
 {
     nh_server_stop(s);
+    nh_server_release_ports(s);
     if (s->dir[0])
         nh_rm_rf(s->dir);
     s->dir[0] = '\0';
@@ -841,6 +889,7 @@ static inline int nh_server_start(nh_server *s, const nh_server_opts *opts)
             return -1;
         }
         nh_server_set_ports(s, ports[0], ports[1]);
+        nh_server_hold_ports(s);
         unlink(s->log);
     }
 }
@@ -1038,6 +1087,7 @@ static inline int nh_cluster_try_start(nh_cluster *cl, int n, const nh_server_op
                      cl->servers[0].client_key_file);
         }
         s->cluster_port = rports[i];
+        nh_server_hold_ports(s);
         snprintf(s->cluster_name, sizeof s->cluster_name, "%s", cl->name);
         snprintf(s->name, sizeof s->name, "%s-%d", cl->name, i);
         for (int j = 0; j < n; j++)

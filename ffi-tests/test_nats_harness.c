@@ -103,6 +103,23 @@ static int round_trip(nh_plain *pub, nh_plain *sub, const char *subject, const c
 }
 
 /* 1 if pid is gone and reaped (no zombie of ours). */
+/* 1 if a plain bind (no SO_REUSEADDR, as a "free port" pick does) to 127.0.0.1:port
+ * succeeds. */
+static int port_is_free(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return 0;
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons((unsigned short)port);
+    int ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
 static int reaped(pid_t pid)
 {
     int st;
@@ -217,6 +234,10 @@ static void test_lone_server(void)
     CHECK_EQ_INT(nh_plain_next_msg(&sub, &m, 5000), -2);
     nh_plain_close(&sub);
     nh_plain_close(&pub);
+    /* until the restart its port is held: nobody answers there, and another program's
+     * pick of a free port cannot take it */
+    CHECK_EQ_INT(nh_tcp_connect(port, 1000), -1);
+    CHECK(!port_is_free(port));
 
     CHECK_EQ_INT(nh_server_restart(&s, 0), 0);
     CHECK_EQ_INT(s.port, port);
@@ -476,6 +497,18 @@ static void test_ports(void)
     CHECK(p > 0);
     /* nobody listens there */
     CHECK_EQ_INT(nh_tcp_connect(p, 1000), -1);
+
+    /* a server's ports are held from their pick until it starts (and again while it is
+     * stopped): nobody answers there, and a plain bind (another program's pick) fails */
+    nh_server s;
+    CHECK_EQ_INT(nh_server_init(&s, NULL), 0);
+    CHECK(!port_is_free(s.port));
+    CHECK(!port_is_free(s.monitor_port));
+    CHECK_EQ_INT(nh_tcp_connect(s.port, 1000), -1);
+    int client = s.port, monitor = s.monitor_port;
+    nh_server_free(&s);
+    CHECK(port_is_free(client));
+    CHECK(port_is_free(monitor));
 }
 
 int main(int argc, char **argv)
