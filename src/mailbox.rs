@@ -96,9 +96,10 @@ pub(crate) enum Action {
     Schedule,
     /// Wake the dedicated thread, which is parked.
     Wake,
-    /// Synchronous kind, idle: run on this thread now. The item comes back in
-    /// `Push::Queued::direct` (deliver it first, then `finish_and_take`), or, when it
-    /// had to queue behind others, is in the queue.
+    /// Synchronous kind, idle: run on this thread now, starting with the queue (where
+    /// the item is). The common synchronous publish does not get here: it claims the
+    /// idle mailbox for the message it holds (`claim_direct`); the final message and a
+    /// claim that lost a race do.
     RunHere,
     /// Synchronous kind, running on another thread: wait until the run is handed to
     /// this thread (its item reached the head of the queue), then run.
@@ -159,10 +160,6 @@ pub(crate) enum Push {
         action: Action,
         /// The queue just crossed its high-water mark.
         congested: Option<usize>,
-        /// `RunHere` on an idle synchronous mailbox: the item was not queued; the caller
-        /// delivers it as a batch of one it already took (no queue round trip, one lock
-        /// acquisition fewer per synchronous delivery).
-        direct: Option<Item>,
     },
 }
 
@@ -393,7 +390,6 @@ impl Mailbox {
                         seq,
                         action: Action::Nothing,
                         congested: None,
-                        direct: None,
                     }
                 }
                 Err(msg) => Item { msg, ..item },
@@ -470,17 +466,6 @@ impl Mailbox {
                 self.progress.notify_all();
             }
         }
-        if kind == Kind::Synchronous && st.run() == RunState::Idle && st.queue().is_empty() {
-            // As if queued and taken at once as a batch of one.
-            st.pushed += 1;
-            st.start_batch(me.unwrap_or_else(thread_token), 1);
-            return Push::Queued {
-                seq: st.pushed,
-                action: Action::RunHere,
-                congested: None,
-                direct: Some(item),
-            };
-        }
         st.queue_mut().push_back(item);
         let ring_claimed = self.ring_claimed();
         if st.pushed == 0 && ring_claimed == 0 {
@@ -536,7 +521,6 @@ impl Mailbox {
             seq,
             action,
             congested,
-            direct: None,
         }
     }
 
@@ -982,7 +966,7 @@ const SMALL_BUFFER: usize = 16;
 const KEEP_BUFFERS_AFTER: u64 = 64;
 
 impl State {
-    /// `me` runs a batch of `n` items just taken (or handed back: `Push::Queued::direct`).
+    /// `me` runs a batch of `n` items just taken (or claimed: `Mailbox::claim_direct`).
     fn start_batch(&mut self, me: ThreadToken, n: usize) {
         self.first_pending = false;
         self.set_run(RunState::Running(me));

@@ -46,9 +46,8 @@
 //! 4. `loom_synchronous_handoff`, `loom_synchronous_final`: the synchronous kind. Two
 //!    publishers first try to claim an idle, empty mailbox for the message they hold
 //!    (`claim_direct`, then `finish_one_and_take`); when it is busy they push with their
-//!    thread token and follow the action (`RunHere`: run
-//!    here, starting with the item itself when the idle mailbox handed it back instead
-//!    of queueing it; `WaitTurn`: wait for the hand-off, then run; `Nested`: a callback
+//!    thread token and follow the action (`RunHere`: run here, from the queue;
+//!    `WaitTurn`: wait for the hand-off, then run; `Nested`: a callback
 //!    publishing to its own subscription). Every item is delivered on its publisher's
 //!    thread, callbacks never overlap, a publish returns only after its item and any
 //!    item its callbacks published were delivered, both publishers return, and the
@@ -692,33 +691,25 @@ fn unsubscribe_vs_publish(rebuild: bool) {
 /// callback, which must not wait for another thread), hands those items to the runner.
 /// Checks that each item runs on its publisher's thread (a deferred one, `from ==
 /// None`, on any).
-/// `direct`: the item an idle mailbox handed back instead of queueing; `claimed`: the
-/// value of a message delivered from the publisher's hands (`Mailbox::claim_direct`).
+/// `claimed`: the value of a message delivered from the publisher's hands
+/// (`Mailbox::claim_direct`).
 fn run_until_idle_in(
     sub: &Sub,
     me: ThreadToken,
     nested: &dyn Fn(usize),
     in_callback: bool,
-    mut direct: Option<Item>,
     mut claimed: Option<usize>,
 ) {
     loop {
-        let mut next = match (direct.take(), claimed.take()) {
-            (Some(it), _) => {
-                let mut one = VecDeque::from([it]);
-                let (n, last) = sub.deliver(&mut one, nested);
-                assert_eq!(n, 1);
-                sub.mb
-                    .finish_and_take(VecDeque::new(), n, last, me, Kind::Synchronous)
-            }
-            (None, Some(v)) => {
+        let mut next = match claimed.take() {
+            Some(v) => {
                 // Never queued: the model's item stands for the message the publisher holds.
                 let mut one = VecDeque::from([item(v, false, Some(me))]);
                 let (n, last) = sub.deliver(&mut one, nested);
                 assert_eq!((n, last), (1, false));
                 sub.mb.finish_one_and_take(me)
             }
-            (None, None) => sub.mb.take_batch(me, Kind::Synchronous),
+            None => sub.mb.take_batch(me, Kind::Synchronous),
         };
         while let Some(mut batch) = next {
             for it in &batch {
@@ -748,8 +739,8 @@ fn run_until_idle_in(
     }
 }
 
-fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize), direct: Option<Item>) {
-    run_until_idle_in(sub, me, nested, false, direct, None)
+fn run_until_idle(sub: &Sub, me: ThreadToken, nested: &dyn Fn(usize)) {
+    run_until_idle_in(sub, me, nested, false, None)
 }
 
 /// A callback's publish of `v` to its own (synchronous) subscription: always `Nested`,
@@ -777,7 +768,7 @@ fn sync_publish(sub: &Sub, v: usize, last: bool, nested: &dyn Fn(usize)) -> bool
         // The common case first, as `Subscription::offer` does.
         match sub.mb.claim_direct(me) {
             Claim::Claimed(_) => {
-                run_until_idle_in(sub, me, nested, false, None, Some(v));
+                run_until_idle_in(sub, me, nested, false, Some(v));
                 assert!(
                     sub.log.get().contains(&v),
                     "the publish of {v} returned before its callback ran"
@@ -788,26 +779,22 @@ fn sync_publish(sub: &Sub, v: usize, last: bool, nested: &dyn Fn(usize)) -> bool
             Claim::Busy => {}
         }
     }
-    let (action, direct) = match sub
+    let action = match sub
         .mb
         .push(item(v, last, Some(me)), Kind::Synchronous, true)
     {
-        Push::Queued { action, direct, .. } => (action, direct),
+        Push::Queued { action, .. } => action,
         Push::Closed => return false,
         Push::Dropped => panic!("an unbounded mailbox dropped an item"),
     };
-    assert!(
-        direct.is_none() || action == Action::RunHere,
-        "an item came back with {action:?}"
-    );
     match action {
-        Action::RunHere => run_until_idle(sub, me, nested, direct),
+        Action::RunHere => run_until_idle(sub, me, nested),
         Action::WaitTurn => {
             assert!(
                 sub.mb.wait_turn(me),
                 "wait_turn gave up although this thread's item is queued"
             );
-            run_until_idle(sub, me, nested, None);
+            run_until_idle(sub, me, nested);
         }
         other => panic!("a synchronous push from outside a callback asked for {other:?}"),
     }
@@ -953,7 +940,7 @@ fn loom_synchronous_deferred() {
                 // As `Subscription::offer`: the direct claim first, whatever the context.
                 match sub.mb.claim_direct(me) {
                     Claim::Claimed(_) => {
-                        return run_until_idle_in(&sub, me, &*nested, true, None, Some(10));
+                        return run_until_idle_in(&sub, me, &*nested, true, Some(10));
                     }
                     Claim::Closed => panic!("an open mailbox refused a claim"),
                     Claim::Busy => {}
@@ -964,9 +951,8 @@ fn loom_synchronous_deferred() {
                 {
                     Push::Queued {
                         action: Action::RunHere,
-                        direct,
                         ..
-                    } => run_until_idle_in(&sub, me, &*nested, true, direct, None),
+                    } => run_until_idle_in(&sub, me, &*nested, true, None),
                     Push::Queued {
                         action: Action::Deferred,
                         ..

@@ -134,17 +134,6 @@ thread_local! {
     static RUNNING: RefCell<Vec<*const Subscription>> = const { RefCell::new(Vec::new()) };
 }
 
-/// What a synchronous run delivers first (`Subscription::run_until_idle`).
-enum First<'a> {
-    /// A message the publisher holds, claimed as a batch of one (`Mailbox::claim_direct`).
-    Borrowed(&'a MessageRef),
-    /// An item the mailbox handed back instead of queueing (`Push::Queued::direct`),
-    /// already counted as the run's first batch.
-    Item(Item),
-    /// Whatever is queued.
-    Queued,
-}
-
 struct RunningGuard;
 impl RunningGuard {
     fn enter(sub: *const Subscription) -> RunningGuard {
@@ -449,7 +438,7 @@ impl Subscription {
             // queued and no count taken on it (the caller holds it for the whole call).
             match self.mailbox.claim_direct(me) {
                 Claim::Claimed(seq) => {
-                    self.run_until_idle(me, First::Borrowed(msg));
+                    self.run_until_idle(me, Some(msg));
                     return Some(seq);
                 }
                 Claim::Closed => return None,
@@ -486,7 +475,6 @@ impl Subscription {
                 seq,
                 action,
                 congested,
-                direct,
             } => {
                 if let Some(len) = congested {
                     crate::stats::sync_alert(self);
@@ -498,14 +486,13 @@ impl Subscription {
                 }
                 match action {
                     Action::Schedule => self.schedule(),
-                    Action::RunHere => self.run_until_idle(
-                        me.unwrap_or_else(crate::sync::thread_token),
-                        direct.map_or(First::Queued, First::Item),
-                    ),
+                    Action::RunHere => {
+                        self.run_until_idle(me.unwrap_or_else(crate::sync::thread_token), None)
+                    }
                     Action::WaitTurn => {
                         let me = me.unwrap_or_else(crate::sync::thread_token);
                         if pool::blocking(|| self.mailbox.wait_turn(me)) {
-                            self.run_until_idle(me, First::Queued);
+                            self.run_until_idle(me, None);
                         }
                     }
                     Action::Nothing | Action::Wake | Action::Nested | Action::Deferred => {}
@@ -587,14 +574,14 @@ impl Subscription {
         last
     }
 
-    /// Delivers a batch of one that the mailbox never queued (`First`), timed as a
-    /// callback; returns whether it was the final message.
-    fn deliver_first(self: &Arc<Self>, msg: &MessageRef, last: bool) -> bool {
+    /// Delivers the message a publisher holds, claimed as a batch of one that the
+    /// mailbox never queued (`Mailbox::claim_direct`; never the final message), timed as
+    /// a callback.
+    fn deliver_claimed(self: &Arc<Self>, msg: &MessageRef) {
         let _running = RunningGuard::enter(Arc::as_ptr(self));
         let t = stats_clock();
-        let last = self.deliver_message(msg, last);
+        self.deliver_message(msg, false);
         self.note_callback(t, msg.message_type().id());
-        last
     }
 
     /// After the final message: drops a library closure and what it holds (see
@@ -634,22 +621,16 @@ impl Subscription {
         }
     }
 
-    /// Runs batches on this thread until the queue is empty, starting with `first`.
-    fn run_until_idle(self: &Arc<Self>, me: ThreadToken, first: First<'_>) {
-        let mut first = Some(first);
+    /// Runs batches on this thread until the queue is empty, starting with `claimed`
+    /// (the publisher's message, when it claimed the idle mailbox) or else the queue.
+    fn run_until_idle(self: &Arc<Self>, me: ThreadToken, mut claimed: Option<&MessageRef>) {
         loop {
-            let mut next = match first.take() {
-                Some(First::Borrowed(msg)) => {
-                    self.deliver_first(msg, false);
+            let mut next = match claimed.take() {
+                Some(msg) => {
+                    self.deliver_claimed(msg);
                     self.mailbox.finish_one_and_take(me)
                 }
-                Some(First::Item(item)) => {
-                    let last = self.deliver_first(&item.msg, item.last);
-                    drop(item);
-                    self.mailbox
-                        .finish_and_take(VecDeque::new(), 1, last, me, self.kind)
-                }
-                Some(First::Queued) | None => self.mailbox.take_batch(me, self.kind),
+                None => self.mailbox.take_batch(me, self.kind),
             };
             while let Some(mut batch) = next {
                 let (n, last) = self.deliver(&mut batch);

@@ -543,10 +543,7 @@ impl Topic {
                 if fwd.is_cancelled() {
                     return 0;
                 }
-                let reached = to.deliver_local(msg, ctx);
-                to.run_tap(msg, tapped);
-                to.count_publish(msg, reached);
-                return reached;
+                return to.deliver_leaf(msg, ctx, tapped);
             }
         }
         let mut visited = Visited::new(self);
@@ -581,21 +578,30 @@ impl Topic {
             if !visited.insert(to) {
                 continue;
             }
+            if !to.has_forwards.load(Ordering::Acquire) {
+                top.reached += to.deliver_leaf(msg, ctx, top.tapped);
+                continue;
+            }
             let reached = to.deliver_local(msg, ctx);
             let tapped = to.run_tap(msg, top.tapped) || top.tapped;
-            if to.has_forwards.load(Ordering::Acquire) {
-                let list = to.forwards();
-                stack.push(Frame {
-                    list,
-                    next: 0,
-                    reached,
-                    tapped,
-                });
-            } else {
-                to.count_publish(msg, reached);
-                top.reached += reached;
-            }
+            let list = to.forwards();
+            stack.push(Frame {
+                list,
+                next: 0,
+                reached,
+                tapped,
+            });
         }
+    }
+
+    /// A step of the walk into a topic that forwards nowhere: its subscriptions, its
+    /// tap, its count; returns the subscriptions reached. `tapped`: the message already
+    /// went through a tap on its way here.
+    fn deliver_leaf(&self, msg: &MessageRef, ctx: &mut PublishCtx<'_>, tapped: bool) -> usize {
+        let reached = self.deliver_local(msg, ctx);
+        self.run_tap(msg, tapped);
+        self.count_publish(msg, reached);
+        reached
     }
 
     fn deliver_local(&self, msg: &MessageRef, ctx: &mut PublishCtx<'_>) -> usize {
