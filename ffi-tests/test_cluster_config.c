@@ -64,8 +64,18 @@ static void test_bad_config(void)
 
 static void test_unreachable(void)
 {
-    /* nothing listens: refused at once */
-    int port = nh_free_port();
+    /* nothing listens: refused at once. The port is held by a socket bound to it and not
+     * listening (a connection there is refused), so no other program can take it
+     * meanwhile and answer. */
+    int hold = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in ha;
+    memset(&ha, 0, sizeof ha);
+    ha.sin_family = AF_INET;
+    ha.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(hold >= 0 && bind(hold, (struct sockaddr *)&ha, sizeof ha) == 0);
+    socklen_t hl = sizeof ha;
+    CHECK(getsockname(hold, (struct sockaddr *)&ha, &hl) == 0);
+    int port = ntohs(ha.sin_port);
     char url[64];
     snprintf(url, sizeof url, "nats://127.0.0.1:%d", port);
     sb_cluster_config *cfg = cfg_for(url);
@@ -75,6 +85,7 @@ static void test_unreachable(void)
     CHECK(nh_now_ms() - t0 < 3000 + 2000);
     CHECK(strstr(sb_last_error(), url) != NULL);
     sb_cluster_config_free(cfg);
+    close(hold);
 
     /* something listens but never answers: SB_E_TIMEOUT after connect_timeout_ms */
     int fd = socket(AF_INET, SOCK_STREAM, 0);
