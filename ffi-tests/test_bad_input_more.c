@@ -216,6 +216,14 @@ static void test_bad_names(void)
     sb_topic_unref(lt);
     CHECK_TOPIC_GONE(longish);
 
+    /* a valid name that is not ASCII (the check's general path) is taken as it is */
+    const char *utf8 = "bim.caf\xc3\xa9/\xe2\x82\xac";
+    sb_topic *ut = sb_topic_create(utf8);
+    CHECK(ut != NULL);
+    CHECK_STR(sb_topic_name(ut), utf8);
+    sb_topic_unref(ut);
+    CHECK_TOPIC_GONE(utf8);
+
     /* the pool still works after all that */
     sb_topic *x = sb_topic_pool_get_topic(pool, "x");
     CHECK(x != NULL);

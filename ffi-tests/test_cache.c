@@ -532,6 +532,11 @@ static void test_id_lengths(void)
     CHECK_EQ_INT(sb_warning_count(), warnings + 1);
     sb_message_unref(bad1);
     sb_message_unref(bad2);
+    /* a get of such an id is bad input; one of a valid id that is not ASCII is a miss */
+    CHECK(sb_cache_get(cache, snap_type, "k\xff") == NULL);
+    CHECK_EQ_INT(sb_last_error_code(), SB_E_INVAL);
+    CHECK(sb_cache_get(cache, snap_type, "k\xc3\xa9") == NULL);
+    CHECK_EQ_INT(sb_last_error_code(), SB_OK);
 
     ct = sb_caching_unsubscribe_and_join(ct);
     CHECK(ct == NULL);
