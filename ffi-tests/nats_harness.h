@@ -14,6 +14,7 @@
  * Utilities
  *   nh_require_server()            1 if $SB_NATS_SERVER is there, else a recorded failure
  *   nh_free_port() / nh_free_ports(ports, n)   free loopback ports (bind port 0, read, close)
+ *   nh_loopback_bind(port, reuse) / nh_local_port(fd)   a socket bound to 127.0.0.1, its port
  *   nh_run(argv, log, ms)          run a command (openssl ...), bounded
  * Servers
  *   nh_server_start(s, opts)       temp dir, config, free ports; start and wait until it
@@ -267,30 +268,56 @@ static inline int nh_file_contains(const char *path, const char *needle)
 
 /* ---------------------------------------------------------------- sockets */
 
-/* Picks n distinct free TCP ports on 127.0.0.1 (binds port 0 n times, reads the ports,
- * closes). 0 on success. Another process may take a port before it is used: rare, and
- * nh_server_start then retries with new ports. */
+/* A TCP socket bound to 127.0.0.1:port (0: any free port), close-on-exec, not listening
+ * (a connection to it is refused); with `reuse`, SO_REUSEADDR is set first. The fd, or -1. */
+static inline int nh_loopback_bind(int port, int reuse)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return -1;
+    nh_set_cloexec(fd);
+    int one = 1;
+    if (reuse)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons((unsigned short)port);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* The local port of a bound socket, or -1. */
+static inline int nh_local_port(int fd)
+{
+    struct sockaddr_in a;
+    socklen_t alen = sizeof a;
+    if (getsockname(fd, (struct sockaddr *)&a, &alen) != 0)
+        return -1;
+    return ntohs(a.sin_port);
+}
+
+/* Picks n distinct free TCP ports on 127.0.0.1 (binds port 0 n times at once, reads the
+ * ports, closes). 0 on success. Another process may take a port before it is used: rare,
+ * and nh_server_start and nh_cluster_start then retry with new ports. */
 static inline int nh_free_ports(int *ports, int n)
 {
     int fds[16];
     int ok = n > 0 && n <= 16;
     int i;
     for (i = 0; ok && i < n; i++) {
-        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
-        struct sockaddr_in a;
-        memset(&a, 0, sizeof a);
-        a.sin_family = AF_INET;
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        a.sin_port = 0;
-        socklen_t alen = sizeof a;
-        if (fds[i] < 0 || bind(fds[i], (struct sockaddr *)&a, sizeof a) != 0 ||
-            getsockname(fds[i], (struct sockaddr *)&a, &alen) != 0) {
+        fds[i] = nh_loopback_bind(0, 0);
+        ports[i] = fds[i] >= 0 ? nh_local_port(fds[i]) : -1;
+        if (ports[i] <= 0) {
             if (fds[i] >= 0)
                 close(fds[i]);
             ok = 0;
             break;
         }
-        ports[i] = ntohs(a.sin_port);
     }
     for (int j = 0; j < i; j++)
         close(fds[j]);
@@ -646,39 +673,33 @@ static inline void nh_server_release_ports(nh_server *s)
     s->nheld = 0;
 }
 
+/* Holds one more of s's ports (see nh_server_hold_ports). A port that cannot be held
+ * (taken already) is left alone: the start then reports it. */
+static inline void nh_server_hold_port(nh_server *s, int port)
+{
+    if (port <= 0 || s->nheld >= (int)(sizeof s->held / sizeof s->held[0]))
+        return;
+    int fd = nh_loopback_bind(port, 1);
+    if (fd >= 0)
+        s->held[s->nheld++] = fd;
+}
+
 /* While no server process runs on s's ports (from their pick to the first start, and
  * between a stop or kill -9 and a restart), a socket bound to each (SO_REUSEADDR, not
  * listening) keeps other programs' "any free port" picks off them, so the restart finds
- * them free; nh_server_spawn closes them just before the server binds. A port that
- * cannot be held (taken already) is left alone: the start then reports it. */
+ * them free; nh_server_spawn closes them just before the server binds. */
 static inline void nh_server_hold_ports(nh_server *s)
 {
     nh_server_release_ports(s);
-    int ports[3] = {s->port, s->monitor_port, s->cluster_port};
-    for (int i = 0; i < 3; i++) {
-        if (ports[i] <= 0)
-            continue;
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
-        if (fd < 0)
-            continue;
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        nh_set_cloexec(fd);
-        struct sockaddr_in a;
-        memset(&a, 0, sizeof a);
-        a.sin_family = AF_INET;
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        a.sin_port = htons((unsigned short)ports[i]);
-        if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-            close(fd);
-            continue;
-        }
-        s->held[s->nheld++] = fd;
-    }
+    nh_server_hold_port(s, s->port);
+    nh_server_hold_port(s, s->monitor_port);
+    nh_server_hold_port(s, s->cluster_port);
 }
 
-/* Prepares s (temp dir, certificates, ports, names; no config yet). */
-static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
+/* Prepares s (temp dir, certificates, ports, names; no config yet) on the given client
+ * and monitoring ports (0, 0: free ones it picks), and holds them. */
+static inline int nh_server_init_on(nh_server *s, const nh_server_opts *opts, int port,
+                                    int monitor_port)
 {
     memset(s, 0, sizeof *s);
     nh_server_opts none;
@@ -729,13 +750,19 @@ static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
     }
     if (s->opts.tls && nh_server_make_certs(s) != 0)
         return -1;
-    int ports[2];
-    if (nh_free_ports(ports, 2) != 0)
+    int ports[2] = {port, monitor_port};
+    if ((port <= 0 || monitor_port <= 0) && nh_free_ports(ports, 2) != 0)
         return -1;
     nh_server_set_ports(s, ports[0], ports[1]);
     nh_server_hold_ports(s);
     snprintf(s->name, sizeof s->name, "nh-%d", s->port);
     return 0;
+}
+
+/* nh_server_init_on free ports. */
+static inline int nh_server_init(nh_server *s, const nh_server_opts *opts)
+{
+    return nh_server_init_on(s, opts, 0, 0);
 }
 
 /* Forks and execs the server (not waiting for it). */
@@ -1073,9 +1100,8 @@ static inline int nh_cluster_try_start(nh_cluster *cl, int n, const nh_server_op
     for (int i = 0; i < n; i++) {
         nh_server *s = &cl->servers[i];
         cl->n = i + 1;
-        if (nh_server_init(s, opts) != 0)
+        if (nh_server_init_on(s, opts, cports[i], mports[i]) != 0)
             goto fail;
-        nh_server_set_ports(s, cports[i], mports[i]);
         if (i > 0 && s->opts.tls) {
             /* one CA for the cluster: members share member 0's certificates */
             snprintf(s->ca_file, sizeof s->ca_file, "%s", cl->servers[0].ca_file);
@@ -1087,7 +1113,7 @@ static inline int nh_cluster_try_start(nh_cluster *cl, int n, const nh_server_op
                      cl->servers[0].client_key_file);
         }
         s->cluster_port = rports[i];
-        nh_server_hold_ports(s);
+        nh_server_hold_port(s, s->cluster_port);
         snprintf(s->cluster_name, sizeof s->cluster_name, "%s", cl->name);
         snprintf(s->name, sizeof s->name, "%s-%d", cl->name, i);
         for (int j = 0; j < n; j++)

@@ -67,15 +67,10 @@ static void test_unreachable(void)
     /* nothing listens: refused at once. The port is held by a socket bound to it and not
      * listening (a connection there is refused), so no other program can take it
      * meanwhile and answer. */
-    int hold = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in ha;
-    memset(&ha, 0, sizeof ha);
-    ha.sin_family = AF_INET;
-    ha.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    CHECK(hold >= 0 && bind(hold, (struct sockaddr *)&ha, sizeof ha) == 0);
-    socklen_t hl = sizeof ha;
-    CHECK(getsockname(hold, (struct sockaddr *)&ha, &hl) == 0);
-    int port = ntohs(ha.sin_port);
+    int hold = nh_loopback_bind(0, 0);
+    CHECK(hold >= 0);
+    int port = nh_local_port(hold);
+    CHECK(port > 0);
     char url[64];
     snprintf(url, sizeof url, "nats://127.0.0.1:%d", port);
     sb_cluster_config *cfg = cfg_for(url);
@@ -88,16 +83,10 @@ static void test_unreachable(void)
     close(hold);
 
     /* something listens but never answers: SB_E_TIMEOUT after connect_timeout_ms */
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    CHECK(bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    int fd = nh_loopback_bind(0, 0);
+    CHECK(fd >= 0);
     CHECK(listen(fd, 4) == 0);
-    socklen_t sl = sizeof sa;
-    getsockname(fd, (struct sockaddr *)&sa, &sl);
-    snprintf(url, sizeof url, "nats://127.0.0.1:%d", ntohs(sa.sin_port));
+    snprintf(url, sizeof url, "nats://127.0.0.1:%d", nh_local_port(fd));
     cfg = cfg_for(url);
     CHECK_EQ_INT(sb_cluster_config_set(cfg, "connect_timeout_ms", "500"), SB_OK);
     t0 = nh_now_ms();

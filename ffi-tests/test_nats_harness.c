@@ -107,17 +107,10 @@ static int round_trip(nh_plain *pub, nh_plain *sub, const char *subject, const c
  * succeeds. */
 static int port_is_free(int port)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return 0;
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons((unsigned short)port);
-    int ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
-    return ok;
+    int fd = nh_loopback_bind(port, 0);
+    if (fd >= 0)
+        close(fd);
+    return fd >= 0;
 }
 
 static int reaped(pid_t pid)
