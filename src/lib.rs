@@ -30,6 +30,9 @@ pub mod stats;
 pub mod subscription;
 mod sync;
 pub mod tap;
+// A `no-stats` build times no callbacks.
+#[cfg_attr(feature = "no-stats", allow(dead_code))]
+mod tick_clock;
 pub mod timer;
 mod timer_wheel;
 pub mod topic;
