@@ -78,8 +78,9 @@ static inline long long nh_now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* A wait bound, stretched under valgrind (the test program is slower, the server not). */
-static inline int nh_scale_ms(int ms) { return tu_slow() ? ms * 4 : ms; }
+/* A wait bound, stretched under valgrind or ThreadSanitizer (the test program is slower,
+ * the server not). */
+static inline int nh_scale_ms(int ms) { return tu_checked() ? ms * 4 : ms; }
 
 static inline void nh_log(const char *fmt, ...)
 {

@@ -732,7 +732,7 @@ static void test_fork(void)
     pid_t pid = fork();
     if (pid == 0) {
         /* the child: the parent's group and subscription work, on new workers */
-        alarm(tu_slow() ? 300 : 60);
+        alarm(tu_checked() ? 300 : 60);
         close(fds[0]);
         int failed0 = atomic_load(&tu_failed);
         const int n = tu_scale(200, 20);

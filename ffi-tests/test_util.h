@@ -97,6 +97,14 @@ static inline int tu_tsan(void)
     return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
 }
 
+/* Under either checker (valgrind, ThreadSanitizer): for time bounds that must stretch with
+ * the checker's slowdown, not for what only valgrind changes (child processes re-run under
+ * it, memory figures). */
+static inline int tu_checked(void)
+{
+    return tu_slow() || tu_tsan();
+}
+
 /* In a forked child: runs this test program again (`self`, its path; the caller sets
  * what tells it what to do in its environment first), under valgrind when the test runs
  * under it, so the new program is checked too. Does not return (exit status 127 when
