@@ -48,8 +48,9 @@ pub struct CacheUpdate {
 }
 
 // Every update is made on the publishing thread and dropped on the subscriber's: it must
-// stay small enough for a recycled value block (`value_block`), not a malloc each.
-const _: () = assert!(crate::value_block::fits::<CacheUpdate>());
+// stay small enough for the room of its message's block (`message_ref`), not a malloc
+// each.
+const _: () = assert!(crate::message_ref::fits_inline::<CacheUpdate>());
 
 // SAFETY: the view points into the Arcs owned by the same immutable value.
 unsafe impl Send for CacheUpdate {}

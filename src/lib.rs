@@ -39,7 +39,6 @@ pub mod topic;
 pub mod topic_pool;
 #[cfg(not(loom))]
 mod valgrind;
-mod value_block;
 mod waits;
 pub mod worker_group;
 

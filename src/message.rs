@@ -1,8 +1,8 @@
 //! Messages: immutable, refcounted, typed payloads.
 
 use crate::eid::Eid;
+use crate::message_ref::InlineValue;
 use crate::message_type::{MessageType, DEAD_MAGIC};
-use crate::value_block::PooledValue;
 use std::any::Any;
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
@@ -28,9 +28,9 @@ pub enum Payload {
     /// updates) the value is `#[repr(C)]` with the C view as its first field, so the
     /// address of the value is the `void *` C code reads.
     Value(Box<dyn Any + Send + Sync>),
-    /// A Rust value as `Value`, in a block of the value block cache (`value_block`):
-    /// what `Message::with_value` makes of values that fit.
-    Pooled(PooledValue),
+    /// A Rust value as `Value`, in the message's own block (`message_ref`): what
+    /// `Message::with_value` makes of values that fit.
+    Inline(InlineValue),
 }
 
 /// An immutable message.
@@ -87,7 +87,16 @@ impl Message {
         eid: Option<Eid>,
         timestamp_ns: u64,
     ) -> MessageRef {
-        MessageRef::new(Message {
+        MessageRef::new(Message::build(mtype, payload, eid, timestamp_ns))
+    }
+
+    fn build(
+        mtype: &Arc<MessageType>,
+        payload: Payload,
+        eid: Option<Eid>,
+        timestamp_ns: u64,
+    ) -> Message {
+        Message {
             magic: MESSAGE_MAGIC,
             // SAFETY: the registry holds a reference to every type forever, so this
             // uncounted Arc stays valid for the message's life; ManuallyDrop keeps it
@@ -96,17 +105,16 @@ impl Message {
             payload,
             timestamp_ns,
             eid,
-        })
+        }
     }
 
-    /// A message carrying a Rust value: in a recycled block when it fits (the library's
-    /// own messages all do), else boxed.
+    /// A message from this node carrying a Rust value: in the message's own block when
+    /// it fits (the library's own messages all do), else boxed.
     pub fn with_value<T: Any + Send + Sync>(mtype: &Arc<MessageType>, value: T) -> MessageRef {
-        let payload = match PooledValue::new(value) {
-            Ok(v) => Payload::Pooled(v),
-            Err(value) => Payload::Value(Box::new(value)),
-        };
-        Message::new(mtype, payload)
+        let inline = MessageRef::with_inline(value, |payload| {
+            Message::build(mtype, payload, Some(Eid::default_eid()), now_realtime_ns())
+        });
+        inline.unwrap_or_else(|value| Message::new(mtype, Payload::Value(Box::new(value))))
     }
 
     pub(crate) fn magic_ok(&self) -> bool {
@@ -124,14 +132,14 @@ impl Message {
             Payload::Raw { data, .. } => *data,
             Payload::Bytes(b) => b.as_ptr() as *mut c_void,
             Payload::Value(v) => value_ptr(&**v),
-            Payload::Pooled(v) => value_ptr(&**v),
+            Payload::Inline(v) => value_ptr(&**v),
         }
     }
-    /// The Rust value, boxed or pooled.
+    /// The Rust value, boxed or inline.
     fn any_value(&self) -> Option<&(dyn Any + Send + Sync)> {
         match &self.payload {
             Payload::Value(v) => Some(&**v),
-            Payload::Pooled(v) => Some(&**v),
+            Payload::Inline(v) => Some(&**v),
             _ => None,
         }
     }

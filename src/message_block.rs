@@ -1,11 +1,13 @@
 //! Where a message's memory comes from and goes back to.
 //!
-//! Every message is one block of the same size, allocated by the publishing thread and,
-//! on the busiest path, freed by another one: the subscriber's thread drops the last
-//! reference. Through the system allocator that hand-off costs a cross-thread free (an
-//! atomic push onto the publisher's arena) and a malloc that reads a chunk the other
-//! core has just written; the profile of a 1 -> 1 stream put that malloc at a third of
-//! the publisher's time, paid once more than the bare queue hop it is compared with.
+//! Every message is one block (of one of two sizes: a C or byte payload's, and one with
+//! room for the library's own small values, see `message_ref`), allocated by the
+//! publishing thread and, on the busiest path, freed by another one: the subscriber's
+//! thread drops the last reference. Through the system allocator that hand-off costs a
+//! cross-thread free (an atomic push onto the publisher's arena) and a malloc that reads
+//! a chunk the other core has just written; the profile of a 1 -> 1 stream put that
+//! malloc at a third of the publisher's time, paid once more than the bare queue hop it
+//! is compared with.
 //!
 //! So each thread keeps two magazines (stacks of up to `BATCH` free blocks, Bonwick's
 //! scheme): a thread that frees fills its magazines and hands a full one to a shared
@@ -47,7 +49,7 @@ const DEPOT_FULL: usize = 64;
 #[cfg(not(loom))]
 const DEPOT_EMPTY: usize = 16;
 
-/// The block cache for blocks of one layout (messages' only, in practice).
+/// The block cache for blocks of one layout (one per message block size).
 pub(crate) struct BlockCache {
     layout: Layout,
     #[cfg(not(loom))]

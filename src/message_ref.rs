@@ -4,12 +4,18 @@
 //!
 //! Layout: the count, then the message. A C `sb_message *` points at the message, so
 //! the block starts `MESSAGE_OFFSET` bytes before it.
+//!
+//! The library's own messages (cache updates, cache clears, subscription changes) carry
+//! a small Rust value: it goes in the same block, in room after the message (a block of
+//! a second cache, `WIDE_BLOCKS`), so the publisher writes one block and the subscriber
+//! reads one, instead of a message block and a value block each (`InlineValue`).
 
-use crate::message::Message;
+use crate::message::{Message, Payload};
 use crate::message_block::block_cache;
 use std::alloc::Layout;
+use std::any::Any;
 use std::ops::Deref;
-use std::ptr::NonNull;
+use std::ptr::{addr_of_mut, NonNull};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[repr(C)]
@@ -23,6 +29,56 @@ const MESSAGE_OFFSET: usize = std::mem::offset_of!(Counted, msg);
 block_cache!(
     static BLOCKS: Counted;
 );
+
+/// Room for an inline value: the largest kept there (a cache update is 48 bytes).
+#[repr(C, align(16))]
+struct Room([u8; 64]);
+
+/// A message block with room for its payload's value after the message.
+#[repr(C)]
+struct CountedWithRoom {
+    counted: Counted,
+    room: Room,
+}
+
+block_cache!(
+    static WIDE_BLOCKS: CountedWithRoom;
+);
+
+/// Whether a `T` fits in a wide block's room.
+pub(crate) const fn fits_inline<T>() -> bool {
+    std::mem::size_of::<T>() <= std::mem::size_of::<Room>()
+        && std::mem::align_of::<T>() <= std::mem::align_of::<Room>()
+}
+
+/// A message's value in the room of its own block (`Payload::Inline`): dropped in place
+/// with the message; the block goes back to `WIDE_BLOCKS` with it.
+pub struct InlineValue {
+    ptr: NonNull<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the value is Send + Sync (`MessageRef::with_inline`'s bound) and owned by this
+// handle alone.
+unsafe impl Send for InlineValue {}
+// SAFETY: as above; shared access is to an immutable `dyn Any + Sync`.
+unsafe impl Sync for InlineValue {}
+
+impl Deref for InlineValue {
+    type Target = dyn Any + Send + Sync;
+    fn deref(&self) -> &Self::Target {
+        // SAFETY: the value was written before the message was made and lives, in the
+        // message's own block, until the message is dropped.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for InlineValue {
+    fn drop(&mut self) {
+        // SAFETY: the value is initialised and owned by this handle; only its memory's
+        // release is left to the message's last reference (`MessageRef::drop`).
+        unsafe { std::ptr::drop_in_place(self.ptr.as_ptr()) }
+    }
+}
 
 /// Above this many references a clone aborts, as `Arc` does: a count that could wrap
 /// would free a message still in use.
@@ -54,6 +110,37 @@ impl MessageRef {
             })
         };
         MessageRef { ptr }
+    }
+
+    /// A message whose payload is `value`, kept in the message's own block
+    /// (`Payload::Inline`); `make` builds the message around that payload. `value` comes
+    /// back when it does not fit (`fits_inline`).
+    pub(crate) fn with_inline<T: Any + Send + Sync>(
+        value: T,
+        make: impl FnOnce(Payload) -> Message,
+    ) -> Result<MessageRef, T> {
+        if !fits_inline::<T>() {
+            return Err(value);
+        }
+        let block = WIDE_BLOCKS
+            .alloc()
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(Layout::new::<CountedWithRoom>()))
+            .cast::<CountedWithRoom>();
+        // SAFETY: a fresh block of CountedWithRoom's layout, owned by nobody else; the
+        // room is large and aligned enough for T (`fits_inline`). The value is written
+        // first, so the payload that points at it is never dangling; `make` builds a
+        // message and runs no user code.
+        unsafe {
+            let room = addr_of_mut!((*block.as_ptr()).room).cast::<T>();
+            room.write(value);
+            let ptr: NonNull<dyn Any + Send + Sync> = NonNull::new_unchecked(room);
+            let msg = make(Payload::Inline(InlineValue { ptr }));
+            addr_of_mut!((*block.as_ptr()).counted).write(Counted {
+                refs: AtomicUsize::new(1),
+                msg,
+            });
+        }
+        Ok(MessageRef { ptr: block.cast() })
     }
 
     fn counted(&self) -> &Counted {
@@ -132,12 +219,19 @@ impl Drop for MessageRef {
         // fence, as std's Arc does under ThreadSanitizer, which does not model fences;
         // on x86 neither costs an instruction.
         self.counted().refs.load(Ordering::Acquire);
+        // An inline payload lives in a wide block (`with_inline`), every other message
+        // in a plain one.
+        let wide = matches!(self.counted().msg.payload(), Payload::Inline(_));
         // SAFETY: this was the last reference: nobody else can reach the block. The
-        // message (its payload's dtor included) is dropped exactly once, then the block
-        // goes back to the cache it came from.
+        // message (its payload's dtor or inline value included) is dropped exactly once,
+        // then the block goes back to the cache it came from.
         unsafe {
             std::ptr::drop_in_place(self.ptr.as_ptr());
-            BLOCKS.free(self.ptr.cast());
+            if wide {
+                WIDE_BLOCKS.free(self.ptr.cast());
+            } else {
+                BLOCKS.free(self.ptr.cast());
+            }
         }
     }
 }
@@ -158,9 +252,8 @@ impl std::fmt::Debug for MessageRef {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::message::Payload;
     use crate::message_type::MessageType;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
 
     static DTORS: AtomicUsize = AtomicUsize::new(0);
     unsafe extern "C" fn count_dtor(_: *mut std::ffi::c_void) {
@@ -204,5 +297,52 @@ mod tests {
         assert!(std::ptr::eq(MessageRef::as_ptr(&back), raw));
         drop(back);
         assert_eq!(DTORS.load(Ordering::SeqCst), before + 1);
+    }
+
+    struct Tracked(Arc<AtomicUsize>, [u64; 4]);
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_inline_value_is_read_in_the_message_block_and_dropped_once() {
+        let ty = MessageType::builtin("test/message_ref/inline");
+        let drops = Arc::new(AtomicUsize::new(0));
+        let m = Message::with_value(&ty, Tracked(Arc::clone(&drops), [1, 2, 3, 4]));
+        assert!(matches!(m.payload(), Payload::Inline(_)));
+        let v = m.value::<Tracked>().expect("same type");
+        assert_eq!(v.1, [1, 2, 3, 4]);
+        assert!(m.value::<u32>().is_none());
+        // What C reads is the value, right after the message in the same block.
+        let msg_at = MessageRef::as_ptr(&m) as usize;
+        let data_at = m.data_ptr() as usize;
+        assert_eq!(data_at, v as *const Tracked as usize);
+        assert!(data_at > msg_at);
+        assert!(data_at + std::mem::size_of::<Tracked>() <= msg_at + 128);
+        let copy = m.clone();
+        drop(m);
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
+        // dropped on another thread, as a subscriber drops an update
+        std::thread::spawn(move || drop(copy)).join().unwrap();
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_value_too_large_for_the_room_is_boxed() {
+        assert!(fits_inline::<[u8; 64]>());
+        assert!(!fits_inline::<[u8; 65]>());
+        let ty = MessageType::builtin("test/message_ref/large");
+        let small = Message::with_value(&ty, [3u64; 8]);
+        assert!(matches!(small.payload(), Payload::Inline(_)));
+        assert_eq!(small.value::<[u64; 8]>(), Some(&[3u64; 8]));
+        let large = Message::with_value(&ty, [5u64; 9]);
+        assert!(matches!(large.payload(), Payload::Value(_)));
+        assert_eq!(large.value::<[u64; 9]>(), Some(&[5u64; 9]));
+        assert_eq!(
+            large.data_ptr().cast_const(),
+            large.value::<[u64; 9]>().unwrap() as *const _ as *const _
+        );
     }
 }
