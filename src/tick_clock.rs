@@ -1,5 +1,7 @@
-//! The clock that times callbacks for the statistics (`callback_max_ns`): the CPU's
-//! time-stamp counter where the kernel itself keeps time with it, else `Instant`.
+//! The clock that times synchronous subscriptions' callbacks for the statistics
+//! (`callback_max_ns`): the CPU's time-stamp counter where the kernel itself keeps time
+//! with it, else `Instant`. (Queued kinds time theirs with `instant_ns`, see
+//! `Subscription::stats_clock`.)
 //!
 //! Every callback is timed, on the thread that runs it: a synchronous subscription's
 //! on the publisher's. `Instant::now()` is a vDSO `clock_gettime`, whose ordered counter
@@ -9,8 +11,9 @@
 //! used only when the kernel's clocksource is "tsc": then the kernel has checked that it
 //! runs at a constant rate and agrees across CPUs (otherwise it would have switched
 //! clocksources), so a callback that starts on one CPU and ends on another is timed
-//! right. Elsewhere (other clocksources, other architectures, loom) ticks are
-//! nanoseconds from `Instant`.
+//! right. The choice is made once: should the kernel later find the counter unstable
+//! and switch clocksources, only these statistics would be off. Elsewhere (other
+//! clocksources, other architectures, loom) ticks are nanoseconds from `Instant`.
 //!
 //! Ticks become nanoseconds only when the statistics are read (`to_ns`), at the rate
 //! measured between the first tick and that moment against `Instant`; the rate is kept
