@@ -71,7 +71,7 @@ impl Message {
     /// constructors return the counted reference.
     #[allow(clippy::new_ret_no_self)]
     pub fn new(mtype: &Arc<MessageType>, payload: Payload) -> MessageRef {
-        Message::with_eid(mtype, payload, Some(Eid::default_eid()))
+        MessageRef::new(Message::local(mtype, payload))
     }
 
     /// A message from `eid`, or an aggregate when `eid` is None.
@@ -88,6 +88,11 @@ impl Message {
         timestamp_ns: u64,
     ) -> MessageRef {
         MessageRef::new(Message::build(mtype, payload, eid, timestamp_ns))
+    }
+
+    /// A message from this node, stamped now: what `new` and `with_value` make.
+    fn local(mtype: &Arc<MessageType>, payload: Payload) -> Message {
+        Message::build(mtype, payload, Some(Eid::default_eid()), now_realtime_ns())
     }
 
     fn build(
@@ -111,10 +116,8 @@ impl Message {
     /// A message from this node carrying a Rust value: in the message's own block when
     /// it fits (the library's own messages all do), else boxed.
     pub fn with_value<T: Any + Send + Sync>(mtype: &Arc<MessageType>, value: T) -> MessageRef {
-        let inline = MessageRef::with_inline(value, |payload| {
-            Message::build(mtype, payload, Some(Eid::default_eid()), now_realtime_ns())
-        });
-        inline.unwrap_or_else(|value| Message::new(mtype, Payload::Value(Box::new(value))))
+        MessageRef::with_inline(value, |payload| Message::local(mtype, payload))
+            .unwrap_or_else(|value| Message::new(mtype, Payload::Value(Box::new(value))))
     }
 
     pub(crate) fn magic_ok(&self) -> bool {
