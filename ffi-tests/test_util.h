@@ -112,8 +112,8 @@ static inline int tu_checked(void)
 static inline void tu_exec_self(const char *self)
 {
     if (tu_slow()) {
-        char *args[] = {"valgrind", "-q", "--leak-check=no", "--error-exitcode=99", (char *)self,
-                        NULL};
+        char *args[] = {"valgrind", "-q", "--vgdb=no", "--leak-check=no",
+                        "--error-exitcode=99", (char *)self, NULL};
         execvp("valgrind", args);
     } else {
         char *args[] = {(char *)self, NULL};

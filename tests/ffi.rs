@@ -139,10 +139,12 @@ fn compile(name: &str) -> PathBuf {
 
 /// valgrind memcheck running `exe`. Every leak kind is an error; ffi-tests/valgrind.supp
 /// lists the few per-process blocks (interned types, static tables, threads alive at
-/// exit) allowed to remain.
+/// exit) allowed to remain. No gdbserver: its FIFOs in /tmp outlive a forked child that
+/// a test ends with SIGKILL.
 fn memcheck(exe: &Path) -> Command {
     let mut c = Command::new("valgrind");
     c.args([
+        "--vgdb=no",
         "--error-exitcode=99",
         "--leak-check=full",
         "--errors-for-leak-kinds=all",
