@@ -26,6 +26,10 @@
  *   count T                        ok total remote order_violations codec_values_ok
  *                                  (order: "TAG:i" per sender and tag, i = 0, 1, 2...)
  *   stats                          ok sent received dropped_out dropped_in reconnects connected nodes_up
+ *   storeerr                       ok JSON PROM   this cluster's store_errors as sb_stats_json
+ *                                  and sb_stats_prometheus report it (-1: not listed)
+ *   logged WORD                    ok N   log lines so far that contain WORD (the node logs
+ *                                  through a handler that also prints them on stderr)
  *   nodes                          ok N eid=state...   (sb_cluster_nodes)
  *   events                         ok N LAST_EID LAST_STATE (node messages seen on sb_cluster_topic)
  *   cache T [agg]                  a cache (with a sum aggregate) + caching topic on T
@@ -102,6 +106,38 @@ static struct {
     sb_eid last_event_eid;
     pthread_mutex_t lock;
 } cn;
+
+/* The node's log: every line goes to stderr as without a handler, and the first
+ * CN_LOG_MAX are kept for "logged". */
+#define CN_LOG_MAX 4096
+static struct {
+    pthread_mutex_t lock;
+    char *lines[CN_LOG_MAX];
+    int n;
+} cn_log;
+
+static void cn_log_line(void *data, int level, const char *text)
+{
+    (void)data;
+    fprintf(stderr, "switchboard: %s: %s\n", level == SB_LOG_WARNING ? "Warning" : "Error", text);
+    pthread_mutex_lock(&cn_log.lock);
+    if (cn_log.n < CN_LOG_MAX) {
+        char *copy = strdup(text);
+        if (copy != NULL)
+            cn_log.lines[cn_log.n++] = copy;
+    }
+    pthread_mutex_unlock(&cn_log.lock);
+}
+
+static long cn_logged(const char *needle)
+{
+    long n = 0;
+    pthread_mutex_lock(&cn_log.lock);
+    for (int i = 0; i < cn_log.n; i++)
+        n += strstr(cn_log.lines[i], needle) != NULL;
+    pthread_mutex_unlock(&cn_log.lock);
+    return n;
+}
 
 /* The codec type's data: a value, encoded as 4 bytes little-endian plus a 16-byte tag. */
 typedef struct cn_value {
@@ -542,6 +578,23 @@ static int cn_command(char *line)
         sb_string_free(prom);
         sb_string_free(json);
         return nh_node_reply("ok %d %llu %llu %d", clusters, sent, received, in_json), 0;
+    } else if (strcmp(cmd, "storeerr") == 0) {
+        char *prom = sb_stats_prometheus();
+        char *json = sb_stats_json();
+        long long in_json = -1, in_prom = -1;
+        const char *j = json != NULL ? strstr(json, "\"store_errors\":") : NULL;
+        if (j != NULL)
+            in_json = strtoll(j + strlen("\"store_errors\":"), NULL, 10);
+        const char *p = prom != NULL ? strstr(prom, "\nswitchboard_cluster_store_errors_total{")
+                                     : NULL;
+        const char *v = p != NULL ? strstr(p, "} ") : NULL;
+        if (v != NULL)
+            in_prom = strtoll(v + 2, NULL, 10);
+        sb_string_free(prom);
+        sb_string_free(json);
+        return nh_node_reply("ok %lld %lld", in_json, in_prom), 0;
+    } else if (strcmp(cmd, "logged") == 0 && argc == 2) {
+        return nh_node_reply("ok %ld", cn_logged(argv[1])), 0;
     } else if (strcmp(cmd, "nodes") == 0) {
         sb_message_list *l = sb_cluster_nodes(cn.cluster);
         if (l == NULL)
@@ -695,6 +748,8 @@ static int cn_command(char *line)
 static int cn_node_main(void)
 {
     pthread_mutex_init(&cn.lock, NULL);
+    pthread_mutex_init(&cn_log.lock, NULL);
+    sb_set_log_handler(cn_log_line, NULL);
     char line[4096];
     while (nh_node_read_line(line, sizeof line) >= 0) {
         if (cn_command(line))
@@ -714,6 +769,9 @@ static int cn_node_main(void)
     }
     if (cn.events_sub)
         cn.events_sub = sb_unsubscribe_and_join(cn.events_sub);
+    sb_set_log_handler(NULL, NULL); /* returns once no call of ours is running */
+    for (int i = 0; i < cn_log.n; i++)
+        free(cn_log.lines[i]);
     nh_node_reply("bye");
     return 0;
 }

@@ -29,6 +29,7 @@
  *   nh_cluster_wait_ready(cl, ms)  every running member routed to the others, JetStream
  *                                  meta leader elected among them, /healthz ok
  *   nh_cluster_kill9 / nh_cluster_restart / nh_cluster_urls / nh_cluster_free
+ *   nh_cluster_stream_leader(cl, stream)  which member leads a JetStream stream
  *   nh_http_get(port, path, ...)   plain HTTP GET (monitoring port)
  * Children (the test program run again: main() checks argv[1])
  *   nh_child_spawn / nh_child_send / nh_child_read_line / nh_child_expect /
@@ -1071,6 +1072,32 @@ static inline int nh_cluster_wait_ready(nh_cluster *cl, int timeout_ms)
         }
         tu_sleep_ms(50);
     }
+}
+
+/* The index of the running member that leads JetStream stream `stream` (as the members'
+ * /jsz reports it), or -1 when none does (yet). */
+static inline int nh_cluster_stream_leader(nh_cluster *cl, const char *stream)
+{
+    size_t cap = 262144;
+    char *body = (char *)malloc(cap);
+    int found = -1;
+    if (body == NULL)
+        return -1;
+    char name[160], leader[64];
+    snprintf(name, sizeof name, "\"%s\"", stream);
+    for (int i = 0; i < cl->n && found < 0; i++) {
+        if (cl->servers[i].pid <= 0 ||
+            nh_http_get(cl->servers[i].monitor_port, "/jsz?accounts=true&streams=true", body,
+                        cap, 2000) != 200)
+            continue;
+        if (strstr(body, name) == NULL || nh_json_str(body, name, "leader", leader, sizeof leader))
+            continue;
+        for (int j = 0; j < cl->n; j++)
+            if (cl->servers[j].pid > 0 && strcmp(cl->servers[j].name, leader) == 0)
+                found = j;
+    }
+    free(body);
+    return found;
 }
 
 /* Stops every member and removes their temp dirs (safe on a failed or zeroed cluster). */

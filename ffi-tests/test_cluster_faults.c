@@ -4,7 +4,9 @@
  *    block while it is gone, both nodes reconnect, and their shared caches converge
  *    (each re-asserts its snapshots, then re-reads the others');
  *  - a three-server NATS cluster losing the server a node uses: the node moves to
- *    another server, messages and cache state keep flowing both ways.
+ *    another server, messages and cache state keep flowing both ways;
+ *  - the store not answering (its server stopped, SIGSTOP) when a node comes back from
+ *    down: the others' re-read of its snapshots is tried again until the store answers.
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -12,6 +14,7 @@
 
 #define EID_A "00:00:00:00:00:0a"
 #define EID_B "00:00:00:00:00:0b"
+#define EID_C "00:00:00:00:00:0c"
 #define HB_MS 200
 
 static const char *argv0;
@@ -165,6 +168,63 @@ static void test_cluster_loses_a_server(void)
     nh_cluster_free(&cl);
 }
 
+static long long logged(nh_child *n, const char *word)
+{
+    long long v = -1;
+    if (cn_nums(n, &v, 1, "logged %s", word) != 1)
+        return -1;
+    return v;
+}
+
+/* A node that others took for down comes back while the store does not answer: their
+ * re-read of its snapshots fails. Nothing else would make them read it later (its
+ * presence was never removed, since their purge failed too, so it does not re-assert):
+ * the re-read itself is tried again until the store answers. */
+static void test_reread_retried(void)
+{
+    nh_cluster cl;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    if (nh_cluster_start(&cl, 3, &opts) != 0) {
+        CHECK(!"three-server cluster started");
+        nh_cluster_free(&cl);
+        return;
+    }
+    /* the store with one replica lives on one server: the nodes use the two others */
+    nh_child z;
+    start_node(&z, "00:00:00:00:00:0f", "z", cl.servers[0].url, "store_replicas=1");
+    CHECK_EQ_INT(cn_stop(&z), 0);
+    int x = -1;
+    WAIT_UNTIL((x = nh_cluster_stream_leader(&cl, "KV_sb_state")) >= 0);
+    if (x < 0) {
+        nh_cluster_free(&cl);
+        return;
+    }
+    nh_child a, c;
+    start_node(&a, EID_A, "a", cl.servers[(x + 1) % 3].url, "store_replicas=1");
+    start_node(&c, EID_C, "c", cl.servers[(x + 2) % 3].url, "store_replicas=1");
+    CN_OK(&a, "put reg snapr k1 5");
+    WAIT_UNTIL(get_of(&c, "snapr", "k1", EID_A) == 5);
+
+    /* the store stops answering; the other two servers still carry messages */
+    CHECK(kill(cl.servers[x].pid, SIGSTOP) == 0);
+    /* a pauses longer than c's patience: c takes it for down and clears its entry */
+    CHECK(kill(a.pid, SIGSTOP) == 0);
+    WAIT_UNTIL(get_of(&c, "snapr", "k1", EID_A) == -1);
+    CHECK(kill(a.pid, SIGCONT) == 0);
+    /* a is back and c reads its snapshots: the store does not answer */
+    WAIT_UNTIL(logged(&c, "re-reading") >= 1);
+    CHECK_EQ_INT(get_of(&c, "snapr", "k1", EID_A), -1);
+    long long v[2] = {-1, -1};
+    CHECK(cn_nums(&c, v, 2, "storeerr") == 2 && v[0] >= 1 && v[1] >= 1);
+    /* the store answers again: c's re-read goes through */
+    CHECK(kill(cl.servers[x].pid, SIGCONT) == 0);
+    WAIT_UNTIL(get_of(&c, "snapr", "k1", EID_A) == 5);
+    CHECK_EQ_INT(cn_stop(&c), 0);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    nh_cluster_free(&cl);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "node") == 0)
@@ -177,5 +237,6 @@ int main(int argc, char **argv)
         return TEST_DONE();
     test_server_restart_empty_store();
     test_cluster_loses_a_server();
+    test_reread_retried();
     return TEST_DONE();
 }

@@ -272,8 +272,15 @@ pub fn json() -> String {
         json_str(&mut o, node);
         let _ = write!(
             o,
-            ",\"sent\":{},\"received\":{},\"dropped_out\":{},\"dropped_in\":{},\"reconnects\":{},\"connected\":{},\"nodes_up\":{}}}",
-            s.sent, s.received, s.dropped_out, s.dropped_in, s.reconnects, s.connected, s.nodes_up
+            ",\"sent\":{},\"received\":{},\"dropped_out\":{},\"dropped_in\":{},\"reconnects\":{},\"connected\":{},\"nodes_up\":{},\"store_errors\":{}}}",
+            s.sent,
+            s.received,
+            s.dropped_out,
+            s.dropped_in,
+            s.reconnects,
+            s.connected,
+            s.nodes_up,
+            s.store_errors
         );
     }
     o.push_str("]}");
@@ -658,6 +665,13 @@ pub fn prometheus() -> String {
             "gauge",
             "Nodes up, this one included.",
             &|s| u64::from(s.nodes_up),
+        );
+        cfam(
+            &mut o,
+            "cluster_store_errors_total",
+            "counter",
+            "Store requests (writes, reads, removals) that failed or were never confirmed; each is tried again.",
+            &|s| s.store_errors,
         );
     }
     o

@@ -197,6 +197,10 @@ struct Shared {
     checking: AtomicBool,
     /// The node is leaving: its keys are being removed on purpose.
     leaving: AtomicBool,
+    /// Stored snapshots still to be read again (see `request_reread`).
+    rereads: parking_lot::Mutex<Rereads>,
+    /// A re-read task is running.
+    rereading: AtomicBool,
 }
 
 impl Shared {
@@ -263,9 +267,14 @@ async fn check_presence(s: &Arc<Shared>) {
         return;
     }
     let Ok(kv) = bucket(s).await else {
+        s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    if let Ok(None) = kv.get(wire::presence_key(&s.inner.me)).await {
+    let got = kv.get(wire::presence_key(&s.inner.me)).await;
+    if got.is_err() {
+        s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Ok(None) = got {
         if !s.leaving.load(Ordering::Acquire) && !s.reasserting.load(Ordering::Acquire) {
             crate::log::warn(
                 "cluster: this node's stored snapshots were removed (another node took it for down): writing them again",
@@ -304,6 +313,8 @@ impl Io {
                 present: AtomicBool::new(false),
                 checking: AtomicBool::new(false),
                 leaving: AtomicBool::new(false),
+                rereads: parking_lot::Mutex::new(Rereads::default()),
+                rereading: AtomicBool::new(false),
             }),
             subs: HashMap::new(),
             interest_epoch: u64::MAX,
@@ -567,7 +578,7 @@ impl Io {
                 }
                 Event::Reread { eid, .. } => {
                     if self.s.bucket_ready.load(Ordering::Acquire) {
-                        tokio::spawn(reread(Arc::clone(&self.s), Some(eid)));
+                        request_reread(&self.s, Some(eid));
                     }
                 }
             }
@@ -691,6 +702,7 @@ async fn check_acks(
 /// The store may have missed some of our writes: write all of our snapshots again, until
 /// a complete pass ran with no new failure in between.
 fn schedule_reassert(s: &Arc<Shared>) {
+    s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
     s.store_failures.fetch_add(1, Ordering::AcqRel);
     if !s.reasserting.swap(true, Ordering::AcqRel) {
         tokio::spawn(reassert(Arc::clone(s)));
@@ -715,6 +727,7 @@ async fn reassert(s: Arc<Shared>) {
             }
             Ok(()) => {}
             Err(e) => {
+                s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 if !warned {
                     crate::log::warn(&format!(
                         "cluster: writing this node's snapshots to the store failed (retrying): {e}"
@@ -943,16 +956,23 @@ async fn read_keys(s: &Shared, filter: &str) -> Result<Vec<(String, Bytes)>> {
 
 /// Removes every key matching `filter` (key syntax) from the store.
 async fn purge(s: Arc<Shared>, filter: String) -> Result<()> {
-    let stream =
-        s.js.get_stream(format!("KV_{}", s.inner.bucket))
+    let r = async {
+        let stream =
+            s.js.get_stream(format!("KV_{}", s.inner.bucket))
+                .await
+                .map_err(|e| store_error("not found", e))?;
+        stream
+            .purge()
+            .filter(format!("$KV.{}.{filter}", s.inner.bucket))
             .await
-            .map_err(|e| store_error("not found", e))?;
-    stream
-        .purge()
-        .filter(format!("$KV.{}.{filter}", s.inner.bucket))
-        .await
-        .map_err(|e| store_error("purge", e))?;
-    Ok(())
+            .map_err(|e| store_error("purge", e))?;
+        Ok(())
+    }
+    .await;
+    if r.is_err() {
+        s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    r
 }
 
 /// Writes all of our snapshots of the shared caches named (replacing what the store had
@@ -1114,6 +1134,7 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
                 return;
             }
             Err(e) => {
+                s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 if Instant::now() >= deadline {
                     if let Some(d) = done.take() {
                         let _ = d.send(Err(e));
@@ -1154,19 +1175,105 @@ async fn load_cache(s: &Arc<Shared>, topic: &str) -> Result<(Vec<StoredEntry>, H
     Ok((entries, asserted))
 }
 
-/// Re-reads one node's snapshots (all nodes' with None) and reconciles the caches.
-async fn reread(s: Arc<Shared>, eid: Option<Eid>) {
+/// Whose stored snapshots are still to be read again.
+#[derive(Default)]
+struct Rereads {
+    /// Every node's (after a reconnect).
+    all: bool,
+    eids: HashSet<Eid>,
+}
+
+impl Rereads {
+    fn add(&mut self, eid: Option<Eid>) {
+        match eid {
+            Some(e) => {
+                self.eids.insert(e);
+            }
+            None => self.all = true,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.all && self.eids.is_empty()
+    }
+
+    /// One read per filter: every node's covers each one's.
+    fn filters(&self) -> Vec<Option<Eid>> {
+        if self.all {
+            vec![None]
+        } else {
+            self.eids.iter().copied().map(Some).collect()
+        }
+    }
+}
+
+/// The longest pause between two tries of a re-read the store did not answer.
+const REREAD_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Has one node's stored snapshots (every node's with None) read again and reconciled
+/// with the caches. A re-read is the only repair of what a node missed while the store
+/// or the network failed (a write made while the store had no leader, re-asserted later):
+/// it is tried again until the store answers, not once. One task reads at a time, so a
+/// read never overtakes a newer one, and requests made meanwhile are merged.
+fn request_reread(s: &Arc<Shared>, eid: Option<Eid>) {
+    s.rereads.lock().add(eid);
+    if !s.rereading.swap(true, Ordering::AcqRel) {
+        tokio::spawn(reread_pending(Arc::clone(s)));
+    }
+}
+
+async fn reread_pending(s: Arc<Shared>) {
+    let period = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms));
+    let mut pause = period;
+    let mut warned = false;
+    loop {
+        let batch = std::mem::take(&mut *s.rereads.lock());
+        if batch.is_empty() {
+            s.rereading.store(false, Ordering::Release);
+            // A request made after the take found the flag still set: take it now.
+            if s.rereads.lock().is_empty() || s.rereading.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            continue;
+        }
+        let mut failed = Rereads::default();
+        for eid in batch.filters() {
+            if let Err(e) = reread(&s, eid).await {
+                s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                if !warned {
+                    crate::log::warn(&format!(
+                        "cluster: re-reading stored snapshots failed (retrying): {e}"
+                    ));
+                    warned = true;
+                }
+                failed.add(eid);
+            }
+        }
+        if failed.is_empty() {
+            pause = period;
+            warned = false;
+            continue;
+        }
+        {
+            let mut pending = s.rereads.lock();
+            for eid in failed.filters() {
+                pending.add(eid);
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(REREAD_RETRY_MAX.max(period));
+    }
+}
+
+/// Reads one node's snapshots (all nodes' with None) and reconciles the caches.
+async fn reread(s: &Shared, eid: Option<Eid>) -> Result<()> {
     let filter = match eid {
         Some(e) => format!("{}.c.>", wire::eid_token(&e)),
         None => "*.c.>".to_owned(),
     };
-    let entries = match read_keys(&s, &filter).await {
-        Ok(raw) => parse_entries(raw, &s),
-        Err(e) => {
-            crate::log::warn(&format!("cluster: re-reading stored snapshots failed: {e}"));
-            return;
-        }
-    };
+    // The assertion times are taken before the read: a node's heartbeat carries a new
+    // one only once that assertion's writes were confirmed, so the read that follows
+    // holds them, and a cached entry it lacks that is older than the assertion is gone.
     let asserted: HashMap<Eid, u64> = {
         let nodes = s.inner.nodes.lock();
         nodes
@@ -1176,6 +1283,7 @@ async fn reread(s: Arc<Shared>, eid: Option<Eid>) {
             .map(|n| (n.eid, n.asserted_ns))
             .collect()
     };
+    let entries = parse_entries(read_keys(s, &filter).await?, s);
     s.in_tx
         .send(Inbound::Reconcile {
             topic: None,
@@ -1184,6 +1292,7 @@ async fn reread(s: Arc<Shared>, eid: Option<Eid>) {
             done: None,
         })
         .await;
+    Ok(())
 }
 
 /// After a reconnect the store may have lost everything (a restarted server): write ours
@@ -1192,5 +1301,5 @@ async fn reread(s: Arc<Shared>, eid: Option<Eid>) {
 async fn after_reconnect(s: Arc<Shared>) {
     schedule_reassert(&s);
     tokio::time::sleep(Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms))).await;
-    reread(s, None).await;
+    request_reread(&s, None);
 }

@@ -119,6 +119,9 @@ pub struct Stats {
     pub dropped_in: AtomicU64,
     pub reconnects: AtomicU64,
     pub connected: AtomicBool,
+    /// Store requests (writes, reads, removals) that failed or were never confirmed;
+    /// each is tried again.
+    pub store_errors: AtomicU64,
 }
 
 /// A snapshot of the counters.
@@ -131,6 +134,7 @@ pub struct StatsSnapshot {
     pub reconnects: u64,
     pub connected: bool,
     pub nodes_up: u32,
+    pub store_errors: u64,
 }
 
 /// What the sender task publishes.
@@ -587,6 +591,7 @@ impl Cluster {
             reconnects: s.reconnects.load(Ordering::Relaxed),
             connected: s.connected.load(Ordering::Relaxed),
             nodes_up: inner.nodes.lock().up_count() as u32,
+            store_errors: s.store_errors.load(Ordering::Relaxed),
         })
     }
 
