@@ -119,7 +119,8 @@ static struct {
 static void cn_log_line(void *data, int level, const char *text)
 {
     (void)data;
-    fprintf(stderr, "switchboard: %s: %s\n", level == SB_LOG_WARNING ? "Warning" : "Error", text);
+    static const char *const names[] = {"?", "Error", "Warning", "Notice", "Debug"};
+    fprintf(stderr, "switchboard: %s: %s\n", names[level >= 1 && level <= 4 ? level : 0], text);
     pthread_mutex_lock(&cn_log.lock);
     if (cn_log.n < CN_LOG_MAX) {
         char *copy = strdup(text);

@@ -220,6 +220,8 @@ static void test_reread_retried(void)
     /* the store answers again: c's re-read goes through */
     CHECK(kill(cl.servers[x].pid, SIGCONT) == 0);
     WAIT_UNTIL(get_of(&c, "snapr", "k1", EID_A) == 5);
+    /* and says so after its warning */
+    WAIT_UNTIL(logged(&c, "succeeded") >= 1);
     CHECK_EQ_INT(cn_stop(&c), 0);
     CHECK_EQ_INT(cn_stop(&a), 0);
     nh_cluster_free(&cl);

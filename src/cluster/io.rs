@@ -717,6 +717,13 @@ async fn reassert(s: Arc<Shared>) {
         let topics: Vec<String> = s.cache_topics.lock().iter().cloned().collect();
         match assert_own(&s, &topics).await {
             Ok(()) if s.store_failures.load(Ordering::Acquire) == failures => {
+                if warned {
+                    crate::log::log(
+                        crate::log::Level::Notice,
+                        "cluster: this node's snapshots are in the store again",
+                    );
+                    warned = false;
+                }
                 s.reasserting.store(false, Ordering::Release);
                 // A failure recorded just now, after the check, finds the flag clear.
                 if s.store_failures.load(Ordering::Acquire) == failures
@@ -1250,6 +1257,12 @@ async fn reread_pending(s: Arc<Shared>) {
             }
         }
         if failed.is_empty() {
+            if warned {
+                crate::log::log(
+                    crate::log::Level::Notice,
+                    "cluster: re-reading stored snapshots succeeded again",
+                );
+            }
             pause = period;
             warned = false;
             continue;
