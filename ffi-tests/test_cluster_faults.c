@@ -6,7 +6,8 @@
  *  - a three-server NATS cluster losing the server a node uses: the node moves to
  *    another server, messages and cache state keep flowing both ways;
  *  - the store not answering (its server stopped, SIGSTOP) when a node comes back from
- *    down: the others' re-read of its snapshots is tried again until the store answers.
+ *    down or is killed: the others' re-read of its snapshots, or their removal of them,
+ *    is tried again until the store answers.
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -15,6 +16,7 @@
 #define EID_A "00:00:00:00:00:0a"
 #define EID_B "00:00:00:00:00:0b"
 #define EID_C "00:00:00:00:00:0c"
+#define EID_D "00:00:00:00:00:0d"
 #define HB_MS 200
 
 static const char *argv0;
@@ -112,16 +114,23 @@ static void test_server_restart_empty_store(void)
     nh_server_free(&srv);
 }
 
+/* A three-server cluster; 0 (a recorded failure) when it did not start. */
+static int start_three(nh_cluster *cl)
+{
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    if (nh_cluster_start(cl, 3, &opts) == 0)
+        return 1;
+    CHECK(!"three-server cluster started");
+    nh_cluster_free(cl);
+    return 0;
+}
+
 static void test_cluster_loses_a_server(void)
 {
     nh_cluster cl;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    if (nh_cluster_start(&cl, 3, &opts) != 0) {
-        CHECK(!"three-server cluster started");
-        nh_cluster_free(&cl);
+    if (!start_three(&cl))
         return;
-    }
     /* a uses server 0 first, b server 1; each lists the others to fail over to */
     char a_servers[256], b_servers[256];
     snprintf(a_servers, sizeof a_servers, "%s,%s,%s", cl.servers[0].url, cl.servers[1].url,
@@ -179,17 +188,13 @@ static long long logged(nh_child *n, const char *word)
 /* A node that others took for down comes back while the store does not answer: their
  * re-read of its snapshots fails. Nothing else would make them read it later (its
  * presence was never removed, since their purge failed too, so it does not re-assert):
- * the re-read itself is tried again until the store answers. */
-static void test_reread_retried(void)
+ * the re-read itself is tried again until the store answers. The same for the removal
+ * of a killed node's snapshots. */
+static void test_store_not_answering(void)
 {
     nh_cluster cl;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    if (nh_cluster_start(&cl, 3, &opts) != 0) {
-        CHECK(!"three-server cluster started");
-        nh_cluster_free(&cl);
+    if (!start_three(&cl))
         return;
-    }
     /* the store with one replica lives on one server: the nodes use the two others */
     nh_child z;
     start_node(&z, "00:00:00:00:00:0f", "z", cl.servers[0].url, "store_replicas=1");
@@ -209,6 +214,8 @@ static void test_reread_retried(void)
     /* the store stops answering; the other two servers still carry messages */
     CHECK(kill(cl.servers[x].pid, SIGSTOP) == 0);
     /* a pauses longer than c's patience: c takes it for down and clears its entry */
+    long long a_events = -1;
+    CHECK(cn_nums(&a, &a_events, 1, "events") == 1);
     CHECK(kill(a.pid, SIGSTOP) == 0);
     WAIT_UNTIL(get_of(&c, "snapr", "k1", EID_A) == -1);
     CHECK(kill(a.pid, SIGCONT) == 0);
@@ -222,8 +229,29 @@ static void test_reread_retried(void)
     WAIT_UNTIL(get_of(&c, "snapr", "k1", EID_A) == 5);
     /* and says so after its warning */
     WAIT_UNTIL(logged(&c, "succeeded") >= 1);
+    /* a itself, back from its pause, did not take c for down: the heartbeats it heard
+     * nothing of while stopped say nothing about c */
+    long long a_now = -2;
+    CHECK(cn_nums(&a, &a_now, 1, "events") == 1);
+    CHECK_EQ_INT(a_now, a_events);
+
+    /* a killed while the store does not answer: c's removal of its stored snapshots
+     * fails, and is tried again until it works, so a later joiner does not load them */
+    long long removing = logged(&c, "removing"), removed = logged(&c, "removed");
+    CHECK(kill(cl.servers[x].pid, SIGSTOP) == 0);
+    nh_child_kill9(&a);
+    CHECK_EQ_INT(nh_child_wait(&a, 5000), 137);
+    WAIT_UNTIL(get_of(&c, "snapr", "k1", EID_A) == -1);
+    WAIT_UNTIL(logged(&c, "removing") > removing);
+    CHECK(kill(cl.servers[x].pid, SIGCONT) == 0);
+    WAIT_UNTIL(logged(&c, "removed") > removed);
+    nh_child d;
+    start_node(&d, EID_D, "d", cl.servers[(x + 1) % 3].url, "store_replicas=1");
+    CHECK_EQ_INT(get_of(&d, "snapr", "k1", EID_A), -1);
+    const char *e = cn_cmd(&d, "nodes");
+    CHECK(e != NULL && strstr(e, EID_A) == NULL);
+    CHECK_EQ_INT(cn_stop(&d), 0);
     CHECK_EQ_INT(cn_stop(&c), 0);
-    CHECK_EQ_INT(cn_stop(&a), 0);
     nh_cluster_free(&cl);
 }
 
@@ -239,6 +267,6 @@ int main(int argc, char **argv)
         return TEST_DONE();
     test_server_restart_empty_store();
     test_cluster_loses_a_server();
-    test_reread_retried();
+    test_store_not_answering();
     return TEST_DONE();
 }

@@ -369,6 +369,7 @@ impl Io {
             (hb_period / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
         let mut ticker = tokio::time::interval(tick_period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
@@ -400,7 +401,16 @@ impl Io {
                         let _ = self.refresh_interest().await;
                     }
                     if self.connected {
-                        let events = inner.nodes.lock().tick(Instant::now());
+                        let now = Instant::now();
+                        if now.saturating_duration_since(last_tick) > hb_period {
+                            // This loop did not run for a heartbeat period (the process
+                            // was stopped or starved, or the delivery thread held us):
+                            // the heartbeats it did not read say nothing about the
+                            // others. Give every node a fresh period before judging it.
+                            inner.nodes.lock().grace(now);
+                        }
+                        last_tick = now;
+                        let events = inner.nodes.lock().tick(now);
                         self.on_events(events).await;
                     }
                 }
@@ -569,11 +579,7 @@ impl Io {
                     if (state == STATE_DOWN || state == STATE_LEFT)
                         && self.s.bucket_ready.load(Ordering::Acquire)
                     {
-                        // Late joiners must not load a gone node's snapshots.
-                        tokio::spawn(purge(
-                            Arc::clone(&self.s),
-                            format!("{}.>", wire::eid_token(&eid)),
-                        ));
+                        tokio::spawn(purge_gone(Arc::clone(&self.s), eid));
                     }
                 }
                 Event::Reread { eid, .. } => {
@@ -982,6 +988,39 @@ async fn purge(s: Arc<Shared>, filter: String) -> Result<()> {
     r
 }
 
+/// Removes a down or departed node's keys from the store: late joiners must not load a
+/// gone node's snapshots. Tried again until the store answers, unless the node is back
+/// meanwhile (its keys are its own again; should a removal land after all, the node
+/// finds its presence gone and writes everything again, see `check_presence`).
+async fn purge_gone(s: Arc<Shared>, eid: Eid) {
+    let mut backoff = Backoff::new(&s);
+    let mut warned = false;
+    loop {
+        if s.inner.nodes.lock().is_up(&eid) || s.leaving.load(Ordering::Acquire) {
+            return;
+        }
+        match purge(Arc::clone(&s), format!("{}.>", wire::eid_token(&eid))).await {
+            Ok(()) => {
+                if warned {
+                    crate::log::log(
+                        crate::log::Level::Notice,
+                        &format!("cluster: removed the stored snapshots of gone node {eid}"),
+                    );
+                }
+                return;
+            }
+            Err(e) if !warned => {
+                crate::log::warn(&format!(
+                    "cluster: removing the stored snapshots of gone node {eid} failed (retrying): {e}"
+                ));
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        backoff.wait().await;
+    }
+}
+
 /// Writes all of our snapshots of the shared caches named (replacing what the store had
 /// of ours there), then our presence with a new assertion time, and tells everyone.
 async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
@@ -1214,8 +1253,34 @@ impl Rereads {
     }
 }
 
-/// The longest pause between two tries of a re-read the store did not answer.
-const REREAD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// The longest pause between two tries of a store read or removal that failed.
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(5);
+
+/// Pauses between tries of a store request that failed: one heartbeat period at first,
+/// doubling up to `RETRY_PAUSE_MAX` while the failures go on.
+struct Backoff {
+    period: Duration,
+    pause: Duration,
+}
+
+impl Backoff {
+    fn new(s: &Shared) -> Backoff {
+        let period = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms));
+        Backoff {
+            period,
+            pause: period,
+        }
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(RETRY_PAUSE_MAX.max(self.period));
+    }
+
+    fn reset(&mut self) {
+        self.pause = self.period;
+    }
+}
 
 /// Has one node's stored snapshots (every node's with None) read again and reconciled
 /// with the caches. A re-read is the only repair of what a node missed while the store
@@ -1230,8 +1295,7 @@ fn request_reread(s: &Arc<Shared>, eid: Option<Eid>) {
 }
 
 async fn reread_pending(s: Arc<Shared>) {
-    let period = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms));
-    let mut pause = period;
+    let mut backoff = Backoff::new(&s);
     let mut warned = false;
     loop {
         let batch = std::mem::take(&mut *s.rereads.lock());
@@ -1263,7 +1327,7 @@ async fn reread_pending(s: Arc<Shared>) {
                     "cluster: re-reading stored snapshots succeeded again",
                 );
             }
-            pause = period;
+            backoff.reset();
             warned = false;
             continue;
         }
@@ -1273,8 +1337,7 @@ async fn reread_pending(s: Arc<Shared>) {
                 pending.add(eid);
             }
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(REREAD_RETRY_MAX.max(period));
+        backoff.wait().await;
     }
 }
 
