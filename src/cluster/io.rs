@@ -189,6 +189,8 @@ struct Shared {
     store_failures: AtomicU64,
     /// A re-assertion task is running (see `schedule_reassert`).
     reasserting: AtomicBool,
+    /// Cuts a re-assertion's pause short (a reconnect: the store may answer now).
+    reassert_now: tokio::sync::Notify,
     /// The sender is handing queued items to the client (see `sender`).
     sending: AtomicBool,
     /// Our presence has been written to the store at least once (see `check_presence`).
@@ -201,6 +203,8 @@ struct Shared {
     rereads: parking_lot::Mutex<Rereads>,
     /// A re-read task is running.
     rereading: AtomicBool,
+    /// Cuts a failed re-read's pause short (a new request: the store may answer now).
+    reread_now: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -309,12 +313,14 @@ impl Io {
                 cache_topics: parking_lot::Mutex::new(HashSet::new()),
                 store_failures: AtomicU64::new(0),
                 reasserting: AtomicBool::new(false),
+                reassert_now: tokio::sync::Notify::new(),
                 sending: AtomicBool::new(false),
                 present: AtomicBool::new(false),
                 checking: AtomicBool::new(false),
                 leaving: AtomicBool::new(false),
                 rereads: parking_lot::Mutex::new(Rereads::default()),
                 rereading: AtomicBool::new(false),
+                reread_now: tokio::sync::Notify::new(),
             }),
             subs: HashMap::new(),
             interest_epoch: u64::MAX,
@@ -716,7 +722,9 @@ fn schedule_reassert(s: &Arc<Shared>) {
 }
 
 async fn reassert(s: Arc<Shared>) {
-    let period = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms));
+    // Each try writes every snapshot of ours: a store that keeps refusing them (full, or
+    // answering slowly) gets them less and less often, up to every RETRY_PAUSE_MAX.
+    let mut backoff = Backoff::new(&s);
     let mut warned = false;
     loop {
         let failures = s.store_failures.load(Ordering::Acquire);
@@ -749,7 +757,10 @@ async fn reassert(s: Arc<Shared>) {
                 }
             }
         }
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            () = backoff.wait() => {}
+            () = s.reassert_now.notified() => backoff.reset(),
+        }
     }
 }
 
@@ -1286,10 +1297,13 @@ impl Backoff {
 /// with the caches. A re-read is the only repair of what a node missed while the store
 /// or the network failed (a write made while the store had no leader, re-asserted later):
 /// it is tried again until the store answers, not once. One task reads at a time, so a
-/// read never overtakes a newer one, and requests made meanwhile are merged.
+/// read never overtakes a newer one; requests made meanwhile are merged, and cut the
+/// pause after a failed read short (a node that just re-asserted: the store answers).
 fn request_reread(s: &Arc<Shared>, eid: Option<Eid>) {
     s.rereads.lock().add(eid);
-    if !s.rereading.swap(true, Ordering::AcqRel) {
+    if s.rereading.swap(true, Ordering::AcqRel) {
+        s.reread_now.notify_one();
+    } else {
         tokio::spawn(reread_pending(Arc::clone(s)));
     }
 }
@@ -1337,7 +1351,10 @@ async fn reread_pending(s: Arc<Shared>) {
                 pending.add(eid);
             }
         }
-        backoff.wait().await;
+        tokio::select! {
+            () = backoff.wait() => {}
+            () = s.reread_now.notified() => backoff.reset(),
+        }
     }
 }
 
@@ -1376,6 +1393,7 @@ async fn reread(s: &Shared, eid: Option<Eid>) -> Result<()> {
 /// theirs.
 async fn after_reconnect(s: Arc<Shared>) {
     schedule_reassert(&s);
+    s.reassert_now.notify_one();
     tokio::time::sleep(Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms))).await;
     request_reread(&s, None);
 }
