@@ -1397,3 +1397,30 @@ async fn after_reconnect(s: Arc<Shared>) {
     tokio::time::sleep(Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms))).await;
     request_reread(&s, None);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Rereads;
+    use crate::eid::Eid;
+
+    fn eid(s: &str) -> Eid {
+        Eid::parse(s).expect("an eid")
+    }
+
+    #[test]
+    fn rereads_merge_and_every_node_covers_each_one() {
+        let mut r = Rereads::default();
+        assert!(r.is_empty());
+        let (a, b) = (eid("00:00:00:00:00:0a"), eid("00:00:00:00:00:0b"));
+        r.add(Some(a));
+        r.add(Some(b));
+        r.add(Some(a)); // merged
+        let mut f = r.filters();
+        f.sort_by_key(|e| e.map(|e| e.to_string()));
+        assert_eq!(f, vec![Some(a), Some(b)]);
+        r.add(None);
+        assert_eq!(r.filters(), vec![None]);
+        assert!(!std::mem::take(&mut r).is_empty());
+        assert!(r.is_empty());
+    }
+}
