@@ -229,6 +229,9 @@ impl Shared {
     }
 }
 
+/// How long one store request may go unanswered.
+const STORE_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Every this many heartbeats, a node that keeps snapshots in the store checks that its
 /// presence is still there (`check_presence`).
 const PRESENCE_CHECK_EVERY: u32 = 5;
@@ -251,7 +254,11 @@ async fn heartbeats(s: Arc<Shared>) {
                 // A task of its own: a slow store must never delay a heartbeat.
                 let s = Arc::clone(&s);
                 tokio::spawn(async move {
-                    let bound = Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms)) * 4;
+                    // Room for its two store requests at their own bound, whatever
+                    // heartbeat_ms: a check cut short every time would never find
+                    // our presence gone.
+                    let bound = (Duration::from_millis(u64::from(s.inner.cfg.heartbeat_ms)) * 4)
+                        .max(STORE_REQUEST_TIMEOUT * 3);
                     let _ = tokio::time::timeout(bound, check_presence(&s)).await;
                     s.checking.store(false, Ordering::Release);
                 });
@@ -301,7 +308,7 @@ impl Io {
     fn new(inner: Arc<Inner>, client: async_nats::Client, in_tx: InSender) -> Io {
         let mut js = jetstream::new(client.clone());
         // Short tries: callers retry within their own bounds (see `bucket`).
-        js.set_timeout(Duration::from_secs(2));
+        js.set_timeout(STORE_REQUEST_TIMEOUT);
         Io {
             s: Arc::new(Shared {
                 inner,
