@@ -278,13 +278,12 @@ async fn check_presence(s: &Arc<Shared>) {
         return;
     }
     let Ok(kv) = bucket(s).await else {
-        s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let got = kv.get(wire::presence_key(&s.inner.me)).await;
-    if got.is_err() {
-        s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-    }
+    let got = kv
+        .get(wire::presence_key(&s.inner.me))
+        .await
+        .map_err(|e| store_error(s, "read", e));
     if let Ok(None) = got {
         if !s.leaving.load(Ordering::Acquire) && !s.reasserting.load(Ordering::Acquire) {
             crate::log::warn(
@@ -687,7 +686,10 @@ async fn sender(
                         Ok(ack) => {
                             let _ = acks.send(ack).await;
                         }
-                        Err(_) => schedule_reassert(&s),
+                        Err(_) => {
+                            store_failed(&s);
+                            schedule_reassert(&s);
+                        }
                     }
                 }
                 Sent::Message | Sent::Json => {
@@ -713,6 +715,7 @@ async fn check_acks(
 ) {
     while let Some(ack) = acks.recv().await {
         if ack.await.is_err() {
+            store_failed(&s);
             schedule_reassert(&s);
         }
     }
@@ -721,7 +724,6 @@ async fn check_acks(
 /// The store may have missed some of our writes: write all of our snapshots again, until
 /// a complete pass ran with no new failure in between.
 fn schedule_reassert(s: &Arc<Shared>) {
-    s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
     s.store_failures.fetch_add(1, Ordering::AcqRel);
     if !s.reasserting.swap(true, Ordering::AcqRel) {
         tokio::spawn(reassert(Arc::clone(s)));
@@ -732,19 +734,13 @@ async fn reassert(s: Arc<Shared>) {
     // Each try writes every snapshot of ours: a store that keeps refusing them (full, or
     // answering slowly) gets them less and less often, up to every RETRY_PAUSE_MAX.
     let mut backoff = Backoff::new(&s);
-    let mut warned = false;
+    let mut run = FailureRun::default();
     loop {
         let failures = s.store_failures.load(Ordering::Acquire);
         let topics: Vec<String> = s.cache_topics.lock().iter().cloned().collect();
         match assert_own(&s, &topics).await {
             Ok(()) if s.store_failures.load(Ordering::Acquire) == failures => {
-                if warned {
-                    crate::log::log(
-                        crate::log::Level::Notice,
-                        "cluster: this node's snapshots are in the store again",
-                    );
-                    warned = false;
-                }
+                run.ended(|| "cluster: this node's snapshots are in the store again".to_owned());
                 s.reasserting.store(false, Ordering::Release);
                 // A failure recorded just now, after the check, finds the flag clear.
                 if s.store_failures.load(Ordering::Acquire) == failures
@@ -754,15 +750,11 @@ async fn reassert(s: Arc<Shared>) {
                 }
             }
             Ok(()) => {}
-            Err(e) => {
-                s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                if !warned {
-                    crate::log::warn(&format!(
-                        "cluster: writing this node's snapshots to the store failed (retrying): {e}"
-                    ));
-                    warned = true;
-                }
-            }
+            Err(e) => run.failed(|| {
+                format!(
+                    "cluster: writing this node's snapshots to the store failed (retrying): {e}"
+                )
+            }),
         }
         tokio::select! {
             () = backoff.wait() => {}
@@ -899,7 +891,14 @@ fn del_headers() -> async_nats::HeaderMap {
     h
 }
 
-fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
+/// Counts a store request that failed or was never confirmed (`store_errors`).
+fn store_failed(s: &Shared) {
+    s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The error of a failed store request, counted (every one is made here).
+fn store_error(s: &Shared, what: &str, e: impl std::fmt::Display) -> Error {
+    store_failed(s);
     Error::new(
         ErrorKind::Unavailable,
         format!("cluster store (JetStream key-value) {what}: {e}"),
@@ -921,9 +920,9 @@ async fn bucket(s: &Shared) -> Result<jetstream::kv::Store> {
                 ..Default::default()
             })
             .await
-            .map_err(|e| store_error("unavailable (is JetStream enabled on the servers?)", e))?
+            .map_err(|e| store_error(s, "unavailable (is JetStream enabled on the servers?)", e))?
         }
-        Err(e) => return Err(store_error("did not answer", e)),
+        Err(e) => return Err(store_error(s, "did not answer", e)),
     };
     s.bucket_ready.store(true, Ordering::Release);
     Ok(kv)
@@ -947,7 +946,7 @@ async fn read_keys(s: &Shared, filter: &str) -> Result<Vec<(String, Bytes)>> {
     let stream =
         s.js.get_stream(format!("KV_{}", s.inner.bucket))
             .await
-            .map_err(|e| store_error("not found", e))?;
+            .map_err(|e| store_error(s, "not found", e))?;
     let prefix = format!("$KV.{}.", s.inner.bucket);
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -956,7 +955,7 @@ async fn read_keys(s: &Shared, filter: &str) -> Result<Vec<(String, Bytes)>> {
             ..Default::default()
         })
         .await
-        .map_err(|e| store_error("read", e))?;
+        .map_err(|e| store_error(s, "read", e))?;
     let mut out = Vec::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(out);
@@ -964,9 +963,9 @@ async fn read_keys(s: &Shared, filter: &str) -> Result<Vec<(String, Bytes)>> {
     let mut msgs = consumer
         .messages()
         .await
-        .map_err(|e| store_error("read", e))?;
+        .map_err(|e| store_error(s, "read", e))?;
     while let Some(m) = msgs.next().await {
-        let m = m.map_err(|e| store_error("read", e))?;
+        let m = m.map_err(|e| store_error(s, "read", e))?;
         let pending = m.info().map(|i| i.pending).unwrap_or(0);
         let deleted = m
             .headers
@@ -987,23 +986,16 @@ async fn read_keys(s: &Shared, filter: &str) -> Result<Vec<(String, Bytes)>> {
 
 /// Removes every key matching `filter` (key syntax) from the store.
 async fn purge(s: Arc<Shared>, filter: String) -> Result<()> {
-    let r = async {
-        let stream =
-            s.js.get_stream(format!("KV_{}", s.inner.bucket))
-                .await
-                .map_err(|e| store_error("not found", e))?;
-        stream
-            .purge()
-            .filter(format!("$KV.{}.{filter}", s.inner.bucket))
+    let stream =
+        s.js.get_stream(format!("KV_{}", s.inner.bucket))
             .await
-            .map_err(|e| store_error("purge", e))?;
-        Ok(())
-    }
-    .await;
-    if r.is_err() {
-        s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-    }
-    r
+            .map_err(|e| store_error(&s, "not found", e))?;
+    stream
+        .purge()
+        .filter(format!("$KV.{}.{filter}", s.inner.bucket))
+        .await
+        .map_err(|e| store_error(&s, "purge", e))?;
+    Ok(())
 }
 
 /// Removes a down or departed node's keys from the store: late joiners must not load a
@@ -1012,28 +1004,19 @@ async fn purge(s: Arc<Shared>, filter: String) -> Result<()> {
 /// finds its presence gone and writes everything again, see `check_presence`).
 async fn purge_gone(s: Arc<Shared>, eid: Eid) {
     let mut backoff = Backoff::new(&s);
-    let mut warned = false;
+    let mut run = FailureRun::default();
     loop {
         if s.inner.nodes.lock().is_up(&eid) || s.leaving.load(Ordering::Acquire) {
             return;
         }
         match purge(Arc::clone(&s), format!("{}.>", wire::eid_token(&eid))).await {
             Ok(()) => {
-                if warned {
-                    crate::log::log(
-                        crate::log::Level::Notice,
-                        &format!("cluster: removed the stored snapshots of gone node {eid}"),
-                    );
-                }
+                run.ended(|| format!("cluster: removed the stored snapshots of gone node {eid}"));
                 return;
             }
-            Err(e) if !warned => {
-                crate::log::warn(&format!(
-                    "cluster: removing the stored snapshots of gone node {eid} failed (retrying): {e}"
-                ));
-                warned = true;
-            }
-            Err(_) => {}
+            Err(e) => run.failed(|| {
+                format!("cluster: removing the stored snapshots of gone node {eid} failed (retrying): {e}")
+            }),
         }
         backoff.wait().await;
     }
@@ -1078,7 +1061,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             }
             written.push((key, Arc::clone(snap.message_type()), id, snap));
         }
-        await_acks(pending).await?;
+        await_acks(s, pending).await?;
         let held: HashSet<&str> = written.iter().map(|w| w.0.as_str()).collect();
         let mut pending = Vec::new();
         for key in stored.iter().filter(|k| !held.contains(k.as_str())) {
@@ -1086,7 +1069,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
                 pending.push(ack);
             }
         }
-        await_acks(pending).await?;
+        await_acks(s, pending).await?;
         for _round in 0..3 {
             let mut pending = Vec::new();
             let mut changed = Vec::new();
@@ -1102,7 +1085,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
                     changed.push((key.clone(), Arc::clone(ty), id.clone(), n));
                 }
             }
-            await_acks(pending).await?;
+            await_acks(s, pending).await?;
             if changed.is_empty() {
                 break;
             }
@@ -1113,7 +1096,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
     let presence = s.heartbeat(NODE_UP);
     kv.put(wire::presence_key(&me), Bytes::from(presence.encode()))
         .await
-        .map_err(|e| store_error("write", e))?;
+        .map_err(|e| store_error(s, "write", e))?;
     s.present.store(true, Ordering::Release);
     let _ = s
         .client
@@ -1144,13 +1127,13 @@ async fn store_put(
                 .await
         }
     };
-    r.map(Some).map_err(|e| store_error("write", e))
+    r.map(Some).map_err(|e| store_error(s, "write", e))
 }
 
-async fn await_acks(acks: Vec<jetstream::context::PublishAckFuture>) -> Result<()> {
+async fn await_acks(s: &Shared, acks: Vec<jetstream::context::PublishAckFuture>) -> Result<()> {
     for ack in acks {
         ack.await
-            .map_err(|e| store_error("write not confirmed", e))?;
+            .map_err(|e| store_error(s, "write not confirmed", e))?;
     }
     Ok(())
 }
@@ -1198,7 +1181,6 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
                 return;
             }
             Err(e) => {
-                s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 if Instant::now() >= deadline {
                     if let Some(d) = done.take() {
                         let _ = d.send(Err(e));
@@ -1300,6 +1282,29 @@ impl Backoff {
     }
 }
 
+/// A run of failures of one retried store task: the first is warned, and the success
+/// that ends the run gets a notice (an operator who saw the warning learns it is over).
+#[derive(Default)]
+struct FailureRun {
+    warned: bool,
+}
+
+impl FailureRun {
+    fn failed(&mut self, warning: impl FnOnce() -> String) {
+        if !self.warned {
+            crate::log::warn(&warning());
+            self.warned = true;
+        }
+    }
+
+    fn ended(&mut self, notice: impl FnOnce() -> String) {
+        if self.warned {
+            crate::log::log(crate::log::Level::Notice, &notice());
+            self.warned = false;
+        }
+    }
+}
+
 /// Has one node's stored snapshots (every node's with None) read again and reconciled
 /// with the caches. A re-read is the only repair of what a node missed while the store
 /// or the network failed (a write made while the store had no leader, re-asserted later):
@@ -1317,7 +1322,7 @@ fn request_reread(s: &Arc<Shared>, eid: Option<Eid>) {
 
 async fn reread_pending(s: Arc<Shared>) {
     let mut backoff = Backoff::new(&s);
-    let mut warned = false;
+    let mut run = FailureRun::default();
     loop {
         let batch = std::mem::take(&mut *s.rereads.lock());
         if batch.is_empty() {
@@ -1331,25 +1336,15 @@ async fn reread_pending(s: Arc<Shared>) {
         let mut failed = Rereads::default();
         for eid in batch.filters() {
             if let Err(e) = reread(&s, eid).await {
-                s.inner.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                if !warned {
-                    crate::log::warn(&format!(
-                        "cluster: re-reading stored snapshots failed (retrying): {e}"
-                    ));
-                    warned = true;
-                }
+                run.failed(|| {
+                    format!("cluster: re-reading stored snapshots failed (retrying): {e}")
+                });
                 failed.add(eid);
             }
         }
         if failed.is_empty() {
-            if warned {
-                crate::log::log(
-                    crate::log::Level::Notice,
-                    "cluster: re-reading stored snapshots succeeded again",
-                );
-            }
+            run.ended(|| "cluster: re-reading stored snapshots succeeded again".to_owned());
             backoff.reset();
-            warned = false;
             continue;
         }
         {
