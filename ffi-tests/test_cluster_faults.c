@@ -7,7 +7,8 @@
  *    another server, messages and cache state keep flowing both ways;
  *  - the store not answering (its server stopped, SIGSTOP) when a node comes back from
  *    down or is killed: the others' re-read of its snapshots, or their removal of them,
- *    is tried again until the store answers.
+ *    is tried again until the store answers;
+ *  - a leave while no server answers returns within a bound.
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -255,6 +256,38 @@ static void test_store_not_answering(void)
     nh_cluster_free(&cl);
 }
 
+/* Leaving while no server answers: the client's buffer is full of messages no server
+ * takes (a publish into it waits for a reconnect that does not come), and the cluster
+ * thread is still on a share it could not finish. The leave returns within a bound
+ * (it waited forever), and the process goes on. */
+static void test_leave_without_servers(void)
+{
+    nh_server srv;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    nh_child a;
+    start_node(&a, EID_A, "a", srv.url, "connect_timeout_ms=1000");
+    CN_OK(&a, "put reg snapl k1 1");
+    CN_OK(&a, "topic later");
+    nh_server_kill9(&srv);
+    WAIT_UNTIL(stat_of(&a, ST_CONNECTED) == 0);
+    CN_OK(&a, "pub reg text 200000 nobody");
+    const char *r = cn_cmd(&a, "share later");
+    CHECK(r != NULL && strncmp(r, "err -6", 6) == 0); /* SB_E_TIMEOUT: goes on behind */
+    long long t0 = nh_now_ms();
+    CN_OK(&a, "leave");
+    long long took = nh_now_ms() - t0;
+    printf("leave with no server: %lld ms (%lld warning(s) it was cut short)\n", took,
+           logged(&a, "leaving"));
+    /* five seconds for the cluster thread's part, then it is stopped where it waits */
+    CHECK(took < nh_scale_ms(8000));
+    CHECK(stat_of(&a, ST_SENT) == -1); /* no cluster any more */
+    CN_OK(&a, "count reg");            /* the bus goes on */
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    nh_server_free(&srv);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "node") == 0)
@@ -268,5 +301,6 @@ int main(int argc, char **argv)
     test_server_restart_empty_store();
     test_cluster_loses_a_server();
     test_store_not_answering();
+    test_leave_without_servers();
     return TEST_DONE();
 }

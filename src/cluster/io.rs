@@ -59,6 +59,7 @@ pub(crate) fn run(
     cmds: UnboundedReceiver<Cmd>,
     in_tx: InSender,
     ready: std::sync::mpsc::Sender<Result<()>>,
+    abort: Arc<tokio::sync::Notify>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,20 +74,36 @@ pub(crate) fn run(
             return;
         }
     };
+    let stats_of = Arc::clone(&inner);
     rt.block_on(async move {
-        let client = match connect(&inner).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
+        let work = async move {
+            let client = match connect(&inner).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            let io = Io::new(inner, client, in_tx);
+            io.main(cmds, ready).await;
         };
-        let io = Io::new(inner, client, in_tx);
-        io.main(cmds, ready).await;
+        // The thread that joins this one gave up waiting (see `Cluster::leave`): whatever
+        // this loop awaits (a client whose buffer is full while no server answers, a
+        // store request), it is dropped here, so the join returns.
+        tokio::select! {
+            biased;
+            () = abort.notified() => {}
+            () = work => {}
+        }
     });
-    // Dropping the runtime cancels what is left (forwarders, the connection).
-    drop(rt);
+    stats_of.stats.connected.store(false, Ordering::Relaxed);
+    // Cancels what is left (forwarders, the connection). A blocking task the client may
+    // have started (a host name's lookup) is not waited for beyond this bound.
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
 }
+
+/// How long the io thread's end waits for blocking work its runtime started.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(500);
 
 async fn connect(inner: &Arc<Inner>) -> Result<async_nats::Client> {
     let cfg = &inner.cfg;
@@ -649,7 +666,9 @@ impl Io {
             let own = format!("{}.>", wire::eid_token(&inner.me));
             let _ = tokio::time::timeout(super::LEAVE_DRAIN, purge(Arc::clone(&self.s), own)).await;
         }
-        self.send_heartbeat(NODE_LEFT).await;
+        // Every step is bounded: with no server to take them, the client's buffer fills
+        // and a publish into it waits for a reconnect that may never come.
+        let _ = tokio::time::timeout(super::LEAVE_DRAIN, self.send_heartbeat(NODE_LEFT)).await;
         let _ = tokio::time::timeout(super::LEAVE_DRAIN, self.s.client.flush()).await;
     }
 }

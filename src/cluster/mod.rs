@@ -298,6 +298,9 @@ pub struct Cluster {
     in_thread: Mutex<Option<JoinHandle<()>>>,
     in_tx: inbound::InboundTx,
     left: AtomicBool,
+    /// Stops the io thread wherever it waits (see `io::run`): a leave or a failed join
+    /// that gave up waiting for it.
+    abort: Arc<tokio::sync::Notify>,
 }
 
 fn random_u32() -> u32 {
@@ -335,9 +338,11 @@ impl Cluster {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let io_inner = Arc::clone(&inner);
         let io_in_tx = in_tx.clone();
+        let abort = Arc::new(tokio::sync::Notify::new());
+        let io_abort = Arc::clone(&abort);
         let io_thread = std::thread::Builder::new()
             .name("sb-cluster-io".into())
-            .spawn(move || io::run(io_inner, cmd_rx, io_in_tx, ready_tx))
+            .spawn(move || io::run(io_inner, cmd_rx, io_in_tx, ready_tx, io_abort))
             .map_err(|e| Error::new(ErrorKind::NoMemory, format!("cannot start a thread: {e}")));
         let io_thread = match io_thread {
             Ok(t) => t,
@@ -358,6 +363,8 @@ impl Cluster {
         });
         if let Err(e) = outcome {
             let _ = inner.cmd.send(io::Cmd::Stop);
+            // Stop notices only between steps of the loop; the abort, anywhere.
+            abort.notify_one();
             in_tx.stop();
             let _ = io_thread.join();
             let _ = in_thread.join();
@@ -370,6 +377,7 @@ impl Cluster {
             in_thread: Mutex::new(Some(in_thread)),
             in_tx,
             left: AtomicBool::new(false),
+            abort,
         });
         let mut live = LIVE.lock();
         live.retain(|w| w.strong_count() > 0);
@@ -619,8 +627,19 @@ impl Cluster {
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        if inner.cmd.send(io::Cmd::Leave(tx)).is_ok() {
-            let _ = rx.recv_timeout(Duration::from_secs(5));
+        let stuck = inner.cmd.send(io::Cmd::Leave(tx)).is_ok()
+            && matches!(
+                rx.recv_timeout(LEAVE_LIMIT),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+        if stuck {
+            // The io thread is stuck on the network (no server takes what it sends):
+            // stop it where it waits, so this call and the join below return.
+            crate::log::warn(&format!(
+                "cluster: leaving did not complete within {} s (no server answering): the cluster thread was stopped; the other nodes will take this node for down, not left",
+                LEAVE_LIMIT.as_secs()
+            ));
+            self.abort.notify_one();
         }
         // Remote entries go from the caches this node shared.
         self.in_tx.clear_remote(topics);
@@ -652,5 +671,10 @@ impl Drop for Cluster {
     }
 }
 
-/// How long `leave` waits for queued messages to go out.
+/// How long `leave` waits for queued messages to go out, and for each later step (the
+/// removal of our stored snapshots, the announcement, the flush).
 pub(crate) const LEAVE_DRAIN: Duration = Duration::from_secs(1);
+
+/// How long `leave` waits for the io thread's part (at most four `LEAVE_DRAIN`s, once the
+/// io thread reads the request) before stopping it where it is.
+const LEAVE_LIMIT: Duration = Duration::from_secs(5);
