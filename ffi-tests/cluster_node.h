@@ -638,6 +638,21 @@ static int cn_command(char *line)
         sb_publish(t->topic, m);
         sb_message_unref(m);
         sb_message_type_unref(ty);
+    } else if (strcmp(cmd, "putbig") == 0 && argc == 5 && t) {
+        /* a snapshot "ID\0xxx...x\0" of BYTES bytes or more (its value reads as 0) */
+        sb_message_type *ty = cn_type(argv[2]);
+        size_t idlen = strlen(argv[3]), n = (size_t)atol(argv[4]);
+        char *buf = (char *)malloc(idlen + n + 2);
+        if (buf == NULL)
+            return cn_reply_err(SB_E_NOMEM), 0;
+        memcpy(buf, argv[3], idlen + 1);
+        memset(buf + idlen + 1, 'x', n);
+        buf[idlen + 1 + n] = '\0';
+        sb_message *m = sb_message_create_bytes(ty, buf, idlen + n + 2);
+        free(buf);
+        sb_publish(t->topic, m);
+        sb_message_unref(m);
+        sb_message_type_unref(ty);
     } else if (strcmp(cmd, "putn") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);

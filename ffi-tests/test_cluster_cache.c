@@ -3,7 +3,8 @@
  * dump / dump_all / get_by_eid / aggregates over nodes, clears, a late join of 10,000
  * entries, kill -9 of a node cleared everywhere within heartbeat_ms x down_after_missed
  * + 1 s (and not loaded by a later joiner), a clean leave seen within 1 s, and a node
- * restarted with the same eid whose new session drops what it does not re-assert.
+ * restarted with the same eid whose new session drops what it does not re-assert, and a
+ * snapshot larger than the server takes (counted, warned, never retried).
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -211,6 +212,56 @@ static void test_paused_node(nh_child *b)
     CHECK_EQ_INT(cn_stop(&e), 0);
 }
 
+static long long dropped_out_of(nh_child *n)
+{
+    long long v[7] = {-1, -1, -1, -1, -1, -1, -1};
+    if (cn_nums(n, v, 7, "stats") != 7)
+        return -1;
+    return v[2];
+}
+
+static long long store_errors_of(nh_child *n)
+{
+    long long v[2] = {-1, -1};
+    if (cn_nums(n, v, 2, "storeerr") != 2)
+        return -1;
+    return v[0];
+}
+
+/* A snapshot larger than the server takes (its max_payload, 1 MB by default) cannot
+ * cross: it is counted in dropped_out and warned once, the others keep its previous
+ * value, the store too (a late joiner loads the same), nothing is retried (a store write
+ * that failed that way was retried forever, rewriting every snapshot each time), and
+ * what comes after it still crosses (a message was lost without a trace before). */
+static void test_too_large(nh_child *b)
+{
+    nh_child g, h;
+    start_node(&g, "00:00:00:00:00:1a", "g");
+    CN_OK(&g, "sharecache reg");
+    CN_OK(&g, "put reg snapbig k 1");
+    WAIT_UNTIL(get_of(b, "snapbig", "k", "00:00:00:00:00:1a") == 1);
+    long long dropped = dropped_out_of(&g), errors = store_errors_of(&g);
+    CN_OK(&g, "putbig reg snapbig k 2000000");
+    CN_OK(&g, "put reg snapbig after 2");
+    WAIT_UNTIL(get_of(b, "snapbig", "after", "00:00:00:00:00:1a") == 2);
+    CHECK_EQ_INT(get_of(b, "snapbig", "k", "00:00:00:00:00:1a"), 1);
+    CHECK_EQ_INT(get_of(&g, "snapbig", "k", "00:00:00:00:00:1a"), 0); /* g's own: the big one */
+    /* one message, one snapshot write */
+    WAIT_UNTIL(dropped_out_of(&g) == dropped + 2);
+    long long warned = -1;
+    CHECK(cn_nums(&g, &warned, 1, "logged larger") == 1 && warned == 2);
+    /* no retry: the store errors stay where they were over several retry periods */
+    cn_sleep_ms(HB_MS * 10);
+    CHECK_EQ_INT(store_errors_of(&g), errors);
+    CHECK_EQ_INT(dropped_out_of(&g), dropped + 2);
+    start_node(&h, "00:00:00:00:00:1b", "h");
+    CN_OK(&h, "sharecache reg");
+    CHECK_EQ_INT(get_of(&h, "snapbig", "k", "00:00:00:00:00:1a"), 1);
+    CHECK_EQ_INT(get_of(&h, "snapbig", "after", "00:00:00:00:00:1a"), 2);
+    CHECK_EQ_INT(cn_stop(&h), 0);
+    CHECK_EQ_INT(cn_stop(&g), 0);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "node") == 0)
@@ -234,6 +285,7 @@ int main(int argc, char **argv)
     test_kill9(&a, &b);
     test_new_session(&b);
     test_paused_node(&b);
+    test_too_large(&b);
 
     CHECK_EQ_INT(cn_stop(&b), 0);
     nh_child_close(&a, 1000);

@@ -281,7 +281,9 @@ typedef struct sb_cluster_stats {
    */
   uint64_t received;
   /**
-   * Messages dropped because the outgoing queue (out_queue_limit) was full.
+   * Messages dropped because the outgoing queue (out_queue_limit) was full, and
+   * messages and snapshots larger than the servers take (their max_payload; warned
+   * once per type).
    */
   uint64_t dropped_out;
   /**

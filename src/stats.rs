@@ -635,7 +635,7 @@ pub fn prometheus() -> String {
             &mut o,
             "cluster_dropped_out_total",
             "counter",
-            "Messages dropped because the outgoing queue was full.",
+            "Messages dropped because the outgoing queue was full, or larger than the servers take.",
             &|s| s.dropped_out,
         );
         cfam(

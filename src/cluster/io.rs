@@ -13,8 +13,10 @@ use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_realtime_ns, Message, MessageRef};
 use crate::message_type::MessageType;
+use async_nats::client::PublishErrorKind as ClientPublishErrorKind;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::context::PublishErrorKind as JsPublishErrorKind;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -222,6 +224,8 @@ struct Shared {
     rereading: AtomicBool,
     /// Cuts a failed re-read's pause short (a new request: the store may answer now).
     reread_now: tokio::sync::Notify,
+    /// (type, kind) pairs warned about for being larger than the servers take.
+    too_large_warned: parking_lot::Mutex<HashSet<(u32, Sent)>>,
 }
 
 impl Shared {
@@ -344,6 +348,7 @@ impl Io {
                 rereads: parking_lot::Mutex::new(Rereads::default()),
                 rereading: AtomicBool::new(false),
                 reread_now: tokio::sync::Notify::new(),
+                too_large_warned: parking_lot::Mutex::new(HashSet::new()),
             }),
             subs: HashMap::new(),
             interest_epoch: u64::MAX,
@@ -705,6 +710,10 @@ async fn sender(
                         Ok(ack) => {
                             let _ = acks.send(ack).await;
                         }
+                        // Never storable, so never retried.
+                        Err(err) if err.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
+                            too_large(&s, e.type_id, Sent::Store, &err);
+                        }
                         Err(_) => {
                             store_failed(&s);
                             schedule_reassert(&s);
@@ -716,8 +725,14 @@ async fn sender(
                         Some(h) => s.client.publish_with_headers(e.subject, h, e.body).await,
                         None => s.client.publish(e.subject, e.body).await,
                     };
-                    if r.is_ok() && e.kind == Sent::Message {
-                        s.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    match r {
+                        Ok(()) if e.kind == Sent::Message => {
+                            s.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(err) if err.kind() == ClientPublishErrorKind::MaxPayloadExceeded => {
+                            too_large(&s, e.type_id, e.kind, &err);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -817,9 +832,12 @@ struct Encoded {
     body: Bytes,
     headers: Option<async_nats::HeaderMap>,
     kind: Sent,
+    /// The id of the message's (or snapshot's) type, for a warning (an id, not a counted
+    /// reference: publishers count their publishes beside the type's reference count).
+    type_id: u32,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Sent {
     /// To the other nodes (counted in `sent`).
     Message,
@@ -833,12 +851,14 @@ fn encoded(
     body: Bytes,
     headers: Option<async_nats::HeaderMap>,
     kind: Sent,
+    ty: &MessageType,
 ) -> Encoded {
     Encoded {
         subject,
         body,
         headers,
         kind,
+        type_id: ty.id(),
     }
 }
 
@@ -855,7 +875,13 @@ fn encode_item(
             let body = body_of(&msg, inner.me, inner.session, *seq + 1, clear)?;
             *seq += 1;
             let subject = format!("{p}.m.{token}.{}", type_token(types, msg.message_type()));
-            Some(encoded(subject, body.into(), None, Sent::Message))
+            Some(encoded(
+                subject,
+                body.into(),
+                None,
+                Sent::Message,
+                msg.message_type(),
+            ))
         }
         Out::Direct { to, token, msg } => {
             let body = body_of(&msg, inner.me, inner.session, *seq + 1, false)?;
@@ -865,7 +891,13 @@ fn encode_item(
                 wire::eid_token(&to),
                 type_token(types, msg.message_type())
             );
-            Some(encoded(subject, body.into(), None, Sent::Message))
+            Some(encoded(
+                subject,
+                body.into(),
+                None,
+                Sent::Message,
+                msg.message_type(),
+            ))
         }
         Out::Json { token, msg } => {
             let json = msg.message_type().to_json(&msg)?;
@@ -875,7 +907,13 @@ fn encode_item(
             h.insert("Sb-Timestamp", msg.timestamp_ns().to_string().as_str());
             h.insert("Sb-Type", msg.message_type().name());
             h.insert("Sb-Node", inner.cfg.node_name.as_str());
-            Some(encoded(subject, json.into(), Some(h), Sent::Json))
+            Some(encoded(
+                subject,
+                json.into(),
+                Some(h),
+                Sent::Json,
+                msg.message_type(),
+            ))
         }
         Out::Snapshot {
             token,
@@ -887,16 +925,18 @@ fn encode_item(
             let id = cache.id_of(snap)?.into_owned();
             let key = wire::snapshot_key(&inner.me, &token, snap.message_type().name(), &id);
             let subject = format!("$KV.{}.{key}", inner.bucket);
+            let ty = snap.message_type();
             match &new {
                 Some(n) => {
                     let body = body_of(n, inner.me, inner.session, 0, false)?;
-                    Some(encoded(subject, body.into(), None, Sent::Store))
+                    Some(encoded(subject, body.into(), None, Sent::Store, ty))
                 }
                 None => Some(encoded(
                     subject,
                     Bytes::new(),
                     Some(del_headers()),
                     Sent::Store,
+                    ty,
                 )),
             }
         }
@@ -922,6 +962,29 @@ fn store_error(s: &Shared, what: &str, e: impl std::fmt::Display) -> Error {
         ErrorKind::Unavailable,
         format!("cluster store (JetStream key-value) {what}: {e}"),
     )
+}
+
+/// A message or snapshot larger than the servers take (their `max_payload`): never sent,
+/// however often tried. Counted in `dropped_out`, warned once per type and kind.
+fn too_large(s: &Shared, type_id: u32, kind: Sent, e: &dyn std::fmt::Display) {
+    s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+    let (what, outcome) = match kind {
+        Sent::Message => ("a message", "not sent to the other nodes"),
+        Sent::Json => ("a JSON export", "not exported"),
+        Sent::Store => (
+            "a snapshot",
+            "not stored (the store keeps its previous value, as the other nodes do)",
+        ),
+    };
+    let mut warned = s.too_large_warned.lock();
+    if warned.len() < 1024 && warned.insert((type_id, kind)) {
+        drop(warned);
+        let name = MessageType::by_id(type_id)
+            .map_or_else(|| format!("#{type_id}"), |t| t.name().to_owned());
+        crate::log::warn(&format!(
+            "cluster: {what} of type '{name}' is larger than the servers take ({e}): {outcome}; counted in dropped_out (warned once per type)"
+        ));
+    }
 }
 
 /// Finds the store's bucket, or creates it. One try: callers retry within their bounds.
@@ -1139,7 +1202,14 @@ async fn store_put(
             let Some(body) = body_of(m, s.inner.me, s.inner.session, 0, false) else {
                 return Ok(None);
             };
-            s.js.publish(subject, body.into()).await
+            match s.js.publish(subject, body.into()).await {
+                // Never storable (see the sender): left out, as a snapshot without codec.
+                Err(e) if e.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
+                    too_large(s, m.message_type().id(), Sent::Store, &e);
+                    return Ok(None);
+                }
+                r => r,
+            }
         }
         None => {
             s.js.publish_with_headers(subject, del_headers(), Bytes::new())

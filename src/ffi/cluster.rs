@@ -49,7 +49,9 @@ pub struct sb_cluster_stats {
     pub sent: u64,
     /// Messages that arrived and were published here (including loaded snapshots).
     pub received: u64,
-    /// Messages dropped because the outgoing queue (out_queue_limit) was full.
+    /// Messages dropped because the outgoing queue (out_queue_limit) was full, and
+    /// messages and snapshots larger than the servers take (their max_payload; warned
+    /// once per type).
     pub dropped_out: u64,
     /// Arrivals dropped: no decoder, unknown type, decode failure, bad wire data, or the
     /// server reporting this node as a slow consumer.
