@@ -653,6 +653,21 @@ static int cn_command(char *line)
         sb_publish(t->topic, m);
         sb_message_unref(m);
         sb_message_type_unref(ty);
+    } else if (strcmp(cmd, "putid") == 0 && argc == 5 && t) {
+        /* a snapshot whose id is LEN times 'i' (0: the empty id) */
+        sb_message_type *ty = cn_type(argv[2]);
+        size_t n = (size_t)atol(argv[3]), vlen = strlen(argv[4]);
+        char *buf = (char *)malloc(n + vlen + 2);
+        if (buf == NULL)
+            return cn_reply_err(SB_E_NOMEM), 0;
+        memset(buf, 'i', n);
+        buf[n] = '\0';
+        memcpy(buf + n + 1, argv[4], vlen + 1);
+        sb_message *m = sb_message_create_bytes(ty, buf, n + vlen + 2);
+        free(buf);
+        sb_publish(t->topic, m);
+        sb_message_unref(m);
+        sb_message_type_unref(ty);
     } else if (strcmp(cmd, "putn") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);

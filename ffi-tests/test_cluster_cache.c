@@ -232,7 +232,8 @@ static long long store_errors_of(nh_child *n)
  * cross: it is counted in dropped_out and warned once, the others keep its previous
  * value, the store too (a late joiner loads the same), nothing is retried (a store write
  * that failed that way was retried forever, rewriting every snapshot each time), and
- * what comes after it still crosses (a message was lost without a trace before). */
+ * what comes after it still crosses (a message was lost without a trace before). Then
+ * cache ids that make no store key. */
 static void test_too_large(nh_child *b)
 {
     nh_child g, h;
@@ -254,10 +255,39 @@ static void test_too_large(nh_child *b)
     cn_sleep_ms(HB_MS * 10);
     CHECK_EQ_INT(store_errors_of(&g), errors);
     CHECK_EQ_INT(dropped_out_of(&g), dropped + 2);
+
+    /* cache ids that make no store key (empty; over 1024 bytes): shared with the nodes
+     * up (messages carry no id in their subject), not stored, warned once, never
+     * retried; a 5,000-byte key made the server close the connection, again at every
+     * reconnect, and the empty one made a store write fail forever */
+    long long reconnects = -1;
+    {
+        long long v[7] = {-1, -1, -1, -1, -1, -1, -1};
+        CHECK(cn_nums(&g, v, 7, "stats") == 7);
+        reconnects = v[4];
+    }
+    dropped = dropped_out_of(&g);
+    CN_OK(&g, "putid reg snapid 0 7");
+    CN_OK(&g, "putid reg snapid 5000 8");
+    CN_OK(&g, "put reg snapid k 9");
+    WAIT_UNTIL(dump_of(b, "snapid", D_REMOTE) == 3);
+    WAIT_UNTIL(dropped_out_of(&g) == dropped + 2);
+    CHECK(cn_nums(&g, &warned, 1, "logged makes") == 1 && warned == 1);
+    cn_sleep_ms(HB_MS * 10);
+    {
+        long long v[7] = {-1, -1, -1, -1, -1, -1, -1};
+        CHECK(cn_nums(&g, v, 7, "stats") == 7);
+        CHECK_EQ_INT(v[4], reconnects);
+        CHECK_EQ_INT(v[5], 1);
+    }
+    CHECK_EQ_INT(store_errors_of(&g), errors);
+
     start_node(&h, "00:00:00:00:00:1b", "h");
     CN_OK(&h, "sharecache reg");
     CHECK_EQ_INT(get_of(&h, "snapbig", "k", "00:00:00:00:00:1a"), 1);
     CHECK_EQ_INT(get_of(&h, "snapbig", "after", "00:00:00:00:00:1a"), 2);
+    CHECK_EQ_INT(dump_of(&h, "snapid", D_REMOTE), 1); /* only k */
+    CHECK_EQ_INT(get_of(&h, "snapid", "k", "00:00:00:00:00:1a"), 9);
     CHECK_EQ_INT(cn_stop(&h), 0);
     CHECK_EQ_INT(cn_stop(&g), 0);
 }

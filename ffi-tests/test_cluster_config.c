@@ -2,8 +2,8 @@
  * test_cluster_config.c - joining: configuration errors name the key, unreachable or
  * silent servers give SB_E_UNAVAILABLE / SB_E_TIMEOUT with the reason, credentials
  * (user/password, token) are accepted and wrong ones refused, TLS with a test CA works
- * and an unknown CA is refused, NULL handles are refused, and leaving then joining
- * again in one process works.
+ * and an unknown CA is refused, NULL handles are refused, leaving then joining again in
+ * one process works, and names too long for a subject are refused or never sent.
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -230,6 +230,81 @@ static void test_leave_and_join_again(void)
     nh_server_free(&s);
 }
 
+static void on_msg(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)data;
+    (void)sub;
+    (void)msg;
+}
+
+/* Names that make no subject token a server takes (over 1024 bytes once escaped) are
+ * refused where an error can be returned and never sent where none can: a server closes
+ * the connection on a protocol line over 4 KB, and the client sends it again on each
+ * reconnect (a node sharing such a topic, or importing such a type, never stayed
+ * connected). */
+static void test_names_too_long(void)
+{
+    nh_server s;
+    nh_server_opts o;
+    memset(&o, 0, sizeof o);
+    CHECK(nh_server_start(&s, &o) == 0);
+    sb_cluster *c = join_with(&s, NULL, NULL, NULL, NULL, NULL);
+    CHECK(c != NULL);
+    if (c == NULL) {
+        nh_server_free(&s);
+        return;
+    }
+    static char name[2048];
+    memset(name, 'a', 1025);
+    name[1025] = '\0';
+    sb_topic *too_long = sb_topic_create(name);
+    CHECK_EQ_INT(sb_cluster_share_topic(c, too_long), SB_E_INVAL);
+    CHECK(strstr(sb_last_error(), "too long") != NULL);
+    CHECK_EQ_INT(sb_cluster_export_json(c, too_long), SB_E_INVAL);
+    memset(name, ':', 1400); /* escaped: 4,200 bytes, a protocol line over 4 KB */
+    name[1400] = '\0';
+    sb_topic *escaped_too_long = sb_topic_create(name);
+    CHECK_EQ_INT(sb_cluster_share_topic(c, escaped_too_long), SB_E_INVAL);
+    memset(name, 'a', 1024);
+    name[1024] = '\0';
+    sb_topic *longest = sb_topic_create(name);
+    CHECK_EQ_INT(sb_cluster_share_topic(c, longest), SB_OK);
+
+    /* a type too long: a subscriber that asks for it alone is not subscribed on the
+     * server for it, its messages are counted and not sent */
+    memset(name, ';', 1400);
+    name[1400] = '\0';
+    sb_message_type *ty = NULL;
+    CHECK_EQ_INT(sb_message_type_create(name, NULL, &ty), SB_OK);
+    sb_subscription *sub = sb_subscribe(longest, on_msg, NULL);
+    CHECK_EQ_INT(sb_subscription_accept_message_type(sub, ty), SB_OK);
+    CHECK_EQ_INT(sb_subscription_set_filter(sub, SB_FILTER_SELECTIVE), SB_OK);
+    sb_message *m = sb_message_create_bytes(ty, "x", 1);
+    sb_publish(longest, m);
+    sb_eid other;
+    CHECK_EQ_INT(sb_eid_from_str("00:00:00:00:00:99", &other), SB_OK);
+    CHECK_EQ_INT(sb_cluster_publish_to(c, &other, longest, m), SB_E_INVAL);
+    CHECK_EQ_INT(sb_cluster_publish_to(c, &other, too_long, m), SB_E_INVAL);
+    sb_message_unref(m);
+    sb_cluster_stats st;
+    memset(&st, 0, sizeof st);
+    WAIT_UNTIL(sb_cluster_get_stats(c, &st) == SB_OK && st.dropped_out == 1);
+    tu_sleep_ms(1500);
+    CHECK_EQ_INT(sb_cluster_get_stats(c, &st), SB_OK);
+    CHECK_EQ_INT(st.reconnects, 0);
+    CHECK_EQ_INT(st.connected, 1);
+    CHECK_EQ_INT(st.dropped_out, 1);
+
+    CHECK_EQ_INT(sb_unsubscribe_and_join(sub), SB_OK);
+    sb_subscription_unref(sub);
+    c = sb_cluster_leave(c);
+    sb_message_type_unref(ty);
+    sb_topic_unref(too_long);
+    sb_topic_unref(escaped_too_long);
+    sb_topic_unref(longest);
+    nh_server_free(&s);
+}
+
 int main(void)
 {
     TEST_INIT();
@@ -239,6 +314,7 @@ int main(void)
         test_credentials();
         test_tls();
         test_leave_and_join_again();
+        test_names_too_long();
     }
     return TEST_DONE();
 }

@@ -224,8 +224,8 @@ struct Shared {
     rereading: AtomicBool,
     /// Cuts a failed re-read's pause short (a new request: the store may answer now).
     reread_now: tokio::sync::Notify,
-    /// (type, kind) pairs warned about for being larger than the servers take.
-    too_large_warned: parking_lot::Mutex<HashSet<(u32, Sent)>>,
+    /// What was warned about as never sendable (see `unsendable`).
+    unsendable_warned: parking_lot::Mutex<HashSet<(u32, Sent, Unsendable)>>,
 }
 
 impl Shared {
@@ -348,7 +348,7 @@ impl Io {
                 rereads: parking_lot::Mutex::new(Rereads::default()),
                 rereading: AtomicBool::new(false),
                 reread_now: tokio::sync::Notify::new(),
-                too_large_warned: parking_lot::Mutex::new(HashSet::new()),
+                unsendable_warned: parking_lot::Mutex::new(HashSet::new()),
             }),
             subs: HashMap::new(),
             interest_epoch: u64::MAX,
@@ -545,8 +545,9 @@ impl Io {
                 want.insert(format!("{p}.m.{}.>", st.token));
                 continue;
             }
+            // A type whose name makes no subject token never crosses (`encode_item`).
             for ty in &types {
-                if st.topic.wants(ty) {
+                if st.topic.wants(ty) && wire::token_fits(ty.name()) {
                     want.insert(format!("{p}.m.{}.{}", st.token, wire::escaped(ty.name())));
                 }
             }
@@ -712,7 +713,13 @@ async fn sender(
                         }
                         // Never storable, so never retried.
                         Err(err) if err.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
-                            too_large(&s, e.type_id, Sent::Store, &err);
+                            unsendable(
+                                &s,
+                                e.type_id,
+                                Sent::Store,
+                                Unsendable::TooLarge,
+                                &err.to_string(),
+                            );
                         }
                         Err(_) => {
                             store_failed(&s);
@@ -730,7 +737,13 @@ async fn sender(
                             s.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(err) if err.kind() == ClientPublishErrorKind::MaxPayloadExceeded => {
-                            too_large(&s, e.type_id, e.kind, &err);
+                            unsendable(
+                                &s,
+                                e.type_id,
+                                e.kind,
+                                Unsendable::TooLarge,
+                                &err.to_string(),
+                            );
                         }
                         _ => {}
                     }
@@ -870,8 +883,21 @@ fn encode_item(
     types: &mut HashMap<u32, String>,
 ) -> Option<Encoded> {
     let inner = &s.inner;
+    // A type whose name makes no subject token, or a snapshot whose id makes no key
+    // token, never crosses: a server would refuse the subject, or close the connection
+    // on a protocol line that long (and the client would send it again on reconnecting).
+    let fits = |ty: &MessageType, kind: Sent| {
+        let ok = wire::token_fits(ty.name());
+        if !ok {
+            unsendable(s, ty.id(), kind, Unsendable::TypeName, "");
+        }
+        ok
+    };
     match item {
         Out::Broadcast { token, msg, clear } => {
+            if !fits(msg.message_type(), Sent::Message) {
+                return None;
+            }
             let body = body_of(&msg, inner.me, inner.session, *seq + 1, clear)?;
             *seq += 1;
             let subject = format!("{p}.m.{token}.{}", type_token(types, msg.message_type()));
@@ -884,6 +910,9 @@ fn encode_item(
             ))
         }
         Out::Direct { to, token, msg } => {
+            if !fits(msg.message_type(), Sent::Message) {
+                return None;
+            }
             let body = body_of(&msg, inner.me, inner.session, *seq + 1, false)?;
             *seq += 1;
             let subject = format!(
@@ -900,6 +929,9 @@ fn encode_item(
             ))
         }
         Out::Json { token, msg } => {
+            if !fits(msg.message_type(), Sent::Json) {
+                return None;
+            }
             let json = msg.message_type().to_json(&msg)?;
             let subject = format!("{p}.json.{token}.{}", type_token(types, msg.message_type()));
             let mut h = async_nats::HeaderMap::new();
@@ -923,6 +955,9 @@ fn encode_item(
         } => {
             let snap = new.as_ref().or(old.as_ref())?;
             let id = cache.id_of(snap)?.into_owned();
+            if new.is_some() && !storable(s, snap, &id) {
+                return None;
+            }
             let key = wire::snapshot_key(&inner.me, &token, snap.message_type().name(), &id);
             let subject = format!("$KV.{}.{key}", inner.bucket);
             let ty = snap.message_type();
@@ -964,27 +999,55 @@ fn store_error(s: &Shared, what: &str, e: impl std::fmt::Display) -> Error {
     )
 }
 
-/// A message or snapshot larger than the servers take (their `max_payload`): never sent,
-/// however often tried. Counted in `dropped_out`, warned once per type and kind.
-fn too_large(s: &Shared, type_id: u32, kind: Sent, e: &dyn std::fmt::Display) {
+/// Why a message or snapshot can never cross, however often tried.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Unsendable {
+    /// Larger than the servers' `max_payload`.
+    TooLarge,
+    /// Its type's name makes no subject token (`wire::token_fits`).
+    TypeName,
+    /// Its cache id makes no store key token (empty, or too long).
+    CacheId,
+}
+
+/// Counts (in `dropped_out`) a message or snapshot that can never cross, and warns once
+/// per type, kind and reason. `detail`: the client's words, if any.
+fn unsendable(s: &Shared, type_id: u32, kind: Sent, why: Unsendable, detail: &str) {
     s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
-    let (what, outcome) = match kind {
-        Sent::Message => ("a message", "not sent to the other nodes"),
-        Sent::Json => ("a JSON export", "not exported"),
-        Sent::Store => (
-            "a snapshot",
-            "not stored (the store keeps its previous value, as the other nodes do)",
+    let mut warned = s.unsendable_warned.lock();
+    if warned.len() >= 1024 || !warned.insert((type_id, kind, why)) {
+        return;
+    }
+    drop(warned);
+    let what = match kind {
+        Sent::Message => "a message",
+        Sent::Json => "a JSON export",
+        Sent::Store => "a snapshot",
+    };
+    let reason = match why {
+        Unsendable::TooLarge => format!("is larger than the servers take ({detail})"),
+        Unsendable::TypeName => format!(
+            "has a type name too long for a subject (at most {} bytes once escaped)",
+            wire::MAX_TOKEN
+        ),
+        Unsendable::CacheId => format!(
+            "has a cache id that makes no store key (empty, or over {} bytes once escaped)",
+            wire::MAX_TOKEN
         ),
     };
-    let mut warned = s.too_large_warned.lock();
-    if warned.len() < 1024 && warned.insert((type_id, kind)) {
-        drop(warned);
-        let name = MessageType::by_id(type_id)
-            .map_or_else(|| format!("#{type_id}"), |t| t.name().to_owned());
-        crate::log::warn(&format!(
-            "cluster: {what} of type '{name}' is larger than the servers take ({e}): {outcome}; counted in dropped_out (warned once per type)"
-        ));
-    }
+    let outcome = match (kind, why) {
+        (Sent::Message, _) => "not sent to the other nodes",
+        (Sent::Json, _) => "not exported",
+        (Sent::Store, Unsendable::TooLarge) => {
+            "not stored (the store keeps its previous value, as the other nodes do)"
+        }
+        (Sent::Store, _) => "not stored (late joiners do not load it)",
+    };
+    let name =
+        MessageType::by_id(type_id).map_or_else(|| format!("#{type_id}"), |t| t.name().to_owned());
+    crate::log::warn(&format!(
+        "cluster: {what} of type '{name}' {reason}: {outcome}; counted in dropped_out (warned once per type)"
+    ));
 }
 
 /// Finds the store's bucket, or creates it. One try: callers retry within their bounds.
@@ -1137,6 +1200,9 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
                 continue;
             };
+            if !storable(s, &snap, &id) {
+                continue;
+            }
             let key = wire::snapshot_key(&me, token, snap.message_type().name(), &id);
             if let Some(ack) = store_put(s, &key, Some(&snap)).await? {
                 pending.push(ack);
@@ -1190,6 +1256,22 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Whether a snapshot of id `id` makes a store key (see `wire::token_fits`); counted and
+/// warned when it does not. A removal of such a key is never needed: it was never
+/// stored.
+fn storable(s: &Shared, snap: &MessageRef, id: &str) -> bool {
+    let ty = snap.message_type();
+    let why = if !wire::token_fits(ty.name()) {
+        Unsendable::TypeName
+    } else if !wire::token_fits(id) {
+        Unsendable::CacheId
+    } else {
+        return true;
+    };
+    unsendable(s, ty.id(), Sent::Store, why, "");
+    false
+}
+
 /// Writes (or with None deletes) one of our snapshots; the acknowledgement to await.
 async fn store_put(
     s: &Shared,
@@ -1205,7 +1287,13 @@ async fn store_put(
             match s.js.publish(subject, body.into()).await {
                 // Never storable (see the sender): left out, as a snapshot without codec.
                 Err(e) if e.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
-                    too_large(s, m.message_type().id(), Sent::Store, &e);
+                    unsendable(
+                        s,
+                        m.message_type().id(),
+                        Sent::Store,
+                        Unsendable::TooLarge,
+                        &e.to_string(),
+                    );
                     return Ok(None);
                 }
                 r => r,

@@ -289,6 +289,30 @@ impl Tap for CacheTap {
     }
 }
 
+/// A topic whose name makes a subject token too long for the servers cannot cross.
+fn check_topic_name(topic: &Topic) -> Result<()> {
+    if wire::token_fits(topic.name()) {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "topic name too long for the cluster: {} bytes, at most {} once escaped for a subject (bytes other than A-Z a-z 0-9 _ - / take 3)",
+        topic.name().len(),
+        wire::MAX_TOKEN
+    )))
+}
+
+/// The same for a message type's name.
+fn check_type_name(ty: &MessageType) -> Result<()> {
+    if wire::token_fits(ty.name()) {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "message type name too long for the cluster: {} bytes, at most {} once escaped for a subject",
+        ty.name().len(),
+        wire::MAX_TOKEN
+    )))
+}
+
 /// A joined cluster (`sb_cluster`).
 #[repr(C)]
 pub struct Cluster {
@@ -437,6 +461,7 @@ impl Cluster {
         topics: &'a mut HashMap<String, SharedTopic>,
         topic: &Arc<Topic>,
     ) -> Result<&'a mut SharedTopic> {
+        check_topic_name(topic)?;
         let st = topics
             .entry(topic.name().to_owned())
             .or_insert_with(|| SharedTopic {
@@ -564,6 +589,8 @@ impl Cluster {
 
     pub fn publish_to(&self, node: &Eid, topic: &Arc<Topic>, msg: &MessageRef) -> Result<()> {
         let inner = self.usable()?;
+        check_topic_name(topic)?;
+        check_type_name(msg.message_type())?;
         if !inner.nodes.lock().is_up(node) || *node == inner.me {
             return Err(Error::state(format!("node {node} is not up")));
         }

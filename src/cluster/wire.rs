@@ -55,6 +55,19 @@ fn verbatim(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'/'
 }
 
+/// The longest subject token (an escaped topic, type or cache id) a node sends, stores or
+/// subscribes to. A server closes a connection whose protocol line is longer than its
+/// `max_control_line` (4 KB by default), and the client reconnects to send the same line
+/// again: a subject of the prefix, an eid and three such tokens stays well under it.
+pub(crate) const MAX_TOKEN: usize = 1024;
+
+/// `name` makes a subject token a server takes: not empty (a key may not end with the
+/// separator) and no longer than `MAX_TOKEN` once escaped.
+pub(crate) fn token_fits(name: &str) -> bool {
+    let escaped: usize = name.bytes().map(|b| if verbatim(b) { 1 } else { 3 }).sum();
+    escaped > 0 && escaped <= MAX_TOKEN
+}
+
 /// Escapes a name (topic, type, cache id) into one subject / key token.
 pub fn escape_token(name: &str, out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -347,6 +360,25 @@ pub fn parse_presence_key(key: &str) -> Option<Eid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_fit_when_not_empty_and_short_once_escaped() {
+        assert!(!token_fits(""));
+        assert!(token_fits("a"));
+        assert!(token_fits(&"a".repeat(MAX_TOKEN)));
+        assert!(!token_fits(&"a".repeat(MAX_TOKEN + 1)));
+        // ':' is escaped to three bytes
+        assert!(token_fits(&":".repeat(MAX_TOKEN / 3)));
+        assert!(!token_fits(&":".repeat(MAX_TOKEN / 3 + 1)));
+        // the longest subject made of such tokens stays under a 4 KB protocol line
+        let t = "=3A".repeat(MAX_TOKEN / 3);
+        let key = format!(
+            "$KV.{}_state.{}.c.{t}.{t}.{t}",
+            "p".repeat(64),
+            "0".repeat(12)
+        );
+        assert!(key.len() + "HPUB  _INBOX.0123456789012345678901.0123456789012345678901 1000000000 1000000000\r\n".len() < 4096);
+    }
 
     #[test]
     fn tokens_round_trip_and_stay_single_tokens() {

@@ -406,7 +406,8 @@ pub extern "C" fn sb_cluster_leave(c: *mut sb_cluster) -> *mut sb_cluster {
 /// every node: local messages that reach it are sent to the other nodes, and their
 /// messages of that topic name are published here with the sender's eid and timestamp.
 /// Returns once this node's subscriptions are in place (SB_E_TIMEOUT after
-/// connect_timeout_ms; they complete in the background).
+/// connect_timeout_ms; they complete in the background). SB_E_INVAL when the topic's name
+/// is too long for a subject (over 1024 bytes once escaped, see README: Wire format).
 /// Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
 /// `topic` while it is shared.
 #[no_mangle]
@@ -437,7 +438,8 @@ pub extern "C" fn sb_message_type_set_codec(
 
 /// Sends `msg` (borrowed) to one node only: published there on its topic named like
 /// `topic`, which that node shares; not published here. SB_E_STATE when that node is not
-/// up, SB_E_INVAL when the message cannot be encoded. Never waits for the network.
+/// up, SB_E_INVAL when the message cannot be encoded or the topic's or the type's name is
+/// too long for a subject (over 1024 bytes once escaped). Never waits for the network.
 /// Ownership: every argument is borrowed; the library takes its own reference to `msg`
 /// while it waits to be sent.
 #[no_mangle]
@@ -452,6 +454,7 @@ pub extern "C" fn sb_cluster_publish_to(
 
 /// Also publishes local messages of `topic` whose type has to_json as JSON, for programs
 /// outside the bus, on subject "<prefix>.json.<topic>.<type>" (README: Wire format).
+/// SB_E_INVAL when the topic's name is too long for a subject (as sb_cluster_share_topic).
 /// Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
 /// `topic` until it leaves.
 #[no_mangle]
@@ -462,8 +465,10 @@ pub extern "C" fn sb_cluster_export_json(c: *mut sb_cluster, topic: *mut sb_topi
 /// Shares `ct`'s original topic (as sb_cluster_share_topic) and its cache's state: this
 /// node's snapshots are kept in the cluster's store, and every other live node's are
 /// loaded here as remote entries. Returns SB_OK once the local cache holds them, or
-/// SB_E_TIMEOUT after connect_timeout_ms (sharing completes in the background). The
-/// cluster keeps a reference to `ct` (borrowed) until it leaves.
+/// SB_E_TIMEOUT after connect_timeout_ms (sharing completes in the background), or
+/// SB_E_INVAL when the original topic's name is too long for a subject (as
+/// sb_cluster_share_topic). The cluster keeps a reference to `ct` (borrowed) until it
+/// leaves.
 /// Ownership: `c` and `ct` are borrowed; the cluster keeps its own reference to `ct`
 /// (and so to its cache and original topic) until it leaves.
 #[no_mangle]
