@@ -200,14 +200,21 @@ static char *cn_to_json(const sb_message *msg)
     return out;
 }
 
-static sb_message_type *cn_type(const char *name)
+/* A command's word names a type; '~' in it stands for a line break (which no command
+ * word can hold). */
+static sb_message_type *cn_type(const char *word)
 {
+    char name[256];
+    snprintf(name, sizeof name, "%s", word);
+    for (char *c = name; *c; c++)
+        if (*c == '~')
+            *c = '\n';
     sb_message_type *ty = NULL;
     if (strncmp(name, "codec", 5) == 0) {
         if (sb_message_type_create(name, NULL, &ty) != SB_OK)
             return NULL;
         /* the codec is set on the type's first use only ("nocodec" removes it for good) */
-        static char configured[16][64];
+        static char configured[16][256];
         static int nconfigured;
         for (int i = 0; i < nconfigured; i++)
             if (strcmp(configured[i], name) == 0)

@@ -259,6 +259,23 @@ static void test_json_export(void)
     /* nothing else: the text message has no to_json */
     CHECK(nh_plain_next_msg(&p, &m, 300) != 0);
     nh_msg_free(&m);
+
+    /* a type name with a line break, which no header value may hold: its escaped token
+     * goes in Sb-Type, and what follows is still sent (the client's refusal, a panic,
+     * ended a's sending for good) */
+    CN_OK(&a, "pub chat json~x 1 nl");
+    CN_OK(&a, "pub chat jsonmsg 1 after");
+    memset(&m, 0, sizeof m);
+    CHECK(nh_plain_next_msg(&p, &m, 5000) == 0);
+    CHECK_STR(m.subject, "sb.json.chat.json=0Ax");
+    CHECK(nh_msg_header(&m, "Sb-Type", h, sizeof h) == 0);
+    CHECK_STR(h, "json=0Ax");
+    nh_msg_free(&m);
+    memset(&m, 0, sizeof m);
+    CHECK(nh_plain_next_msg(&p, &m, 5000) == 0);
+    CHECK_STR(m.subject, "sb.json.chat.jsonmsg");
+    CHECK(m.payload != NULL && strcmp(m.payload, "{\"text\":\"after:0\"}") == 0);
+    nh_msg_free(&m);
     nh_plain_close(&p);
 }
 

@@ -698,7 +698,21 @@ async fn sender(
         // that `leave` (queue empty and not busy) knows nothing is on its way.
         s.sending.store(true, Ordering::SeqCst);
         while let Some(item) = s.inner.pop() {
-            let Some(e) = encode_item(&s, &p, item, &mut seq, &mut type_tokens) else {
+            // A panic here (a bug of ours, or a client assertion we did not foresee) would
+            // end this task, and with it everything this node sends, without a word:
+            // the item is lost, counted and reported, and the next one goes.
+            let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                encode_item(&s, &p, item, &mut seq, &mut type_tokens)
+            }));
+            let Ok(encoded) = encoded else {
+                s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+                crate::log::log(
+                    crate::log::Level::Error,
+                    "cluster: preparing a message to send failed inside the library (a bug: please report it); the message was dropped",
+                );
+                continue;
+            };
+            let Some(e) = encoded else {
                 continue;
             };
             match e.kind {
@@ -814,6 +828,13 @@ fn type_token<'a>(cache: &'a mut HashMap<u32, String>, ty: &MessageType) -> &'a 
     cache
         .entry(ty.id())
         .or_insert_with(|| wire::escaped(ty.name()))
+}
+
+/// A header value for a name: the name itself, or its escaped token when it holds a line
+/// break (which no header value may: the client refuses it, by a panic).
+fn header_value(name: &str) -> async_nats::HeaderValue {
+    name.parse()
+        .unwrap_or_else(|_| async_nats::HeaderValue::from(wire::escaped(name).as_str()))
 }
 
 /// The envelope plus encoded data of `msg`; None when it cannot be encoded.
@@ -937,8 +958,8 @@ fn encode_item(
             let mut h = async_nats::HeaderMap::new();
             h.insert("Sb-Eid", inner.me.to_string().as_str());
             h.insert("Sb-Timestamp", msg.timestamp_ns().to_string().as_str());
-            h.insert("Sb-Type", msg.message_type().name());
-            h.insert("Sb-Node", inner.cfg.node_name.as_str());
+            h.insert("Sb-Type", header_value(msg.message_type().name()));
+            h.insert("Sb-Node", header_value(&inner.cfg.node_name));
             Some(encoded(
                 subject,
                 json.into(),
