@@ -456,6 +456,7 @@ typedef struct nh_server_opts {
     int tls_verify;         /* with tls: clients must also present a certificate of the CA */
     int tls_first;          /* with tls: TLS handshake before INFO (handshake_first) */
     const char *extra_conf; /* appended to the configuration file as is (NULL: nothing) */
+    int no_jetstream;       /* a server without JetStream (no store for shared caches) */
 } nh_server_opts;
 
 typedef struct nh_server {
@@ -597,9 +598,10 @@ static inline int nh_server_write_conf(nh_server *s)
     fprintf(f, "server_name: \"%s\"\n", s->name);
     fprintf(f, "listen: \"127.0.0.1:%d\"\n", s->port);
     fprintf(f, "http: \"127.0.0.1:%d\"\n", s->monitor_port);
-    fprintf(f, "jetstream {\n  store_dir: \"%s\"\n  max_memory_store: 256MB\n"
-               "  max_file_store: 1GB\n}\n",
-            s->store);
+    if (!s->opts.no_jetstream)
+        fprintf(f, "jetstream {\n  store_dir: \"%s\"\n  max_memory_store: 256MB\n"
+                   "  max_file_store: 1GB\n}\n",
+                s->store);
     if (s->user[0])
         fprintf(f, "authorization {\n  user: \"%s\"\n  password: \"%s\"\n}\n", s->user,
                 s->password);

@@ -230,6 +230,22 @@ static void test_leave_and_join_again(void)
     nh_server_free(&s);
 }
 
+static const char *cache_id(sb_message *msg)
+{
+    (void)msg;
+    return "k";
+}
+
+/* store_errors of the live clusters, from sb_stats_json. */
+static long long store_errors(void)
+{
+    char *json = sb_stats_json();
+    const char *p = json ? strstr(json, "\"store_errors\":") : NULL;
+    long long v = p ? strtoll(p + strlen("\"store_errors\":"), NULL, 10) : -1;
+    sb_string_free(json);
+    return v;
+}
+
 static void on_msg(void *data, sb_subscription *sub, sb_message *msg)
 {
     (void)data;
@@ -305,6 +321,40 @@ static void test_names_too_long(void)
     nh_server_free(&s);
 }
 
+/* A server without JetStream: sharing a cache fails with the server's reason (it was a
+ * timeout: the answer came after the caller stopped waiting), and sharing goes on behind
+ * it with pauses that grow (it retried ten times a second, forever). */
+static void test_no_jetstream(void)
+{
+    nh_server s;
+    nh_server_opts o;
+    memset(&o, 0, sizeof o);
+    o.no_jetstream = 1;
+    CHECK(nh_server_start(&s, &o) == 0);
+    sb_cluster *c = join_with(&s, "connect_timeout_ms", "1000", NULL, NULL, NULL);
+    CHECK(c != NULL);
+    if (c == NULL) {
+        nh_server_free(&s);
+        return;
+    }
+    sb_topic *t = sb_topic_create("nojs");
+    sb_cache *cache = sb_cache_create(cache_id);
+    sb_caching_topic *ct = sb_caching_topic_create(t, cache);
+    CHECK_EQ_INT(sb_cluster_share_cache(c, ct), SB_E_UNAVAILABLE);
+    CHECK(strstr(sb_last_error(), "JetStream") != NULL);
+    long long before = store_errors();
+    tu_sleep_ms(3000);
+    long long grew = store_errors() - before;
+    printf("store errors in 3 s of sharing a cache without JetStream: %lld\n", grew);
+    /* pauses of 1, 2, 4 s (heartbeat_ms 1000): a few tries of a few requests each */
+    CHECK(grew >= 0 && grew <= 10);
+    c = sb_cluster_leave(c);
+    ct = sb_caching_unsubscribe_and_join(ct);
+    sb_cache_unref(cache);
+    sb_topic_unref(t);
+    nh_server_free(&s);
+}
+
 int main(void)
 {
     TEST_INIT();
@@ -315,6 +365,7 @@ int main(void)
         test_tls();
         test_leave_and_join_again();
         test_names_too_long();
+        test_no_jetstream();
     }
     return TEST_DONE();
 }

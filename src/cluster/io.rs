@@ -1365,9 +1365,12 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
     let deadline =
         Instant::now() + Duration::from_millis(u64::from(s.inner.cfg.connect_timeout_ms));
     let mut done = Some(done);
+    let mut backoff = Backoff::new(&s);
+    let mut run = FailureRun::default();
     loop {
         match load_cache(&s, &topic).await {
             Ok((entries, asserted)) => {
+                run.ended(|| format!("cluster: sharing cache of topic '{topic}' went through"));
                 s.in_tx
                     .send(Inbound::Reconcile {
                         topic: Some(topic),
@@ -1378,13 +1381,22 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
                     .await;
                 return;
             }
-            Err(e) => {
-                if Instant::now() >= deadline {
-                    if let Some(d) = done.take() {
-                        let _ = d.send(Err(e));
-                    }
-                }
+            // The caller is waiting: try again soon.
+            Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                // The caller gets this error (its wait allows for one more try past the
+                // deadline); sharing goes on behind it, pausing longer and longer (a
+                // store that is not there, e.g. JetStream not enabled, is asked every
+                // few seconds, not ten times a second).
+                run.failed(|| {
+                    format!("cluster: sharing cache of topic '{topic}' failed (retrying): {e}")
+                });
+                if let Some(d) = done.take() {
+                    let _ = d.send(Err(e));
+                }
+                backoff.wait().await;
             }
         }
     }

@@ -578,7 +578,11 @@ impl Cluster {
         {
             return Err(Error::state("the cluster's io thread has stopped"));
         }
-        match rx.recv_timeout(Duration::from_millis(u64::from(inner.cfg.connect_timeout_ms))) {
+        // The io side answers with its error once connect_timeout_ms has passed: wait a
+        // little longer, so that a store that refuses at once (JetStream not enabled)
+        // gives its reason rather than a timeout.
+        let limit = Duration::from_millis(u64::from(inner.cfg.connect_timeout_ms)) + SHARE_MARGIN;
+        match rx.recv_timeout(limit) {
             Ok(r) => r,
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
@@ -701,6 +705,9 @@ impl Drop for Cluster {
 /// How long `leave` waits for queued messages to go out, and for each later step (the
 /// removal of our stored snapshots, the announcement, the flush).
 pub(crate) const LEAVE_DRAIN: Duration = Duration::from_secs(1);
+
+/// What `share_cache` waits past `connect_timeout_ms` for the io side's own answer.
+const SHARE_MARGIN: Duration = Duration::from_millis(1000);
 
 /// How long `leave` waits for the io thread's part (at most four `LEAVE_DRAIN`s, once the
 /// io thread reads the request) before stopping it where it is.
