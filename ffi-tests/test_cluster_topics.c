@@ -3,8 +3,8 @@
  * bytes and codec messages in order, no echo, no loops through forwards, types created
  * on arrival, undecodable arrivals counted, selective import (by type and by formatter),
  * sb_cluster_publish_to,
- * prefix isolation, JSON export read by a plain NATS client, the node list and node
- * events, a forked child.
+ * prefix isolation, two nodes with one eid told so, JSON export read by a plain NATS
+ * client, the node list and node events, a forked child.
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -237,6 +237,27 @@ static void test_prefix_isolation(const char *argv0)
     CHECK_EQ_INT(cn_stop(&d), 0);
 }
 
+/* Two processes with one eid (cloned hosts, containers sharing a network card's
+ * address) cannot work together: each takes the other's messages for its own. Each
+ * says so, as an error naming the other and the eid, once (they said nothing). On a
+ * prefix of their own, so the nodes of the other tests never hear them. */
+static void test_eid_clash(const char *argv0)
+{
+    nh_child d, e;
+    CHECK(cn_spawn(argv0, &d) == 0);
+    CHECK(cn_spawn(argv0, &e) == 0);
+    join_node(&d, EID_D, "d", "clash");
+    join_node(&e, EID_D, "e", "clash");
+    WAIT_UNTIL(cn_num(&d, "logged another") == 1 && cn_num(&e, "logged another") == 1);
+    cn_sleep_ms(600); /* three more heartbeats each: still one error */
+    CHECK_EQ_INT(cn_num(&d, "logged another"), 1);
+    CHECK_EQ_INT(cn_num(&e, "logged another"), 1);
+    CHECK_EQ_INT(cn_num(&d, "logged ('e')"), 1);
+    CHECK_EQ_INT(cn_num(&e, "logged ('d')"), 1);
+    CHECK_EQ_INT(cn_stop(&d), 0);
+    CHECK_EQ_INT(cn_stop(&e), 0);
+}
+
 static void test_json_export(void)
 {
     nh_plain p;
@@ -395,6 +416,7 @@ int main(int argc, char **argv)
     test_formatter_import();
     test_publish_to();
     test_prefix_isolation(argv[0]);
+    test_eid_clash(argv[0]);
     test_json_export();
     test_slow_subscriber_keeps_heartbeats();
     test_overload_is_counted();

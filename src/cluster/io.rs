@@ -322,6 +322,8 @@ struct Io {
     interest_epoch: u64,
     connected: bool,
     ever_disconnected: bool,
+    /// Sessions of other processes heard using our eid (warned once each).
+    eid_clashes: HashSet<u32>,
 }
 
 impl Io {
@@ -354,6 +356,7 @@ impl Io {
             interest_epoch: u64::MAX,
             connected: true,
             ever_disconnected: false,
+            eid_clashes: HashSet::new(),
         }
     }
 
@@ -594,9 +597,24 @@ impl Io {
                 return;
             }
         };
-        let events = self
-            .s
-            .inner
+        let inner = &self.s.inner;
+        if hb.eid == inner.me && hb.session != inner.session && hb.state == NODE_UP {
+            // Our connection never hears its own heartbeats (no echo): another process
+            // uses this eid (cloned hosts, containers sharing a network card's address).
+            // Both ignore each other's messages as their own and overwrite each other's
+            // stored snapshots; nothing works right until one of them changes its eid.
+            if self.eid_clashes.len() < 64 && self.eid_clashes.insert(hb.session) {
+                crate::log::log(
+                    crate::log::Level::Error,
+                    &format!(
+                        "cluster: another node ('{}') uses this node's eid {}: the two ignore each other's messages and overwrite each other's stored snapshots; give each node its own eid (sb_eid_set_default)",
+                        hb.name, inner.me
+                    ),
+                );
+            }
+            return;
+        }
+        let events = inner
             .nodes
             .lock()
             .on_heartbeat(&hb, Instant::now(), now_realtime_ns());
