@@ -675,6 +675,25 @@ static int cn_command(char *line)
         sb_publish(t->topic, m);
         sb_message_unref(m);
         sb_message_type_unref(ty);
+    } else if (strcmp(cmd, "clearid") == 0 && argc == 4 && t && t->cache) {
+        /* clears the local snapshot whose id is LEN times 'i' (0: the empty id) */
+        sb_message_type *ty = cn_type(argv[2]);
+        size_t n = (size_t)atol(argv[3]);
+        char *id = (char *)malloc(n + 1);
+        if (id == NULL)
+            return cn_reply_err(SB_E_NOMEM), 0;
+        memset(id, 'i', n);
+        id[n] = '\0';
+        sb_eid me = sb_eid_default();
+        sb_message *snap = sb_cache_get_by_eid(t->cache, ty, id, &me);
+        free(id);
+        sb_message_type_unref(ty);
+        if (snap == NULL)
+            return nh_node_reply("err 0 no such snapshot"), 0;
+        sb_message *clear = sb_cache_clear_create(snap);
+        sb_publish(t->topic, clear);
+        sb_message_unref(clear);
+        sb_message_unref(snap);
     } else if (strcmp(cmd, "putn") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);

@@ -925,8 +925,10 @@ fn encode_item(
     // A type whose name makes no subject token, or a snapshot whose id makes no key
     // token, never crosses: a server would refuse the subject, or close the connection
     // on a protocol line that long (and the client would send it again on reconnecting).
-    let fits = |ty: &MessageType, kind: Sent| {
-        let ok = wire::token_fits(ty.name());
+    // (The type's token is escaped once per type, not per message.)
+    let mut fits = |ty: &MessageType, kind: Sent| {
+        let token = type_token(types, ty);
+        let ok = !token.is_empty() && token.len() <= wire::MAX_TOKEN;
         if !ok {
             unsendable(s, ty.id(), kind, Unsendable::TypeName, "");
         }
@@ -994,7 +996,12 @@ fn encode_item(
         } => {
             let snap = new.as_ref().or(old.as_ref())?;
             let id = cache.id_of(snap)?.into_owned();
-            if new.is_some() && !storable(s, snap, &id) {
+            if let Some(why) = key_problem(snap, &id) {
+                // Never stored, so never removed either (a removal of that key would
+                // fail like the write, and be retried forever).
+                if new.is_some() {
+                    unsendable(s, snap.message_type().id(), Sent::Store, why, "");
+                }
                 return None;
             }
             let key = wire::snapshot_key(&inner.me, &token, snap.message_type().name(), &id);
@@ -1239,7 +1246,8 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
                 continue;
             };
-            if !storable(s, &snap, &id) {
+            if let Some(why) = key_problem(&snap, &id) {
+                unsendable(s, snap.message_type().id(), Sent::Store, why, "");
                 continue;
             }
             let key = wire::snapshot_key(&me, token, snap.message_type().name(), &id);
@@ -1295,20 +1303,15 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Whether a snapshot of id `id` makes a store key (see `wire::token_fits`); counted and
-/// warned when it does not. A removal of such a key is never needed: it was never
-/// stored.
-fn storable(s: &Shared, snap: &MessageRef, id: &str) -> bool {
-    let ty = snap.message_type();
-    let why = if !wire::token_fits(ty.name()) {
-        Unsendable::TypeName
+/// Why a snapshot of id `id` makes no store key (see `wire::token_fits`), if it does not.
+fn key_problem(snap: &MessageRef, id: &str) -> Option<Unsendable> {
+    if !wire::token_fits(snap.message_type().name()) {
+        Some(Unsendable::TypeName)
     } else if !wire::token_fits(id) {
-        Unsendable::CacheId
+        Some(Unsendable::CacheId)
     } else {
-        return true;
-    };
-    unsendable(s, ty.id(), Sent::Store, why, "");
-    false
+        None
+    }
 }
 
 /// Writes (or with None deletes) one of our snapshots; the acknowledgement to await.
