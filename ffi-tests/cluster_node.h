@@ -405,6 +405,20 @@ static long cn_agg_value(sb_message *m)
     return strtol(d + strlen(d) + 1, NULL, 10);
 }
 
+/* Publishes the clear of this node's snapshot (type, id) on t; 0 when there is none. */
+static int cn_clear_local(cn_topic *t, sb_message_type *ty, const char *id)
+{
+    sb_eid me = sb_eid_default();
+    sb_message *snap = sb_cache_get_by_eid(t->cache, ty, id, &me);
+    if (snap == NULL)
+        return 0;
+    sb_message *clear = sb_cache_clear_create(snap);
+    sb_publish(t->topic, clear);
+    sb_message_unref(clear);
+    sb_message_unref(snap);
+    return 1;
+}
+
 static void cn_reply_err(int code)
 {
     nh_node_reply("err %d %s", code, sb_last_error());
@@ -684,16 +698,11 @@ static int cn_command(char *line)
             return cn_reply_err(SB_E_NOMEM), 0;
         memset(id, 'i', n);
         id[n] = '\0';
-        sb_eid me = sb_eid_default();
-        sb_message *snap = sb_cache_get_by_eid(t->cache, ty, id, &me);
+        int found = cn_clear_local(t, ty, id);
         free(id);
         sb_message_type_unref(ty);
-        if (snap == NULL)
+        if (!found)
             return nh_node_reply("err 0 no such snapshot"), 0;
-        sb_message *clear = sb_cache_clear_create(snap);
-        sb_publish(t->topic, clear);
-        sb_message_unref(clear);
-        sb_message_unref(snap);
     } else if (strcmp(cmd, "putn") == 0 && argc == 5 && t) {
         sb_message_type *ty = cn_type(argv[2]);
         long n = atol(argv[3]);
@@ -708,15 +717,10 @@ static int cn_command(char *line)
         sb_message_type_unref(ty);
     } else if (strcmp(cmd, "clear") == 0 && argc == 4 && t && t->cache) {
         sb_message_type *ty = cn_type(argv[2]);
-        sb_eid me = sb_eid_default();
-        sb_message *snap = sb_cache_get_by_eid(t->cache, ty, argv[3], &me);
+        int found = cn_clear_local(t, ty, argv[3]);
         sb_message_type_unref(ty);
-        if (snap == NULL)
+        if (!found)
             return nh_node_reply("err 0 no such snapshot"), 0;
-        sb_message *clear = sb_cache_clear_create(snap);
-        sb_publish(t->topic, clear);
-        sb_message_unref(clear);
-        sb_message_unref(snap);
     } else if (strcmp(cmd, "dump") == 0 && argc == 3 && t && t->cache) {
         sb_message_type *ty = cn_type(argv[2]);
         sb_eid me = sb_eid_default();
