@@ -600,7 +600,8 @@ impl Io {
         let inner = &self.s.inner;
         if hb.eid == inner.me && hb.session != inner.session && hb.state == NODE_UP {
             // Our connection never hears its own heartbeats (no echo): another process
-            // uses this eid (cloned hosts, containers sharing a network card's address).
+            // uses this eid (a second process on this host, a cloned host, a container
+            // sharing the host's network: the default eid is a network card's address).
             // Both ignore each other's messages as their own and overwrite each other's
             // stored snapshots; nothing works right until one of them changes its eid.
             if self.eid_clashes.len() < 64 && self.eid_clashes.insert(hb.session) {
