@@ -289,26 +289,15 @@ impl Tap for CacheTap {
     }
 }
 
-/// A topic whose name makes a subject token too long for the servers cannot cross.
-fn check_topic_name(topic: &Topic) -> Result<()> {
-    if wire::token_fits(topic.name()) {
+/// A topic or type whose name makes a subject token too long for the servers cannot
+/// cross (`what`: "topic", "message type").
+fn check_subject_name(what: &str, name: &str) -> Result<()> {
+    if wire::token_fits(name) {
         return Ok(());
     }
     Err(Error::invalid(format!(
-        "topic name too long for the cluster: {} bytes, at most {} once escaped for a subject (bytes other than A-Z a-z 0-9 _ - / take 3)",
-        topic.name().len(),
-        wire::MAX_TOKEN
-    )))
-}
-
-/// The same for a message type's name.
-fn check_type_name(ty: &MessageType) -> Result<()> {
-    if wire::token_fits(ty.name()) {
-        return Ok(());
-    }
-    Err(Error::invalid(format!(
-        "message type name too long for the cluster: {} bytes, at most {} once escaped for a subject",
-        ty.name().len(),
+        "{what} name too long for the cluster: {} bytes, at most {} once escaped for a subject (bytes other than A-Z a-z 0-9 _ - / take 3)",
+        name.len(),
         wire::MAX_TOKEN
     )))
 }
@@ -461,7 +450,7 @@ impl Cluster {
         topics: &'a mut HashMap<String, SharedTopic>,
         topic: &Arc<Topic>,
     ) -> Result<&'a mut SharedTopic> {
-        check_topic_name(topic)?;
+        check_subject_name("topic", topic.name())?;
         let st = topics
             .entry(topic.name().to_owned())
             .or_insert_with(|| SharedTopic {
@@ -593,8 +582,8 @@ impl Cluster {
 
     pub fn publish_to(&self, node: &Eid, topic: &Arc<Topic>, msg: &MessageRef) -> Result<()> {
         let inner = self.usable()?;
-        check_topic_name(topic)?;
-        check_type_name(msg.message_type())?;
+        check_subject_name("topic", topic.name())?;
+        check_subject_name("message type", msg.message_type().name())?;
         if !inner.nodes.lock().is_up(node) || *node == inner.me {
             return Err(Error::state(format!("node {node} is not up")));
         }
