@@ -3,7 +3,8 @@
  * silent servers give SB_E_UNAVAILABLE / SB_E_TIMEOUT with the reason, credentials
  * (user/password, token) are accepted and wrong ones refused, TLS with a test CA works
  * and an unknown CA is refused, NULL handles are refused, leaving then joining again in
- * one process works, and names too long for a subject are refused or never sent.
+ * one process works, names too long for a subject are refused or never sent, and a
+ * server's refusal of a permission fails the join or the share at once with its words.
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -355,6 +356,98 @@ static void test_no_jetstream(void)
     nh_server_free(&s);
 }
 
+/* server_errors of the live clusters, from sb_stats_json. */
+static long long server_errors(void)
+{
+    char *json = sb_stats_json();
+    const char *p = json ? strstr(json, "\"server_errors\":") : NULL;
+    long long v = p ? strtoll(p + strlen("\"server_errors\":"), NULL, 10) : -1;
+    sb_string_free(json);
+    return v;
+}
+
+/* The accounts of test_permissions. "readme" has exactly the permissions the README lists
+ * for a node of prefix "sb" (its "Permissions" paragraph): keep the two the same. */
+#define PERMISSION_USERS                                                                  \
+    "authorization {\n  users = [\n"                                                       \
+    "    { user: readme, password: pw, permissions: {\n"                                  \
+    "        publish: { allow: [\"sb.>\", \"$JS.API.>\", \"$KV.sb_state.>\"] }\n"          \
+    "        subscribe: { allow: [\"sb.>\", \"_INBOX.>\"] } } }\n"                         \
+    "    { user: nopub, password: pw, permissions: { publish: { deny: [\"sb.>\"] } } }\n"   \
+    "    { user: nosub, password: pw, permissions: { subscribe: { deny: [\"sb.>\"] } } }\n" \
+    "    { user: nomsg, password: pw, permissions: { subscribe: { deny: [\"sb.m.>\"] } } }\n" \
+    "  ]\n}\n"
+
+/* A server refusing this node an operation answers -ERR and goes on: the join and a share
+ * fail at once with the server's words (not after connect_timeout_ms, not "no answer"),
+ * the refusal is logged and counted in server_errors, and a node with the README's
+ * permissions works. */
+static void test_permissions(void)
+{
+    nh_server s;
+    nh_server_opts o;
+    memset(&o, 0, sizeof o);
+    o.extra_conf = PERMISSION_USERS;
+    CHECK(nh_server_start(&s, &o) == 0);
+    const char *deaf_or_mute[] = {"nopub", "nosub"};
+    for (int i = 0; i < 2; i++) {
+        long long t0 = nh_now_ms();
+        sb_cluster *c = join_with(&s, "user", deaf_or_mute[i], "password", "pw", NULL);
+        long long took = nh_now_ms() - t0;
+        printf("join as %s: %lld ms, '%s'\n", deaf_or_mute[i], took, join_error);
+        CHECK(c == NULL);
+        CHECK_EQ_INT(join_code, SB_E_UNAVAILABLE);
+        CHECK(strstr(join_error, "Permissions Violation") != NULL);
+        CHECK(strstr(join_error, "\"sb.") != NULL); /* names the subject */
+        CHECK(took < 2500);                         /* connect_timeout_ms is 3000 */
+        c = sb_cluster_leave(c);
+    }
+
+    sb_cluster *c = join_with(&s, "user", "nomsg", "password", "pw", NULL);
+    CHECK(c != NULL);
+    if (c != NULL) {
+        sb_topic *t = sb_topic_create("perm/denied");
+        /* a local subscriber: the node subscribes to what it has subscribers for */
+        sb_subscription *sub = sb_subscribe(t, on_msg, NULL);
+        CHECK(sub != NULL);
+        CHECK_EQ_INT(sb_cluster_share_topic(c, t), SB_E_UNAVAILABLE);
+        CHECK(strstr(sb_last_error(), "Permissions Violation for Subscription") != NULL);
+        CHECK(strstr(sb_last_error(), "sb.m.perm/denied") != NULL);
+        CHECK(server_errors() >= 1);
+        c = sb_cluster_leave(c);
+        sb_unsubscribe_and_join(sub);
+        sb_topic_unref(t);
+    }
+
+    c = join_with(&s, "user", "readme", "password", "pw", NULL);
+    CHECK(c != NULL);
+    if (c != NULL) {
+        sb_topic *t = sb_topic_create("perm/readme");
+        sb_cache *cache = sb_cache_create(cache_id);
+        sb_caching_topic *ct = sb_caching_topic_create(t, cache);
+        CHECK_EQ_INT(sb_cluster_share_cache(c, ct), SB_OK);
+        sb_message_type *ty = NULL;
+        CHECK_EQ_INT(sb_message_type_create("perm.bytes", NULL, &ty), SB_OK);
+        for (int i = 0; i < 20; i++) {
+            sb_message *m = sb_message_create_bytes(ty, "state", 5);
+            CHECK(sb_publish(t, m) >= 0);
+            sb_message_unref(m);
+        }
+        tu_sleep_ms(1500); /* a heartbeat, the store's acknowledgements */
+        sb_cluster_stats st;
+        CHECK_EQ_INT(sb_cluster_get_stats(c, &st), SB_OK);
+        CHECK(st.sent >= 20);
+        CHECK_EQ_INT(server_errors(), 0);
+        CHECK_EQ_INT(store_errors(), 0);
+        c = sb_cluster_leave(c);
+        ct = sb_caching_unsubscribe_and_join(ct);
+        sb_cache_unref(cache);
+        sb_topic_unref(t);
+        sb_message_type_unref(ty);
+    }
+    nh_server_free(&s);
+}
+
 int main(void)
 {
     TEST_INIT();
@@ -366,6 +459,7 @@ int main(void)
         test_leave_and_join_again();
         test_names_too_long();
         test_no_jetstream();
+        test_permissions();
     }
     return TEST_DONE();
 }

@@ -787,7 +787,8 @@ void sb_cluster_config_free(struct sb_cluster_config *cfg);
 /**
  * Joins the cluster `cfg` describes; returns once connected (a new handle, released by
  * sb_cluster_leave), or NULL with SB_E_UNAVAILABLE (servers unreachable, refused us,
- * auth or TLS failed: the server's reason is in sb_last_error()), SB_E_TIMEOUT (no
+ * auth or TLS failed, or the account lacks a permission the node needs: the server's
+ * reason is in sb_last_error(); README: Permissions), SB_E_TIMEOUT (no
  * answer within connect_timeout_ms) or SB_E_INVAL (bad configuration). This process's
  * default eid (sb_eid_default) is its node id. `cfg` is borrowed.
  * Ownership: returns a new handle the caller owns (released by sb_cluster_leave); `cfg`
@@ -813,7 +814,9 @@ struct sb_cluster *sb_cluster_leave(struct sb_cluster *c);
  * every node: local messages that reach it are sent to the other nodes, and their
  * messages of that topic name are published here with the sender's eid and timestamp.
  * Returns once this node's subscriptions are in place (SB_E_TIMEOUT after
- * connect_timeout_ms; they complete in the background). SB_E_INVAL when the topic's name
+ * connect_timeout_ms; they complete in the background; SB_E_UNAVAILABLE with the
+ * server's words when it refused one, e.g. a permission the account lacks: the topic
+ * stays shared as far as the server allows). SB_E_INVAL when the topic's name
  * is too long for a subject (over 1024 bytes once escaped, see README: Wire format).
  * Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
  * `topic` while it is shared.

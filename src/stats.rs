@@ -272,7 +272,7 @@ pub fn json() -> String {
         json_str(&mut o, node);
         let _ = write!(
             o,
-            ",\"sent\":{},\"received\":{},\"dropped_out\":{},\"dropped_in\":{},\"reconnects\":{},\"connected\":{},\"nodes_up\":{},\"store_errors\":{}}}",
+            ",\"sent\":{},\"received\":{},\"dropped_out\":{},\"dropped_in\":{},\"reconnects\":{},\"connected\":{},\"nodes_up\":{},\"store_errors\":{},\"server_errors\":{}}}",
             s.sent,
             s.received,
             s.dropped_out,
@@ -280,7 +280,8 @@ pub fn json() -> String {
             s.reconnects,
             s.connected,
             s.nodes_up,
-            s.store_errors
+            s.store_errors,
+            s.server_errors
         );
     }
     o.push_str("]}");
@@ -672,6 +673,13 @@ pub fn prometheus() -> String {
             "counter",
             "Store requests (writes, reads, removals) that failed or were never confirmed; each is tried again.",
             &|s| s.store_errors,
+        );
+        cfam(
+            &mut o,
+            "cluster_server_errors_total",
+            "counter",
+            "Errors the servers reported, such as a permission the node's account lacks (each logged once).",
+            &|s| s.server_errors,
         );
     }
     o

@@ -8,7 +8,7 @@
 use super::inbound::{Inbound, InboundTx as InSender, StoredEntry};
 use super::nodes::{Event, STATE_DOWN, STATE_LEFT};
 use super::wire::{self, Envelope, Heartbeat, FLAG_BYTES, FLAG_CLEAR, NODE_LEFT, NODE_UP};
-use super::{codec, Inner, Out};
+use super::{codec, refusals, Inner, Out};
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_realtime_ns, Message, MessageRef};
@@ -104,6 +104,43 @@ pub(crate) fn run(
     rt.shutdown_timeout(RUNTIME_SHUTDOWN);
 }
 
+/// The server's own words (the client's `Display` adds a "nats: " of its own).
+fn server_error_text(e: &async_nats::ServerError) -> String {
+    match e {
+        async_nats::ServerError::AuthorizationViolation => "Authorization Violation".to_owned(),
+        async_nats::ServerError::SlowConsumer(sid) => format!("Slow Consumer (subscription {sid})"),
+        async_nats::ServerError::Other(text) => text.clone(),
+    }
+}
+
+/// A server's `-ERR` (see `refusals`): counted, logged once per text, and kept for the
+/// operations waiting on the server.
+fn on_server_error(inner: &Inner, text: &str) {
+    inner.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+    if inner.refusals.record(text) {
+        let hint = if refusals::is_permission(text) {
+            ": the account this node connects as lacks that permission, so the node cannot send or receive there (the README lists the subjects a node uses)"
+        } else {
+            ""
+        };
+        crate::log::log(
+            crate::log::Level::Error,
+            &format!("cluster: the server refused: '{text}'{hint}"),
+        );
+    }
+}
+
+/// Yields after a round trip before looking for refusals (see `Io::flush`).
+const REFUSAL_YIELDS: usize = 4;
+
+/// The error of an operation the server refused.
+fn refused(text: &str) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("the server refused: '{text}'"),
+    )
+}
+
 /// How long the io thread's end waits for blocking work its runtime started.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(500);
 
@@ -111,6 +148,7 @@ async fn connect(inner: &Arc<Inner>) -> Result<async_nats::Client> {
     let cfg = &inner.cfg;
     let timeout = Duration::from_millis(u64::from(cfg.connect_timeout_ms));
     let events = inner.cmd.clone();
+    let refused = Arc::clone(inner);
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("switchboard {}", cfg.node_name))
         .no_echo()
@@ -127,11 +165,30 @@ async fn connect(inner: &Arc<Inner>) -> Result<async_nats::Client> {
         })
         .event_callback(move |ev| {
             let events = events.clone();
+            let inner = Arc::clone(&refused);
             async move {
                 let ev = match ev {
                     async_nats::Event::Connected => Some(ConnEvent::Connected),
                     async_nats::Event::Disconnected => Some(ConnEvent::Disconnected),
                     async_nats::Event::SlowConsumer(_) => Some(ConnEvent::SlowConsumer),
+                    async_nats::Event::ServerError(e) => {
+                        on_server_error(&inner, &server_error_text(&e));
+                        None
+                    }
+                    async_nats::Event::LameDuckMode => {
+                        crate::log::log(
+                            crate::log::Level::Notice,
+                            "cluster: the server is shutting down (lame duck mode); the node reconnects to another",
+                        );
+                        None
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        let text = format!("cluster: {e}");
+                        if inner.refusals.first_log(&text) {
+                            crate::log::warn(&text);
+                        }
+                        None
+                    }
                     _ => None,
                 };
                 if let Some(ev) = ev {
@@ -367,6 +424,7 @@ impl Io {
     async fn main(mut self, mut cmds: UnboundedReceiver<Cmd>, ready: Reply) {
         let inner = Arc::clone(&self.s.inner);
         inner.stats.connected.store(true, Ordering::Relaxed);
+        let since = inner.refusals.count();
         let hb_subject = format!("{}.hb", self.prefix());
         let direct = format!("{}.d.{}.>", self.prefix(), wire::eid_token(&inner.me));
         let mut hb_sub = match self.s.client.subscribe(hb_subject.clone()).await {
@@ -376,7 +434,7 @@ impl Io {
                 return;
             }
         };
-        if let Err(e) = self.subscribe(direct).await {
+        if let Err(e) = self.subscribe(direct.clone()).await {
             let _ = ready.send(Err(e));
             return;
         }
@@ -388,7 +446,7 @@ impl Io {
                 .set_self(&self.heartbeat(NODE_UP), now, now_realtime_ns());
         }
         self.send_heartbeat(NODE_UP).await;
-        if let Err(e) = self.flush().await {
+        if let Err(e) = self.flush(since, &[hb_subject, direct]).await {
             let _ = ready.send(Err(e));
             return;
         }
@@ -475,25 +533,46 @@ impl Io {
     /// publisher on another connection could still beat our subscription to the server.
     /// A request nobody answers makes the server itself reply ("no responders") once it
     /// reached it, in order after what came before.
-    async fn flush(&self) -> Result<()> {
+    ///
+    /// Fails at once when the server refused (`refusals`) one of `used` (the subjects the
+    /// caller subscribed or published to since it noted `since`) or the round trip's own.
+    async fn flush(&self, since: u64, used: &[String]) -> Result<()> {
         let limit = Duration::from_millis(u64::from(self.s.inner.cfg.connect_timeout_ms));
         let subject = format!(
             "{}._sync.{}",
             self.prefix(),
             wire::eid_token(&self.s.inner.me)
         );
+        let mut watched = used.to_vec();
+        watched.push(subject.clone());
+        let refusals = &self.s.inner.refusals;
         let request = async_nats::Request::new().timeout(Some(limit));
-        match self.s.client.send_request(subject, request).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(Error::new(
-                ErrorKind::Timeout,
-                "the server did not answer in time",
-            )),
-            Err(e) => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("server round trip: {e}"),
-            )),
+        let round_trip = async {
+            match self.s.client.send_request(subject, request).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(Error::new(
+                    ErrorKind::Timeout,
+                    "the server did not answer in time",
+                )),
+                Err(e) => Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("server round trip: {e}"),
+                )),
+            }
+        };
+        let done = tokio::select! {
+            r = round_trip => r,
+            text = refusals.wait_naming(since, &watched) => return Err(refused(&text)),
+        };
+        // The server sent its refusals before the round trip's answer, but the client
+        // hands them to another task of this runtime: let it run before looking.
+        for _ in 0..REFUSAL_YIELDS {
+            tokio::task::yield_now().await;
+        }
+        match refusals.naming(since, &watched) {
+            Some(text) => Err(refused(&text)),
+            None => done,
         }
     }
 
@@ -565,11 +644,14 @@ impl Io {
         // Subscribe the new ones first: for a moment both deliver, and the receiver's
         // duplicate window drops the second copy; the other order could lose messages.
         let mut first_error = None;
+        let since = self.s.inner.refusals.count();
+        let mut added = Vec::new();
         for subject in &want {
             if !self.subs.contains_key(subject) {
                 if let Err(e) = self.subscribe(subject.clone()).await {
                     first_error.get_or_insert(e);
                 }
+                added.push(subject.clone());
             }
         }
         self.subs.retain(|subject, task| {
@@ -582,7 +664,7 @@ impl Io {
         if let Some(e) = first_error {
             return Err(e);
         }
-        self.flush().await
+        self.flush(since, &added).await
     }
 
     async fn on_heartbeat(&mut self, body: &[u8]) {
@@ -686,7 +768,7 @@ impl Io {
         // Once the server has them, nothing queued is lost when the connection closes
         // (still within the 1 s the leave may spend on them).
         let left = deadline.saturating_duration_since(Instant::now());
-        let _ = tokio::time::timeout(left, self.flush()).await;
+        let _ = tokio::time::timeout(left, self.flush(0, &[])).await;
         if self.s.bucket_ready.load(Ordering::Acquire) {
             let own = format!("{}.>", wire::eid_token(&inner.me));
             let _ = tokio::time::timeout(super::LEAVE_DRAIN, purge(Arc::clone(&self.s), own)).await;

@@ -24,6 +24,7 @@ mod io;
 pub mod nodes;
 #[doc(hidden)]
 pub mod offline;
+mod refusals;
 pub mod wire;
 
 use crate::cache::Cache;
@@ -122,6 +123,8 @@ pub struct Stats {
     /// Store requests (writes, reads, removals) that failed or were never confirmed;
     /// each is tried again.
     pub store_errors: AtomicU64,
+    /// Errors the servers reported (`-ERR`): a denied permission, most often.
+    pub server_errors: AtomicU64,
 }
 
 /// A snapshot of the counters.
@@ -135,6 +138,7 @@ pub struct StatsSnapshot {
     pub connected: bool,
     pub nodes_up: u32,
     pub store_errors: u64,
+    pub server_errors: u64,
 }
 
 /// What the sender task publishes.
@@ -187,6 +191,8 @@ pub(crate) struct Inner {
     /// By topic name.
     pub topics: RwLock<HashMap<String, SharedTopic>>,
     pub cmd: tokio::sync::mpsc::UnboundedSender<io::Cmd>,
+    /// What the servers refused (see `refusals`).
+    pub refusals: refusals::Refusals,
 }
 
 impl Inner {
@@ -345,6 +351,7 @@ impl Cluster {
             nodes: Mutex::new(NodeTable::new(me, cfg.down_after_missed)),
             topics: RwLock::new(HashMap::new()),
             cmd: cmd_tx,
+            refusals: refusals::Refusals::default(),
         });
         let (in_tx, in_rx) = inbound::channel();
         let in_thread = inbound::start(Arc::clone(&inner), in_rx)?;
@@ -620,6 +627,7 @@ impl Cluster {
             connected: s.connected.load(Ordering::Relaxed),
             nodes_up: inner.nodes.lock().up_count() as u32,
             store_errors: s.store_errors.load(Ordering::Relaxed),
+            server_errors: s.server_errors.load(Ordering::Relaxed),
         })
     }
 

@@ -105,6 +105,7 @@ pub fn deliver(arrivals: &[Arrival<'_>]) -> Outcome {
         nodes: Mutex::new(NodeTable::new(me, 3)),
         topics: RwLock::new(topics),
         cmd,
+        refusals: Default::default(),
     });
     let mut delivery = Delivery::new(Arc::clone(&inner));
     let mut stored = Vec::new();
