@@ -376,6 +376,7 @@ static long long server_errors(void)
     "    { user: nopub, password: pw, permissions: { publish: { deny: [\"sb.>\"] } } }\n"   \
     "    { user: nosub, password: pw, permissions: { subscribe: { deny: [\"sb.>\"] } } }\n" \
     "    { user: nomsg, password: pw, permissions: { subscribe: { deny: [\"sb.m.>\"] } } }\n" \
+    "    { user: nojs, password: pw, permissions: { publish: { deny: [\"$JS.API.>\"] } } }\n" \
     "  ]\n}\n"
 
 /* A server refusing this node an operation answers -ERR and goes on: the join and a share
@@ -416,6 +417,25 @@ static void test_permissions(void)
         CHECK(server_errors() >= 1);
         c = sb_cluster_leave(c);
         sb_unsubscribe_and_join(sub);
+        sb_topic_unref(t);
+    }
+
+    c = join_with(&s, "user", "nojs", "password", "pw", NULL);
+    CHECK(c != NULL);
+    if (c != NULL) {
+        sb_topic *t = sb_topic_create("perm/nojs");
+        sb_cache *cache = sb_cache_create(cache_id);
+        sb_caching_topic *ct = sb_caching_topic_create(t, cache);
+        long long t0 = nh_now_ms();
+        CHECK_EQ_INT(sb_cluster_share_cache(c, ct), SB_E_UNAVAILABLE);
+        long long took = nh_now_ms() - t0;
+        printf("share_cache as nojs: %lld ms, '%s'\n", took, sb_last_error());
+        CHECK(strstr(sb_last_error(), "Permissions Violation") != NULL);
+        CHECK(strstr(sb_last_error(), "$JS.API.") != NULL);
+        CHECK(took < 2500); /* not a timeout */
+        c = sb_cluster_leave(c);
+        ct = sb_caching_unsubscribe_and_join(ct);
+        sb_cache_unref(cache);
         sb_topic_unref(t);
     }
 

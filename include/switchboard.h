@@ -867,14 +867,16 @@ int sb_cluster_export_json(struct sb_cluster *c, struct sb_topic *topic);
  * node's snapshots are kept in the cluster's store, and every other live node's are
  * loaded here as remote entries. Returns SB_OK once the local cache holds them, or after
  * connect_timeout_ms SB_E_UNAVAILABLE (the store refused, with the servers' reason: e.g.
- * JetStream not enabled) or SB_E_TIMEOUT (no answer); sharing goes on in the background
- * either way. SB_E_INVAL when the original topic's name is too long for a subject (as
+ * JetStream not enabled) or SB_E_TIMEOUT (no answer); at once SB_E_UNAVAILABLE when the
+ * server refused the store's subjects (a permission the account lacks, README:
+ * Permissions). Sharing goes on in the background either way. SB_E_INVAL when the original topic's name is too long for a subject (as
  * sb_cluster_share_topic). The cluster keeps a reference to `ct` (borrowed) until it
  * leaves.
  * Ownership: `c` and `ct` are borrowed; the cluster keeps its own reference to `ct`
  * (and so to its cache and original topic) until it leaves.
  */
-int sb_cluster_share_cache(struct sb_cluster *c, struct sb_caching_topic *ct);
+int sb_cluster_share_cache(struct sb_cluster *c,
+                           struct sb_caching_topic *ct);
 
 /**
  * Type of node messages (borrowed, lives forever); their data is a

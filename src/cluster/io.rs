@@ -561,16 +561,17 @@ impl Io {
                 )),
             }
         };
+        let concerns = |text: &str| refusals::names_any(text, &watched);
         let done = tokio::select! {
             r = round_trip => r,
-            text = refusals.wait_naming(since, &watched) => return Err(refused(&text)),
+            text = refusals.wait_for(since, concerns) => return Err(refused(&text)),
         };
         // The server sent its refusals before the round trip's answer, but the client
         // hands them to another task of this runtime: let it run before looking.
         for _ in 0..REFUSAL_YIELDS {
             tokio::task::yield_now().await;
         }
-        match refusals.naming(since, &watched) {
+        match refusals.first_after(since, concerns) {
             Some(text) => Err(refused(&text)),
             None => done,
         }
@@ -1471,8 +1472,20 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
     let mut done = Some(done);
     let mut backoff = Backoff::new(&s);
     let mut run = FailureRun::default();
+    let js_api = String::from("$JS.API.");
+    let kv = format!("$KV.{}.", s.inner.bucket);
+    let refusals = &s.inner.refusals;
     loop {
-        match load_cache(&s, &topic).await {
+        // A store the server refuses this node (its account lacks the permission) never
+        // answers: fail at once with the server's words instead of waiting for timeouts.
+        let since = refusals.count();
+        let concerns = |text: &str| refusals::names_under(text, &[js_api.as_str(), kv.as_str()]);
+        let attempt = tokio::select! {
+            r = load_cache(&s, &topic) => r,
+            text = refusals.wait_for(since, concerns) => Err(refused(&text)),
+        };
+        let refused_now = refusals.first_after(since, concerns).is_some();
+        match attempt {
             Ok((entries, asserted)) => {
                 run.ended(|| format!("cluster: sharing cache of topic '{topic}' went through"));
                 s.in_tx
@@ -1485,8 +1498,8 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
                     .await;
                 return;
             }
-            // The caller is waiting: try again soon.
-            Err(_) if Instant::now() < deadline => {
+            // The caller is waiting: try again soon (unless the server refused).
+            Err(_) if Instant::now() < deadline && !refused_now => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {

@@ -70,22 +70,25 @@ impl Refusals {
         *self.count.borrow()
     }
 
-    /// The first refusal after `since` that names one of `subjects` (quoted, as the
-    /// server writes them), if any.
-    pub(crate) fn naming(&self, since: u64, subjects: &[String]) -> Option<String> {
+    /// The first refusal after `since` that `concerns` (see `names_any`, `names_under`).
+    pub(crate) fn first_after(
+        &self,
+        since: u64,
+        concerns: impl Fn(&str) -> bool,
+    ) -> Option<String> {
         let recent = self.recent.lock();
         recent
             .iter()
             .filter(|(n, _)| *n > since)
-            .find(|(_, text)| names_any(text, subjects))
+            .find(|(_, text)| concerns(text))
             .map(|(_, text)| text.clone())
     }
 
-    /// Waits for a refusal after `since` that names one of `subjects`; returns its text.
-    pub(crate) async fn wait_naming(&self, since: u64, subjects: &[String]) -> String {
+    /// Waits for a refusal after `since` that `concerns`; returns its text.
+    pub(crate) async fn wait_for(&self, since: u64, concerns: impl Fn(&str) -> bool) -> String {
         let mut rx = self.count.subscribe();
         loop {
-            if let Some(text) = self.naming(since, subjects) {
+            if let Some(text) = self.first_after(since, &concerns) {
                 return text;
             }
             if rx.changed().await.is_err() {
@@ -97,8 +100,13 @@ impl Refusals {
 }
 
 /// Whether a server's error text names one of `subjects` ("... to "sb.hb"").
-fn names_any(text: &str, subjects: &[String]) -> bool {
+pub(crate) fn names_any(text: &str, subjects: &[String]) -> bool {
     subjects.iter().any(|s| text.contains(&format!("\"{s}\"")))
+}
+
+/// Whether a server's error text names a subject that starts with one of `prefixes`.
+pub(crate) fn names_under(text: &str, prefixes: &[&str]) -> bool {
+    prefixes.iter().any(|p| text.contains(&format!("\"{p}")))
 }
 
 /// Whether a server error is a denied permission (the node's account lacks it).
@@ -119,15 +127,15 @@ mod tests {
         assert_eq!(r.count(), start + 2);
         let hb = vec!["sb.hb".to_owned()];
         let other = vec!["sb.h".to_owned()];
-        assert!(r.naming(start, &hb).is_some());
-        assert!(
-            r.naming(start, &other).is_none(),
-            "a prefix is not the subject"
-        );
-        assert!(
-            r.naming(r.count(), &hb).is_none(),
-            "only refusals after the start"
-        );
+        assert!(r.first_after(start, |t| names_any(t, &hb)).is_some());
+        let prefix_only = r.first_after(start, |t| names_any(t, &other));
+        assert!(prefix_only.is_none(), "a prefix is not the subject");
+        assert!(r.first_after(start, |t| names_under(t, &["sb."])).is_some());
+        assert!(r
+            .first_after(start, |t| names_under(t, &["$JS.API."]))
+            .is_none());
+        let later = r.first_after(r.count(), |t| names_any(t, &hb));
+        assert!(later.is_none(), "only refusals after the start");
     }
 
     #[test]
@@ -149,7 +157,8 @@ mod tests {
         let start = r.count();
         let r2 = std::sync::Arc::clone(&r);
         let text = rt.block_on(async move {
-            let waiter = tokio::spawn(async move { r2.wait_naming(start, &subjects).await });
+            let waiter =
+                tokio::spawn(async move { r2.wait_for(start, |t| names_any(t, &subjects)).await });
             tokio::task::yield_now().await;
             r.record("Permissions Violation for Subscription to \"sb.other\"");
             tokio::task::yield_now().await;

@@ -469,8 +469,9 @@ pub extern "C" fn sb_cluster_export_json(c: *mut sb_cluster, topic: *mut sb_topi
 /// node's snapshots are kept in the cluster's store, and every other live node's are
 /// loaded here as remote entries. Returns SB_OK once the local cache holds them, or after
 /// connect_timeout_ms SB_E_UNAVAILABLE (the store refused, with the servers' reason: e.g.
-/// JetStream not enabled) or SB_E_TIMEOUT (no answer); sharing goes on in the background
-/// either way. SB_E_INVAL when the original topic's name is too long for a subject (as
+/// JetStream not enabled) or SB_E_TIMEOUT (no answer); at once SB_E_UNAVAILABLE when the
+/// server refused the store's subjects (a permission the account lacks, README:
+/// Permissions). Sharing goes on in the background either way. SB_E_INVAL when the original topic's name is too long for a subject (as
 /// sb_cluster_share_topic). The cluster keeps a reference to `ct` (borrowed) until it
 /// leaves.
 /// Ownership: `c` and `ct` are borrowed; the cluster keeps its own reference to `ct`
