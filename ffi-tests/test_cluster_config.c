@@ -377,6 +377,7 @@ static long long server_errors(void)
     "    { user: nosub, password: pw, permissions: { subscribe: { deny: [\"sb.>\"] } } }\n" \
     "    { user: nomsg, password: pw, permissions: { subscribe: { deny: [\"sb.m.>\"] } } }\n" \
     "    { user: nojs, password: pw, permissions: { publish: { deny: [\"$JS.API.>\"] } } }\n" \
+    "    { user: noinbox, password: pw, permissions: { subscribe: { deny: [\"_INBOX.>\"] } } }\n" \
     "  ]\n}\n"
 
 /* A server refusing this node an operation answers -ERR and goes on: the join and a share
@@ -390,8 +391,9 @@ static void test_permissions(void)
     memset(&o, 0, sizeof o);
     o.extra_conf = PERMISSION_USERS;
     CHECK(nh_server_start(&s, &o) == 0);
-    const char *deaf_or_mute[] = {"nopub", "nosub"};
-    for (int i = 0; i < 2; i++) {
+    /* no publishing, no subscribing to its subjects, no answers to its requests */
+    const char *deaf_or_mute[] = {"nopub", "nosub", "noinbox"};
+    for (int i = 0; i < 3; i++) {
         long long t0 = nh_now_ms();
         sb_cluster *c = join_with(&s, "user", deaf_or_mute[i], "password", "pw", NULL);
         long long took = nh_now_ms() - t0;
@@ -399,7 +401,7 @@ static void test_permissions(void)
         CHECK(c == NULL);
         CHECK_EQ_INT(join_code, SB_E_UNAVAILABLE);
         CHECK(strstr(join_error, "Permissions Violation") != NULL);
-        CHECK(strstr(join_error, "\"sb.") != NULL); /* names the subject */
+        CHECK(strstr(join_error, i < 2 ? "\"sb." : "\"_INBOX.") != NULL); /* the subject */
         CHECK(took < 2500);                         /* connect_timeout_ms is 3000 */
         c = sb_cluster_leave(c);
     }

@@ -133,6 +133,9 @@ fn on_server_error(inner: &Inner, text: &str) {
 /// Yields after a round trip before looking for refusals (see `Io::flush`).
 const REFUSAL_YIELDS: usize = 4;
 
+/// Where the client receives the answers to its requests (its default inbox prefix).
+const INBOX: &str = "_INBOX.";
+
 /// The error of an operation the server refused.
 fn refused(text: &str) -> Error {
     Error::new(
@@ -561,7 +564,10 @@ impl Io {
                 )),
             }
         };
-        let concerns = |text: &str| refusals::names_any(text, &watched);
+        // The answer comes to the client's inbox, which it subscribes on first use.
+        let concerns = |text: &str| {
+            refusals::names_any(text, &watched) || refusals::names_under(text, &[INBOX])
+        };
         let done = tokio::select! {
             r = round_trip => r,
             text = refusals.wait_for(since, concerns) => return Err(refused(&text)),
@@ -1479,7 +1485,8 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
         // A store the server refuses this node (its account lacks the permission) never
         // answers: fail at once with the server's words instead of waiting for timeouts.
         let since = refusals.count();
-        let concerns = |text: &str| refusals::names_under(text, &[js_api.as_str(), kv.as_str()]);
+        let concerns =
+            |text: &str| refusals::names_under(text, &[js_api.as_str(), kv.as_str(), INBOX]);
         let attempt = tokio::select! {
             r = load_cache(&s, &topic) => r,
             text = refusals.wait_for(since, concerns) => Err(refused(&text)),
