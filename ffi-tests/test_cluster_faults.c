@@ -8,7 +8,8 @@
  *  - the store not answering (its server stopped, SIGSTOP) when a node comes back from
  *    down or is killed: the others' re-read of its snapshots, or their removal of them,
  *    is tried again until the store answers;
- *  - a leave while no server answers returns within a bound.
+ *  - a leave while no server answers returns within a bound;
+ *  - a server in lame duck mode is noticed in the log.
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -288,6 +289,30 @@ static void test_leave_without_servers(void)
     nh_server_free(&srv);
 }
 
+/* A server put in lame duck mode (SIGUSR2: a rolling upgrade's first step) tells its
+ * clients it is going away: the node says so in its log, and goes on working meanwhile. */
+static void test_lame_duck(void)
+{
+    nh_server srv;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    nh_child a, b;
+    start_node(&a, EID_A, "a", srv.url, "");
+    start_node(&b, EID_B, "b", srv.url, "");
+    WAIT_UNTIL(stat_of(&a, ST_UP) == 2);
+    CHECK_EQ_INT(logged(&a, "lame"), 0);
+    CHECK(kill(srv.pid, SIGUSR2) == 0);
+    WAIT_UNTIL(logged(&a, "lame") == 1);
+    WAIT_UNTIL(logged(&b, "lame") == 1);
+    /* still connected during the server's grace period: messages keep flowing */
+    CN_OK(&a, "pub reg text 100 lameduck");
+    WAIT_UNTIL(count_total(&b, "reg") >= 100);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    CHECK_EQ_INT(cn_stop(&b), 0);
+    nh_server_free(&srv);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "node") == 0)
@@ -302,5 +327,6 @@ int main(int argc, char **argv)
     test_cluster_loses_a_server();
     test_store_not_answering();
     test_leave_without_servers();
+    test_lame_duck();
     return TEST_DONE();
 }

@@ -181,7 +181,7 @@ async fn connect(inner: &Arc<Inner>) -> Result<async_nats::Client> {
                     async_nats::Event::LameDuckMode => {
                         crate::log::log(
                             crate::log::Level::Notice,
-                            "cluster: the server is shutting down (lame duck mode); the node reconnects to another",
+                            "cluster: the server is shutting down (lame duck mode): the node reconnects to another server of 'servers' when it closes the connection",
                         );
                         None
                     }
