@@ -237,6 +237,30 @@ static const char *cache_id(sb_message *msg)
     return "k";
 }
 
+/* A topic, a cache and the caching topic between them. */
+typedef struct cached_topic {
+    sb_topic *t;
+    sb_cache *cache;
+    sb_caching_topic *ct;
+} cached_topic;
+
+static cached_topic cached_topic_new(const char *name)
+{
+    cached_topic x;
+    x.t = sb_topic_create(name);
+    x.cache = sb_cache_create(cache_id);
+    x.ct = sb_caching_topic_create(x.t, x.cache);
+    CHECK(x.t != NULL && x.cache != NULL && x.ct != NULL);
+    return x;
+}
+
+static void cached_topic_free(cached_topic *x)
+{
+    x->ct = sb_caching_unsubscribe_and_join(x->ct);
+    sb_cache_unref(x->cache);
+    sb_topic_unref(x->t);
+}
+
 /* store_errors of the live clusters, from sb_stats_json. */
 static long long store_errors(void)
 {
@@ -338,10 +362,8 @@ static void test_no_jetstream(void)
         nh_server_free(&s);
         return;
     }
-    sb_topic *t = sb_topic_create("nojs");
-    sb_cache *cache = sb_cache_create(cache_id);
-    sb_caching_topic *ct = sb_caching_topic_create(t, cache);
-    CHECK_EQ_INT(sb_cluster_share_cache(c, ct), SB_E_UNAVAILABLE);
+    cached_topic x = cached_topic_new("nojs");
+    CHECK_EQ_INT(sb_cluster_share_cache(c, x.ct), SB_E_UNAVAILABLE);
     CHECK(strstr(sb_last_error(), "JetStream") != NULL);
     long long before = store_errors();
     tu_sleep_ms(3000);
@@ -350,9 +372,7 @@ static void test_no_jetstream(void)
     /* pauses of 1, 2, 4 s (heartbeat_ms 1000): a few tries of a few requests each */
     CHECK(grew >= 0 && grew <= 10);
     c = sb_cluster_leave(c);
-    ct = sb_caching_unsubscribe_and_join(ct);
-    sb_cache_unref(cache);
-    sb_topic_unref(t);
+    cached_topic_free(&x);
     nh_server_free(&s);
 }
 
@@ -425,34 +445,28 @@ static void test_permissions(void)
     c = join_with(&s, "user", "nojs", "password", "pw", NULL);
     CHECK(c != NULL);
     if (c != NULL) {
-        sb_topic *t = sb_topic_create("perm/nojs");
-        sb_cache *cache = sb_cache_create(cache_id);
-        sb_caching_topic *ct = sb_caching_topic_create(t, cache);
+        cached_topic x = cached_topic_new("perm/nojs");
         long long t0 = nh_now_ms();
-        CHECK_EQ_INT(sb_cluster_share_cache(c, ct), SB_E_UNAVAILABLE);
+        CHECK_EQ_INT(sb_cluster_share_cache(c, x.ct), SB_E_UNAVAILABLE);
         long long took = nh_now_ms() - t0;
         printf("share_cache as nojs: %lld ms, '%s'\n", took, sb_last_error());
         CHECK(strstr(sb_last_error(), "Permissions Violation") != NULL);
         CHECK(strstr(sb_last_error(), "$JS.API.") != NULL);
         CHECK(took < 2500); /* not a timeout */
         c = sb_cluster_leave(c);
-        ct = sb_caching_unsubscribe_and_join(ct);
-        sb_cache_unref(cache);
-        sb_topic_unref(t);
+        cached_topic_free(&x);
     }
 
     c = join_with(&s, "user", "readme", "password", "pw", NULL);
     CHECK(c != NULL);
     if (c != NULL) {
-        sb_topic *t = sb_topic_create("perm/readme");
-        sb_cache *cache = sb_cache_create(cache_id);
-        sb_caching_topic *ct = sb_caching_topic_create(t, cache);
-        CHECK_EQ_INT(sb_cluster_share_cache(c, ct), SB_OK);
+        cached_topic x = cached_topic_new("perm/readme");
+        CHECK_EQ_INT(sb_cluster_share_cache(c, x.ct), SB_OK);
         sb_message_type *ty = NULL;
         CHECK_EQ_INT(sb_message_type_create("perm.bytes", NULL, &ty), SB_OK);
         for (int i = 0; i < 20; i++) {
             sb_message *m = sb_message_create_bytes(ty, "state", 5);
-            CHECK(sb_publish(t, m) >= 0);
+            CHECK(sb_publish(x.t, m) >= 0);
             sb_message_unref(m);
         }
         tu_sleep_ms(1500); /* a heartbeat, the store's acknowledgements */
@@ -462,9 +476,7 @@ static void test_permissions(void)
         CHECK_EQ_INT(server_errors(), 0);
         CHECK_EQ_INT(store_errors(), 0);
         c = sb_cluster_leave(c);
-        ct = sb_caching_unsubscribe_and_join(ct);
-        sb_cache_unref(cache);
-        sb_topic_unref(t);
+        cached_topic_free(&x);
         sb_message_type_unref(ty);
     }
     nh_server_free(&s);
