@@ -261,15 +261,19 @@ static void cached_topic_free(cached_topic *x)
     sb_topic_unref(x->t);
 }
 
-/* store_errors of the live clusters, from sb_stats_json. */
-static long long store_errors(void)
+/* A counter of the (first) live cluster in sb_stats_json ("\"store_errors\":"); -1 when
+ * none is listed. */
+static long long cluster_counter(const char *key)
 {
     char *json = sb_stats_json();
-    const char *p = json ? strstr(json, "\"store_errors\":") : NULL;
-    long long v = p ? strtoll(p + strlen("\"store_errors\":"), NULL, 10) : -1;
+    const char *p = json ? strstr(json, key) : NULL;
+    long long v = p ? strtoll(p + strlen(key), NULL, 10) : -1;
     sb_string_free(json);
     return v;
 }
+
+static long long store_errors(void) { return cluster_counter("\"store_errors\":"); }
+static long long server_errors(void) { return cluster_counter("\"server_errors\":"); }
 
 static void on_msg(void *data, sb_subscription *sub, sb_message *msg)
 {
@@ -374,16 +378,6 @@ static void test_no_jetstream(void)
     c = sb_cluster_leave(c);
     cached_topic_free(&x);
     nh_server_free(&s);
-}
-
-/* server_errors of the live clusters, from sb_stats_json. */
-static long long server_errors(void)
-{
-    char *json = sb_stats_json();
-    const char *p = json ? strstr(json, "\"server_errors\":") : NULL;
-    long long v = p ? strtoll(p + strlen("\"server_errors\":"), NULL, 10) : -1;
-    sb_string_free(json);
-    return v;
 }
 
 /* The accounts of test_permissions. "readme" has exactly the permissions the README lists
