@@ -28,8 +28,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 type Reply = std::sync::mpsc::Sender<Result<()>>;
 
 pub(crate) enum Cmd {
-    /// Re-check interest now; answer once the subscriptions are in place.
-    Interest(Option<Reply>),
+    /// Re-check interest now; answer once the subscriptions are in place, with the
+    /// server's refusal of one of the topic's whose subject token is given, if any.
+    Interest(Option<(Arc<str>, Reply)>),
     ShareCache {
         topic: String,
         done: Reply,
@@ -384,6 +385,11 @@ struct Io {
     ever_disconnected: bool,
     /// Sessions of other processes heard using our eid (warned once each).
     eid_clashes: HashSet<u32>,
+    /// Subjects subscribed and not yet judged (see `refresh_interest`), each with the
+    /// refusal count before its subscription (re-made at every reconnect).
+    unchecked: Vec<(String, u64)>,
+    /// Subjects subscribed whose subscription the server refused, with its words.
+    refused: HashMap<String, String>,
 }
 
 impl Io {
@@ -417,6 +423,8 @@ impl Io {
             connected: true,
             ever_disconnected: false,
             eid_clashes: HashSet::new(),
+            unchecked: Vec::new(),
+            refused: HashMap::new(),
         }
     }
 
@@ -477,11 +485,11 @@ impl Io {
                         let _ = done.send(());
                         break;
                     }
-                    Some(Cmd::Interest(reply)) => {
-                        let r = self.refresh_interest().await;
-                        if let Some(reply) = reply {
-                            let _ = reply.send(r);
-                        }
+                    Some(Cmd::Interest(None)) => {
+                        let _ = self.refresh_interest(None).await;
+                    }
+                    Some(Cmd::Interest(Some((token, reply)))) => {
+                        let _ = reply.send(self.refresh_interest(Some(&token)).await);
                     }
                     Some(Cmd::ShareCache { topic, done }) => {
                         self.s.cache_topics.lock().insert(topic.clone());
@@ -496,7 +504,7 @@ impl Io {
                 }
                 _ = ticker.tick() => {
                     if self.interest_epoch != crate::tap::interest_epoch() {
-                        let _ = self.refresh_interest().await;
+                        let _ = self.refresh_interest(None).await;
                     }
                     if self.connected {
                         let now = Instant::now();
@@ -644,7 +652,13 @@ impl Io {
         want
     }
 
-    async fn refresh_interest(&mut self) -> Result<()> {
+    /// Subscribes to what the node's shared topics and their local subscribers want, and
+    /// drops the rest. `report`: a caller waits (a share of the topic whose subject token
+    /// this is) and hears of the server's refusal of any of that topic's subscriptions,
+    /// whichever refresh made it (the io loop's tick may see a share's new interest, and
+    /// subscribe, before the share's own request arrives; a topic shared again may keep
+    /// the subscription it had).
+    async fn refresh_interest(&mut self, report: Option<&str>) -> Result<()> {
         self.interest_epoch = crate::tap::interest_epoch();
         let want = self.wanted_subjects();
         let direct_prefix = format!("{}.d.", self.prefix());
@@ -652,13 +666,12 @@ impl Io {
         // duplicate window drops the second copy; the other order could lose messages.
         let mut first_error = None;
         let since = self.s.inner.refusals.count();
-        let mut added = Vec::new();
         for subject in &want {
             if !self.subs.contains_key(subject) {
                 if let Err(e) = self.subscribe(subject.clone()).await {
                     first_error.get_or_insert(e);
                 }
-                added.push(subject.clone());
+                self.unchecked.push((subject.clone(), since));
             }
         }
         self.subs.retain(|subject, task| {
@@ -668,10 +681,31 @@ impl Io {
             }
             keep
         });
+        let subs = &self.subs;
+        self.unchecked
+            .retain(|(subject, _)| subs.contains_key(subject));
+        self.refused.retain(|subject, _| subs.contains_key(subject));
         if let Some(e) = first_error {
             return Err(e);
         }
-        self.flush(since, &added).await
+        self.flush(since, &[]).await?;
+        // The round trip just made came after every subscription still unchecked: the
+        // server's refusals of them have arrived.
+        let refusals = &self.s.inner.refusals;
+        for (subject, at) in std::mem::take(&mut self.unchecked) {
+            let named = |text: &str| refusals::names_any(text, std::slice::from_ref(&subject));
+            if let Some(text) = refusals.first_after(at, named) {
+                self.refused.insert(subject, text);
+            }
+        }
+        let Some(token) = report else {
+            return Ok(());
+        };
+        let of_topic = format!("{}.m.{token}.", self.prefix());
+        match self.refused.iter().find(|(s, _)| s.starts_with(&of_topic)) {
+            Some((_, text)) => Err(refused(text)),
+            None => Ok(()),
+        }
     }
 
     async fn on_heartbeat(&mut self, body: &[u8]) {
@@ -749,6 +783,11 @@ impl Io {
                 self.connected = true;
                 inner.stats.connected.store(true, Ordering::Relaxed);
                 inner.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                // The client subscribes everything again: judged again (a server whose
+                // permissions changed may take what it refused).
+                let since = inner.refusals.count();
+                self.refused.clear();
+                self.unchecked = self.subs.keys().map(|s| (s.clone(), since)).collect();
                 // We heard nobody while away: that says nothing about them. Give every
                 // node a fresh period before judging it.
                 inner.nodes.lock().grace(Instant::now());

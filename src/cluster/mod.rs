@@ -477,10 +477,15 @@ impl Cluster {
     }
 
     /// Waits (bounded by the connect timeout) until the io thread has subscribed what
-    /// the node's interest asks for.
-    fn sync_interest(inner: &Inner) -> Result<()> {
+    /// the node's interest asks for; fails when the server refused a subscription of
+    /// the topic whose subject token is `token`.
+    fn sync_interest(inner: &Inner, token: Arc<str>) -> Result<()> {
         let (tx, rx) = std::sync::mpsc::channel();
-        if inner.cmd.send(io::Cmd::Interest(Some(tx))).is_err() {
+        if inner
+            .cmd
+            .send(io::Cmd::Interest(Some((token, tx))))
+            .is_err()
+        {
             return Err(Error::state("the cluster's io thread has stopped"));
         }
         match rx.recv_timeout(Duration::from_millis(u64::from(inner.cfg.connect_timeout_ms))) {
@@ -494,12 +499,15 @@ impl Cluster {
 
     pub fn share_topic(&self, topic: &Arc<Topic>) -> Result<()> {
         let inner = self.usable()?;
-        {
+        let token = {
             let mut topics = inner.topics.write();
-            Cluster::entry(&mut topics, topic)?.shared = true;
+            let st = Cluster::entry(&mut topics, topic)?;
+            st.shared = true;
+            let token = Arc::clone(&st.token);
             Cluster::retap(inner, &mut topics, topic.name());
-        }
-        Cluster::sync_interest(inner)
+            token
+        };
+        Cluster::sync_interest(inner, token)
     }
 
     pub fn unshare_topic(&self, topic: &Arc<Topic>) -> Result<()> {
@@ -558,11 +566,11 @@ impl Cluster {
             ct.topic(),
             Some(Arc::new(CacheTap {
                 inner: Arc::clone(inner),
-                token,
+                token: Arc::clone(&token),
                 cache: Arc::clone(ct.cache()),
             })),
         );
-        Cluster::sync_interest(inner)?;
+        Cluster::sync_interest(inner, token)?;
         let (tx, rx) = std::sync::mpsc::channel();
         if inner
             .cmd
