@@ -117,7 +117,6 @@ fn server_error_text(e: &async_nats::ServerError) -> String {
 /// A server's `-ERR` (see `refusals`): counted, logged once per text, and kept for the
 /// operations waiting on the server.
 fn on_server_error(inner: &Inner, text: &str) {
-    inner.stats.server_errors.fetch_add(1, Ordering::Relaxed);
     if inner.refusals.record(text) {
         let hint = if refusals::is_permission(text) {
             ": the account this node connects as lacks that permission, so the node cannot send or receive there (the README lists the subjects a node uses)"

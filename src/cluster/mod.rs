@@ -123,8 +123,6 @@ pub struct Stats {
     /// Store requests (writes, reads, removals) that failed or were never confirmed;
     /// each is tried again.
     pub store_errors: AtomicU64,
-    /// Errors the servers reported (`-ERR`): a denied permission, most often.
-    pub server_errors: AtomicU64,
 }
 
 /// A snapshot of the counters.
@@ -635,7 +633,8 @@ impl Cluster {
             connected: s.connected.load(Ordering::Relaxed),
             nodes_up: inner.nodes.lock().up_count() as u32,
             store_errors: s.store_errors.load(Ordering::Relaxed),
-            server_errors: s.server_errors.load(Ordering::Relaxed),
+            // Every server error is a refusal recorded (`refusals`): its count.
+            server_errors: inner.refusals.count(),
         })
     }
 
