@@ -28,8 +28,9 @@
  *   stats                          ok sent received dropped_out dropped_in reconnects connected nodes_up
  *   storeerr                       ok JSON PROM   this cluster's store_errors as sb_stats_json
  *                                  and sb_stats_prometheus report it (-1: not listed)
- *   logged WORD                    ok N   log lines so far that contain WORD (the node logs
- *                                  through a handler that also prints them on stderr)
+ *   logged WORDS...                ok N   log lines so far that contain WORDS (joined by one
+ *                                  space; the node logs through a handler that also prints
+ *                                  them on stderr, after the node's name)
  *   nodes                          ok N eid=state...   (sb_cluster_nodes)
  *   events                         ok N LAST_EID LAST_STATE (node messages seen on sb_cluster_topic)
  *   cache T [agg]                  a cache (with a sum aggregate) + caching topic on T
@@ -116,11 +117,17 @@ static struct {
     int n;
 } cn_log;
 
+/* The node's name once it joined: a test's stderr interleaves several nodes' lines. */
+static char cn_name_buf[64];
+static _Atomic(const char *) cn_name;
+
 static void cn_log_line(void *data, int level, const char *text)
 {
     (void)data;
     static const char *const names[] = {"?", "Error", "Warning", "Notice", "Debug"};
-    fprintf(stderr, "switchboard: %s: %s\n", names[level >= 1 && level <= 4 ? level : 0], text);
+    const char *name = atomic_load_explicit(&cn_name, memory_order_acquire);
+    fprintf(stderr, "switchboard (node %s): %s: %s\n", name != NULL ? name : "-",
+            names[level >= 1 && level <= 4 ? level : 0], text);
     pthread_mutex_lock(&cn_log.lock);
     if (cn_log.n < CN_LOG_MAX) {
         char *copy = strdup(text);
@@ -486,6 +493,10 @@ static int cn_command(char *line)
             sb_cluster_config_free(cfg);
             return 0;
         }
+        if (atomic_load_explicit(&cn_name, memory_order_acquire) == NULL) {
+            snprintf(cn_name_buf, sizeof cn_name_buf, "%s", argv[3]);
+            atomic_store_explicit(&cn_name, cn_name_buf, memory_order_release);
+        }
         cn.cluster = sb_cluster_join(cfg);
         sb_cluster_config_free(cfg);
         if (cn.cluster == NULL)
@@ -615,8 +626,12 @@ static int cn_command(char *line)
         sb_string_free(prom);
         sb_string_free(json);
         return nh_node_reply("ok %lld %lld", in_json, in_prom), 0;
-    } else if (strcmp(cmd, "logged") == 0 && argc == 2) {
-        return nh_node_reply("ok %ld", cn_logged(argv[1])), 0;
+    } else if (strcmp(cmd, "logged") == 0 && argc >= 2) {
+        char words[512] = "";
+        for (int i = 1; i < argc; i++)
+            snprintf(words + strlen(words), sizeof words - strlen(words), "%s%s", i > 1 ? " " : "",
+                     argv[i]);
+        return nh_node_reply("ok %ld", cn_logged(words)), 0;
     } else if (strcmp(cmd, "nodes") == 0) {
         sb_message_list *l = sb_cluster_nodes(cn.cluster);
         if (l == NULL)

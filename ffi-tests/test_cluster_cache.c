@@ -3,8 +3,9 @@
  * dump / dump_all / get_by_eid / aggregates over nodes, clears, a late join of 10,000
  * entries, kill -9 of a node cleared everywhere within heartbeat_ms x down_after_missed
  * + 1 s (and not loaded by a later joiner), a clean leave seen within 1 s, and a node
- * restarted with the same eid whose new session drops what it does not re-assert, and a
- * snapshot larger than the server takes (counted, warned, never retried).
+ * restarted with the same eid whose new session drops what it does not re-assert, a
+ * share of a cache holding 6,000 of the node's own snapshots, and a snapshot larger than
+ * the server takes (counted, warned, never retried).
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -212,6 +213,29 @@ static void test_paused_node(nh_child *b)
     CHECK_EQ_INT(cn_stop(&e), 0);
 }
 
+/* A cache that holds more of its own snapshots than the client lets await their store
+ * acknowledgement at once (5,000) when it is shared: the share writes them all (it used
+ * to keep every acknowledgement until the end, and the 5,001st write waited forever for
+ * one of them: the share timed out and the store never got the rest; a node re-asserting
+ * that many after a reconnect hung the same way). */
+#define MANY_OWN 6000
+static void test_share_many_own(nh_child *b)
+{
+    nh_child g;
+    start_node(&g, "00:00:00:00:00:1b", "g");
+    CN_OK(&g, "putn reg snapmany %d m", MANY_OWN);
+    CN_OK(&g, "sharecache reg");
+    WAIT_UNTIL(dump_of(b, "snapmany", D_REMOTE) == MANY_OWN);
+    /* the store has them: a later joiner loads them all */
+    nh_child h;
+    start_node(&h, "00:00:00:00:00:1c", "h");
+    CN_OK(&h, "sharecache reg");
+    CHECK_EQ_INT(dump_of(&h, "snapmany", D_REMOTE), MANY_OWN);
+    CHECK_EQ_INT(get_of(&h, "snapmany", "m5999", "00:00:00:00:00:1b"), 5999);
+    CHECK_EQ_INT(cn_stop(&h), 0);
+    CHECK_EQ_INT(cn_stop(&g), 0);
+}
+
 static long long dropped_out_of(nh_child *n)
 {
     long long v[7] = {-1, -1, -1, -1, -1, -1, -1};
@@ -320,6 +344,7 @@ int main(int argc, char **argv)
     test_kill9(&a, &b);
     test_new_session(&b);
     test_paused_node(&b);
+    test_share_many_own(&b);
     test_too_large(&b);
 
     CHECK_EQ_INT(cn_stop(&b), 0);

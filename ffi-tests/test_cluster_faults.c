@@ -8,6 +8,8 @@
  *  - the store not answering (its server stopped, SIGSTOP) when a node comes back from
  *    down or is killed: the others' re-read of its snapshots, or their removal of them,
  *    is tried again until the store answers;
+ *  - the store stopping in the middle of a read: the read fails after a bound, and the
+ *    share that made it is tried again;
  *  - a leave while no server answers returns within a bound;
  *  - a server in lame duck mode is noticed in the log.
  */
@@ -257,6 +259,124 @@ static void test_store_not_answering(void)
     nh_cluster_free(&cl);
 }
 
+/* A number after "key": in the monitoring JSON `body`, after `after` (-1: none). */
+static long long json_num_after(const char *body, const char *after, const char *key)
+{
+    const char *p = strstr(body, after);
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    if (p == NULL || (p = strstr(p, pat)) == NULL)
+        return -1;
+    return strtoll(p + strlen(pat), NULL, 10);
+}
+
+/* From srv's /jsz: the messages in the store's stream (which = 0), or the most messages
+ * a reader of topic big's snapshots still has to get (which = 1); -1: no answer. */
+static long long store_jsz(nh_server *srv, int which)
+{
+    size_t cap = 1 << 20;
+    char *body = (char *)malloc(cap);
+    long long v = -1;
+    const char *path = "/jsz?accounts=true&streams=true&consumers=true&config=true";
+    if (body != NULL && nh_http_get(srv->monitor_port, path, body, cap, 2000) == 200) {
+        if (which == 0) {
+            v = json_num_after(body, "\"KV_sb_state\"", "messages");
+        } else {
+            /* the consumers that read topic big's snapshots (a share's load) */
+            v = 0;
+            const char *filter = "\"filter_subject\": \"$KV.sb_state.*.c.big.";
+            for (const char *p = body; (p = strstr(p, filter)) != NULL;) {
+                p += strlen(filter);
+                /* one reading now: it delivered its first batch (an idle consumer left
+                 * from an earlier read has delivered nothing) */
+                long long n = json_num_after(p, "", "num_pending");
+                if (json_num_after(p, "\"delivered\"", "consumer_seq") > 0 && n > v)
+                    v = n;
+            }
+        }
+    }
+    free(body);
+    return v;
+}
+
+/* Stops child c and waits until it is stopped (kill only asks): 1, or 0 if it exited. */
+static int pause_child(nh_child *c)
+{
+    int st = 0;
+    if (c->pid <= 0 || kill(c->pid, SIGSTOP) != 0 || waitpid(c->pid, &st, WUNTRACED) != c->pid)
+        return 0;
+    if (WIFSTOPPED(st))
+        return 1;
+    c->status = st;
+    c->pid = 0;
+    return 0;
+}
+
+#define MID_READ_KEYS 10000
+#define MID_READ_LEFT 1500 /* three of the client's batches: more pulls must follow */
+
+/* The store stops answering in the middle of a read (a share's load of 10,000
+ * snapshots): the client's reader would wait for it forever (it recreates its consumer
+ * again and again), and the share would neither fail, nor say so, nor try again. The
+ * read fails after a request's time without a message: the share is warned about and
+ * tried again, and goes through once the store answers. */
+static void test_store_stops_mid_read(void)
+{
+    nh_server srv;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    nh_child a, c;
+    start_node(&a, EID_A, "a", srv.url, "");
+    start_node(&c, EID_C, "c", srv.url, "connect_timeout_ms=2000");
+    CN_OK(&a, "topic big");
+    CN_OK(&a, "cache big");
+    CN_OK(&a, "sharecache big");
+    CN_OK(&a, "putn big snapm %d m", MID_READ_KEYS);
+    WAIT_UNTIL(store_jsz(&srv, 0) >= MID_READ_KEYS);
+    CN_OK(&c, "topic big");
+    CN_OK(&c, "cache big");
+    /* c loads them; c is paused (for a moment each time) until the server says its
+     * read has batches left to deliver: then the server stops */
+    int caught = 0, tries = 0;
+    long long deadline = nh_now_ms() + nh_scale_ms(60000);
+    while (!caught && tries < 20 && nh_now_ms() < deadline) {
+        tries++;
+        CHECK(nh_child_send(&c, "sharecache big") == 0);
+        for (;;) {
+            if (!pause_child(&c)) {
+                CHECK(!"node c paused");
+                deadline = 0;
+                break;
+            }
+            caught = store_jsz(&srv, 1) >= MID_READ_LEFT;
+            if (caught)
+                CHECK(kill(srv.pid, SIGSTOP) == 0);
+            CHECK(kill(c.pid, SIGCONT) == 0);
+            /* a reply: the load went through before it was caught; again */
+            if (caught || nh_child_read_line(&c, NULL, 0, 1) >= 0 || nh_now_ms() > deadline)
+                break;
+        }
+    }
+    printf("store stopped in the middle of a read: %s (try %d)\n", caught ? "yes" : "no",
+           tries);
+    CHECK(caught);
+    if (caught) {
+        /* the share gives up for now (the caller gets its error) and says so */
+        CHECK(nh_child_read_line(&c, NULL, 0, nh_scale_ms(30000)) >= 0 &&
+              strncmp(c.line, "err", 3) == 0);
+        WAIT_UNTIL(logged(&c, "sharing cache of topic 'big' failed") >= 1);
+        CHECK(kill(srv.pid, SIGCONT) == 0);
+        /* it is tried again, and goes through once the store answers */
+        WAIT_UNTIL(logged(&c, "sharing cache of topic 'big' went through") >= 1);
+        long long v[3] = {-1, -1, -1};
+        WAIT_UNTIL(cn_nums(&c, v, 3, "dump big snapm") == 3 && v[2] == MID_READ_KEYS);
+    }
+    CHECK_EQ_INT(cn_stop(&c), 0);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    nh_server_free(&srv);
+}
+
 /* Leaving while no server answers: the client's buffer is full of messages no server
  * takes (a publish into it waits for a reconnect that does not come), and the cluster
  * thread is still on a share it could not finish. The leave returns within a bound
@@ -326,6 +446,7 @@ int main(int argc, char **argv)
     test_server_restart_empty_store();
     test_cluster_loses_a_server();
     test_store_not_answering();
+    test_store_stops_mid_read();
     test_leave_without_servers();
     test_lame_duck();
     return TEST_DONE();

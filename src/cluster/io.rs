@@ -1283,7 +1283,17 @@ async fn read_keys(s: &Shared, filter: &str) -> Result<Vec<(String, Bytes)>> {
         .messages()
         .await
         .map_err(|e| store_error(s, "read", e))?;
-    while let Some(m) = msgs.next().await {
+    loop {
+        // The client's ordered consumer never gives up by itself: a store that stops
+        // answering in the middle of a read has it recreate its consumer forever. A read
+        // with no message for a request's time has failed like an unanswered request
+        // (the caller retries it); without the bound the reader waits for the server.
+        let next = tokio::time::timeout(STORE_REQUEST_TIMEOUT, msgs.next())
+            .await
+            .map_err(|_| {
+                store_error(s, "read", "timed out (no message in the middle of a read)")
+            })?;
+        let Some(m) = next else { break };
         let m = m.map_err(|e| store_error(s, "read", e))?;
         let pending = m.info().map(|i| i.pending).unwrap_or(0);
         let deleted = m
@@ -1369,7 +1379,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
         // What we wrote, to check afterwards that it is still current: a change made
         // meanwhile may have been stored before our older copy, which then won.
         let mut written: Vec<(String, Arc<MessageType>, String, MessageRef)> = Vec::new();
-        let mut pending = Vec::new();
+        let mut pending = AckWindow::default();
         for snap in cache.dump_by_eid(None, &me) {
             let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
                 continue;
@@ -1380,21 +1390,21 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             }
             let key = wire::snapshot_key(&me, token, snap.message_type().name(), &id);
             if let Some(ack) = store_put(s, &key, Some(&snap)).await? {
-                pending.push(ack);
+                pending.push(s, ack).await?;
             }
             written.push((key, Arc::clone(snap.message_type()), id, snap));
         }
-        await_acks(s, pending).await?;
+        pending.finish(s).await?;
         let held: HashSet<&str> = written.iter().map(|w| w.0.as_str()).collect();
-        let mut pending = Vec::new();
+        let mut pending = AckWindow::default();
         for key in stored.iter().filter(|k| !held.contains(k.as_str())) {
             if let Some(ack) = store_put(s, key, None).await? {
-                pending.push(ack);
+                pending.push(s, ack).await?;
             }
         }
-        await_acks(s, pending).await?;
+        pending.finish(s).await?;
         for _round in 0..3 {
-            let mut pending = Vec::new();
+            let mut pending = AckWindow::default();
             let mut changed = Vec::new();
             for (key, ty, id, snap) in &written {
                 let now = cache.get_by_eid(ty, id, Some(&me));
@@ -1402,13 +1412,13 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
                     continue;
                 }
                 if let Some(ack) = store_put(s, key, now.as_ref()).await? {
-                    pending.push(ack);
+                    pending.push(s, ack).await?;
                 }
                 if let Some(n) = now {
                     changed.push((key.clone(), Arc::clone(ty), id.clone(), n));
                 }
             }
-            await_acks(s, pending).await?;
+            pending.finish(s).await?;
             if changed.is_empty() {
                 break;
             }
@@ -1477,12 +1487,41 @@ async fn store_put(
     r.map(Some).map_err(|e| store_error(s, "write", e))
 }
 
-async fn await_acks(s: &Shared, acks: Vec<jetstream::context::PublishAckFuture>) -> Result<()> {
-    for ack in acks {
-        ack.await
-            .map_err(|e| store_error(s, "write not confirmed", e))?;
+/// At most this many of one pass's store writes await their acknowledgement. The client
+/// grants 5,000 at a time and makes a write wait until an earlier one is acknowledged:
+/// a pass that kept every acknowledgement to await at its end would wait forever on
+/// itself once the cache holds more than that (and the sender's writes share the grant).
+const STORE_ACKS_IN_FLIGHT: usize = 1024;
+
+/// The acknowledgements one pass of store writes awaits, oldest first (they come in order).
+#[derive(Default)]
+struct AckWindow {
+    pending: std::collections::VecDeque<jetstream::context::PublishAckFuture>,
+}
+
+impl AckWindow {
+    async fn push(&mut self, s: &Shared, ack: jetstream::context::PublishAckFuture) -> Result<()> {
+        self.pending.push_back(ack);
+        if self.pending.len() >= STORE_ACKS_IN_FLIGHT {
+            if let Some(oldest) = self.pending.pop_front() {
+                confirmed(s, oldest).await?;
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    async fn finish(mut self, s: &Shared) -> Result<()> {
+        while let Some(ack) = self.pending.pop_front() {
+            confirmed(s, ack).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn confirmed(s: &Shared, ack: jetstream::context::PublishAckFuture) -> Result<()> {
+    ack.await
+        .map(|_| ())
+        .map_err(|e| store_error(s, "write not confirmed", e))
 }
 
 /// Presence records: who has state in the store, and when each last asserted it.

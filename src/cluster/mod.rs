@@ -568,7 +568,10 @@ impl Cluster {
                 cache: Arc::clone(ct.cache()),
             })),
         );
-        Cluster::sync_interest(inner, token)?;
+        // The load is asked for even when subscribing failed or timed out: like the
+        // topic's sharing, it goes on in the background as far as the server allows
+        // (the caller already waited its connect_timeout_ms and gets that error).
+        let interest = Cluster::sync_interest(inner, token);
         let (tx, rx) = std::sync::mpsc::channel();
         if inner
             .cmd
@@ -580,6 +583,7 @@ impl Cluster {
         {
             return Err(Error::state("the cluster's io thread has stopped"));
         }
+        interest?;
         // The io side answers with its error once connect_timeout_ms has passed: wait a
         // little longer, so that a store that refuses at once (JetStream not enabled)
         // gives its reason rather than a timeout.
