@@ -10,6 +10,8 @@
  *    is tried again until the store answers;
  *  - the store stopping in the middle of a read: the read fails after a bound, and the
  *    share that made it is tried again;
+ *  - the server killed during a node's writes at full speed: the acknowledgements it
+ *    never sent do not hold the node's sending up;
  *  - a leave while no server answers returns within a bound;
  *  - a server in lame duck mode is noticed in the log.
  */
@@ -377,6 +379,41 @@ static void test_store_stops_mid_read(void)
     nh_server_free(&srv);
 }
 
+/* The server killed (kill -9) while a node writes snapshots to the store at full speed,
+ * and restarted with its store: the writes it took but never acknowledged are thousands.
+ * Each acknowledgement's wait (2 s) began only when the one before it ended, and the
+ * sender waited for them: the node sent nothing, not even a plain message, for hours.
+ * Now they are awaited together: a message published after the reconnect crosses at
+ * once, and the store gets every snapshot again. */
+static void test_server_killed_mid_writes(void)
+{
+    nh_server srv;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    nh_child a, b;
+    start_node(&a, EID_A, "a", srv.url, "");
+    start_node(&b, EID_B, "b", srv.url, "");
+    CN_OK(&a, "topic chat");
+    CN_OK(&b, "topic chat");
+    CN_OK(&a, "share chat");
+    CN_OK(&b, "share chat");
+    int n = cn_scale(50000, 5000);
+    CN_OK(&a, "putn reg snapw %d w", n); /* returns before the writes are done */
+    nh_server_kill9(&srv);
+    long long stored = -1;
+    CHECK(nh_server_restart(&srv, 0) == 0);
+    WAIT_UNTIL(stat_of(&a, ST_CONNECTED) == 1 && stat_of(&b, ST_CONNECTED) == 1);
+    CN_OK(&a, "pub chat text 1 after");
+    WAIT_UNTIL(count_total(&b, "chat") == 1);
+    /* every snapshot reaches the store (a writes them all again after the reconnect) */
+    WAIT_UNTIL((stored = store_jsz(&srv, 0)) >= n);
+    printf("server killed during %d writes: %lld in the store after the restart\n", n, stored);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    CHECK_EQ_INT(cn_stop(&b), 0);
+    nh_server_free(&srv);
+}
+
 /* Leaving while no server answers: the client's buffer is full of messages no server
  * takes (a publish into it waits for a reconnect that does not come), and the cluster
  * thread is still on a share it could not finish. The leave returns within a bound
@@ -447,6 +484,7 @@ int main(int argc, char **argv)
     test_cluster_loses_a_server();
     test_store_not_answering();
     test_store_stops_mid_read();
+    test_server_killed_mid_writes();
     test_leave_without_servers();
     test_lame_duck();
     return TEST_DONE();
