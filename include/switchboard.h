@@ -869,14 +869,13 @@ int sb_cluster_export_json(struct sb_cluster *c, struct sb_topic *topic);
  * connect_timeout_ms SB_E_UNAVAILABLE (the store refused, with the servers' reason: e.g.
  * JetStream not enabled) or SB_E_TIMEOUT (no answer); at once SB_E_UNAVAILABLE when the
  * server refused the store's subjects (a permission the account lacks, README:
- * Permissions). Sharing goes on in the background either way. SB_E_INVAL when the original topic's name is too long for a subject (as
- * sb_cluster_share_topic). The cluster keeps a reference to `ct` (borrowed) until it
- * leaves.
+ * Permissions). Sharing goes on in the background either way (a read or write the store
+ * stops answering in the middle of is tried again). SB_E_INVAL when the original topic's
+ * name is too long for a subject (as sb_cluster_share_topic).
  * Ownership: `c` and `ct` are borrowed; the cluster keeps its own reference to `ct`
  * (and so to its cache and original topic) until it leaves.
  */
-int sb_cluster_share_cache(struct sb_cluster *c,
-                           struct sb_caching_topic *ct);
+int sb_cluster_share_cache(struct sb_cluster *c, struct sb_caching_topic *ct);
 
 /**
  * Type of node messages (borrowed, lives forever); their data is a
