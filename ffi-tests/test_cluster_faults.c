@@ -12,6 +12,7 @@
  *    share that made it is tried again;
  *  - the server killed during a node's writes at full speed: the acknowledgements it
  *    never sent do not hold the node's sending up;
+ *  - eight caches shared while the server is down write side by side when it is back;
  *  - a leave while no server answers returns within a bound;
  *  - a server in lame duck mode is noticed in the log.
  */
@@ -414,6 +415,42 @@ static void test_server_killed_mid_writes(void)
     nh_server_free(&srv);
 }
 
+#define MANY_CACHES 8
+#define MANY_CACHE_KEYS 1500
+/* Eight caches of 1,500 own snapshots each, shared while the server is down: their
+ * shares go on in the background and all write when it is back. Each write pass keeps
+ * up to 1,024 acknowledgements it has not awaited yet, and the client grants 5,000:
+ * passes running side by side took them all and waited for each other forever (the
+ * store stopped at 4,300-5,200 of 12,000). One pass writes at a time now. */
+static void test_many_shares_at_once(void)
+{
+    nh_server srv;
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(&srv, &opts) == 0);
+    nh_child g;
+    start_node(&g, EID_A, "g", srv.url, "connect_timeout_ms=1000");
+    for (int i = 0; i < MANY_CACHES; i++) {
+        CN_OK(&g, "topic many%d", i);
+        CN_OK(&g, "cache many%d", i);
+        CN_OK(&g, "putn many%d snapmany %d m", i, MANY_CACHE_KEYS);
+    }
+    nh_server_kill9(&srv);
+    WAIT_UNTIL(stat_of(&g, ST_CONNECTED) == 0);
+    for (int i = 0; i < MANY_CACHES; i++) {
+        const char *r = cn_cmd(&g, "sharecache many%d", i);
+        CHECK(r != NULL && strncmp(r, "err", 3) == 0);
+    }
+    CHECK(nh_server_restart(&srv, 0) == 0);
+    long long want = (long long)MANY_CACHES * MANY_CACHE_KEYS;
+    long long stored = -1;
+    WAIT_UNTIL((stored = store_jsz(&srv, 0)) >= want);
+    printf("%d caches shared while the server was down: %lld of %lld stored\n", MANY_CACHES,
+           stored, want);
+    CHECK_EQ_INT(cn_stop(&g), 0);
+    nh_server_free(&srv);
+}
+
 /* Leaving while no server answers: the client's buffer is full of messages no server
  * takes (a publish into it waits for a reconnect that does not come), and the cluster
  * thread is still on a share it could not finish. The leave returns within a bound
@@ -485,6 +522,7 @@ int main(int argc, char **argv)
     test_store_not_answering();
     test_store_stops_mid_read();
     test_server_killed_mid_writes();
+    test_many_shares_at_once();
     test_leave_without_servers();
     test_lame_duck();
     return TEST_DONE();

@@ -268,6 +268,8 @@ struct Shared {
     store_failures: AtomicU64,
     /// A re-assertion task is running (see `schedule_reassert`).
     reasserting: AtomicBool,
+    /// Held by the one pass of `assert_own` that writes (see `STORE_ACKS_IN_FLIGHT`).
+    assert_pass: tokio::sync::Mutex<()>,
     /// Cuts a re-assertion's pause short (a reconnect: the store may answer now).
     reassert_now: tokio::sync::Notify,
     /// The sender is handing queued items to the client (see `sender`).
@@ -407,6 +409,7 @@ impl Io {
                 cache_topics: parking_lot::Mutex::new(HashSet::new()),
                 store_failures: AtomicU64::new(0),
                 reasserting: AtomicBool::new(false),
+                assert_pass: tokio::sync::Mutex::new(()),
                 reassert_now: tokio::sync::Notify::new(),
                 sending: AtomicBool::new(false),
                 present: AtomicBool::new(false),
@@ -1380,6 +1383,9 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             caches.push((Arc::clone(&st.token), Arc::clone(ct.cache())));
         }
     }
+    // One pass at a time: each holds up to STORE_ACKS_IN_FLIGHT of the client's grants
+    // without polling them while it writes (and its assertion time is then the newest).
+    let _one_pass = s.assert_pass.lock().await;
     let asserted = now_realtime_ns();
     for (token, cache) in &caches {
         // No purge first: a node reading meanwhile must see each key we hold, old or new.
@@ -1504,7 +1510,10 @@ async fn store_put(
 /// At most this many of one pass's store writes await their acknowledgement. The client
 /// grants 5,000 at a time and makes a write wait until an earlier one is acknowledged:
 /// a pass that kept every acknowledgement to await at its end would wait forever on
-/// itself once the cache holds more than that (and the sender's writes share the grant).
+/// itself once the cache holds more than that. The sender shares the grant, but it
+/// awaits its acknowledgements as they come; passes do not, so only one runs at a time
+/// (`Shared::assert_pass`): several, each holding a full window while it waits for a
+/// grant, could wait for each other forever.
 const STORE_ACKS_IN_FLIGHT: usize = 1024;
 
 /// The acknowledgements one pass of store writes awaits, oldest first (they come in order).
