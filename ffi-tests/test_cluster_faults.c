@@ -72,12 +72,26 @@ static void start_node(nh_child *n, const char *eid, const char *name, const cha
     CN_OK(n, "sharecache reg");
 }
 
+/* A lone server with JetStream and no other option (a failed start is recorded). */
+static void start_lone_server(nh_server *srv)
+{
+    nh_server_opts opts;
+    memset(&opts, 0, sizeof opts);
+    CHECK(nh_server_start(srv, &opts) == 0);
+}
+
+/* A lone server, and nodes a and b on it with no other option. */
+static void start_pair(nh_server *srv, nh_child *a, nh_child *b)
+{
+    start_lone_server(srv);
+    start_node(a, EID_A, "a", srv->url, "");
+    start_node(b, EID_B, "b", srv->url, "");
+}
+
 static void test_server_restart_empty_store(void)
 {
     nh_server srv;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    CHECK(nh_server_start(&srv, &opts) == 0);
+    start_lone_server(&srv);
     nh_child a, b;
     /* a's outgoing queue holds 500: while the server is gone it overflows */
     start_node(&a, EID_A, "a", srv.url, "out_queue_limit=500");
@@ -326,9 +340,7 @@ static int pause_child(nh_child *c)
 static void test_store_stops_mid_read(void)
 {
     nh_server srv;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    CHECK(nh_server_start(&srv, &opts) == 0);
+    start_lone_server(&srv);
     nh_child a, c;
     start_node(&a, EID_A, "a", srv.url, "");
     start_node(&c, EID_C, "c", srv.url, "connect_timeout_ms=2000");
@@ -392,12 +404,8 @@ static void test_store_stops_mid_read(void)
 static void test_server_killed_mid_writes(void)
 {
     nh_server srv;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    CHECK(nh_server_start(&srv, &opts) == 0);
     nh_child a, b;
-    start_node(&a, EID_A, "a", srv.url, "");
-    start_node(&b, EID_B, "b", srv.url, "");
+    start_pair(&srv, &a, &b);
     CN_OK(&a, "topic chat");
     CN_OK(&b, "topic chat");
     CN_OK(&a, "share chat");
@@ -428,9 +436,7 @@ static void test_server_killed_mid_writes(void)
 static void test_many_shares_at_once(void)
 {
     nh_server srv;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    CHECK(nh_server_start(&srv, &opts) == 0);
+    start_lone_server(&srv);
     nh_child g;
     start_node(&g, EID_A, "g", srv.url, "connect_timeout_ms=1000");
     for (int i = 0; i < MANY_CACHES; i++) {
@@ -461,9 +467,7 @@ static void test_many_shares_at_once(void)
 static void test_leave_without_servers(void)
 {
     nh_server srv;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    CHECK(nh_server_start(&srv, &opts) == 0);
+    start_lone_server(&srv);
     nh_child a;
     start_node(&a, EID_A, "a", srv.url, "connect_timeout_ms=1000");
     CN_OK(&a, "put reg snapl k1 1");
@@ -491,12 +495,8 @@ static void test_leave_without_servers(void)
 static void test_lame_duck(void)
 {
     nh_server srv;
-    nh_server_opts opts;
-    memset(&opts, 0, sizeof opts);
-    CHECK(nh_server_start(&srv, &opts) == 0);
     nh_child a, b;
-    start_node(&a, EID_A, "a", srv.url, "");
-    start_node(&b, EID_B, "b", srv.url, "");
+    start_pair(&srv, &a, &b);
     WAIT_UNTIL(stat_of(&a, ST_UP) == 2);
     CHECK_EQ_INT(logged(&a, "lame"), 0);
     CHECK(kill(srv.pid, SIGUSR2) == 0);
