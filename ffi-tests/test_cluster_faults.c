@@ -428,11 +428,13 @@ static void test_server_killed_mid_writes(void)
 
 #define MANY_CACHES 8
 #define MANY_CACHE_KEYS 1500
-/* Eight caches of 1,500 own snapshots each, shared while the server is down: their
- * shares go on in the background and all write when it is back. Each write pass keeps
- * up to 1,024 acknowledgements it has not awaited yet, and the client grants 5,000:
- * passes running side by side took them all and waited for each other forever (the
- * store stopped at 4,300-5,200 of 12,000). One pass writes at a time now. */
+/* Eight caches of 1,500 own snapshots each, shared while the server is down: each share
+ * returns its error (subscribing timed out) and goes on in the background, as API.md
+ * says (it used to stop there: nothing was ever stored), and all write when the server
+ * is back. Each write pass keeps up to 1,024 acknowledgements it has not awaited yet,
+ * and the client grants 5,000: passes running side by side took them all and waited for
+ * each other forever (the store stopped at 4,300-5,200 of 12,000). One pass writes at a
+ * time now. */
 static void test_many_shares_at_once(void)
 {
     nh_server srv;
