@@ -367,6 +367,20 @@ impl Mailbox {
         }
     }
 
+    /// The runner's look, without the lock, at whether anything waits: the locked
+    /// queue's length and the ring's next slot. Unlike `len` it leaves the ring's tail
+    /// alone (see `Ring::rest`); a claim not yet written reads as nothing yet.
+    pub(crate) fn runner_sees_items(&self) -> bool {
+        self.len.load(Ordering::Relaxed) > 0 || self.ring().is_some_and(|r| r.peek(0))
+    }
+
+    /// The runner's look at whether at least `n` (> 0) items wait, as `runner_sees_items`
+    /// does: the ring's part by the `n`th slot from its head.
+    pub(crate) fn runner_sees_at_least(&self, n: usize) -> bool {
+        let locked = self.len.load(Ordering::Relaxed) as usize;
+        locked >= n || self.ring().is_some_and(|r| r.peek(n - locked - 1))
+    }
+
     /// Queued and not taken yet: the locked queue and the ring (a racy snapshot).
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed) as usize + self.ring_len()
@@ -665,18 +679,23 @@ impl Mailbox {
             return self.take_synchronous(st, me);
         }
         let ring = self.ring();
-        let queued = st.queue().len() + ring.map_or(0, Ring::len);
         let mut batch = st.take_spare();
         loop {
-            let rest = ring.map_or(Rest::Empty, |r| {
+            if let Some(r) = ring {
                 r.drain(|msg| {
                     batch.push_back(Item {
                         msg,
                         last: false,
                         from: None,
                     })
-                })
-            });
+                });
+            }
+            // Whether a claimed slot is still being written matters only when nothing
+            // was taken or the locked queue waits: `Ring::rest` reads the tail.
+            let rest = match ring {
+                Some(r) if batch.is_empty() || !st.queue().is_empty() => r.rest(),
+                _ => Rest::Empty,
+            };
             // The locked queue only holds items queued after all the ring's.
             if rest == Rest::Empty && !st.queue().is_empty() {
                 if batch.is_empty() {
@@ -701,7 +720,9 @@ impl Mailbox {
             st.release_small_buffers();
             return Take::Empty;
         }
-        st.note_queued(queued);
+        // What waited when the runner came: the batch, and what stays behind a claim
+        // still being written.
+        st.note_queued(batch.len() + st.queue().len());
         self.store_len(st.queue().len());
         st.start_batch(me, batch.len());
         if st.policy().blocked > 0 {
@@ -913,14 +934,16 @@ impl Mailbox {
         let mut moved = VecDeque::new();
         // A producer that claimed a slot before the close is a few instructions from
         // writing it; it needs no lock to finish.
-        while ring.drain(|msg| {
-            moved.push_back(Item {
-                msg,
-                last: false,
-                from: None,
-            })
-        }) == Rest::Pending
-        {
+        while {
+            ring.drain(|msg| {
+                moved.push_back(Item {
+                    msg,
+                    last: false,
+                    from: None,
+                })
+            });
+            ring.rest() == Rest::Pending
+        } {
             spin_pause();
         }
         if !moved.is_empty() {

@@ -139,9 +139,9 @@ impl Ring {
         }
     }
 
-    /// Consumer (mailbox lock held): hands every written item, in order, to `put`; says
-    /// whether a claimed position is still being written.
-    pub(crate) fn drain(&self, mut put: impl FnMut(MessageRef)) -> Rest {
+    /// Consumer (mailbox lock held): hands every written item, in order, to `put`, and
+    /// says how many. It reads the slots only, never the tail (see `rest`).
+    pub(crate) fn drain(&self, mut put: impl FnMut(MessageRef)) -> usize {
         let mut head = self.consumer.head.load(Relaxed);
         let start = head;
         loop {
@@ -161,11 +161,28 @@ impl Ring {
         if head != start {
             self.consumer.head.store(head, Relaxed);
         }
-        if self.producer.tail.load(Acquire) >> 1 == head {
+        head - start
+    }
+
+    /// Consumer (mailbox lock held), after a drain: whether a producer claimed a position
+    /// it has not written yet. This reads the tail, the line every push writes: a
+    /// consumer that read it after every batch (batches of one, when it keeps up) made
+    /// the publisher's next claim fetch the line back, so callers ask only when the
+    /// answer matters (nothing taken, or the locked queue waits behind the ring).
+    pub(crate) fn rest(&self) -> Rest {
+        if self.producer.tail.load(Acquire) >> 1 == self.consumer.head.load(Relaxed) {
             Rest::Empty
         } else {
             Rest::Pending
         }
+    }
+
+    /// Runner's peek, without the lock: whether the item `ahead` places after the next
+    /// one to take is written. Reads a slot's line, which taking the item reads anyway,
+    /// not the tail. A hint only: the head it starts from may be a moment old.
+    pub(crate) fn peek(&self, ahead: usize) -> bool {
+        let pos = self.consumer.head.load(Relaxed) + ahead;
+        self.slots[pos % RING_SLOTS].seq.load(Relaxed) == pos + 1
     }
 
     /// Claimed and not yet taken (racy snapshot; never wraps below zero).
@@ -233,8 +250,8 @@ mod tests {
 
     fn take(ring: &Ring) -> (Vec<usize>, Rest) {
         let mut got = Vec::new();
-        let rest = ring.drain(|m| got.push(*m.value::<usize>().unwrap()));
-        (got, rest)
+        ring.drain(|m| got.push(*m.value::<usize>().unwrap()));
+        (got, ring.rest())
     }
 
     #[test]
@@ -257,6 +274,33 @@ mod tests {
         assert!(ring.close_if_empty());
         assert!(!ring.is_open());
         assert!(ring.try_push(msg(8)).is_err());
+    }
+
+    #[test]
+    fn peeks_see_written_slots_and_rest_sees_claims() {
+        let ring = Ring::new();
+        ring.open(0);
+        assert!(!ring.peek(0));
+        for lap in 0..2 {
+            for i in 0..3 {
+                ring.try_push(msg(i)).unwrap();
+            }
+            assert!(ring.peek(0) && ring.peek(2), "lap {lap}");
+            assert!(!ring.peek(3), "lap {lap}");
+            assert_eq!(ring.drain(drop), 3);
+            assert!(!ring.peek(0), "lap {lap}");
+            assert_eq!(ring.rest(), Rest::Empty);
+            // Across the end of the slots on the second lap.
+            for _ in 0..RING_SLOTS - 3 {
+                ring.try_push(msg(0)).unwrap();
+            }
+            assert_eq!(ring.drain(drop), RING_SLOTS - 3);
+        }
+        // A position claimed and not yet written: no peek or drain sees it, `rest` does.
+        ring.producer.tail.fetch_add(2, Relaxed);
+        assert!(!ring.peek(0));
+        assert_eq!(ring.drain(drop), 0);
+        assert_eq!(ring.rest(), Rest::Pending);
     }
 
     #[test]

@@ -770,7 +770,7 @@ impl Subscription {
             // Spin a little before parking: under load the next message is usually a
             // few hundred nanoseconds away, and a futex round trip costs more.
             let mut spins = 0u32;
-            while self.mailbox.len() == 0 && spins < 1_016 {
+            while !self.mailbox.runner_sees_items() && spins < 1_016 {
                 if spins < 1_000 {
                     std::hint::spin_loop();
                 } else {
@@ -806,8 +806,9 @@ impl Subscription {
         // Once unsubscribed, the final message is queued or about to be, and a joiner
         // waits for it: nothing is worth waiting for.
         let enough = || {
-            let len = self.mailbox.len();
-            len == 0 || len >= COALESCE_BATCH || !self.subscribed.load(Ordering::Relaxed)
+            !self.mailbox.runner_sees_items()
+                || self.mailbox.runner_sees_at_least(COALESCE_BATCH)
+                || !self.subscribed.load(Ordering::Relaxed)
         };
         if enough() {
             return;
