@@ -1089,3 +1089,52 @@ impl State {
 #[cfg(all(test, loom))]
 #[path = "mailbox_loom.rs"]
 mod loom_tests;
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::message_type::MessageType;
+
+    fn item(n: usize) -> Item {
+        let ty = MessageType::create("mailbox/test", None).unwrap();
+        Item {
+            msg: Message::with_value(&ty, n),
+            last: false,
+            from: None,
+        }
+    }
+
+    /// The runner's lock-free looks count the locked queue and the ring's written slots.
+    #[test]
+    fn runner_sees_what_waits_in_either_queue() {
+        let mb = Mailbox::new();
+        let me = crate::sync::thread_token();
+        assert!(!mb.runner_sees_items());
+        // No ring yet: the locked queue.
+        for n in 0..RING_AFTER_BATCH {
+            assert!(matches!(
+                mb.push(item(n), Kind::Pool, false),
+                Push::Queued { .. }
+            ));
+        }
+        assert!(mb.runner_sees_items());
+        assert!(mb.runner_sees_at_least(RING_AFTER_BATCH));
+        assert!(!mb.runner_sees_at_least(RING_AFTER_BATCH + 1));
+        // A batch that big gives the mailbox its ring, open for the next pushes.
+        let mut batch = mb.take_batch(me, Kind::Pool).unwrap();
+        assert_eq!(batch.len(), RING_AFTER_BATCH);
+        assert!(mb.ring().is_some_and(Ring::is_open));
+        assert!(!mb.runner_sees_items());
+        for n in 0..3 {
+            mb.push(item(n), Kind::Pool, false);
+        }
+        assert!(mb.runner_sees_items());
+        assert!(mb.runner_sees_at_least(3));
+        assert!(!mb.runner_sees_at_least(4));
+        batch.clear(); // delivered
+        let next = mb.finish_and_take(batch, RING_AFTER_BATCH, false, me, Kind::Pool);
+        assert_eq!(next.map(|b| b.len()), Some(3));
+        assert!(!mb.runner_sees_items());
+    }
+}
