@@ -855,9 +855,14 @@ static int cn_node_main(void)
 /* ---------------------------------------------------------------- parent side */
 
 /* Sends a command to a node and returns its reply line (in c->line), or NULL (and a
- * recorded failure) when none came within timeout_ms. */
+ * recorded failure) when none came within timeout_ms. A node that left a command
+ * unanswered is hung: what its threads do is logged, and later commands return NULL
+ * without being sent (a reply that came late would answer the wrong command, and a
+ * caller polling it would fill the log with failures until its deadline). */
 static const char *cn_cmd_t(nh_child *c, int timeout_ms, const char *fmt, ...)
 {
+    if (c->hung)
+        return NULL;
     char buf[4096];
     va_list ap;
     va_start(ap, fmt);
@@ -865,12 +870,15 @@ static const char *cn_cmd_t(nh_child *c, int timeout_ms, const char *fmt, ...)
     va_end(ap);
     if (nh_child_send(c, "%s", buf) != 0) {
         tu_fail(__FILE__, __LINE__, "sending a command to a node failed");
+        c->hung = 1;
         return NULL;
     }
     if (nh_child_read_line(c, NULL, 0, timeout_ms) < 0) {
         char what[4200];
         snprintf(what, sizeof what, "no reply from node %d to '%s'", (int)c->pid, buf);
         tu_fail(__FILE__, __LINE__, what);
+        nh_child_describe(c);
+        c->hung = 1;
         return NULL;
     }
     return c->line;
@@ -939,10 +947,13 @@ static inline int cn_spawn(const char *argv0, nh_child *c)
     return nh_child_spawn(args, c);
 }
 
-/* Ends a node: "quit", wait for it; kills it if it does not go. Returns its exit code. */
+/* Ends a node: "quit", wait for it; kills it if it does not go (at once when it is hung,
+ * see cn_cmd_t). Returns its exit code. */
 static inline int cn_stop(nh_child *c)
 {
-    if (c->pid > 0 && c->fd >= 0) {
+    if (c->hung)
+        nh_child_kill9(c);
+    else if (c->pid > 0 && c->fd >= 0) {
         nh_child_send(c, "quit");
         nh_child_expect(c, "bye", nh_scale_ms(20000));
     }

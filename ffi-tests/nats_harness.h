@@ -1208,6 +1208,7 @@ typedef struct nh_child {
     size_t rlen;
     char line[4096];    /* the last line read (nh_child_read_line, nh_child_expect) */
     int status;         /* wait status once reaped */
+    int hung;           /* a reply did not come: later commands are not sent (cn_cmd_t) */
 } nh_child;
 
 /* Runs this test program again (/proc/self/exe) with argv (argv[0] is the name it sees,
@@ -1308,6 +1309,56 @@ static inline int nh_child_read_line(nh_child *c, char *buf, size_t len, int tim
     }
 }
 
+/* Reads the first line of a /proc file into buf (newline cut); "?" when unreadable. */
+static inline void nh_proc_line(const char *path, char *buf, size_t len)
+{
+    snprintf(buf, len, "?");
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return;
+    if (fgets(buf, (int)len, f) != NULL)
+        buf[strcspn(buf, "\n")] = '\0';
+    else
+        snprintf(buf, len, "?");
+    fclose(f);
+}
+
+/* Logs what each thread of a child that stopped answering is doing, from /proc: its
+ * name, scheduler state (R running, S sleeping, D in the kernel, T stopped), the kernel
+ * function it waits in, and its system call (number and arguments; "running" when in
+ * user space). A hang then says whether it is a lock (futex waits everywhere), a spin
+ * (R) or a stop (T). */
+static inline void nh_child_describe(const nh_child *c)
+{
+    if (c->pid <= 0)
+        return;
+    char dir[64];
+    snprintf(dir, sizeof dir, "/proc/%d/task", (int)c->pid);
+    DIR *d = opendir(dir);
+    if (d == NULL) {
+        nh_log("child %d: gone (no %s)", (int)c->pid, dir);
+        return;
+    }
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[400], comm[64], stat[512], wchan[64], sys[128];
+        snprintf(path, sizeof path, "%s/%s/comm", dir, e->d_name);
+        nh_proc_line(path, comm, sizeof comm);
+        snprintf(path, sizeof path, "%s/%s/stat", dir, e->d_name);
+        nh_proc_line(path, stat, sizeof stat);
+        snprintf(path, sizeof path, "%s/%s/wchan", dir, e->d_name);
+        nh_proc_line(path, wchan, sizeof wchan);
+        snprintf(path, sizeof path, "%s/%s/syscall", dir, e->d_name);
+        nh_proc_line(path, sys, sizeof sys);
+        const char *paren = strrchr(stat, ')');
+        char state = paren != NULL && paren[1] == ' ' ? paren[2] : '?';
+        nh_log("child %d thread %s (%s): state %c, waits in %s, syscall %s", (int)c->pid,
+               e->d_name, comm, state, wchan, sys);
+    }
+    closedir(d);
+}
+
 /* Reads lines until one starts with prefix (kept in c->line), within timeout_ms; other
  * lines are echoed to stderr. 0 when found, -1 on timeout or end of output. */
 static inline int nh_child_expect(nh_child *c, const char *prefix, int timeout_ms)
@@ -1318,6 +1369,7 @@ static inline int nh_child_expect(nh_child *c, const char *prefix, int timeout_m
         if (nh_child_read_line(c, NULL, 0, (int)(left > 0 ? left : 0)) < 0) {
             nh_log("child %d: no line starting with \"%s\" within %d ms", (int)c->pid, prefix,
                    timeout_ms);
+            nh_child_describe(c);
             return -1;
         }
         if (strncmp(c->line, prefix, strlen(prefix)) == 0)
