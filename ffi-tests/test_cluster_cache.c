@@ -5,7 +5,8 @@
  * + 1 s (and not loaded by a later joiner), a clean leave seen within 1 s, and a node
  * restarted with the same eid whose new session drops what it does not re-assert, a
  * share of a cache holding 6,000 of the node's own snapshots, and a snapshot larger than
- * the server takes (counted, warned, never retried).
+ * the server takes (counted, warned, never retried), and a burst of changes that
+ * overflows the outgoing queue (the dropped changes reach the others and the store).
  */
 #include "test_util.h"
 #include "nats_harness.h"
@@ -321,6 +322,46 @@ static void test_too_large(nh_child *b)
     CHECK_EQ_INT(cn_stop(&g), 0);
 }
 
+/* A burst of changes to a shared cache faster than the network takes them, through an
+ * outgoing queue of 2: the queue drops its oldest items (counted in dropped_out), store
+ * writes and messages to the others among them. Nothing sent those changes again: the
+ * others and the store kept the old values, or none, for good. The node now writes its
+ * snapshots again when it dropped one, the others re-read them, and every node, the
+ * store and a later joiner converge on the last value of each. */
+static void test_queue_overflow(nh_child *b)
+{
+    nh_child g, h;
+    const char *eid = "00:00:00:00:00:1d";
+    CHECK(cn_spawn(argv0, &g) == 0);
+    CN_OK(&g, "eid %s", eid);
+    CN_OK(&g, "join %s sb g %d down_after_missed=%d connect_timeout_ms=%d out_queue_limit=2",
+          srv.url, HB_MS, MISSED, cn_slow() ? 25000 : 5000);
+    CN_OK(&g, "topic reg");
+    CN_OK(&g, "cache reg agg");
+    CN_OK(&g, "sharecache reg");
+    int n = cn_scale(20000, 2000);
+    long long dropped = dropped_out_of(&g);
+    CN_OK(&g, "putn reg snapover %d o", n);
+    CN_OK(&g, "put reg snapover o7 777"); /* the last change of o7 */
+    WAIT_UNTIL(dump_of(b, "snapover", D_REMOTE) == n);
+    WAIT_UNTIL(get_of(b, "snapover", "o7", eid) == 777);
+    CHECK_EQ_INT(get_of(b, "snapover", "o1", eid), 1);
+    CHECK_EQ_INT(get_of(b, "snapover", "o0", eid), 0);
+    long long now_dropped = dropped_out_of(&g);
+    printf("a burst of %d cache changes through a queue of 2: %lld items dropped\n", n,
+           now_dropped - dropped);
+    CHECK(now_dropped > dropped); /* the burst did overflow the queue */
+    long long warned = -1;
+    CHECK(cn_nums(&g, &warned, 1, "logged dropped changes") == 1 && warned >= 1);
+    /* the store has them all, each at its last value */
+    start_node(&h, "00:00:00:00:00:1e", "h");
+    CN_OK(&h, "sharecache reg");
+    CHECK_EQ_INT(dump_of(&h, "snapover", D_REMOTE), n);
+    CHECK_EQ_INT(get_of(&h, "snapover", "o7", eid), 777);
+    CHECK_EQ_INT(cn_stop(&h), 0);
+    CHECK_EQ_INT(cn_stop(&g), 0);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "node") == 0)
@@ -346,6 +387,7 @@ int main(int argc, char **argv)
     test_paused_node(&b);
     test_share_many_own(&b);
     test_too_large(&b);
+    test_queue_overflow(&b);
 
     CHECK_EQ_INT(cn_stop(&b), 0);
     nh_child_close(&a, 1000);

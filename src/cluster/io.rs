@@ -847,6 +847,7 @@ async fn sender(
         // that `leave` (queue empty and not busy) knows nothing is on its way.
         s.sending.store(true, Ordering::SeqCst);
         while let Some(item) = s.inner.pop() {
+            repair_dropped_cache_changes(&s);
             // A panic here (a bug of ours, or a client assertion we did not foresee) would
             // end this task, and with it everything this node sends, without a word:
             // the item is lost, counted and reported, and the next one goes.
@@ -913,9 +914,33 @@ async fn sender(
                 }
             }
         }
+        repair_dropped_cache_changes(&s);
         s.sending.store(false, Ordering::SeqCst);
         s.inner.out_notify.notified().await;
     }
+}
+
+/// The full outgoing queue dropped changes of a shared cache (`Inner::push`): nothing
+/// would send them again, so the store and the other nodes would keep the old values
+/// for good. Writing all our snapshots again repairs both: the store gets them, and the
+/// new assertion in our heartbeat makes the others re-read them. What is still queued
+/// is newer than anything dropped (the queue drops its oldest), so it cannot undo the
+/// repair.
+fn repair_dropped_cache_changes(s: &Arc<Shared>) {
+    let dropped = &s.inner.cache_change_dropped;
+    if !dropped.load(Ordering::Relaxed) || !dropped.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    if s.leaving.load(Ordering::Acquire) {
+        // Our snapshots are about to be removed everywhere.
+        return;
+    }
+    if !s.reasserting.load(Ordering::Acquire) {
+        crate::log::warn(
+            "cluster: the outgoing queue was full and dropped changes of a shared cache (out_queue_limit): writing this node's snapshots again so that the other nodes catch up",
+        );
+    }
+    schedule_reassert(s);
 }
 
 /// Awaits store acknowledgements, all at once (up to ACKS_IN_FLIGHT); a missing one
@@ -960,6 +985,12 @@ async fn reassert(s: Arc<Shared>) {
     let mut backoff = Backoff::new(&s);
     let mut run = FailureRun::default();
     loop {
+        if s.leaving.load(Ordering::Acquire) {
+            // A pass after the leave's removal of our snapshots would store them again,
+            // for late joiners to load from a node that is gone.
+            s.reasserting.store(false, Ordering::Release);
+            return;
+        }
         let failures = s.store_failures.load(Ordering::Acquire);
         let topics: Vec<String> = s.cache_topics.lock().iter().cloned().collect();
         match assert_own(&s, &topics).await {
@@ -1080,7 +1111,9 @@ fn encode_item(
         ok
     };
     match item {
-        Out::Broadcast { token, msg, clear } => {
+        Out::Broadcast {
+            token, msg, clear, ..
+        } => {
             if !fits(msg.message_type(), Sent::Message) {
                 return None;
             }

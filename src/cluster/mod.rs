@@ -141,11 +141,13 @@ pub struct StatsSnapshot {
 
 /// What the sender task publishes.
 pub(crate) enum Out {
-    /// A message of a shared topic, to every node (`clear`: a cache clear of `msg`).
+    /// A message of a shared topic, to every node (`clear`: a cache clear of `msg`;
+    /// `cached`: the topic feeds a shared cache, so the others' caches need it).
     Broadcast {
         token: Arc<str>,
         msg: MessageRef,
         clear: bool,
+        cached: bool,
     },
     /// A message for one node.
     Direct {
@@ -162,6 +164,17 @@ pub(crate) enum Out {
         old: Option<MessageRef>,
         new: Option<MessageRef>,
     },
+}
+
+impl Out {
+    /// Whether losing this item leaves the store or the other nodes' copy of a shared
+    /// cache behind (nothing else would send that change again).
+    fn carries_cache_state(&self) -> bool {
+        matches!(
+            self,
+            Out::Snapshot { .. } | Out::Broadcast { cached: true, .. }
+        )
+    }
 }
 
 /// A topic this node shares, exports, or both.
@@ -184,6 +197,11 @@ pub(crate) struct Inner {
     pub cluster_topic: Arc<Topic>,
     out: ArrayQueue<Out>,
     pub out_notify: tokio::sync::Notify,
+    /// Set when the full outgoing queue dropped a change of a shared cache (its store
+    /// write, or the message that carries it to the others): the sender has this node
+    /// write all its snapshots again, which makes the others re-read them, so the caches
+    /// converge after an overload as after a reconnect.
+    pub cache_change_dropped: AtomicBool,
     pub stats: Stats,
     pub nodes: Mutex<NodeTable>,
     /// By topic name.
@@ -198,6 +216,9 @@ impl Inner {
     fn push(&self, item: Out) {
         if let Some(old) = self.out.force_push(item) {
             self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+            if old.carries_cache_state() {
+                self.cache_change_dropped.store(true, Ordering::Release);
+            }
             drop(old);
         }
         self.out_notify.notify_one();
@@ -226,6 +247,8 @@ struct TopicTap {
     token: Arc<str>,
     shared: bool,
     export_json: bool,
+    /// The topic feeds a shared cache (`share_cache`).
+    cached: bool,
 }
 
 impl Tap for TopicTap {
@@ -242,6 +265,7 @@ impl Tap for TopicTap {
                             token: Arc::clone(&self.token),
                             msg: MessageRef::clone(snap),
                             clear: true,
+                            cached: self.cached,
                         });
                     }
                 }
@@ -250,6 +274,7 @@ impl Tap for TopicTap {
                     token: Arc::clone(&self.token),
                     msg: MessageRef::clone(msg),
                     clear: false,
+                    cached: self.cached,
                 });
             }
         }
@@ -345,6 +370,7 @@ impl Cluster {
             cluster_topic,
             out: ArrayQueue::new(cfg.out_queue_limit),
             out_notify: tokio::sync::Notify::new(),
+            cache_change_dropped: AtomicBool::new(false),
             stats: Stats::default(),
             nodes: Mutex::new(NodeTable::new(me, cfg.down_after_missed)),
             topics: RwLock::new(HashMap::new()),
@@ -447,6 +473,7 @@ impl Cluster {
                 token: Arc::clone(&st.token),
                 shared: st.shared,
                 export_json: st.export_json,
+                cached: st.caching.is_some(),
             })),
         );
     }

@@ -101,6 +101,7 @@ pub fn deliver(arrivals: &[Arrival<'_>]) -> Outcome {
         cluster_topic: Topic::create("cluster:offline").expect("valid name"),
         out: ArrayQueue::new(16),
         out_notify: tokio::sync::Notify::new(),
+        cache_change_dropped: Default::default(),
         stats: Stats::default(),
         nodes: Mutex::new(NodeTable::new(me, 3)),
         topics: RwLock::new(topics),
