@@ -10,6 +10,7 @@
  *    is tried again until the store answers;
  *  - the store stopping in the middle of a read: the read fails after a bound, and the
  *    share that made it is tried again;
+ *  - the store stopping during a burst of writes: messages do not wait behind them;
  *  - the server killed during a node's writes at full speed: the acknowledgements it
  *    never sent do not hold the node's sending up;
  *  - eight caches shared while the server is down write side by side when it is back;
@@ -401,6 +402,54 @@ static void test_store_stops_mid_read(void)
  * sender waited for them: the node sent nothing, not even a plain message, for hours.
  * Now they are awaited together: a message published after the reconnect crosses at
  * once, and the store gets every snapshot again. */
+/* The store stops answering (its server stopped; the two others carry messages) while a
+ * node writes a burst of snapshots. The client grants 5,000 unacknowledged writes, and a
+ * write waits for a grant until the acknowledgements it waits for time out (2 s for each
+ * batch of 4,096). Messages do not wait behind the store's writes: the burst's snapshots
+ * reach the other node as messages, and a plain message published after them too, while
+ * the store is still stopped (they waited 2 s per 4,096 writes of the burst, 24 s for
+ * 50,000: past the wait's bound). Once the store answers, every snapshot gets there. */
+static void test_store_stopped_messages_flow(void)
+{
+    nh_cluster cl;
+    if (!start_three(&cl))
+        return;
+    /* the store with one replica lives on one server: the nodes use the two others */
+    nh_child z;
+    start_node(&z, "00:00:00:00:00:0f", "z", cl.servers[0].url, "store_replicas=1");
+    CHECK_EQ_INT(cn_stop(&z), 0);
+    int x = -1;
+    WAIT_UNTIL((x = nh_cluster_stream_leader(&cl, "KV_sb_state")) >= 0);
+    if (x < 0) {
+        nh_cluster_free(&cl);
+        return;
+    }
+    nh_child a, c;
+    start_node(&a, EID_A, "a", cl.servers[(x + 1) % 3].url,
+               "store_replicas=1 out_queue_limit=1000000");
+    start_node(&c, EID_C, "c", cl.servers[(x + 2) % 3].url, "store_replicas=1");
+    CN_OK(&a, "topic chat");
+    CN_OK(&c, "topic chat");
+    CN_OK(&a, "share chat");
+    CN_OK(&c, "share chat");
+
+    CHECK(kill(cl.servers[x].pid, SIGSTOP) == 0);
+    int n = cn_scale(50000, 5000);
+    CN_OK(&a, "putn reg snaps %d s", n);
+    CN_OK(&a, "pub chat text 1 after");
+    WAIT_UNTIL(count_total(&c, "chat") == 1);
+    WAIT_UNTIL(dump_remote(&c, "snaps") == n);
+    printf("store stopped during %d writes: the snapshots and the message crossed\n", n);
+    CHECK(kill(cl.servers[x].pid, SIGCONT) == 0);
+    /* every snapshot reaches the store once it answers (those not confirmed are written
+     * again) */
+    long long in_store = -1;
+    WAIT_UNTIL((in_store = store_jsz(&cl.servers[x], 0)) >= n);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    CHECK_EQ_INT(cn_stop(&c), 0);
+    nh_cluster_free(&cl);
+}
+
 static void test_server_killed_mid_writes(void)
 {
     nh_server srv;
@@ -526,6 +575,7 @@ int main(int argc, char **argv)
     test_cluster_loses_a_server();
     test_store_not_answering();
     test_store_stops_mid_read();
+    test_store_stopped_messages_flow();
     test_server_killed_mid_writes();
     test_many_shares_at_once();
     test_leave_without_servers();

@@ -1,7 +1,8 @@
 //! The io thread: one single-threaded async runtime that owns the NATS connection.
 //!
 //! Tasks on it: the main loop (commands, heartbeats in and out, node liveness, interest),
-//! the sender (drains the outgoing queue), one forwarder per subscribed subject (hands
+//! the sender (drains the outgoing queue), the store writer (the sender's store writes, so
+//! that messages never wait for the store), one forwarder per subscribed subject (hands
 //! arrivals to the delivery thread in order), and store jobs (assert, load, purge) that
 //! run beside the main loop so that heartbeats never wait for the store.
 
@@ -274,6 +275,9 @@ struct Shared {
     reassert_now: tokio::sync::Notify,
     /// The sender is handing queued items to the client (see `sender`).
     sending: AtomicBool,
+    /// Store writes the sender queued that the store writer has not handed to the client
+    /// yet (a leave waits for them, as for the outgoing queue, before removing our keys).
+    store_writes_queued: AtomicU64,
     /// Our presence has been written to the store at least once (see `check_presence`).
     present: AtomicBool,
     /// A presence check is running.
@@ -412,6 +416,7 @@ impl Io {
                 assert_pass: tokio::sync::Mutex::new(()),
                 reassert_now: tokio::sync::Notify::new(),
                 sending: AtomicBool::new(false),
+                store_writes_queued: AtomicU64::new(0),
                 present: AtomicBool::new(false),
                 checking: AtomicBool::new(false),
                 leaving: AtomicBool::new(false),
@@ -466,7 +471,9 @@ impl Io {
         let _ = ready.send(Ok(()));
 
         let (acks_tx, acks_rx) = tokio::sync::mpsc::channel(ACKS_IN_FLIGHT);
-        let sender = tokio::spawn(sender(Arc::clone(&self.s), acks_tx));
+        let (writes_tx, writes_rx) = tokio::sync::mpsc::channel(inner.cfg.out_queue_limit);
+        let sender = tokio::spawn(sender(Arc::clone(&self.s), writes_tx));
+        let writer = tokio::spawn(store_writer(Arc::clone(&self.s), writes_rx, acks_tx));
         let acks = tokio::spawn(check_acks(Arc::clone(&self.s), acks_rx));
         // Heartbeats have a task of their own: this loop may wait for the delivery thread
         // (a slow synchronous subscriber), which must never make the others take this
@@ -525,6 +532,7 @@ impl Io {
             }
         }
         sender.abort();
+        writer.abort();
         acks.abort();
         heartbeats.abort();
         for (_, h) in self.subs.drain() {
@@ -808,7 +816,9 @@ impl Io {
         self.s.leaving.store(true, Ordering::Release);
         let inner = Arc::clone(&self.s.inner);
         let deadline = Instant::now() + super::LEAVE_DRAIN;
-        while (inner.queued() > 0 || self.s.sending.load(Ordering::SeqCst))
+        while (inner.queued() > 0
+            || self.s.sending.load(Ordering::SeqCst)
+            || self.s.store_writes_queued.load(Ordering::SeqCst) > 0)
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -832,13 +842,10 @@ impl Io {
 const ACKS_IN_FLIGHT: usize = 4096;
 
 /// Drains the outgoing queue for as long as the io thread runs. Messages are published
-/// as they are; store writes go through JetStream, and their acknowledgements are
-/// checked by `check_acks` (a write the store never confirmed is repaired by writing all
-/// of our snapshots again).
-async fn sender(
-    s: Arc<Shared>,
-    acks: tokio::sync::mpsc::Sender<jetstream::context::PublishAckFuture>,
-) {
+/// as they are; store writes go to `store_writer` (through JetStream), and their
+/// acknowledgements are checked by `check_acks` (a write the store never confirmed is
+/// repaired by writing all of our snapshots again).
+async fn sender(s: Arc<Shared>, writes: tokio::sync::mpsc::Sender<Encoded>) {
     let mut seq = 0u64;
     let mut type_tokens: HashMap<u32, String> = HashMap::new();
     let p = s.inner.cfg.prefix.clone();
@@ -867,28 +874,12 @@ async fn sender(
             };
             match e.kind {
                 Sent::Store => {
-                    let r = match e.headers {
-                        Some(h) => s.js.publish_with_headers(e.subject, h, e.body).await,
-                        None => s.js.publish(e.subject, e.body).await,
-                    };
-                    match r {
-                        Ok(ack) => {
-                            let _ = acks.send(ack).await;
-                        }
-                        // Never storable, so never retried.
-                        Err(err) if err.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
-                            unsendable(
-                                &s,
-                                e.type_id,
-                                Sent::Store,
-                                Unsendable::TooLarge,
-                                &err.to_string(),
-                            );
-                        }
-                        Err(_) => {
-                            store_failed(&s);
-                            schedule_reassert(&s);
-                        }
+                    // The store writer waits for the client's grants, which a store that
+                    // does not answer holds for seconds: messages never wait behind it.
+                    s.store_writes_queued.fetch_add(1, Ordering::SeqCst);
+                    if writes.try_send(e).is_err() {
+                        s.store_writes_queued.fetch_sub(1, Ordering::SeqCst);
+                        store_writes_dropped(&s);
                     }
                 }
                 Sent::Message | Sent::Json => {
@@ -941,6 +932,52 @@ fn repair_dropped_cache_changes(s: &Arc<Shared>) {
         );
     }
     schedule_reassert(s);
+}
+
+/// Publishes the sender's store writes in their order. A write waits for one of the
+/// client's grants of an unacknowledged write (5,000), which a store that stopped
+/// answering holds until their acknowledgements time out (2 s each, thousands at once):
+/// done in the sender, that held every message queued behind it (2.5 s after a server
+/// loss, longer for a bigger backlog).
+async fn store_writer(
+    s: Arc<Shared>,
+    mut writes: tokio::sync::mpsc::Receiver<Encoded>,
+    acks: tokio::sync::mpsc::Sender<jetstream::context::PublishAckFuture>,
+) {
+    while let Some(e) = writes.recv().await {
+        let r = match e.headers {
+            Some(h) => s.js.publish_with_headers(e.subject, h, e.body).await,
+            None => s.js.publish(e.subject, e.body).await,
+        };
+        s.store_writes_queued.fetch_sub(1, Ordering::SeqCst);
+        match r {
+            Ok(ack) => {
+                let _ = acks.send(ack).await;
+            }
+            // Never storable, so never retried.
+            Err(err) if err.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
+                unsendable(
+                    &s,
+                    e.type_id,
+                    Sent::Store,
+                    Unsendable::TooLarge,
+                    &err.to_string(),
+                );
+            }
+            Err(_) => {
+                store_failed(&s);
+                schedule_reassert(&s);
+            }
+        }
+    }
+}
+
+/// The store writer's queue (as long as the outgoing queue) was full: a write was
+/// dropped. As for a write the store did not confirm, all our snapshots are written
+/// again (what is still queued is newer, see `repair_dropped_cache_changes`).
+fn store_writes_dropped(s: &Arc<Shared>) {
+    s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+    s.inner.cache_change_dropped.store(true, Ordering::Release);
 }
 
 /// Awaits store acknowledgements, all at once (up to ACKS_IN_FLIGHT); a missing one
