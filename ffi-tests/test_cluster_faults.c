@@ -207,6 +207,23 @@ static long long logged(nh_child *n, const char *word)
     return v;
 }
 
+/* Three servers and the store, with one replica, on one of them: returns that server's
+ * index (the nodes of a test use the two others), or -1 (a failure recorded, nothing
+ * left running). */
+static int start_three_store_apart(nh_cluster *cl)
+{
+    if (!start_three(cl))
+        return -1;
+    nh_child z;
+    start_node(&z, "00:00:00:00:00:0f", "z", cl->servers[0].url, "store_replicas=1");
+    CHECK_EQ_INT(cn_stop(&z), 0);
+    int x = -1;
+    WAIT_UNTIL((x = nh_cluster_stream_leader(cl, "KV_sb_state")) >= 0);
+    if (x < 0)
+        nh_cluster_free(cl);
+    return x;
+}
+
 /* A node that others took for down comes back while the store does not answer: their
  * re-read of its snapshots fails. Nothing else would make them read it later (its
  * presence was never removed, since their purge failed too, so it does not re-assert):
@@ -215,18 +232,9 @@ static long long logged(nh_child *n, const char *word)
 static void test_store_not_answering(void)
 {
     nh_cluster cl;
-    if (!start_three(&cl))
+    int x = start_three_store_apart(&cl);
+    if (x < 0)
         return;
-    /* the store with one replica lives on one server: the nodes use the two others */
-    nh_child z;
-    start_node(&z, "00:00:00:00:00:0f", "z", cl.servers[0].url, "store_replicas=1");
-    CHECK_EQ_INT(cn_stop(&z), 0);
-    int x = -1;
-    WAIT_UNTIL((x = nh_cluster_stream_leader(&cl, "KV_sb_state")) >= 0);
-    if (x < 0) {
-        nh_cluster_free(&cl);
-        return;
-    }
     nh_child a, c;
     start_node(&a, EID_A, "a", cl.servers[(x + 1) % 3].url, "store_replicas=1");
     start_node(&c, EID_C, "c", cl.servers[(x + 2) % 3].url, "store_replicas=1");
@@ -412,18 +420,9 @@ static void test_store_stops_mid_read(void)
 static void test_store_stopped_messages_flow(void)
 {
     nh_cluster cl;
-    if (!start_three(&cl))
+    int x = start_three_store_apart(&cl);
+    if (x < 0)
         return;
-    /* the store with one replica lives on one server: the nodes use the two others */
-    nh_child z;
-    start_node(&z, "00:00:00:00:00:0f", "z", cl.servers[0].url, "store_replicas=1");
-    CHECK_EQ_INT(cn_stop(&z), 0);
-    int x = -1;
-    WAIT_UNTIL((x = nh_cluster_stream_leader(&cl, "KV_sb_state")) >= 0);
-    if (x < 0) {
-        nh_cluster_free(&cl);
-        return;
-    }
     nh_child a, c;
     start_node(&a, EID_A, "a", cl.servers[(x + 1) % 3].url,
                "store_replicas=1 out_queue_limit=1000000");
