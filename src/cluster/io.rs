@@ -275,9 +275,8 @@ struct Shared {
     reassert_now: tokio::sync::Notify,
     /// The sender is handing queued items to the client (see `sender`).
     sending: AtomicBool,
-    /// Store writes the sender queued that the store writer has not handed to the client
-    /// yet (a leave waits for them, as for the outgoing queue, before removing our keys).
-    store_writes_queued: AtomicU64,
+    /// The sender's store writes, for `store_writer`.
+    store_writes: StoreWrites,
     /// Our presence has been written to the store at least once (see `check_presence`).
     present: AtomicBool,
     /// A presence check is running.
@@ -416,7 +415,7 @@ impl Io {
                 assert_pass: tokio::sync::Mutex::new(()),
                 reassert_now: tokio::sync::Notify::new(),
                 sending: AtomicBool::new(false),
-                store_writes_queued: AtomicU64::new(0),
+                store_writes: StoreWrites::default(),
                 present: AtomicBool::new(false),
                 checking: AtomicBool::new(false),
                 leaving: AtomicBool::new(false),
@@ -471,9 +470,8 @@ impl Io {
         let _ = ready.send(Ok(()));
 
         let (acks_tx, acks_rx) = tokio::sync::mpsc::channel(ACKS_IN_FLIGHT);
-        let (writes_tx, writes_rx) = tokio::sync::mpsc::channel(inner.cfg.out_queue_limit);
-        let sender = tokio::spawn(sender(Arc::clone(&self.s), writes_tx));
-        let writer = tokio::spawn(store_writer(Arc::clone(&self.s), writes_rx, acks_tx));
+        let sender = tokio::spawn(sender(Arc::clone(&self.s)));
+        let writer = tokio::spawn(store_writer(Arc::clone(&self.s), acks_tx));
         let acks = tokio::spawn(check_acks(Arc::clone(&self.s), acks_rx));
         // Heartbeats have a task of their own: this loop may wait for the delivery thread
         // (a slow synchronous subscriber), which must never make the others take this
@@ -818,7 +816,7 @@ impl Io {
         let deadline = Instant::now() + super::LEAVE_DRAIN;
         while (inner.queued() > 0
             || self.s.sending.load(Ordering::SeqCst)
-            || self.s.store_writes_queued.load(Ordering::SeqCst) > 0)
+            || self.s.store_writes.pending.load(Ordering::SeqCst) > 0)
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -845,7 +843,7 @@ const ACKS_IN_FLIGHT: usize = 4096;
 /// as they are; store writes go to `store_writer` (through JetStream), and their
 /// acknowledgements are checked by `check_acks` (a write the store never confirmed is
 /// repaired by writing all of our snapshots again).
-async fn sender(s: Arc<Shared>, writes: tokio::sync::mpsc::Sender<Encoded>) {
+async fn sender(s: Arc<Shared>) {
     let mut seq = 0u64;
     let mut type_tokens: HashMap<u32, String> = HashMap::new();
     let p = s.inner.cfg.prefix.clone();
@@ -876,10 +874,10 @@ async fn sender(s: Arc<Shared>, writes: tokio::sync::mpsc::Sender<Encoded>) {
                 Sent::Store => {
                     // The store writer waits for the client's grants, which a store that
                     // does not answer holds for seconds: messages never wait behind it.
-                    s.store_writes_queued.fetch_add(1, Ordering::SeqCst);
-                    if writes.try_send(e).is_err() {
-                        s.store_writes_queued.fetch_sub(1, Ordering::SeqCst);
-                        store_writes_dropped(&s);
+                    if s.store_writes.push(e, s.inner.cfg.out_queue_limit) {
+                        // As from the outgoing queue: the oldest went.
+                        s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+                        s.inner.cache_change_dropped.store(true, Ordering::Release);
                     }
                 }
                 Sent::Message | Sent::Json => {
@@ -934,6 +932,51 @@ fn repair_dropped_cache_changes(s: &Arc<Shared>) {
     schedule_reassert(s);
 }
 
+/// The sender's store writes, oldest first, for `store_writer`: as long as the outgoing
+/// queue at most, past which the oldest is dropped (so what stays queued is newer than
+/// anything dropped, and the re-assertion a drop triggers cannot be undone by it).
+#[derive(Default)]
+struct StoreWrites {
+    queue: parking_lot::Mutex<std::collections::VecDeque<Encoded>>,
+    /// Writes queued or being handed to the client: a leave waits until there are none
+    /// (as for the outgoing queue) before it removes our keys.
+    pending: AtomicU64,
+    ready: tokio::sync::Notify,
+}
+
+impl StoreWrites {
+    /// Queues a write; true when the queue was full and its oldest was dropped.
+    fn push(&self, e: Encoded, limit: usize) -> bool {
+        let dropped = {
+            let mut q = self.queue.lock();
+            q.push_back(e);
+            if q.len() > limit {
+                q.pop_front()
+            } else {
+                self.pending.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+        };
+        self.ready.notify_one();
+        dropped.is_some()
+    }
+
+    /// The oldest write; the caller calls `handed` once the client has it.
+    fn pop(&self) -> Option<Encoded> {
+        let mut q = self.queue.lock();
+        let e = q.pop_front();
+        if q.is_empty() && q.capacity() > 1024 {
+            // A backlog drained (a store that stopped answering): give its room back.
+            q.shrink_to(1024);
+        }
+        e
+    }
+
+    fn handed(&self) {
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Publishes the sender's store writes in their order. A write waits for one of the
 /// client's grants of an unacknowledged write (5,000), which a store that stopped
 /// answering holds until their acknowledgements time out (2 s each, thousands at once):
@@ -941,43 +984,37 @@ fn repair_dropped_cache_changes(s: &Arc<Shared>) {
 /// loss, longer for a bigger backlog).
 async fn store_writer(
     s: Arc<Shared>,
-    mut writes: tokio::sync::mpsc::Receiver<Encoded>,
     acks: tokio::sync::mpsc::Sender<jetstream::context::PublishAckFuture>,
 ) {
-    while let Some(e) = writes.recv().await {
-        let r = match e.headers {
-            Some(h) => s.js.publish_with_headers(e.subject, h, e.body).await,
-            None => s.js.publish(e.subject, e.body).await,
-        };
-        s.store_writes_queued.fetch_sub(1, Ordering::SeqCst);
-        match r {
-            Ok(ack) => {
-                let _ = acks.send(ack).await;
-            }
-            // Never storable, so never retried.
-            Err(err) if err.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
-                unsendable(
-                    &s,
-                    e.type_id,
-                    Sent::Store,
-                    Unsendable::TooLarge,
-                    &err.to_string(),
-                );
-            }
-            Err(_) => {
-                store_failed(&s);
-                schedule_reassert(&s);
+    loop {
+        while let Some(e) = s.store_writes.pop() {
+            let r = match e.headers {
+                Some(h) => s.js.publish_with_headers(e.subject, h, e.body).await,
+                None => s.js.publish(e.subject, e.body).await,
+            };
+            s.store_writes.handed();
+            match r {
+                Ok(ack) => {
+                    let _ = acks.send(ack).await;
+                }
+                // Never storable, so never retried.
+                Err(err) if err.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
+                    unsendable(
+                        &s,
+                        e.type_id,
+                        Sent::Store,
+                        Unsendable::TooLarge,
+                        &err.to_string(),
+                    );
+                }
+                Err(_) => {
+                    store_failed(&s);
+                    schedule_reassert(&s);
+                }
             }
         }
+        s.store_writes.ready.notified().await;
     }
-}
-
-/// The store writer's queue (as long as the outgoing queue) was full: a write was
-/// dropped. As for a write the store did not confirm, all our snapshots are written
-/// again (what is still queued is newer, see `repair_dropped_cache_changes`).
-fn store_writes_dropped(s: &Arc<Shared>) {
-    s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
-    s.inner.cache_change_dropped.store(true, Ordering::Release);
 }
 
 /// Awaits store acknowledgements, all at once (up to ACKS_IN_FLIGHT); a missing one
@@ -1906,8 +1943,37 @@ async fn after_reconnect(s: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
-    use super::Rereads;
+    use super::{Encoded, Rereads, Sent, StoreWrites};
     use crate::eid::Eid;
+    use std::sync::atomic::Ordering;
+
+    fn write(subject: &str) -> Encoded {
+        Encoded {
+            subject: subject.to_owned(),
+            body: Default::default(),
+            headers: None,
+            kind: Sent::Store,
+            type_id: 0,
+        }
+    }
+
+    /// A full queue of store writes drops its oldest (what stays is newer than anything
+    /// dropped), and a write counts as pending until the client has it.
+    #[test]
+    fn store_writes_drop_the_oldest_and_count_until_handed() {
+        let w = StoreWrites::default();
+        assert!(!w.push(write("k1"), 2));
+        assert!(!w.push(write("k2"), 2));
+        assert!(w.push(write("k3"), 2));
+        assert_eq!(w.pending.load(Ordering::SeqCst), 2);
+        assert_eq!(w.pop().map(|e| e.subject).as_deref(), Some("k2"));
+        assert_eq!(w.pending.load(Ordering::SeqCst), 2);
+        w.handed();
+        assert_eq!(w.pop().map(|e| e.subject).as_deref(), Some("k3"));
+        w.handed();
+        assert!(w.pop().is_none());
+        assert_eq!(w.pending.load(Ordering::SeqCst), 0);
+    }
 
     fn eid(s: &str) -> Eid {
         Eid::parse(s).expect("an eid")
