@@ -289,6 +289,10 @@ struct Shared {
     rereading: AtomicBool,
     /// Cuts a failed re-read's pause short (a new request: the store may answer now).
     reread_now: tokio::sync::Notify,
+    /// When an arrival was last dropped (see `arrival_dropped`).
+    last_arrival_drop: parking_lot::Mutex<Option<Instant>>,
+    /// A repair of dropped arrivals is waiting for them to stop (`repair_dropped_arrivals`).
+    arrival_repair: AtomicBool,
     /// What was warned about as never sendable (see `unsendable`).
     unsendable_warned: parking_lot::Mutex<HashSet<(u32, Sent, Unsendable)>>,
 }
@@ -422,6 +426,8 @@ impl Io {
                 rereads: parking_lot::Mutex::new(Rereads::default()),
                 rereading: AtomicBool::new(false),
                 reread_now: tokio::sync::Notify::new(),
+                last_arrival_drop: parking_lot::Mutex::new(None),
+                arrival_repair: AtomicBool::new(false),
                 unsendable_warned: parking_lot::Mutex::new(HashSet::new()),
             }),
             subs: HashMap::new(),
@@ -608,7 +614,7 @@ impl Io {
             .map_err(|e| Error::new(ErrorKind::Unavailable, format!("subscribe {subject}: {e}")))?;
         let in_tx = self.s.in_tx.clone();
         let skip = self.prefix().len() + 1;
-        let inner = Arc::clone(&self.s.inner);
+        let s = Arc::clone(&self.s);
         // Never waits for the delivery thread: an arrival it has no room for is dropped
         // and counted here. (Waiting would only move the drop into the client library,
         // whose own per-subscription queue then drops without telling.)
@@ -622,7 +628,8 @@ impl Io {
                 }) {
                     Ok(()) => {}
                     Err(false) => {
-                        inner.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                        s.inner.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                        arrival_dropped(&s);
                         if !warned {
                             warned = true;
                             crate::log::warn(
@@ -806,6 +813,7 @@ impl Io {
             }
             ConnEvent::SlowConsumer => {
                 inner.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                arrival_dropped(&self.s);
             }
         }
     }
@@ -1898,6 +1906,48 @@ async fn reread_pending(s: Arc<Shared>) {
             () = backoff.wait() => {}
             () = s.reread_now.notified() => backoff.reset(),
         }
+    }
+}
+
+/// How long arrivals must have stopped being dropped before the repair re-reads: the
+/// senders' store writes of the changes among them land meanwhile.
+const ARRIVAL_SETTLE: Duration = Duration::from_secs(1);
+
+/// An arrival was dropped (this node's delivery queue, or the client's, was full). The
+/// other nodes' cache changes among such arrivals would be missing here for good:
+/// `repair_dropped_arrivals` reads every node's stored snapshots again once the drops
+/// stopped.
+fn arrival_dropped(s: &Arc<Shared>) {
+    *s.last_arrival_drop.lock() = Some(Instant::now());
+    if !s.arrival_repair.swap(true, Ordering::AcqRel) {
+        tokio::spawn(repair_dropped_arrivals(Arc::clone(s)));
+    }
+}
+
+/// See `arrival_dropped`. Waits until no arrival was dropped for `ARRIVAL_SETTLE` (a
+/// re-read during an overload would only add to it), then re-reads: stored snapshots
+/// newer than what the cache holds replace it (`Delivery::reconcile`), so an arrival
+/// still queued cannot be undone by an older stored one, nor the other way round.
+async fn repair_dropped_arrivals(s: Arc<Shared>) {
+    loop {
+        let last = *s.last_arrival_drop.lock();
+        let quiet_from = last.map_or_else(Instant::now, |t| t + ARRIVAL_SETTLE);
+        if Instant::now() < quiet_from {
+            tokio::time::sleep_until(quiet_from.into()).await;
+            continue;
+        }
+        s.arrival_repair.store(false, Ordering::Release);
+        // A drop between the look and the flag found the flag set: wait for the end of
+        // that one too, unless a new repair has taken the flag.
+        if *s.last_arrival_drop.lock() == last || s.arrival_repair.swap(true, Ordering::AcqRel) {
+            break;
+        }
+    }
+    if s.bucket_ready.load(Ordering::Acquire) && !s.leaving.load(Ordering::Acquire) {
+        crate::log::warn(
+            "cluster: arrivals were dropped (this node delivers slower than they come): re-reading the other nodes' stored snapshots so that the shared caches catch up",
+        );
+        request_reread(&s, None);
     }
 }
 
