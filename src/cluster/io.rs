@@ -917,12 +917,13 @@ async fn sender(s: Arc<Shared>) {
     }
 }
 
-/// The full outgoing queue dropped changes of a shared cache (`Inner::push`): nothing
-/// would send them again, so the store and the other nodes would keep the old values
-/// for good. Writing all our snapshots again repairs both: the store gets them, and the
-/// new assertion in our heartbeat makes the others re-read them. What is still queued
-/// is newer than anything dropped (the queue drops its oldest), so it cannot undo the
-/// repair.
+/// The full outgoing queue (or the store writes' queue) dropped changes of a shared
+/// cache (`Inner::push`): nothing would send them again, so the store and the other nodes
+/// would keep the old values for good. Writing all our snapshots again repairs both: the
+/// store gets them, and the new assertion in our heartbeat makes the others re-read them.
+/// What is still in the outgoing queue is newer than anything dropped (it drops its
+/// oldest), so it cannot undo the repair; the store writes queued behind it are older,
+/// and are dropped here.
 fn repair_dropped_cache_changes(s: &Arc<Shared>) {
     let dropped = &s.inner.cache_change_dropped;
     if !dropped.load(Ordering::Relaxed) || !dropped.swap(false, Ordering::AcqRel) {
@@ -932,6 +933,10 @@ fn repair_dropped_cache_changes(s: &Arc<Shared>) {
         // Our snapshots are about to be removed everywhere.
         return;
     }
+    // The store writes still queued are older than what the outgoing queue dropped: one
+    // of them, written after the re-assertion's newer value of its key, would leave the
+    // store behind for good. The re-assertion writes every current value instead.
+    s.store_writes.clear();
     if !s.reasserting.load(Ordering::Acquire) {
         crate::log::warn(
             "cluster: the outgoing queue was full and dropped changes of a shared cache (out_queue_limit): writing this node's snapshots again so that the other nodes catch up",
@@ -982,6 +987,16 @@ impl StoreWrites {
 
     fn handed(&self) {
         self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Drops every queued write (a re-assertion is about to write the current values).
+    fn clear(&self) {
+        let old = {
+            let mut q = self.queue.lock();
+            self.pending.fetch_sub(q.len() as u64, Ordering::SeqCst);
+            std::mem::take(&mut *q)
+        };
+        drop(old);
     }
 }
 
@@ -2022,6 +2037,15 @@ mod tests {
         assert_eq!(w.pop().map(|e| e.subject).as_deref(), Some("k3"));
         w.handed();
         assert!(w.pop().is_none());
+        assert_eq!(w.pending.load(Ordering::SeqCst), 0);
+        // a clear drops what is queued, not what is being handed over
+        assert!(!w.push(write("k4"), 2));
+        assert!(!w.push(write("k5"), 2));
+        assert!(w.pop().is_some());
+        w.clear();
+        assert!(w.pop().is_none());
+        assert_eq!(w.pending.load(Ordering::SeqCst), 1);
+        w.handed();
         assert_eq!(w.pending.load(Ordering::SeqCst), 0);
     }
 
