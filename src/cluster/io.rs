@@ -1334,12 +1334,19 @@ enum Unsendable {
 /// Counts (in `dropped_out`) a message or snapshot that can never cross, and warns once
 /// per type, kind and reason. `detail`: the client's words, if any.
 fn unsendable(s: &Shared, type_id: u32, kind: Sent, why: Unsendable, detail: &str) {
-    s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
-    let mut warned = s.unsendable_warned.lock();
-    if warned.len() >= 1024 || !warned.insert((type_id, kind, why)) {
-        return;
+    let first = {
+        let mut warned = s.unsendable_warned.lock();
+        warned.len() < 1024 && warned.insert((type_id, kind, why))
+    };
+    if first {
+        warn_unsendable(type_id, kind, why, detail);
     }
-    drop(warned);
+    // Counted once warned: whoever sees the count sees the warning too.
+    s.inner.stats.dropped_out.fetch_add(1, Ordering::Release);
+}
+
+/// The warning of `unsendable`.
+fn warn_unsendable(type_id: u32, kind: Sent, why: Unsendable, detail: &str) {
     let what = match kind {
         Sent::Message => "a message",
         Sent::Json => "a JSON export",

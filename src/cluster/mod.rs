@@ -658,7 +658,8 @@ impl Cluster {
         Ok(StatsSnapshot {
             sent: s.sent.load(Ordering::Relaxed),
             received: s.received.load(Ordering::Relaxed),
-            dropped_out: s.dropped_out.load(Ordering::Relaxed),
+            // Acquire: a drop's warning is logged before it is counted (`unsendable`).
+            dropped_out: s.dropped_out.load(Ordering::Acquire),
             dropped_in: s.dropped_in.load(Ordering::Relaxed),
             reconnects: s.reconnects.load(Ordering::Relaxed),
             connected: s.connected.load(Ordering::Relaxed),
