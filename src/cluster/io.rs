@@ -883,9 +883,7 @@ async fn sender(s: Arc<Shared>) {
                     // The store writer waits for the client's grants, which a store that
                     // does not answer holds for seconds: messages never wait behind it.
                     if s.store_writes.push(e, s.inner.cfg.out_queue_limit) {
-                        // As from the outgoing queue: the oldest went.
-                        s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
-                        s.inner.cache_change_dropped.store(true, Ordering::Release);
+                        s.inner.dropped(true); // its oldest write
                     }
                 }
                 Sent::Message | Sent::Json => {

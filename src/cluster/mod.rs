@@ -215,13 +215,20 @@ impl Inner {
     /// Queues an item for the sender; never blocks (drops the oldest when full).
     fn push(&self, item: Out) {
         if let Some(old) = self.out.force_push(item) {
-            self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
-            if old.carries_cache_state() {
-                self.cache_change_dropped.store(true, Ordering::Release);
-            }
+            self.dropped(old.carries_cache_state());
             drop(old);
         }
         self.out_notify.notify_one();
+    }
+
+    /// Counts an item a full queue dropped (the outgoing one, or the store writes'), and
+    /// has the sender repair what it leaves behind when it carried a shared cache's
+    /// change (see `cache_change_dropped`).
+    pub(crate) fn dropped(&self, carried_cache_state: bool) {
+        self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+        if carried_cache_state {
+            self.cache_change_dropped.store(true, Ordering::Release);
+        }
     }
 
     pub(crate) fn pop(&self) -> Option<Out> {
