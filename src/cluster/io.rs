@@ -58,6 +58,29 @@ fn any_type() -> &'static Arc<MessageType> {
 /// See `connect`: messages a subscription's queue inside the client may hold.
 const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 
+/// Keeps SIGPIPE from this thread (and the threads it starts, which inherit its mask).
+/// The client writes to its socket with `writev`, which, unlike the `send` of a plain
+/// write, raises SIGPIPE on a connection the server broke (killed, crashed, restarted):
+/// a C host leaves SIGPIPE at its default action, which ends the whole process (a node's
+/// process died that way when its server was killed during a burst). Blocked here, the
+/// write fails with EPIPE and the client reconnects; the signal stays pending on this
+/// thread alone, never delivered, and the host's own disposition is left as it is.
+fn block_sigpipe() {
+    // SAFETY: `set` is initialised by sigemptyset before use; pthread_sigmask changes
+    // the calling thread's mask only, and a null old-mask pointer is allowed.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        crate::log::warn(
+            "cluster: cannot block SIGPIPE on the cluster thread: a server that breaks the connection may end the process unless it ignores SIGPIPE",
+        );
+    }
+}
+
 pub(crate) fn run(
     inner: Arc<Inner>,
     cmds: UnboundedReceiver<Cmd>,
@@ -65,6 +88,7 @@ pub(crate) fn run(
     ready: std::sync::mpsc::Sender<Result<()>>,
     abort: Arc<tokio::sync::Notify>,
 ) {
+    block_sigpipe();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -2029,6 +2053,27 @@ mod tests {
 
     /// A full queue of store writes drops its oldest (what stays is newer than anything
     /// dropped), and a write counts as pending until the client has it.
+    /// The cluster thread's writes never raise SIGPIPE into the host process.
+    #[test]
+    fn sigpipe_is_blocked_on_the_calling_thread_only() {
+        fn blocked() -> bool {
+            // SAFETY: a zeroed sigset_t is a valid out-parameter; a null new set only reads.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+                libc::sigismember(&set, libc::SIGPIPE) == 1
+            }
+        }
+        let (here, child) = std::thread::spawn(|| {
+            super::block_sigpipe();
+            (blocked(), std::thread::spawn(blocked).join().unwrap())
+        })
+        .join()
+        .unwrap();
+        assert!(here && child);
+        assert!(!blocked());
+    }
+
     #[test]
     fn store_writes_drop_the_oldest_and_count_until_handed() {
         let w = StoreWrites::default();
