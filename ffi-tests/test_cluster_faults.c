@@ -11,6 +11,8 @@
  *  - the store stopping in the middle of a read: the read fails after a bound, and the
  *    share that made it is tried again;
  *  - the store stopping during a burst of writes: messages do not wait behind them;
+ *  - a node dropping arrivals while the store answers slowly: it re-reads the sender's
+ *    snapshots once the sender's store writes are done, not before;
  *  - the server killed during a node's writes at full speed: the acknowledgements it
  *    never sent do not hold the node's sending up;
  *  - eight caches shared while the server is down write side by side when it is back;
@@ -404,12 +406,6 @@ static void test_store_stops_mid_read(void)
     nh_server_free(&srv);
 }
 
-/* The server killed (kill -9) while a node writes snapshots to the store at full speed,
- * and restarted with its store: the writes it took but never acknowledged are thousands.
- * Each acknowledgement's wait (2 s) began only when the one before it ended, and the
- * sender waited for them: the node sent nothing, not even a plain message, for hours.
- * Now they are awaited together: a message published after the reconnect crosses at
- * once, and the store gets every snapshot again. */
 /* The store stops answering (its server stopped; the two others carry messages) while a
  * node writes a burst of snapshots. The client grants 5,000 unacknowledged writes, and a
  * write waits for a grant until the acknowledgements it waits for time out (2 s for each
@@ -453,6 +449,12 @@ static void test_store_stopped_messages_flow(void)
     nh_cluster_free(&cl);
 }
 
+/* The server killed (kill -9) while a node writes snapshots to the store at full speed,
+ * and restarted with its store: the writes it took but never acknowledged are thousands.
+ * Each acknowledgement's wait (2 s) began only when the one before it ended, and the
+ * sender waited for them: the node sent nothing, not even a plain message, for hours.
+ * Now they are awaited together: a message published after the reconnect crosses at
+ * once, and the store gets every snapshot again. */
 static void test_server_killed_mid_writes(void)
 {
     nh_server srv;
@@ -564,6 +566,55 @@ static void test_lame_duck(void)
     nh_server_free(&srv);
 }
 
+/* A node drops arrivals (its delivery stalls during a burst of 100,000 cache changes from
+ * another node) while the store does not answer (its server stopped for 1.7 s, less than
+ * a write's 2 s bound), so that the sender's store writes of the burst land after the
+ * receiver's re-read of them, which came one second after the drops: the receiver read
+ * the few thousand writes there were, and nothing read the rest again. It stayed without
+ * them for good. It now waits until the sender's heartbeats report its store writes
+ * done, then re-reads. */
+static void test_store_lags_dropped_arrivals(void)
+{
+    nh_cluster cl;
+    int x = start_three_store_apart(&cl);
+    if (x < 0)
+        return;
+    nh_child a, c;
+    start_node(&a, EID_A, "a", cl.servers[(x + 1) % 3].url,
+               "store_replicas=1 out_queue_limit=1000000");
+    start_node(&c, EID_C, "c", cl.servers[(x + 2) % 3].url, "store_replicas=1");
+    CN_OK(&c, "topic stallt");
+    CN_OK(&c, "stallsub stallt 500");
+    CN_OK(&c, "share stallt");
+    CN_OK(&a, "topic stallt");
+    CN_OK(&a, "share stallt");
+    long long drop0 = stat_of(&c, ST_DROPPED_IN);
+
+    int n = cn_scale(100000, 20000);
+    long long t0 = nh_now_ms();
+    CHECK(kill(cl.servers[x].pid, SIGSTOP) == 0);
+    CN_OK(&a, "pub stallt stall 1 s");
+    CN_OK(&a, "putn reg snapl %d l", n);
+    /* the receiver's drops end with its stall (0.5 s), and its re-read of the sender
+     * came 1 s later: the store answers after that (slow modes: no timing, convergence) */
+    long long resume_at = t0 + cn_scale(1700, 1000);
+    while (nh_now_ms() < resume_at)
+        cn_sleep_ms(5);
+    long long held = dump_remote(&c, "snapl");
+    CHECK(kill(cl.servers[x].pid, SIGCONT) == 0);
+    long long dropped = stat_of(&c, ST_DROPPED_IN) - drop0;
+    printf("%d cache changes, %lld arrivals dropped; the receiver held %lld when the store "
+           "answered again, %lld ms after the burst began\n",
+           n, dropped, held, nh_now_ms() - t0);
+    if (!cn_slow())
+        CHECK(dropped > 0); /* the arrival queue did overflow */
+    CN_WAIT_UNTIL(dump_remote(&c, "snapl") == n, 30);
+    printf("the receiver holds all %d after %lld ms\n", n, nh_now_ms() - t0);
+    CHECK_EQ_INT(cn_stop(&a), 0);
+    CHECK_EQ_INT(cn_stop(&c), 0);
+    nh_cluster_free(&cl);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "node") == 0)
@@ -579,6 +630,7 @@ int main(int argc, char **argv)
     test_store_not_answering();
     test_store_stops_mid_read();
     test_store_stopped_messages_flow();
+    test_store_lags_dropped_arrivals();
     test_server_killed_mid_writes();
     test_many_shares_at_once();
     test_leave_without_servers();

@@ -31,8 +31,9 @@ pub(crate) enum Inbound {
         rest: String,
         body: bytes::Bytes,
     },
-    /// A node changed state: publish it; clear its entries when it is gone.
-    Node(Node),
+    /// A node changed state: publish it; clear its entries when it is gone. (Boxed: a
+    /// rare item, kept from growing every slot of the arrival queue.)
+    Node(Box<Node>),
     /// Make the remote entries of `eid` (every eid in `asserted` when `eid` is None) in
     /// the shared cache(s) equal what the store holds. `topic`: one cache, else all.
     Reconcile {

@@ -6,9 +6,12 @@
 //! arrivals to the delivery thread in order), and store jobs (assert, load, purge) that
 //! run beside the main loop so that heartbeats never wait for the store.
 
+use super::catch_up::CatchUp;
 use super::inbound::{Inbound, InboundTx as InSender, StoredEntry};
 use super::nodes::{Event, STATE_DOWN, STATE_LEFT};
-use super::wire::{self, Envelope, Heartbeat, FLAG_BYTES, FLAG_CLEAR, NODE_LEFT, NODE_UP};
+use super::wire::{
+    self, Envelope, Heartbeat, StoreMarks, FLAG_BYTES, FLAG_CLEAR, NODE_LEFT, NODE_UP,
+};
 use super::{codec, refusals, Inner, Out};
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
@@ -331,6 +334,7 @@ impl Shared {
             heartbeat_ms: inner.cfg.heartbeat_ms,
             asserted_ns: self.asserted_ns.load(Ordering::Acquire),
             name: inner.cfg.node_name.clone(),
+            store: Some(self.store_writes.marks()),
         }
     }
 
@@ -790,7 +794,7 @@ impl Io {
                 Event::StateChanged { eid, state } => {
                     let node = self.s.inner.nodes.lock().get(&eid).cloned();
                     if let Some(node) = node {
-                        self.s.in_tx.send(Inbound::Node(node)).await;
+                        self.s.in_tx.send(Inbound::Node(Box::new(node))).await;
                     }
                     if (state == STATE_DOWN || state == STATE_LEFT)
                         && self.s.bucket_ready.load(Ordering::Acquire)
@@ -970,23 +974,36 @@ fn repair_dropped_cache_changes(s: &Arc<Shared>) {
 /// The sender's store writes, oldest first, for `store_writer`: as long as the outgoing
 /// queue at most, past which the oldest is dropped (so what stays queued is newer than
 /// anything dropped, and the re-assertion a drop triggers cannot be undone by it).
+/// Writes are numbered in the order queued, for the store marks of our heartbeats.
 #[derive(Default)]
 struct StoreWrites {
-    queue: parking_lot::Mutex<std::collections::VecDeque<Encoded>>,
+    state: parking_lot::Mutex<WriteState>,
     /// Writes queued or being handed to the client: a leave waits until there are none
     /// (as for the outgoing queue) before it removes our keys.
     pending: AtomicU64,
     ready: tokio::sync::Notify,
 }
 
+#[derive(Default)]
+struct WriteState {
+    /// Queued writes and their numbers.
+    queue: std::collections::VecDeque<(u64, Encoded)>,
+    /// Writes queued so far (the next one's number).
+    queued: u64,
+    /// Numbers of the writes taken from the queue whose acknowledgement is awaited.
+    in_flight: std::collections::BTreeSet<u64>,
+}
+
 impl StoreWrites {
     /// Queues a write; true when the queue was full and its oldest was dropped.
     fn push(&self, e: Encoded, limit: usize) -> bool {
         let dropped = {
-            let mut q = self.queue.lock();
-            q.push_back(e);
-            if q.len() > limit {
-                q.pop_front()
+            let mut st = self.state.lock();
+            let n = st.queued;
+            st.queued += 1;
+            st.queue.push_back((n, e));
+            if st.queue.len() > limit {
+                st.queue.pop_front()
             } else {
                 self.pending.fetch_add(1, Ordering::SeqCst);
                 None
@@ -996,13 +1013,18 @@ impl StoreWrites {
         dropped.is_some()
     }
 
-    /// The oldest write; the caller calls `handed` once the client has it.
-    fn pop(&self) -> Option<Encoded> {
-        let mut q = self.queue.lock();
-        let e = q.pop_front();
-        if q.is_empty() && q.capacity() > 1024 {
+    /// The oldest write and its number; the caller calls `handed` once the client has
+    /// it, and `done` with the number once the store answered or the write failed.
+    fn pop(&self) -> Option<(u64, Encoded)> {
+        let mut st = self.state.lock();
+        let e = st.queue.pop_front();
+        if let Some((n, _)) = &e {
+            let n = *n;
+            st.in_flight.insert(n);
+        }
+        if st.queue.is_empty() && st.queue.capacity() > 1024 {
             // A backlog drained (a store that stopped answering): give its room back.
-            q.shrink_to(1024);
+            st.queue.shrink_to(1024);
         }
         e
     }
@@ -1011,14 +1033,38 @@ impl StoreWrites {
         self.pending.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Write `n` is behind us: confirmed, or failed (a failure has a re-assertion write
+    /// everything again).
+    fn done(&self, n: u64) {
+        self.state.lock().in_flight.remove(&n);
+    }
+
     /// Drops every queued write (a re-assertion is about to write the current values).
     fn clear(&self) {
         let old = {
-            let mut q = self.queue.lock();
-            self.pending.fetch_sub(q.len() as u64, Ordering::SeqCst);
-            std::mem::take(&mut *q)
+            let mut st = self.state.lock();
+            self.pending
+                .fetch_sub(st.queue.len() as u64, Ordering::SeqCst);
+            std::mem::take(&mut st.queue)
         };
         drop(old);
+    }
+
+    /// Writes queued so far, and how many of the first of them are behind us (done,
+    /// dropped or cleared): the store marks of our heartbeats (see `catch_up`).
+    fn marks(&self) -> StoreMarks {
+        let st = self.state.lock();
+        let oldest_open = st.queue.front().map(|(n, _)| *n);
+        let oldest_flying = st.in_flight.first().copied();
+        let stored = match (oldest_open, oldest_flying) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => st.queued,
+        };
+        StoreMarks {
+            queued: st.queued,
+            stored,
+        }
     }
 }
 
@@ -1027,12 +1073,9 @@ impl StoreWrites {
 /// answering holds until their acknowledgements time out (2 s each, thousands at once):
 /// done in the sender, that held every message queued behind it (2.5 s after a server
 /// loss, longer for a bigger backlog).
-async fn store_writer(
-    s: Arc<Shared>,
-    acks: tokio::sync::mpsc::Sender<jetstream::context::PublishAckFuture>,
-) {
+async fn store_writer(s: Arc<Shared>, acks: tokio::sync::mpsc::Sender<NumberedAck>) {
     loop {
-        while let Some(e) = s.store_writes.pop() {
+        while let Some((n, e)) = s.store_writes.pop() {
             let r = match e.headers {
                 Some(h) => s.js.publish_with_headers(e.subject, h, e.body).await,
                 None => s.js.publish(e.subject, e.body).await,
@@ -1040,10 +1083,13 @@ async fn store_writer(
             s.store_writes.handed();
             match r {
                 Ok(ack) => {
-                    let _ = acks.send(ack).await;
+                    if acks.send((n, ack)).await.is_err() {
+                        s.store_writes.done(n); // shutting down
+                    }
                 }
                 // Never storable, so never retried.
                 Err(err) if err.kind() == JsPublishErrorKind::MaxPayloadExceeded => {
+                    s.store_writes.done(n);
                     unsendable(
                         &s,
                         e.type_id,
@@ -1053,6 +1099,7 @@ async fn store_writer(
                     );
                 }
                 Err(_) => {
+                    s.store_writes.done(n);
                     store_failed(&s);
                     schedule_reassert(&s);
                 }
@@ -1067,19 +1114,20 @@ async fn store_writer(
 /// after the other, the writes a killed server never answered (thousands at full
 /// speed) took 2 s each, and the sender, which waits for this task, sent nothing (not
 /// even plain messages) for hours.
-async fn check_acks(
-    s: Arc<Shared>,
-    mut acks: tokio::sync::mpsc::Receiver<jetstream::context::PublishAckFuture>,
-) {
+async fn check_acks(s: Arc<Shared>, mut acks: tokio::sync::mpsc::Receiver<NumberedAck>) {
     let mut waiting = futures_util::stream::FuturesUnordered::new();
     let mut open = true;
     while open || !waiting.is_empty() {
         tokio::select! {
             ack = acks.recv(), if open && waiting.len() < ACKS_IN_FLIGHT => match ack {
-                Some(ack) => waiting.push(std::future::IntoFuture::into_future(ack)),
+                Some((n, ack)) => {
+                    let ack = std::future::IntoFuture::into_future(ack);
+                    waiting.push(async move { (n, ack.await) });
+                }
                 None => open = false,
             },
-            Some(result) = waiting.next(), if !waiting.is_empty() => {
+            Some((n, result)) = waiting.next(), if !waiting.is_empty() => {
+                s.store_writes.done(n);
                 if result.is_err() {
                     store_failed(&s);
                     schedule_reassert(&s);
@@ -1088,6 +1136,9 @@ async fn check_acks(
         }
     }
 }
+
+/// A store write's acknowledgement to await, with the write's number (`StoreWrites`).
+type NumberedAck = (u64, jetstream::context::PublishAckFuture);
 
 /// The store may have missed some of our writes: write all of our snapshots again, until
 /// a complete pass ran with no new failure in between.
@@ -1798,7 +1849,7 @@ async fn load_cache(s: &Arc<Shared>, topic: &str) -> Result<(Vec<StoredEntry>, H
             s.inner
                 .nodes
                 .lock()
-                .on_heartbeat(&p, now, now_realtime_ns())
+                .on_presence(&p, now, now_realtime_ns())
                 .into_iter()
                 .filter(|e| matches!(e, Event::StateChanged { .. })),
         );
@@ -1807,7 +1858,7 @@ async fn load_cache(s: &Arc<Shared>, topic: &str) -> Result<(Vec<StoredEntry>, H
         if let Event::StateChanged { eid, .. } = ev {
             let node = s.inner.nodes.lock().get(&eid).cloned();
             if let Some(node) = node {
-                s.in_tx.send(Inbound::Node(node)).await;
+                s.in_tx.send(Inbound::Node(Box::new(node))).await;
             }
         }
     }
@@ -1953,14 +2004,20 @@ async fn reread_pending(s: Arc<Shared>) {
     }
 }
 
-/// How long arrivals must have stopped being dropped before the repair re-reads: the
-/// senders' store writes of the changes among them land meanwhile.
+/// How long arrivals must have stopped being dropped before the repair starts (a
+/// re-read during an overload would only add to it).
 const ARRIVAL_SETTLE: Duration = Duration::from_secs(1);
+
+/// How long the repair waits for a sender's store writes (`catch_up`) before it re-reads
+/// that sender's snapshots all the same. A store that stopped answering fails the writes
+/// within seconds, and the sender then writes everything again (and is re-read for
+/// that): this bound is for a store that answers, slowly.
+const CATCH_UP_MAX: Duration = Duration::from_secs(30);
 
 /// An arrival was dropped (this node's delivery queue, or the client's, was full). The
 /// other nodes' cache changes among such arrivals would be missing here for good:
-/// `repair_dropped_arrivals` reads every node's stored snapshots again once the drops
-/// stopped.
+/// `repair_dropped_arrivals` reads the other nodes' stored snapshots again once the
+/// drops stopped and their store writes caught up.
 fn arrival_dropped(s: &Arc<Shared>) {
     *s.last_arrival_drop.lock() = Some(Instant::now());
     if !s.arrival_repair.swap(true, Ordering::AcqRel) {
@@ -1968,30 +2025,62 @@ fn arrival_dropped(s: &Arc<Shared>) {
     }
 }
 
-/// See `arrival_dropped`. Waits until no arrival was dropped for `ARRIVAL_SETTLE` (a
-/// re-read during an overload would only add to it), then re-reads: stored snapshots
-/// newer than what the cache holds replace it (`Delivery::reconcile`), so an arrival
-/// still queued cannot be undone by an older stored one, nor the other way round.
+/// See `arrival_dropped`. Waits until no arrival was dropped for `ARRIVAL_SETTLE`, then
+/// re-reads each other node once its store writes of what it sent until then are done
+/// (`catch_up`; at most `CATCH_UP_MAX`). Stored snapshots newer than what the cache holds
+/// replace it (`Delivery::reconcile`), so an arrival still queued cannot be undone by an
+/// older stored one, nor the other way round. Drops that start again meanwhile start
+/// the wait over.
 async fn repair_dropped_arrivals(s: Arc<Shared>) {
-    loop {
-        let last = *s.last_arrival_drop.lock();
-        let quiet_from = last.map_or_else(Instant::now, |t| t + ARRIVAL_SETTLE);
-        if Instant::now() < quiet_from {
+    let mut warned = false;
+    'repair: loop {
+        let last = loop {
+            let last = *s.last_arrival_drop.lock();
+            let quiet_from = last.map_or_else(Instant::now, |t| t + ARRIVAL_SETTLE);
+            if Instant::now() >= quiet_from {
+                break last;
+            }
             tokio::time::sleep_until(quiet_from.into()).await;
-            continue;
+        };
+        if s.bucket_ready.load(Ordering::Acquire) && !s.leaving.load(Ordering::Acquire) {
+            if !warned {
+                crate::log::warn(
+                    "cluster: arrivals were dropped (this node delivers slower than they come): re-reading the other nodes' stored snapshots once their store writes are done, so that the shared caches catch up",
+                );
+                warned = true;
+            }
+            let (mut wait, now) = CatchUp::start(&s.inner.nodes.lock(), s.inner.me);
+            for eid in now {
+                request_reread(&s, Some(eid));
+            }
+            let give_up = Instant::now() + CATCH_UP_MAX;
+            while !wait.is_empty() && !s.leaving.load(Ordering::Acquire) {
+                if *s.last_arrival_drop.lock() != last {
+                    continue 'repair;
+                }
+                if Instant::now() >= give_up {
+                    for eid in wait.rest() {
+                        crate::log::warn(&format!(
+                            "cluster: node {eid} did not report its store writes done within {} s of this node's dropped arrivals: re-reading its stored snapshots all the same (changes stored later are missed until its next re-assertion)",
+                            CATCH_UP_MAX.as_secs()
+                        ));
+                        request_reread(&s, Some(eid));
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let ready = wait.poll(&s.inner.nodes.lock());
+                for eid in ready {
+                    request_reread(&s, Some(eid));
+                }
+            }
         }
         s.arrival_repair.store(false, Ordering::Release);
-        // A drop between the look and the flag found the flag set: wait for the end of
-        // that one too, unless a new repair has taken the flag.
+        // A drop between the last look and the flag found the flag set: repair that one
+        // too, unless a new repair has taken the flag.
         if *s.last_arrival_drop.lock() == last || s.arrival_repair.swap(true, Ordering::AcqRel) {
-            break;
+            return;
         }
-    }
-    if s.bucket_ready.load(Ordering::Acquire) && !s.leaving.load(Ordering::Acquire) {
-        crate::log::warn(
-            "cluster: arrivals were dropped (this node delivers slower than they come): re-reading the other nodes' stored snapshots so that the shared caches catch up",
-        );
-        request_reread(&s, None);
     }
 }
 
@@ -2051,8 +2140,6 @@ mod tests {
         }
     }
 
-    /// A full queue of store writes drops its oldest (what stays is newer than anything
-    /// dropped), and a write counts as pending until the client has it.
     /// The cluster thread's writes never raise SIGPIPE into the host process.
     #[test]
     fn sigpipe_is_blocked_on_the_calling_thread_only() {
@@ -2074,6 +2161,8 @@ mod tests {
         assert!(!blocked());
     }
 
+    /// A full queue of store writes drops its oldest (what stays is newer than anything
+    /// dropped), and a write counts as pending until the client has it.
     #[test]
     fn store_writes_drop_the_oldest_and_count_until_handed() {
         let w = StoreWrites::default();
@@ -2081,10 +2170,10 @@ mod tests {
         assert!(!w.push(write("k2"), 2));
         assert!(w.push(write("k3"), 2));
         assert_eq!(w.pending.load(Ordering::SeqCst), 2);
-        assert_eq!(w.pop().map(|e| e.subject).as_deref(), Some("k2"));
+        assert_eq!(w.pop().map(|e| e.1.subject).as_deref(), Some("k2"));
         assert_eq!(w.pending.load(Ordering::SeqCst), 2);
         w.handed();
-        assert_eq!(w.pop().map(|e| e.subject).as_deref(), Some("k3"));
+        assert_eq!(w.pop().map(|e| e.1.subject).as_deref(), Some("k3"));
         w.handed();
         assert!(w.pop().is_none());
         assert_eq!(w.pending.load(Ordering::SeqCst), 0);
@@ -2097,6 +2186,42 @@ mod tests {
         assert_eq!(w.pending.load(Ordering::SeqCst), 1);
         w.handed();
         assert_eq!(w.pending.load(Ordering::SeqCst), 0);
+    }
+
+    /// The marks count writes as made when queued, and as behind us once done (in any
+    /// order), dropped or cleared: `stored` is the length of the prefix that is.
+    #[test]
+    fn store_marks_count_the_prefix_of_writes_behind_us() {
+        let w = StoreWrites::default();
+        let marks = |w: &StoreWrites| {
+            let m = w.marks();
+            (m.queued, m.stored)
+        };
+        assert_eq!(marks(&w), (0, 0));
+        for k in ["w0", "w1", "w2", "w3"] {
+            assert!(!w.push(write(k), 10));
+        }
+        assert_eq!(marks(&w), (4, 0));
+        let (n0, _) = w.pop().unwrap();
+        let (n1, _) = w.pop().unwrap();
+        assert_eq!((n0, n1), (0, 1));
+        // In flight: not stored yet, nor is anything after them.
+        assert_eq!(marks(&w), (4, 0));
+        w.done(n1); // acknowledged out of order: 0 still holds the prefix
+        assert_eq!(marks(&w), (4, 0));
+        w.done(n0);
+        assert_eq!(marks(&w), (4, 2)); // 2 and 3 are still queued
+        let (n2, _) = w.pop().unwrap();
+        assert_eq!(marks(&w), (4, 2));
+        w.done(n2);
+        assert_eq!(marks(&w), (4, 3));
+        w.clear(); // 3 is given up to a re-assertion
+        assert_eq!(marks(&w), (4, 4));
+        // A full queue's dropped oldest is behind us too.
+        for k in ["w4", "w5", "w6"] {
+            w.push(write(k), 2);
+        }
+        assert_eq!(marks(&w), (7, 5));
     }
 
     fn eid(s: &str) -> Eid {

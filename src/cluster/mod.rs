@@ -17,6 +17,7 @@
 //! Publishers never wait for the network: a tap pushes into a bounded queue (the oldest
 //! item is dropped when it is full, counted in `dropped_out`) and wakes the sender.
 
+mod catch_up;
 pub mod codec;
 pub mod config;
 mod inbound;

@@ -5,10 +5,12 @@
 //! down_after_missed` (its own heartbeat period, our count); left when it said so. A
 //! heartbeat with a new session is a restart; a new `asserted_ns` means its stored
 //! snapshots changed wholesale (a reconnect): both tell the others to re-read them.
+//! Live heartbeats also carry how far the node's store writes got (`StoreMarks`, for
+//! `catch_up`); presence records read from the store do not count for that.
 
 #[cfg(test)]
 use super::wire::NODE_UP;
-use super::wire::{Heartbeat, NODE_LEFT};
+use super::wire::{Heartbeat, StoreMarks, NODE_LEFT};
 use crate::eid::Eid;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -30,6 +32,9 @@ pub struct Node {
     pub asserted_ns: u64,
     /// CLOCK_REALTIME of the last heartbeat, for `sb_cluster_node.last_seen_ns`.
     pub last_seen_ns: u64,
+    /// Live heartbeats heard from this session, and the store marks of the last one.
+    pub beats: u64,
+    pub store: Option<StoreMarks>,
     last_seen: Instant,
     changed: Instant,
 }
@@ -82,8 +87,24 @@ impl NodeTable {
         self.apply(hb, now, now_ns);
     }
 
-    /// A heartbeat (or presence record) arrived.
+    /// A heartbeat arrived (live, on the heartbeat subject).
     pub fn on_heartbeat(&mut self, hb: &Heartbeat, now: Instant, now_ns: u64) -> Vec<Event> {
+        if hb.eid == self.me {
+            return Vec::new();
+        }
+        let events = self.apply(hb, now, now_ns);
+        if let Some(n) = self.nodes.get_mut(&hb.eid) {
+            if n.session == hb.session && n.state == STATE_UP {
+                n.beats += 1;
+                n.store = hb.store;
+            }
+        }
+        events
+    }
+
+    /// A presence record was read from the store: as a heartbeat, except that its store
+    /// marks are as old as the record.
+    pub fn on_presence(&mut self, hb: &Heartbeat, now: Instant, now_ns: u64) -> Vec<Event> {
         if hb.eid == self.me {
             return Vec::new();
         }
@@ -112,6 +133,8 @@ impl NodeTable {
                         heartbeat_ms: hb.heartbeat_ms,
                         asserted_ns: hb.asserted_ns,
                         last_seen_ns: now_ns,
+                        beats: 0,
+                        store: None,
                         last_seen: now,
                         changed: now,
                     },
@@ -134,6 +157,10 @@ impl NodeTable {
                 let reasserted = n.asserted_ns != hb.asserted_ns;
                 let was = n.state;
                 n.name.clone_from(&hb.name);
+                if restarted {
+                    n.beats = 0;
+                    n.store = None;
+                }
                 n.session = hb.session;
                 n.heartbeat_ms = hb.heartbeat_ms;
                 n.asserted_ns = hb.asserted_ns;
@@ -213,6 +240,7 @@ mod tests {
             heartbeat_ms: 100,
             asserted_ns: asserted,
             name: format!("n{eid}"),
+            store: None,
         }
     }
 

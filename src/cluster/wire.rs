@@ -214,6 +214,20 @@ pub struct Heartbeat {
     /// ns); changes tell the others to re-read them.
     pub asserted_ns: u64,
     pub name: String,
+    /// How far the node's store writes got (absent in a presence record written by an
+    /// older node, whose heartbeats end with the name).
+    pub store: Option<StoreMarks>,
+}
+
+/// Two counts of a node's store writes of its cache changes (since its session began):
+/// `queued` were made, and the first `stored` of them are behind it (confirmed by the
+/// store, or given up and left to a re-assertion). A node that dropped arrivals waits
+/// until a sender's `stored` reaches the `queued` it reported after the drop before it
+/// re-reads that sender's snapshots (`catch_up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreMarks {
+    pub queued: u64,
+    pub stored: u64,
 }
 
 /// Longest node name carried.
@@ -221,10 +235,12 @@ pub(crate) const MAX_NAME: usize = 255;
 
 impl Heartbeat {
     /// version, state, eid, session (LE u32), heartbeat_ms (LE u32), asserted_ns (LE u64),
-    /// name length (u8), name (UTF-8).
+    /// name length (u8), name (UTF-8), then the store marks if known: queued (LE u64),
+    /// stored (LE u64). A decoder takes what follows the name as marks when there are 16
+    /// bytes or more, and ignores anything beyond (room for later fields).
     pub fn encode(&self) -> Vec<u8> {
         let name = truncate_utf8(&self.name, MAX_NAME);
-        let mut out = Vec::with_capacity(29 + name.len());
+        let mut out = Vec::with_capacity(29 + name.len() + 16);
         out.push(VERSION);
         out.push(self.state);
         out.extend_from_slice(&self.eid.bytes);
@@ -233,6 +249,10 @@ impl Heartbeat {
         out.extend_from_slice(&self.asserted_ns.to_le_bytes());
         out.push(name.len() as u8);
         out.extend_from_slice(name.as_bytes());
+        if let Some(m) = self.store {
+            out.extend_from_slice(&m.queued.to_le_bytes());
+            out.extend_from_slice(&m.stored.to_le_bytes());
+        }
         out
     }
 
@@ -251,6 +271,12 @@ impl Heartbeat {
         eid.bytes.copy_from_slice(&b[2..8]);
         let name_len = b[24] as usize;
         let name = b.get(25..25 + name_len).ok_or(WireError::TooShort)?;
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let marks_at = 25 + name_len;
+        let store = (b.len() >= marks_at + 16).then(|| StoreMarks {
+            queued: u64_at(marks_at),
+            stored: u64_at(marks_at + 8),
+        });
         let heartbeat_ms = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
         if heartbeat_ms == 0 {
             return Err(WireError::BadFlags);
@@ -260,10 +286,11 @@ impl Heartbeat {
             eid,
             session: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
             heartbeat_ms,
-            asserted_ns: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
+            asserted_ns: u64_at(16),
             name: std::str::from_utf8(name)
                 .map_err(|_| WireError::BadName)?
                 .to_owned(),
+            store,
         })
     }
 }
@@ -439,10 +466,26 @@ mod tests {
             heartbeat_ms: 1000,
             asserted_ns: 99,
             name: "pbx-1".into(),
+            store: Some(StoreMarks {
+                queued: 1 << 40,
+                stored: 12,
+            }),
         };
         let b = hb.encode();
         assert_eq!(Heartbeat::decode(&b).unwrap(), hb);
-        assert!(Heartbeat::decode(&b[..b.len() - 1]).is_err());
+        // Fields added later after the marks are ignored.
+        let mut longer = b.clone();
+        longer.extend_from_slice(b"later");
+        assert_eq!(Heartbeat::decode(&longer).unwrap(), hb);
+        // An older node's heartbeat ends with the name: no marks, and a partial mark
+        // field is not read as one.
+        let old = Heartbeat { store: None, ..hb };
+        let ob = old.encode();
+        assert_eq!(ob.len(), b.len() - 16);
+        assert_eq!(Heartbeat::decode(&ob).unwrap(), old);
+        assert_eq!(Heartbeat::decode(&b[..b.len() - 1]).unwrap(), old);
+        let name_cut = ob.len() - 1;
+        assert!(Heartbeat::decode(&ob[..name_cut]).is_err());
     }
 
     #[test]
