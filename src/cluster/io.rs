@@ -850,9 +850,12 @@ impl Io {
         self.s.leaving.store(true, Ordering::Release);
         let inner = Arc::clone(&self.s.inner);
         let deadline = Instant::now() + super::LEAVE_DRAIN;
+        // Store writes count until the store confirmed them: one still on its way could
+        // land after the removal of our keys below (the store takes writes and removals
+        // through different queues).
         while (inner.queued() > 0
             || self.s.sending.load(Ordering::SeqCst)
-            || self.s.store_writes.pending.load(Ordering::SeqCst) > 0)
+            || !self.s.store_writes.all_done())
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -861,6 +864,11 @@ impl Io {
         // (still within the 1 s the leave may spend on them).
         let left = deadline.saturating_duration_since(Instant::now());
         let _ = tokio::time::timeout(left, self.flush(0, &[])).await;
+        // A pass writing all of our snapshots again (after a reconnect, a failed write)
+        // ends at its next write now that we are leaving, once the writes it made are
+        // confirmed: it must not write after the removal, and none may start meanwhile.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _no_pass = tokio::time::timeout(left, self.s.assert_pass.lock()).await;
         if self.s.bucket_ready.load(Ordering::Acquire) {
             let own = format!("{}.>", wire::eid_token(&inner.me));
             let _ = tokio::time::timeout(super::LEAVE_DRAIN, purge(Arc::clone(&self.s), own)).await;
@@ -978,9 +986,6 @@ fn repair_dropped_cache_changes(s: &Arc<Shared>) {
 #[derive(Default)]
 struct StoreWrites {
     state: parking_lot::Mutex<WriteState>,
-    /// Writes queued or being handed to the client: a leave waits until there are none
-    /// (as for the outgoing queue) before it removes our keys.
-    pending: AtomicU64,
     ready: tokio::sync::Notify,
 }
 
@@ -1005,7 +1010,6 @@ impl StoreWrites {
             if st.queue.len() > limit {
                 st.queue.pop_front()
             } else {
-                self.pending.fetch_add(1, Ordering::SeqCst);
                 None
             }
         };
@@ -1013,8 +1017,8 @@ impl StoreWrites {
         dropped.is_some()
     }
 
-    /// The oldest write and its number; the caller calls `handed` once the client has
-    /// it, and `done` with the number once the store answered or the write failed.
+    /// The oldest write and its number; the caller calls `done` with the number once the
+    /// store answered or the write failed (until then it is in flight).
     fn pop(&self) -> Option<(u64, Encoded)> {
         let mut st = self.state.lock();
         let e = st.queue.pop_front();
@@ -1029,10 +1033,6 @@ impl StoreWrites {
         e
     }
 
-    fn handed(&self) {
-        self.pending.fetch_sub(1, Ordering::SeqCst);
-    }
-
     /// Write `n` is behind us: confirmed, or failed (a failure has a re-assertion write
     /// everything again).
     fn done(&self, n: u64) {
@@ -1041,13 +1041,14 @@ impl StoreWrites {
 
     /// Drops every queued write (a re-assertion is about to write the current values).
     fn clear(&self) {
-        let old = {
-            let mut st = self.state.lock();
-            self.pending
-                .fetch_sub(st.queue.len() as u64, Ordering::SeqCst);
-            std::mem::take(&mut st.queue)
-        };
+        let old = std::mem::take(&mut self.state.lock().queue);
         drop(old);
+    }
+
+    /// Every write queued so far is behind us.
+    fn all_done(&self) -> bool {
+        let m = self.marks();
+        m.stored == m.queued
     }
 
     /// Writes queued so far, and how many of the first of them are behind us (done,
@@ -1080,7 +1081,6 @@ async fn store_writer(s: Arc<Shared>, acks: tokio::sync::mpsc::Sender<NumberedAc
                 Some(h) => s.js.publish_with_headers(e.subject, h, e.body).await,
                 None => s.js.publish(e.subject, e.body).await,
             };
-            s.store_writes.handed();
             match r {
                 Ok(ack) => {
                     if acks.send((n, ack)).await.is_err() {
@@ -1175,6 +1175,11 @@ async fn reassert(s: Arc<Shared>) {
                 }
             }
             Ok(()) => {}
+            // Cut short by the leave (see `pass_write`): nothing to retry.
+            Err(_) if s.leaving.load(Ordering::Acquire) => {
+                s.reasserting.store(false, Ordering::Release);
+                return;
+            }
             Err(e) => run.failed(|| {
                 format!(
                     "cluster: writing this node's snapshots to the store failed (retrying): {e}"
@@ -1596,6 +1601,9 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
     // One pass at a time: each holds up to STORE_ACKS_IN_FLIGHT of the client's grants
     // without polling them while it writes (and its assertion time is then the newest).
     let _one_pass = s.assert_pass.lock().await;
+    if s.leaving.load(Ordering::Acquire) {
+        return Err(leaving());
+    }
     let asserted = now_realtime_ns();
     for (token, cache) in &caches {
         // No purge first: a node reading meanwhile must see each key we hold, old or new.
@@ -1619,18 +1627,14 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
                 continue;
             }
             let key = wire::snapshot_key(&me, token, snap.message_type().name(), &id);
-            if let Some(ack) = store_put(s, &key, Some(&snap)).await? {
-                pending.push(s, ack).await?;
-            }
+            pass_write(s, &mut pending, &key, Some(&snap)).await?;
             written.push((key, Arc::clone(snap.message_type()), id, snap));
         }
         pending.finish(s).await?;
         let held: HashSet<&str> = written.iter().map(|w| w.0.as_str()).collect();
         let mut pending = AckWindow::default();
         for key in stored.iter().filter(|k| !held.contains(k.as_str())) {
-            if let Some(ack) = store_put(s, key, None).await? {
-                pending.push(s, ack).await?;
-            }
+            pass_write(s, &mut pending, key, None).await?;
         }
         pending.finish(s).await?;
         for _round in 0..3 {
@@ -1641,9 +1645,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
                 if now.as_ref().is_some_and(|n| MessageRef::ptr_eq(n, snap)) {
                     continue;
                 }
-                if let Some(ack) = store_put(s, key, now.as_ref()).await? {
-                    pending.push(s, ack).await?;
-                }
+                pass_write(s, &mut pending, key, now.as_ref()).await?;
                 if let Some(n) = now {
                     changed.push((key.clone(), Arc::clone(ty), id.clone(), n));
                 }
@@ -1654,6 +1656,9 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             }
             written = changed;
         }
+    }
+    if s.leaving.load(Ordering::Acquire) {
+        return Err(leaving());
     }
     s.asserted_ns.store(asserted, Ordering::Release);
     let presence = s.heartbeat(NODE_UP);
@@ -1669,6 +1674,31 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
         )
         .await;
     Ok(())
+}
+
+/// One store write of a pass of `assert_own`, its acknowledgement awaited in `pending`;
+/// unless the node is leaving: the pass then ends here, once the writes it made are
+/// confirmed, so that the leave's removal of our keys comes after all of them (a key
+/// written after it would have late joiners load a snapshot of a node that is gone).
+async fn pass_write(
+    s: &Shared,
+    pending: &mut AckWindow,
+    key: &str,
+    snap: Option<&MessageRef>,
+) -> Result<()> {
+    if s.leaving.load(Ordering::Acquire) {
+        std::mem::take(pending).finish(s).await?;
+        return Err(leaving());
+    }
+    if let Some(ack) = store_put(s, key, snap).await? {
+        pending.push(s, ack).await?;
+    }
+    Ok(())
+}
+
+/// The error of store work cut short by the leave.
+fn leaving() -> Error {
+    Error::state("the node is leaving the cluster")
 }
 
 /// Why a snapshot of id `id` makes no store key (see `wire::token_fits`), if it does not.
@@ -1813,6 +1843,12 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
                         done,
                     })
                     .await;
+                return;
+            }
+            Err(e) if s.leaving.load(Ordering::Acquire) => {
+                if let Some(d) = done.take() {
+                    let _ = d.send(Err(e));
+                }
                 return;
             }
             // The caller is waiting: try again soon (unless the server refused).
@@ -2128,7 +2164,6 @@ async fn after_reconnect(s: Arc<Shared>) {
 mod tests {
     use super::{Encoded, Rereads, Sent, StoreWrites};
     use crate::eid::Eid;
-    use std::sync::atomic::Ordering;
 
     fn write(subject: &str) -> Encoded {
         Encoded {
@@ -2162,30 +2197,34 @@ mod tests {
     }
 
     /// A full queue of store writes drops its oldest (what stays is newer than anything
-    /// dropped), and a write counts as pending until the client has it.
+    /// dropped), and a write is not done until the store answered (a leave waits for it).
     #[test]
-    fn store_writes_drop_the_oldest_and_count_until_handed() {
+    fn store_writes_drop_the_oldest_and_are_done_once_answered() {
         let w = StoreWrites::default();
+        assert!(w.all_done());
         assert!(!w.push(write("k1"), 2));
         assert!(!w.push(write("k2"), 2));
         assert!(w.push(write("k3"), 2));
-        assert_eq!(w.pending.load(Ordering::SeqCst), 2);
-        assert_eq!(w.pop().map(|e| e.1.subject).as_deref(), Some("k2"));
-        assert_eq!(w.pending.load(Ordering::SeqCst), 2);
-        w.handed();
-        assert_eq!(w.pop().map(|e| e.1.subject).as_deref(), Some("k3"));
-        w.handed();
+        assert!(!w.all_done());
+        let (n2, e) = w.pop().unwrap();
+        assert_eq!(e.subject, "k2");
+        let (n3, e) = w.pop().unwrap();
+        assert_eq!(e.subject, "k3");
         assert!(w.pop().is_none());
-        assert_eq!(w.pending.load(Ordering::SeqCst), 0);
-        // a clear drops what is queued, not what is being handed over
+        assert!(!w.all_done()); // both in flight
+        w.done(n3);
+        assert!(!w.all_done());
+        w.done(n2);
+        assert!(w.all_done());
+        // a clear drops what is queued, not what is in flight
         assert!(!w.push(write("k4"), 2));
         assert!(!w.push(write("k5"), 2));
-        assert!(w.pop().is_some());
+        let (n4, _) = w.pop().unwrap();
         w.clear();
         assert!(w.pop().is_none());
-        assert_eq!(w.pending.load(Ordering::SeqCst), 1);
-        w.handed();
-        assert_eq!(w.pending.load(Ordering::SeqCst), 0);
+        assert!(!w.all_done());
+        w.done(n4);
+        assert!(w.all_done());
     }
 
     /// The marks count writes as made when queued, and as behind us once done (in any
