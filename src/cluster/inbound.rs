@@ -26,9 +26,10 @@ pub(crate) struct StoredEntry {
 }
 
 pub(crate) enum Inbound {
-    /// A NATS message on a `m` or `d` subject (`rest` is the subject after `P.`).
+    /// A NATS message on a `m` or `d` subject, as it arrived (the subject still starts
+    /// with `P.`; kept in the client's buffer rather than copied).
     Msg {
-        rest: String,
+        subject: async_nats::Subject,
         body: bytes::Bytes,
     },
     /// A node changed state: publish it; clear its entries when it is gone. (Boxed: a
@@ -172,7 +173,10 @@ impl Delivery {
     fn run(mut self, mut rx: InboundRx) {
         while let Some(item) = rx.blocking_recv() {
             match item {
-                Inbound::Msg { rest, body } => self.on_message(&rest, &body),
+                Inbound::Msg { subject, body } => {
+                    let rest = subject.get(self.inner.cfg.prefix.len() + 1..);
+                    self.on_message(rest.unwrap_or(""), &body);
+                }
                 Inbound::Node(node) => self.on_node(&node),
                 Inbound::Reconcile {
                     topic,
@@ -267,7 +271,7 @@ impl Delivery {
             .inner
             .topics
             .read()
-            .get(&addr.topic)
+            .get(addr.topic.as_ref())
             .filter(|st| st.shared)
             .map(|st| Arc::clone(&st.topic));
         let Some(topic) = topic else {

@@ -21,6 +21,7 @@ use async_nats::client::PublishErrorKind as ClientPublishErrorKind;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::context::PublishErrorKind as JsPublishErrorKind;
+use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -641,7 +642,6 @@ impl Io {
             .await
             .map_err(|e| Error::new(ErrorKind::Unavailable, format!("subscribe {subject}: {e}")))?;
         let in_tx = self.s.in_tx.clone();
-        let skip = self.prefix().len() + 1;
         let s = Arc::clone(&self.s);
         // Never waits for the delivery thread: an arrival it has no room for is dropped
         // and counted here. (Waiting would only move the drop into the client library,
@@ -649,9 +649,8 @@ impl Io {
         let task = tokio::spawn(async move {
             let mut warned = false;
             while let Some(m) = sub.next().await {
-                let rest = m.subject.get(skip..).unwrap_or("").to_owned();
                 match in_tx.try_send(Inbound::Msg {
-                    rest,
+                    subject: m.subject,
                     body: m.payload,
                 }) {
                     Ok(()) => {}
@@ -889,7 +888,7 @@ const ACKS_IN_FLIGHT: usize = 4096;
 /// repaired by writing all of our snapshots again).
 async fn sender(s: Arc<Shared>) {
     let mut seq = 0u64;
-    let mut type_tokens: HashMap<u32, String> = HashMap::new();
+    let mut subjects = SubjectCache::default();
     let p = s.inner.cfg.prefix.clone();
     loop {
         // Busy from before the first pop until the last item is handed to the client, so
@@ -901,7 +900,7 @@ async fn sender(s: Arc<Shared>) {
             // end this task, and with it everything this node sends, without a word:
             // the item is lost, counted and reported, and the next one goes.
             let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                encode_item(&s, &p, item, &mut seq, &mut type_tokens)
+                encode_item(&s, &p, item, &mut seq, &mut subjects)
             }));
             let Ok(encoded) = encoded else {
                 s.inner.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
@@ -1193,10 +1192,41 @@ async fn reassert(s: Arc<Shared>) {
     }
 }
 
-fn type_token<'a>(cache: &'a mut HashMap<u32, String>, ty: &MessageType) -> &'a str {
-    cache
-        .entry(ty.id())
-        .or_insert_with(|| wire::escaped(ty.name()))
+/// The sender's subject parts made once instead of per message: each type's escaped name,
+/// and each (topic, type)'s broadcast subject, whose copies share one buffer (a subject
+/// made per message cost a `format!` and the client's copy of it).
+#[derive(Default)]
+struct SubjectCache {
+    type_tokens: HashMap<u32, String>,
+    /// By the topic token's address and the type's id. The token is kept with its
+    /// subject, so that its address is not reused by another topic while it is listed.
+    broadcast: HashMap<(usize, u32), (Arc<str>, Subject)>,
+}
+
+/// Broadcast subjects kept at most; past that the cache starts over (topics come and go).
+const SUBJECTS_KEPT: usize = 4096;
+
+impl SubjectCache {
+    fn type_token(&mut self, ty: &MessageType) -> &str {
+        self.type_tokens
+            .entry(ty.id())
+            .or_insert_with(|| wire::escaped(ty.name()))
+    }
+
+    /// `P.m.<topic>.<type>` for topic token `token`.
+    fn broadcast(&mut self, p: &str, token: &Arc<str>, ty: &MessageType) -> Subject {
+        let key = (Arc::as_ptr(token) as *const u8 as usize, ty.id());
+        if let Some((_, subject)) = self.broadcast.get(&key) {
+            return subject.clone();
+        }
+        if self.broadcast.len() >= SUBJECTS_KEPT {
+            self.broadcast.clear();
+        }
+        let subject = Subject::from(format!("{p}.m.{token}.{}", self.type_token(ty)));
+        self.broadcast
+            .insert(key, (Arc::clone(token), subject.clone()));
+        subject
+    }
 }
 
 /// A header value for a name: the name itself, or its escaped token when it holds a line
@@ -1231,7 +1261,7 @@ fn body_of(msg: &Message, me: Eid, session: u32, seq: u64, clear: bool) -> Optio
 
 /// What the sender publishes for one queued item.
 struct Encoded {
-    subject: String,
+    subject: Subject,
     body: Bytes,
     headers: Option<async_nats::HeaderMap>,
     kind: Sent,
@@ -1250,14 +1280,14 @@ enum Sent {
 }
 
 fn encoded(
-    subject: String,
+    subject: impl Into<Subject>,
     body: Bytes,
     headers: Option<async_nats::HeaderMap>,
     kind: Sent,
     ty: &MessageType,
 ) -> Encoded {
     Encoded {
-        subject,
+        subject: subject.into(),
         body,
         headers,
         kind,
@@ -1270,7 +1300,7 @@ fn encode_item(
     p: &str,
     item: Out,
     seq: &mut u64,
-    types: &mut HashMap<u32, String>,
+    subjects: &mut SubjectCache,
 ) -> Option<Encoded> {
     let inner = &s.inner;
     // A type whose name makes no subject token, or a snapshot whose id makes no key
@@ -1278,7 +1308,7 @@ fn encode_item(
     // on a protocol line that long (and the client would send it again on reconnecting).
     // (The type's token is escaped once per type, not per message.)
     let mut fits = |ty: &MessageType, kind: Sent| {
-        let token = type_token(types, ty);
+        let token = subjects.type_token(ty);
         let ok = !token.is_empty() && token.len() <= wire::MAX_TOKEN;
         if !ok {
             unsendable(s, ty.id(), kind, Unsendable::TypeName, "");
@@ -1294,7 +1324,7 @@ fn encode_item(
             }
             let body = body_of(&msg, inner.me, inner.session, *seq + 1, clear)?;
             *seq += 1;
-            let subject = format!("{p}.m.{token}.{}", type_token(types, msg.message_type()));
+            let subject = subjects.broadcast(p, &token, msg.message_type());
             Some(encoded(
                 subject,
                 body.into(),
@@ -1312,7 +1342,7 @@ fn encode_item(
             let subject = format!(
                 "{p}.d.{}.{token}.{}",
                 wire::eid_token(&to),
-                type_token(types, msg.message_type())
+                subjects.type_token(msg.message_type())
             );
             Some(encoded(
                 subject,
@@ -1327,7 +1357,10 @@ fn encode_item(
                 return None;
             }
             let json = msg.message_type().to_json(&msg)?;
-            let subject = format!("{p}.json.{token}.{}", type_token(types, msg.message_type()));
+            let subject = format!(
+                "{p}.json.{token}.{}",
+                subjects.type_token(msg.message_type())
+            );
             let mut h = async_nats::HeaderMap::new();
             h.insert("Sb-Eid", inner.me.to_string().as_str());
             h.insert("Sb-Timestamp", msg.timestamp_ns().to_string().as_str());
@@ -2167,7 +2200,7 @@ mod tests {
 
     fn write(subject: &str) -> Encoded {
         Encoded {
-            subject: subject.to_owned(),
+            subject: async_nats::Subject::from(subject),
             body: Default::default(),
             headers: None,
             kind: Sent::Store,
@@ -2207,9 +2240,9 @@ mod tests {
         assert!(w.push(write("k3"), 2));
         assert!(!w.all_done());
         let (n2, e) = w.pop().unwrap();
-        assert_eq!(e.subject, "k2");
+        assert_eq!(e.subject.as_str(), "k2");
         let (n3, e) = w.pop().unwrap();
-        assert_eq!(e.subject, "k3");
+        assert_eq!(e.subject.as_str(), "k3");
         assert!(w.pop().is_none());
         assert!(!w.all_done()); // both in flight
         w.done(n3);

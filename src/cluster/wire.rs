@@ -13,6 +13,7 @@
 //! `<eid>.c.<topic>.<type>.<id>` (one cached snapshot of that node).
 
 use crate::eid::Eid;
+use std::borrow::Cow;
 
 /// Version byte that starts every body.
 pub(crate) const VERSION: u8 = 1;
@@ -88,11 +89,15 @@ pub fn escaped(name: &str) -> String {
     s
 }
 
-/// Reverses [`escape_token`]. Refuses anything `escape_token` cannot produce.
-pub fn unescape_token(token: &str) -> Result<String, WireError> {
+/// Reverses [`escape_token`]. Refuses anything `escape_token` cannot produce. A token
+/// with nothing escaped (most names) is returned as it is, without a copy.
+pub fn unescape_token(token: &str) -> Result<Cow<'_, str>, WireError> {
     let b = token.as_bytes();
     if b.is_empty() {
         return Err(WireError::BadToken);
+    }
+    if b.iter().all(|&c| verbatim(c)) {
+        return Ok(Cow::Borrowed(token));
     }
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -112,7 +117,9 @@ pub fn unescape_token(token: &str) -> Result<String, WireError> {
             return Err(WireError::BadToken);
         }
     }
-    String::from_utf8(out).map_err(|_| WireError::BadName)
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| WireError::BadName)
 }
 
 fn hex_digit(c: u8) -> Option<u8> {
@@ -303,18 +310,19 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..n]
 }
 
-/// What a message subject addresses.
+/// What a message subject addresses (names borrowed from the subject when nothing in
+/// them was escaped).
 #[derive(Debug, PartialEq, Eq)]
-pub struct Address {
+pub struct Address<'a> {
     /// Set for `P.d.<eid>...` (the addressee).
     pub to: Option<Eid>,
-    pub topic: String,
-    pub type_name: String,
+    pub topic: Cow<'a, str>,
+    pub type_name: Cow<'a, str>,
 }
 
 /// Parses the part of a message subject after `P.`: `m.<topic>.<type>` or
 /// `d.<eid>.<topic>.<type>`.
-pub fn parse_message_subject(rest: &str) -> Result<Address, WireError> {
+pub fn parse_message_subject(rest: &str) -> Result<Address<'_>, WireError> {
     let mut parts = rest.split('.');
     let kind = parts.next().ok_or(WireError::BadSubject)?;
     let to = match kind {
@@ -364,9 +372,9 @@ pub fn parse_snapshot_key(key: &str) -> Result<SnapshotKey, WireError> {
     if parts.next() != Some("c") {
         return Err(WireError::BadSubject);
     }
-    let topic = unescape_token(parts.next().ok_or(WireError::BadSubject)?)?;
-    let type_name = unescape_token(parts.next().ok_or(WireError::BadSubject)?)?;
-    let id = unescape_token(parts.next().ok_or(WireError::BadSubject)?)?;
+    let topic = unescape_token(parts.next().ok_or(WireError::BadSubject)?)?.into_owned();
+    let type_name = unescape_token(parts.next().ok_or(WireError::BadSubject)?)?.into_owned();
+    let id = unescape_token(parts.next().ok_or(WireError::BadSubject)?)?.into_owned();
     if parts.next().is_some() {
         return Err(WireError::BadSubject);
     }
@@ -423,6 +431,12 @@ mod tests {
             assert_eq!(unescape_token(&t).unwrap(), name);
         }
         assert_eq!(escaped("devicestate:all"), "devicestate=3Aall");
+        // Nothing escaped: the token itself, not a copy.
+        assert!(matches!(
+            unescape_token("reg_1-a/b"),
+            Ok(Cow::Borrowed("reg_1-a/b"))
+        ));
+        assert!(matches!(unescape_token("a=3Ab"), Ok(Cow::Owned(o)) if o == "a:b"));
         assert_eq!(unescape_token(""), Err(WireError::BadToken));
         assert_eq!(unescape_token("=4"), Err(WireError::BadToken));
         assert_eq!(unescape_token("=41"), Err(WireError::BadToken)); // 'A' is verbatim
