@@ -1,6 +1,7 @@
 //! Fuzzes what arrives from the network in cluster mode: message subjects and bodies,
 //! stored snapshots (key and value) and heartbeats, through the real delivery path of a
-//! node that shares topic "t" with a cache (`switchboard::cluster::offline`). Nothing
+//! node that shares topic "t" with a cache (`switchboard::cluster::offline`), the topic
+//! unshared and shared again in between (what the delivery keeps per subject). Nothing
 //! may crash, hang or leak; every arrival is delivered, ignored or counted as dropped.
 #![no_main]
 
@@ -24,6 +25,7 @@ enum Input {
     },
     Stored { key: String, value: Vec<u8> },
     Heartbeat { body: Vec<u8> },
+    Shared { on: bool },
 }
 
 fuzz_target!(|inputs: Vec<Input>| {
@@ -43,6 +45,7 @@ fuzz_target!(|inputs: Vec<Input>| {
             }
             Input::Stored { key, value } => owned.push((key.clone(), value.clone(), 1)),
             Input::Heartbeat { body } => owned.push((String::new(), body.clone(), 2)),
+            Input::Shared { on } => owned.push((String::new(), Vec::new(), 3 + u8::from(*on))),
         }
     }
     let arrivals: Vec<Arrival<'_>> = owned
@@ -50,7 +53,8 @@ fuzz_target!(|inputs: Vec<Input>| {
         .map(|(s, b, kind)| match kind {
             0 => Arrival::Message { subject: s, body: b },
             1 => Arrival::Stored { key: s, value: b },
-            _ => Arrival::Heartbeat { body: b },
+            2 => Arrival::Heartbeat { body: b },
+            on => Arrival::Shared { on: *on == 4 },
         })
         .collect();
     let out = deliver(&arrivals);

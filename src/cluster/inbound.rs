@@ -13,6 +13,7 @@ use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Message, MessageRef, Payload};
 use crate::message_type::MessageType;
+use crate::topic::Topic;
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -154,11 +155,43 @@ impl SeenWindow {
     }
 }
 
+/// What an arrival's subject resolved to: parsing the subject and looking up its topic
+/// and its type cost more than the rest of a delivery, and a node receives a few
+/// subjects over and over.
+#[derive(Clone)]
+struct Route {
+    /// For this node (every node's, or addressed to it).
+    mine: bool,
+    /// The topic of that name here, when shared.
+    topic: Option<Arc<Topic>>,
+    /// The type of that name, once it exists (the registry keeps every type for good).
+    ty: Option<Arc<MessageType>>,
+}
+
+/// Routes by subject (after `P.`), good while the topic map's change count is `at`.
+#[derive(Default)]
+struct Routes {
+    by_subject: HashMap<Box<str>, Route>,
+    at: u64,
+}
+
+/// Subjects whose routes are kept at most; past that the routes start over.
+const ROUTES_KEPT: usize = 4096;
+
+/// The type name in a message subject that parsed before (for warnings, off the path of
+/// a delivery).
+fn type_name_of(rest: &str) -> String {
+    wire::parse_message_subject(rest)
+        .map(|a| a.type_name.into_owned())
+        .unwrap_or_default()
+}
+
 pub(crate) struct Delivery {
     inner: Arc<Inner>,
     seen: HashMap<Eid, SeenWindow>,
     /// Types already warned about (once each).
     warned: HashSet<String>,
+    routes: Routes,
 }
 
 impl Delivery {
@@ -167,6 +200,7 @@ impl Delivery {
             inner,
             seen: HashMap::new(),
             warned: HashSet::new(),
+            routes: Routes::default(),
         }
     }
 
@@ -204,10 +238,59 @@ impl Delivery {
         }
     }
 
-    /// Builds the message a body carries (type by name, decoded payload).
-    fn decode(&mut self, type_name: &str, env: &Envelope, payload: &[u8]) -> Option<MessageRef> {
+    /// The route of subject `rest`; None when it is no message subject (dropped).
+    fn route(&mut self, rest: &str) -> Option<Route> {
+        // The count is read before any lookup below: a change after it moves it, and the
+        // next arrival starts over.
+        let changes = self.inner.topics.changes();
+        let routes = &mut self.routes;
+        if routes.at != changes || routes.by_subject.len() >= ROUTES_KEPT {
+            routes.by_subject.clear();
+            routes.at = changes;
+        }
+        if let Some(r) = routes.by_subject.get_mut(rest) {
+            if r.ty.is_none() {
+                // Registered since? (Until then every arrival looks again.)
+                r.ty = wire::parse_message_subject(rest)
+                    .ok()
+                    .and_then(|a| MessageType::find(&a.type_name));
+            }
+            return Some(r.clone());
+        }
+        let addr = match wire::parse_message_subject(rest) {
+            Ok(a) => a,
+            Err(e) => {
+                self.drop_in("?", &format!("bad subject: {e}"));
+                return None;
+            }
+        };
+        let route = Route {
+            mine: addr.to.is_none_or(|to| to == self.inner.me),
+            topic: self
+                .inner
+                .topics
+                .read()
+                .get(addr.topic.as_ref())
+                .filter(|st| st.shared)
+                .map(|st| Arc::clone(&st.topic)),
+            ty: MessageType::find(&addr.type_name),
+        };
+        self.routes.by_subject.insert(rest.into(), route.clone());
+        Some(route)
+    }
+
+    /// Builds the message a body carries (decoded payload), of type `ty`, or else of the
+    /// type named `type_name` (a bytes message of a type unknown here creates it).
+    fn decode(
+        &mut self,
+        type_name: &str,
+        ty: Option<Arc<MessageType>>,
+        env: &Envelope,
+        payload: &[u8],
+    ) -> Option<MessageRef> {
+        let ty = ty.or_else(|| MessageType::find(type_name));
         let (ty, payload) = if env.flags & FLAG_BYTES != 0 {
-            let ty = match MessageType::find(type_name) {
+            let ty = match ty {
                 Some(t) => t,
                 None => match MessageType::create(type_name, None) {
                     Ok(t) => t,
@@ -219,7 +302,7 @@ impl Delivery {
             };
             (ty, Payload::Bytes(payload.into()))
         } else {
-            let Some(ty) = MessageType::find(type_name) else {
+            let Some(ty) = ty else {
                 self.drop_in(type_name, "no such message type on this node");
                 return None;
             };
@@ -227,11 +310,11 @@ impl Delivery {
             match decoded {
                 Some(Some(p)) => (ty, p),
                 Some(None) => {
-                    self.drop_in(type_name, "its decoder refused the data");
+                    self.drop_in(ty.name(), "its decoder refused the data");
                     return None;
                 }
                 None => {
-                    self.drop_in(type_name, "the type has no decoder on this node");
+                    self.drop_in(ty.name(), "the type has no decoder on this node");
                     return None;
                 }
             }
@@ -245,16 +328,15 @@ impl Delivery {
     }
 
     pub(crate) fn on_message(&mut self, rest: &str, body: &[u8]) {
-        let addr = match wire::parse_message_subject(rest) {
-            Ok(a) => a,
-            Err(e) => return self.drop_in("?", &format!("bad subject: {e}")),
+        let Some(route) = self.route(rest) else {
+            return;
         };
-        if addr.to.is_some_and(|to| to != self.inner.me) {
+        if !route.mine {
             return;
         }
         let (env, payload) = match Envelope::read(body) {
             Ok(x) => x,
-            Err(e) => return self.drop_in(&addr.type_name, &format!("bad body: {e}")),
+            Err(e) => return self.drop_in(&type_name_of(rest), &format!("bad body: {e}")),
         };
         if env.eid == self.inner.me {
             return; // our own (another process with our eid, or an echo)
@@ -267,20 +349,21 @@ impl Delivery {
         if !window.admit(env.session, env.seq) {
             return;
         }
-        let topic = self
-            .inner
-            .topics
-            .read()
-            .get(addr.topic.as_ref())
-            .filter(|st| st.shared)
-            .map(|st| Arc::clone(&st.topic));
-        let Some(topic) = topic else {
+        let Some(topic) = route.topic else {
+            let topic_name = wire::parse_message_subject(rest)
+                .map(|a| a.topic.into_owned())
+                .unwrap_or_default();
             return self.drop_in(
-                &addr.type_name,
-                &format!("topic '{}' is not shared here", addr.topic),
+                &type_name_of(rest),
+                &format!("topic '{topic_name}' is not shared here"),
             );
         };
-        let Some(msg) = self.decode(&addr.type_name, &env, payload) else {
+        // The name only matters when the type is not known yet (the route looks again).
+        let name = match route.ty {
+            Some(_) => String::new(),
+            None => type_name_of(rest),
+        };
+        let Some(msg) = self.decode(&name, route.ty, &env, payload) else {
             return;
         };
         let msg = if env.flags & FLAG_CLEAR != 0 {
@@ -351,7 +434,7 @@ impl Delivery {
                         }
                     }
                 }
-                if let Some(msg) = self.decode(&e.key.type_name, &env, payload) {
+                if let Some(msg) = self.decode(&e.key.type_name, None, &env, payload) {
                     self.inner.stats.received.fetch_add(1, Ordering::Relaxed);
                     topic.publish(&msg);
                 }

@@ -26,6 +26,7 @@ pub mod nodes;
 #[doc(hidden)]
 pub mod offline;
 mod refusals;
+mod topic_map;
 pub mod wire;
 
 use crate::cache::Cache;
@@ -39,7 +40,7 @@ use crate::topic::Topic;
 use config::Config;
 use crossbeam_queue::ArrayQueue;
 use nodes::NodeTable;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -206,7 +207,7 @@ pub(crate) struct Inner {
     pub stats: Stats,
     pub nodes: Mutex<NodeTable>,
     /// By topic name.
-    pub topics: RwLock<HashMap<String, SharedTopic>>,
+    pub topics: topic_map::TopicMap,
     pub cmd: tokio::sync::mpsc::UnboundedSender<io::Cmd>,
     /// What the servers refused (see `refusals`).
     pub refusals: refusals::Refusals,
@@ -381,7 +382,7 @@ impl Cluster {
             cache_change_dropped: AtomicBool::new(false),
             stats: Stats::default(),
             nodes: Mutex::new(NodeTable::new(me, cfg.down_after_missed)),
-            topics: RwLock::new(HashMap::new()),
+            topics: topic_map::TopicMap::new(HashMap::new()),
             cmd: cmd_tx,
             refusals: refusals::Refusals::default(),
         });

@@ -13,7 +13,7 @@ use crate::message::{MessageRef, Payload};
 use crate::message_type::MessageType;
 use crate::topic::Topic;
 use crossbeam_queue::ArrayQueue;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -27,6 +27,8 @@ pub enum Arrival<'a> {
     Stored { key: &'a str, value: &'a [u8] },
     /// A heartbeat body.
     Heartbeat { body: &'a [u8] },
+    /// Topic "t" is shared from here on, or not (`sb_cluster_share_topic`, `_unshare_topic`).
+    Shared { on: bool },
 }
 
 /// Counters after a run.
@@ -104,7 +106,7 @@ pub fn deliver(arrivals: &[Arrival<'_>]) -> Outcome {
         cache_change_dropped: Default::default(),
         stats: Stats::default(),
         nodes: Mutex::new(NodeTable::new(me, 3)),
-        topics: RwLock::new(topics),
+        topics: super::topic_map::TopicMap::new(topics),
         cmd,
         refusals: Default::default(),
     });
@@ -126,6 +128,11 @@ pub fn deliver(arrivals: &[Arrival<'_>]) -> Outcome {
                 if let Ok(hb) = wire::Heartbeat::decode(body) {
                     let now = std::time::Instant::now();
                     inner.nodes.lock().on_heartbeat(&hb, now, 0);
+                }
+            }
+            Arrival::Shared { on } => {
+                if let Some(st) = inner.topics.write().get_mut("t") {
+                    st.shared = *on;
                 }
             }
         }
@@ -243,6 +250,25 @@ mod tests {
         assert_eq!(out.received, 3, "{out:?}"); // good, codec, clear
         assert_eq!(out.dropped_in, 11, "{out:?}");
         assert_eq!(out.delivered, 3, "{out:?}"); // the clear reaches the subscriber too
+    }
+
+    /// The delivery keeps what each subject resolved to: a topic shared, unshared and
+    /// shared again in between arrivals on one subject is seen each time.
+    #[test]
+    fn a_topic_shared_or_not_is_seen_between_arrivals() {
+        let msg = |seq| body(OTHER, 1, seq, FLAG_BYTES, b"x\0");
+        let (m1, m2, m3, m4) = (msg(1), msg(2), msg(3), msg(4));
+        let on = |subject, body| Arrival::Message { subject, body };
+        let out = deliver(&[
+            on("m.t.bytes", &m1),
+            Arrival::Shared { on: false },
+            on("m.t.bytes", &m2), // not shared here: dropped
+            Arrival::Shared { on: true },
+            on("m.t.bytes", &m3),
+            Arrival::Shared { on: false },
+            on("m.t.bytes", &m4), // dropped
+        ]);
+        assert_eq!((out.received, out.dropped_in), (2, 2), "{out:?}");
     }
 
     #[test]
