@@ -178,11 +178,11 @@ struct Routes {
 /// Subjects whose routes are kept at most; past that the routes start over.
 const ROUTES_KEPT: usize = 4096;
 
-/// The type name in a message subject that parsed before (for warnings, off the path of
-/// a delivery).
-fn type_name_of(rest: &str) -> String {
+/// The topic and type names in a message subject that parsed before (for warnings and
+/// a type not known yet, off the path of a delivery).
+fn names_of(rest: &str) -> (String, String) {
     wire::parse_message_subject(rest)
-        .map(|a| a.type_name.into_owned())
+        .map(|a| (a.topic.into_owned(), a.type_name.into_owned()))
         .unwrap_or_default()
 }
 
@@ -336,7 +336,7 @@ impl Delivery {
         }
         let (env, payload) = match Envelope::read(body) {
             Ok(x) => x,
-            Err(e) => return self.drop_in(&type_name_of(rest), &format!("bad body: {e}")),
+            Err(e) => return self.drop_in(&names_of(rest).1, &format!("bad body: {e}")),
         };
         if env.eid == self.inner.me {
             return; // our own (another process with our eid, or an echo)
@@ -350,18 +350,16 @@ impl Delivery {
             return;
         }
         let Some(topic) = route.topic else {
-            let topic_name = wire::parse_message_subject(rest)
-                .map(|a| a.topic.into_owned())
-                .unwrap_or_default();
+            let (topic_name, type_name) = names_of(rest);
             return self.drop_in(
-                &type_name_of(rest),
+                &type_name,
                 &format!("topic '{topic_name}' is not shared here"),
             );
         };
         // The name only matters when the type is not known yet (the route looks again).
         let name = match route.ty {
             Some(_) => String::new(),
-            None => type_name_of(rest),
+            None => names_of(rest).1,
         };
         let Some(msg) = self.decode(&name, route.ty, &env, payload) else {
             return;

@@ -1022,8 +1022,7 @@ impl StoreWrites {
         let mut st = self.state.lock();
         let e = st.queue.pop_front();
         if let Some((n, _)) = &e {
-            let n = *n;
-            st.in_flight.insert(n);
+            st.in_flight.insert(*n);
         }
         if st.queue.is_empty() && st.queue.capacity() > 1024 {
             // A backlog drained (a store that stopped answering): give its room back.
@@ -1040,6 +1039,7 @@ impl StoreWrites {
 
     /// Drops every queued write (a re-assertion is about to write the current values).
     fn clear(&self) {
+        // Freed after the lock is released: a backlog can be thousands of writes.
         let old = std::mem::take(&mut self.state.lock().queue);
         drop(old);
     }
@@ -1054,13 +1054,12 @@ impl StoreWrites {
     /// dropped or cleared): the store marks of our heartbeats (see `catch_up`).
     fn marks(&self) -> StoreMarks {
         let st = self.state.lock();
-        let oldest_open = st.queue.front().map(|(n, _)| *n);
-        let oldest_flying = st.in_flight.first().copied();
-        let stored = match (oldest_open, oldest_flying) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => st.queued,
-        };
+        // The oldest write not behind us, queued or in flight; none: all of them are.
+        let stored = (st.queue.front().map(|(n, _)| *n))
+            .into_iter()
+            .chain(st.in_flight.first().copied())
+            .min()
+            .unwrap_or(st.queued);
         StoreMarks {
             queued: st.queued,
             stored,
