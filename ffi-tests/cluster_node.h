@@ -22,6 +22,10 @@
  *   pubc T TYPE N                  N messages of a codec type (value i)
  *   pubcagg T TYPE N               N codec-type aggregates (no eid: never sent)
  *   nocodec TYPE                   sb_message_type_set_codec(TYPE, NULL, NULL)
+ *   tojson TYPE                    ok JSON | ok none: sb_message_to_json of a bytes message
+ *                                  "x" of TYPE, created as the other commands do (a name
+ *                                  starting with "json" with to_json), as a module loaded
+ *                                  again would
  *   pubto EID T TYPE TEXT          sb_cluster_publish_to
  *   count T                        ok total remote order_violations codec_values_ok
  *                                  (order: "TAG:i" per sender and tag, i = 0, 1, 2...)
@@ -561,6 +565,15 @@ static int cn_command(char *line)
         sb_message_type_unref(ty);
         if (rc != SB_OK)
             return cn_reply_err(rc), 0;
+    } else if (strcmp(cmd, "tojson") == 0 && argc == 2) {
+        sb_message_type *ty = cn_type(argv[1]);
+        sb_message *m = sb_message_create_bytes(ty, "x", 1);
+        char *j = sb_message_to_json(m);
+        sb_message_unref(m);
+        sb_message_type_unref(ty);
+        nh_node_reply("ok %s", j != NULL ? j : "none");
+        sb_string_free(j);
+        return 0;
     } else if (strcmp(cmd, "pubto") == 0 && argc == 5) {
         cn_topic *to = cn_find(argv[2]);
         sb_eid e;

@@ -1,7 +1,8 @@
 /*
  * test_cluster_topics.c - shared topics between node processes over a real nats-server:
  * bytes and codec messages in order, no echo, no loops through forwards, types created
- * on arrival, undecodable arrivals counted, selective import (by type and by formatter),
+ * on arrival (and left dormant for a module that creates them later), undecodable
+ * arrivals counted, selective import (by type and by formatter),
  * sb_cluster_publish_to,
  * prefix isolation, two nodes with one eid told so, JSON export read by a plain NATS
  * client, the node list and node events, a forked child.
@@ -115,6 +116,26 @@ static void test_type_created_on_arrival(void)
     /* "fresh" was never created on b: a bytes message creates it there */
     CN_OK(&a, "pub chat fresh 3 f");
     WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before + 3);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_ORDER_BAD), 0);
+}
+
+/* A type the delivery created on arrival, and which arrivals keep coming for, is still
+ * dormant once nobody here holds it: a module loaded later (or again) that creates it
+ * with to_json has its to_json used. (The delivery once kept a counted reference to
+ * every arrival's type: the first creator's functions stayed, and after a module's
+ * unload and load they would have been code no longer mapped.) */
+static void test_arrivals_leave_types_dormant(void)
+{
+    long long before = count_of(&b, "chat", CT_TOTAL);
+    CN_OK(&a, "pub chat jsonrevived 5 r");
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before + 5);
+    CN_OK(&a, "pub chat jsonrevived 5 s"); /* arrivals of a type b knows now */
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before + 10);
+    const char *r = cn_cmd(&b, "tojson jsonrevived");
+    CHECK_STR(r, "ok {\"text\":\"x\"}");
+    /* still delivered after it */
+    CN_OK(&a, "pub chat jsonrevived 5 t");
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before + 15);
     CHECK_EQ_INT(count_of(&b, "chat", CT_ORDER_BAD), 0);
 }
 
@@ -411,6 +432,7 @@ int main(int argc, char **argv)
     test_bytes_in_order_no_echo();
     test_codec_and_undecodable();
     test_type_created_on_arrival();
+    test_arrivals_leave_types_dormant();
     test_forwards_no_loops();
     test_selective_import();
     test_formatter_import();

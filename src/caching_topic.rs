@@ -5,10 +5,9 @@ use crate::cache::{Cache, Change};
 use crate::error::Result;
 use crate::mailbox::Kind;
 use crate::message::{Message, MessageRef};
-use crate::message_type::{MessageType, DEAD_MAGIC};
+use crate::message_type::{MessageType, TypeRef, DEAD_MAGIC};
 use crate::subscription::{change_type, Subscription, SubscriptionChange};
 use crate::topic::Topic;
-use std::mem::ManuallyDrop;
 use std::sync::{Arc, LazyLock};
 
 pub(crate) const CACHING_TOPIC_MAGIC: u32 = 0x5342_4354; // "SBCT"
@@ -42,7 +41,7 @@ pub struct CacheUpdate {
     /// Not counted, like a message's own type: types live as long as the process (see
     /// `message_type`), and a count bumped here by the publisher and dropped by the
     /// subscriber's thread would bounce a shared cache line on every update.
-    snapshot_type: ManuallyDrop<Arc<MessageType>>,
+    snapshot_type: TypeRef,
     old: Option<MessageRef>,
     new: Option<MessageRef>,
 }
@@ -73,10 +72,7 @@ impl CacheUpdate {
                 old_snapshot: opt_ptr(&old),
                 new_snapshot: opt_ptr(&new),
             },
-            // SAFETY: the type registry holds a reference to every type forever, so this
-            // uncounted Arc stays valid for the update's life; ManuallyDrop keeps it from
-            // ever being released.
-            snapshot_type: ManuallyDrop::new(unsafe { Arc::from_raw(Arc::as_ptr(snapshot_type)) }),
+            snapshot_type: TypeRef::new(snapshot_type),
             old,
             new,
         };

@@ -2,10 +2,9 @@
 
 use crate::eid::Eid;
 use crate::message_ref::InlineValue;
-use crate::message_type::{MessageType, DEAD_MAGIC};
+use crate::message_type::{MessageType, TypeRef, DEAD_MAGIC};
 use std::any::Any;
 use std::ffi::c_void;
-use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 pub use crate::message_ref::MessageRef;
@@ -38,7 +37,7 @@ pub enum Payload {
 pub struct Message {
     magic: u32,
     /// Not counted: types live as long as the process (see `message_type`).
-    mtype: ManuallyDrop<Arc<MessageType>>,
+    mtype: TypeRef,
     payload: Payload,
     timestamp_ns: u64,
     /// None for an aggregate (cluster-wide) message.
@@ -103,10 +102,7 @@ impl Message {
     ) -> Message {
         Message {
             magic: MESSAGE_MAGIC,
-            // SAFETY: the registry holds a reference to every type forever, so this
-            // uncounted Arc stays valid for the message's life; ManuallyDrop keeps it
-            // from ever being released.
-            mtype: ManuallyDrop::new(unsafe { Arc::from_raw(Arc::as_ptr(mtype)) }),
+            mtype: TypeRef::new(mtype),
             payload,
             timestamp_ns,
             eid,

@@ -15,6 +15,8 @@ use crate::names::check_name;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock};
 
@@ -51,6 +53,43 @@ pub struct MessageType {
 #[repr(align(128))]
 #[derive(Default)]
 struct Padded(std::sync::atomic::AtomicU64);
+
+/// A reference to a type that takes no count. What the library keeps of a type for
+/// itself is one of these: never dangling, since the registry keeps every type for the
+/// life of the process, and never keeping a type from going dormant (see the module
+/// comment), which a counted reference would: a module unloaded and loaded again would
+/// then keep its old `to_json`, in unmapped code.
+#[repr(transparent)]
+pub struct TypeRef(ManuallyDrop<Arc<MessageType>>);
+
+impl TypeRef {
+    pub fn new(ty: &Arc<MessageType>) -> TypeRef {
+        // SAFETY: every type is the registry's (`intern`), which holds a reference to it
+        // until the process ends, so the pointer stays valid for as long as this copy
+        // can live; ManuallyDrop keeps the copy from releasing a count it never took.
+        TypeRef(ManuallyDrop::new(unsafe { Arc::from_raw(Arc::as_ptr(ty)) }))
+    }
+}
+
+impl Clone for TypeRef {
+    fn clone(&self) -> TypeRef {
+        // Not the inner Arc's clone: that would take a count that nothing releases.
+        TypeRef::new(&self.0)
+    }
+}
+
+impl Deref for TypeRef {
+    type Target = Arc<MessageType>;
+    fn deref(&self) -> &Arc<MessageType> {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TypeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self.0, f)
+    }
+}
 
 impl MessageType {
     pub(crate) fn magic_ok(&self) -> bool {
@@ -107,24 +146,28 @@ impl MessageType {
         ty
     }
 
+    // The lookups below hand out uncounted references: a count taken by the library,
+    // even for a moment, could make a concurrent `create` take a dormant type for a live
+    // one (`TypeRef`).
+
     /// The type named `name`, if one was ever created (never creates one).
-    pub fn find(name: &str) -> Option<Arc<MessageType>> {
-        REGISTRY.lock().by_name.get(name).cloned()
+    pub fn find(name: &str) -> Option<TypeRef> {
+        REGISTRY.lock().by_name.get(name).map(TypeRef::new)
     }
 
     /// The type whose `id` is `id` (a scan: for statistics, not for hot paths).
-    pub fn by_id(id: u32) -> Option<Arc<MessageType>> {
+    pub fn by_id(id: u32) -> Option<TypeRef> {
         REGISTRY
             .lock()
             .by_name
             .values()
             .find(|t| t.id == id)
-            .cloned()
+            .map(TypeRef::new)
     }
 
     /// Every type created so far (types are a bounded set: see the module comment).
-    pub fn all() -> Vec<Arc<MessageType>> {
-        REGISTRY.lock().by_name.values().cloned().collect()
+    pub fn all() -> Vec<TypeRef> {
+        REGISTRY.lock().by_name.values().map(TypeRef::new).collect()
     }
 
     /// A type the library itself uses (never declined).

@@ -14,7 +14,7 @@
 //! whatever the order in which threads report, the registry ends up with the last state.
 
 use crate::log;
-use crate::message_type::MessageType;
+use crate::message_type::{MessageType, TypeRef};
 use crate::pool;
 use crate::subscription::{Subscription, SubscriptionStats};
 use crate::topic::{self, Topic, TopicStats};
@@ -117,7 +117,7 @@ type TopicRow = (
 /// Everything a listing reports, collected without formatting.
 struct Snapshot {
     topics: Vec<TopicRow>,
-    types: Vec<Arc<MessageType>>,
+    types: Vec<TypeRef>,
     /// Every worker group's name and pool figures, the shared one ("default") first.
     pools: Vec<(String, pool::PoolStats)>,
     #[cfg(feature = "cluster")]

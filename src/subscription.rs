@@ -14,7 +14,7 @@ use crate::fork;
 use crate::log;
 use crate::mailbox::{Action, Claim, Item, Kind, Mailbox, Overflow, Push};
 use crate::message::{Message, MessageRef};
-use crate::message_type::{MessageType, DEAD_MAGIC};
+use crate::message_type::{MessageType, TypeRef, DEAD_MAGIC};
 use crate::pool;
 use crate::sync::ThreadToken;
 use crate::tick_clock;
@@ -1009,7 +1009,7 @@ pub struct SubscriptionStats {
     pub queued: u64,
     pub queued_max: u64,
     pub callback_max_ns: u64,
-    pub callback_max_type: Option<Arc<MessageType>>,
+    pub callback_max_type: Option<TypeRef>,
     /// Above its high-water mark now.
     pub congested: bool,
 }

@@ -12,7 +12,7 @@ use crate::caching_topic::clear_message;
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Message, MessageRef, Payload};
-use crate::message_type::MessageType;
+use crate::message_type::{MessageType, TypeRef};
 use crate::topic::Topic;
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -165,7 +165,8 @@ struct Route {
     /// The topic of that name here, when shared.
     topic: Option<Arc<Topic>>,
     /// The type of that name, once it exists (the registry keeps every type for good).
-    ty: Option<Arc<MessageType>>,
+    /// Uncounted: a count held here would keep the type from going dormant.
+    ty: Option<TypeRef>,
 }
 
 /// Routes by subject (after `P.`), good while the topic map's change count is `at`.
@@ -177,6 +178,11 @@ struct Routes {
 
 /// Subjects whose routes are kept at most; past that the routes start over.
 const ROUTES_KEPT: usize = 4096;
+
+/// The type named `name`, if one exists, uncounted (see `Route::ty`).
+fn find_type(name: &str) -> Option<TypeRef> {
+    MessageType::find(name)
+}
 
 /// The topic and type names in a message subject that parsed before (for warnings and
 /// a type not known yet, off the path of a delivery).
@@ -253,7 +259,7 @@ impl Delivery {
                 // Registered since? (Until then every arrival looks again.)
                 r.ty = wire::parse_message_subject(rest)
                     .ok()
-                    .and_then(|a| MessageType::find(&a.type_name));
+                    .and_then(|a| find_type(&a.type_name));
             }
             return Some(r.clone());
         }
@@ -273,7 +279,7 @@ impl Delivery {
                 .get(addr.topic.as_ref())
                 .filter(|st| st.shared)
                 .map(|st| Arc::clone(&st.topic)),
-            ty: MessageType::find(&addr.type_name),
+            ty: find_type(&addr.type_name),
         };
         self.routes.by_subject.insert(rest.into(), route.clone());
         Some(route)
@@ -284,16 +290,16 @@ impl Delivery {
     fn decode(
         &mut self,
         type_name: &str,
-        ty: Option<Arc<MessageType>>,
+        ty: Option<TypeRef>,
         env: &Envelope,
         payload: &[u8],
     ) -> Option<MessageRef> {
-        let ty = ty.or_else(|| MessageType::find(type_name));
+        let ty = ty.or_else(|| find_type(type_name));
         let (ty, payload) = if env.flags & FLAG_BYTES != 0 {
             let ty = match ty {
                 Some(t) => t,
                 None => match MessageType::create(type_name, None) {
-                    Ok(t) => t,
+                    Ok(t) => TypeRef::new(&t),
                     Err(e) => {
                         self.drop_in(type_name, &e.message);
                         return None;

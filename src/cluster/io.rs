@@ -16,7 +16,7 @@ use super::{codec, refusals, Inner, Out};
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_realtime_ns, Message, MessageRef};
-use crate::message_type::MessageType;
+use crate::message_type::{MessageType, TypeRef};
 use async_nats::client::PublishErrorKind as ClientPublishErrorKind;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -1648,7 +1648,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             .collect();
         // What we wrote, to check afterwards that it is still current: a change made
         // meanwhile may have been stored before our older copy, which then won.
-        let mut written: Vec<(String, Arc<MessageType>, String, MessageRef)> = Vec::new();
+        let mut written: Vec<(String, TypeRef, String, MessageRef)> = Vec::new();
         let mut pending = AckWindow::default();
         for snap in cache.dump_by_eid(None, &me) {
             let Some(id) = cache.id_of(&snap).map(|c| c.into_owned()) else {
@@ -1660,7 +1660,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
             }
             let key = wire::snapshot_key(&me, token, snap.message_type().name(), &id);
             pass_write(s, &mut pending, &key, Some(&snap)).await?;
-            written.push((key, Arc::clone(snap.message_type()), id, snap));
+            written.push((key, TypeRef::new(snap.message_type()), id, snap));
         }
         pending.finish(s).await?;
         let held: HashSet<&str> = written.iter().map(|w| w.0.as_str()).collect();
@@ -1679,7 +1679,7 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
                 }
                 pass_write(s, &mut pending, key, now.as_ref()).await?;
                 if let Some(n) = now {
-                    changed.push((key.clone(), Arc::clone(ty), id.clone(), n));
+                    changed.push((key.clone(), ty.clone(), id.clone(), n));
                 }
             }
             pending.finish(s).await?;
