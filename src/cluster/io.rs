@@ -1693,16 +1693,21 @@ async fn assert_own(s: &Arc<Shared>, topics: &[String]) -> Result<()> {
         return Err(leaving());
     }
     s.asserted_ns.store(asserted, Ordering::Release);
-    let presence = s.heartbeat(NODE_UP);
-    kv.put(wire::presence_key(&me), Bytes::from(presence.encode()))
-        .await
-        .map_err(|e| store_error(s, "write", e))?;
+    kv.put(
+        wire::presence_key(&me),
+        Bytes::from(s.heartbeat(NODE_UP).encode()),
+    )
+    .await
+    .map_err(|e| store_error(s, "write", e))?;
     s.present.store(true, Ordering::Release);
+    // A heartbeat made now, not the record: the write may have taken seconds, and the
+    // record's store marks are as old as it is (those who wait for our store writes take
+    // the marks of live heartbeats).
     let _ = s
         .client
         .publish(
             format!("{}.hb", inner.cfg.prefix),
-            Bytes::from(presence.encode()),
+            Bytes::from(s.heartbeat(NODE_UP).encode()),
         )
         .await;
     Ok(())

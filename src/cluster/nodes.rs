@@ -96,7 +96,16 @@ impl NodeTable {
         if let Some(n) = self.nodes.get_mut(&hb.eid) {
             if n.session == hb.session && n.state == STATE_UP {
                 n.beats += 1;
-                n.store = hb.store;
+                // Both counts only grow within a session; a heartbeat that left the
+                // sender before the one heard last (the presence record's, published once
+                // written) must not take them back.
+                n.store = match (n.store, hb.store) {
+                    (Some(was), Some(now)) => Some(StoreMarks {
+                        queued: was.queued.max(now.queued),
+                        stored: was.stored.max(now.stored),
+                    }),
+                    (_, now) => now,
+                };
             }
         }
         events
@@ -300,5 +309,39 @@ mod tests {
         // our own heartbeats never count
         assert!(t.on_heartbeat(&hb(9, 1, 0, NODE_UP), t0, 0).is_empty());
         assert!(t.get(&me).is_none());
+    }
+
+    #[test]
+    fn store_marks_never_go_back_within_a_session() {
+        let me = hb(9, 0, 0, NODE_UP).eid;
+        let mut t = NodeTable::new(me, 3);
+        let t0 = Instant::now();
+        let with = |session, queued, stored| Heartbeat {
+            store: Some(StoreMarks { queued, stored }),
+            ..hb(1, session, 0, NODE_UP)
+        };
+        let marks = |t: &NodeTable| t.get(&hb(1, 0, 0, 0).eid).and_then(|n| n.store);
+        t.on_heartbeat(&with(1, 10, 8), t0, 0);
+        t.on_heartbeat(&with(1, 7, 9), t0, 0); // older queued, newer stored
+        assert_eq!(
+            marks(&t),
+            Some(StoreMarks {
+                queued: 10,
+                stored: 9
+            })
+        );
+        // a sender that stops sending marks: none
+        t.on_heartbeat(&hb(1, 1, 0, NODE_UP), t0, 0);
+        assert_eq!(marks(&t), None);
+        // a new session starts from its own
+        t.on_heartbeat(&with(1, 12, 3), t0, 0);
+        t.on_heartbeat(&with(2, 2, 1), t0, 0);
+        assert_eq!(
+            marks(&t),
+            Some(StoreMarks {
+                queued: 2,
+                stored: 1
+            })
+        );
     }
 }
