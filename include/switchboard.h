@@ -801,7 +801,7 @@ struct sb_cluster *sb_cluster_join(const struct sb_cluster_config *cfg);
  * Announces the departure (other nodes mark this one left and clear its entries at
  * once), sends what is queued (waiting at most 1 s), stops sharing, clears remote
  * entries from local shared caches (cache updates are published) and stops the
- * cluster's threads. Returns within about 5 s whatever the servers do: when none
+ * cluster's threads. Returns within about 6 s whatever the servers do: when none
  * answers, the cluster's thread is stopped where it waits (warned in the log) and the
  * other nodes take this one for down instead of left. In a forked child the handle is
  * only released (SB_E_STATE).

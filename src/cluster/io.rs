@@ -866,8 +866,9 @@ impl Io {
         // A pass writing all of our snapshots again (after a reconnect, a failed write)
         // ends at its next write now that we are leaving, once the writes it made are
         // confirmed: it must not write after the removal, and none may start meanwhile.
-        let left = deadline.saturating_duration_since(Instant::now());
-        let _no_pass = tokio::time::timeout(left, self.s.assert_pass.lock()).await;
+        // A bound of its own: a slow store, the very case in which a pass runs, may have
+        // used up the drain's.
+        let _no_pass = tokio::time::timeout(super::LEAVE_DRAIN, self.s.assert_pass.lock()).await;
         if self.s.bucket_ready.load(Ordering::Acquire) {
             let own = format!("{}.>", wire::eid_token(&inner.me));
             let _ = tokio::time::timeout(super::LEAVE_DRAIN, purge(Arc::clone(&self.s), own)).await;

@@ -748,12 +748,13 @@ impl Drop for Cluster {
 }
 
 /// How long `leave` waits for queued messages to go out, and for each later step (the
-/// removal of our stored snapshots, the announcement, the flush).
+/// end of a re-assertion pass, the removal of our stored snapshots, the announcement,
+/// the flush).
 pub(crate) const LEAVE_DRAIN: Duration = Duration::from_secs(1);
 
 /// What `share_cache` waits past `connect_timeout_ms` for the io side's own answer.
 const SHARE_MARGIN: Duration = Duration::from_millis(1000);
 
-/// How long `leave` waits for the io thread's part (at most four `LEAVE_DRAIN`s, once the
+/// How long `leave` waits for the io thread's part (at most five `LEAVE_DRAIN`s, once the
 /// io thread reads the request) before stopping it where it is.
-const LEAVE_LIMIT: Duration = Duration::from_secs(5);
+const LEAVE_LIMIT: Duration = Duration::from_secs(6);
