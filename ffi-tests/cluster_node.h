@@ -46,6 +46,11 @@
  *   get T TYPE ID EID              ok VALUE | ok none    (get_by_eid)
  *   agg T TYPE ID                  ok VALUE | ok none    (the aggregate)
  *   updates T                      ok N                  (cache updates seen)
+ *   shareonclear T U               a synchronous subscription to T's caching topic whose
+ *                                  callback, at the first clear of another node's entry,
+ *                                  shares topic U (sb_cluster_share_topic from a callback
+ *                                  on the cluster's delivery thread)
+ *   cbshare                        ok RC   that share's result (1: not called yet, 2: running)
  *   fork SERVERS PREFIX            fork: the child checks the inherited handle is refused,
  *                                  joins on its own and publishes one message on topic
  *                                  "forked"; ok CHILD_EXIT_CODE
@@ -76,6 +81,8 @@ typedef struct cn_topic {
     sb_caching_topic *ct;
     sb_subscription *updates_sub;
     atomic_long updates;
+    sb_subscription *clear_sub; /* shareonclear */
+    sb_topic *share_on_clear;
 } cn_topic;
 
 /* Cluster tests also run their node processes instrumented under ThreadSanitizer (the
@@ -110,6 +117,7 @@ static struct {
     atomic_int last_event_state;
     sb_eid last_event_eid;
     pthread_mutex_t lock;
+    atomic_int cb_share_rc; /* shareonclear: 1 until called, 2 while running */
 } cn;
 
 /* The node's log: every line goes to stderr as without a handler, and the first
@@ -334,6 +342,21 @@ static void cn_on_update(void *data, sb_subscription *sub, sb_message *msg)
     (void)sub;
     if (sb_message_get_type(msg) == sb_cache_update_type())
         atomic_fetch_add(&((cn_topic *)data)->updates, 1);
+}
+
+static void cn_on_update_share(void *data, sb_subscription *sub, sb_message *msg)
+{
+    (void)sub;
+    cn_topic *t = (cn_topic *)data;
+    if (sb_message_get_type(msg) != sb_cache_update_type())
+        return;
+    const sb_cache_update *u = (const sb_cache_update *)sb_message_data(msg);
+    if (u->new_snapshot != NULL || u->old_snapshot == NULL || !cn_is_remote(u->old_snapshot))
+        return;
+    int expected = 1;
+    if (!atomic_compare_exchange_strong(&cn.cb_share_rc, &expected, 2))
+        return; /* once */
+    atomic_store(&cn.cb_share_rc, sb_cluster_share_topic(cn.cluster, t->share_on_clear));
 }
 
 static void cn_on_event(void *data, sb_subscription *sub, sb_message *msg)
@@ -677,6 +700,17 @@ static int cn_command(char *line)
         if (t->ct == NULL)
             return cn_reply_err(sb_last_error_code()), 0;
         t->updates_sub = sb_subscribe(sb_caching_get_topic(t->ct), cn_on_update, t);
+    } else if (strcmp(cmd, "shareonclear") == 0 && argc == 3 && t && t->ct && !t->clear_sub) {
+        cn_topic *u = cn_find(argv[2]);
+        if (u == NULL)
+            return cn_reply_err(-1), 0;
+        t->share_on_clear = u->topic;
+        atomic_store(&cn.cb_share_rc, 1);
+        t->clear_sub = sb_subscribe_synchronous(sb_caching_get_topic(t->ct), cn_on_update_share, t);
+        if (t->clear_sub == NULL)
+            return cn_reply_err(sb_last_error_code()), 0;
+    } else if (strcmp(cmd, "cbshare") == 0) {
+        return nh_node_reply("ok %d", atomic_load(&cn.cb_share_rc)), 0;
     } else if (strcmp(cmd, "sharecache") == 0 && t && t->ct) {
         int rc = sb_cluster_share_cache(cn.cluster, t->ct);
         if (rc != SB_OK)
@@ -850,6 +884,8 @@ static int cn_node_main(void)
         cn_topic *t = &cn.topics[i];
         if (t->updates_sub)
             t->updates_sub = sb_unsubscribe_and_join(t->updates_sub);
+        if (t->clear_sub)
+            t->clear_sub = sb_unsubscribe_and_join(t->clear_sub);
         if (t->ct)
             t->ct = sb_caching_unsubscribe_and_join(t->ct);
         sb_cache_unref(t->cache);

@@ -8,7 +8,7 @@
 use super::nodes::{Node, STATE_DOWN, STATE_LEFT};
 use super::wire::{self, Envelope, FLAG_BYTES, FLAG_CLEAR};
 use super::{codec, Inner, NodeMessage, SharedTopic};
-use crate::caching_topic::clear_message;
+use crate::caching_topic::{clear_message, CachingTopic};
 use crate::eid::Eid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Message, MessageRef, Payload};
@@ -385,9 +385,21 @@ impl Delivery {
             .publish(&NodeMessage::message(node));
         if node.state == STATE_DOWN || node.state == STATE_LEFT {
             self.seen.remove(&node.eid);
-            let topics = self.inner.topics.read();
-            for st in topics.values() {
-                clear_eid(st, |eid| *eid == node.eid);
+            // Taken out of the topic map first: the clears run subscribers' callbacks on
+            // this thread, and one that shares or unshares a topic takes the map's write
+            // lock (a wait on ourselves, had we kept the read lock); nor may the io
+            // thread's readers wait behind a writer for as long as the clears take.
+            let cached: Vec<(Arc<Topic>, Arc<CachingTopic>)> = {
+                let topics = self.inner.topics.read();
+                topics
+                    .values()
+                    .filter_map(|st| {
+                        Some((Arc::clone(&st.topic), Arc::clone(st.caching.as_ref()?)))
+                    })
+                    .collect()
+            };
+            for (topic, ct) in &cached {
+                clear_eid(topic, ct, |eid| *eid == node.eid);
             }
         }
     }
@@ -462,11 +474,12 @@ impl Delivery {
 }
 
 /// Clears, through the normal clear path, the entries of `st`'s cache whose eid matches.
-fn clear_eid(st: &SharedTopic, matches: impl Fn(&Eid) -> bool) {
-    let Some(ct) = &st.caching else { return };
+/// Clears the entries of the eids `matches` from `ct`'s cache, through `topic` (its
+/// original), as any clear is made. Runs subscribers' callbacks: never under a lock.
+fn clear_eid(topic: &Topic, ct: &CachingTopic, matches: impl Fn(&Eid) -> bool) {
     for snap in ct.cache().dump_all(None) {
         if snap.eid().is_some_and(&matches) {
-            st.topic.publish(&clear_message(&snap));
+            topic.publish(&clear_message(&snap));
         }
     }
 }
@@ -474,7 +487,9 @@ fn clear_eid(st: &SharedTopic, matches: impl Fn(&Eid) -> bool) {
 fn clear_remote(topics: &[SharedTopic]) {
     let me = Eid::default_eid();
     for st in topics {
-        clear_eid(st, |eid| *eid != me);
+        if let Some(ct) = &st.caching {
+            clear_eid(&st.topic, ct, |eid| *eid != me);
+        }
     }
 }
 
