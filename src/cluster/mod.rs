@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use topic_map::TopicMapWrite;
 
 pub(crate) const CLUSTER_MAGIC: u32 = 0x5342_434c; // "SBCL"
 
@@ -459,6 +460,19 @@ impl Cluster {
         Ok(&self.inner)
     }
 
+    /// The topic map, for a change. Refused once the cluster was left: `leave` sets
+    /// `left` under this lock before it empties the map, so a change that passed
+    /// `usable` just before the leave, and gets the lock after it, cannot put back a
+    /// topic (and a tap) that nothing would ever take away.
+    fn topics_write(&self) -> Result<(&Arc<Inner>, TopicMapWrite<'_>)> {
+        let inner = self.usable()?;
+        let topics = inner.topics.write();
+        if self.left.load(Ordering::Acquire) {
+            return Err(Error::state("the cluster was left"));
+        }
+        Ok((inner, topics))
+    }
+
     pub fn topic(&self) -> &Arc<Topic> {
         &self.inner.cluster_topic
     }
@@ -532,22 +546,20 @@ impl Cluster {
     }
 
     pub fn share_topic(&self, topic: &Arc<Topic>) -> Result<()> {
-        let inner = self.usable()?;
-        let token = {
-            let mut topics = inner.topics.write();
+        let (inner, token) = {
+            let (inner, mut topics) = self.topics_write()?;
             let st = Cluster::entry(&mut topics, topic)?;
             st.shared = true;
             let token = Arc::clone(&st.token);
             Cluster::retap(inner, &mut topics, topic.name());
-            token
+            (inner, token)
         };
         Cluster::sync_interest(inner, token)
     }
 
     pub fn unshare_topic(&self, topic: &Arc<Topic>) -> Result<()> {
-        let inner = self.usable()?;
-        {
-            let mut topics = inner.topics.write();
+        let inner = {
+            let (inner, mut topics) = self.topics_write()?;
             match topics.get_mut(topic.name()) {
                 Some(st) if st.shared && Arc::ptr_eq(&st.topic, topic) => {
                     st.shared = false;
@@ -563,25 +575,23 @@ impl Cluster {
                 }
             }
             Cluster::retap(inner, &mut topics, topic.name());
-        }
+            inner
+        };
         let _ = inner.cmd.send(io::Cmd::Interest(None));
         Ok(())
     }
 
     pub fn export_json(&self, topic: &Arc<Topic>) -> Result<()> {
-        let inner = self.usable()?;
-        let mut topics = inner.topics.write();
+        let (inner, mut topics) = self.topics_write()?;
         Cluster::entry(&mut topics, topic)?.export_json = true;
         Cluster::retap(inner, &mut topics, topic.name());
         Ok(())
     }
 
     pub fn share_cache(&self, ct: &Arc<CachingTopic>) -> Result<()> {
-        let inner = self.usable()?;
         let original = Arc::clone(ct.subscription().topic());
-        let token;
-        {
-            let mut topics = inner.topics.write();
+        let (inner, token) = {
+            let (inner, mut topics) = self.topics_write()?;
             let st = Cluster::entry(&mut topics, &original)?;
             if let Some(existing) = &st.caching {
                 if !Arc::ptr_eq(existing, ct) {
@@ -593,17 +603,20 @@ impl Cluster {
             }
             st.shared = true;
             st.caching = Some(Arc::clone(ct));
-            token = Arc::clone(&st.token);
+            let token = Arc::clone(&st.token);
             Cluster::retap(inner, &mut topics, original.name());
-        }
-        tap::set_tap(
-            ct.topic(),
-            Some(Arc::new(CacheTap {
-                inner: Arc::clone(inner),
-                token: Arc::clone(&token),
-                cache: Arc::clone(ct.cache()),
-            })),
-        );
+            // Under the lock, as every tap change: an unshare or a leave right after
+            // must find it there to take it away.
+            tap::set_tap(
+                ct.topic(),
+                Some(Arc::new(CacheTap {
+                    inner: Arc::clone(inner),
+                    token: Arc::clone(&token),
+                    cache: Arc::clone(ct.cache()),
+                })),
+            );
+            (inner, token)
+        };
         // The load is asked for even when subscribing failed or timed out: like the
         // topic's sharing, it goes on in the background as far as the server allows
         // (the caller already waited its connect_timeout_ms and gets that error).
@@ -690,12 +703,16 @@ impl Cluster {
                 "this cluster handle belongs to the parent process (fork); it is released without leaving",
             ));
         }
-        if self.left.swap(true, Ordering::AcqRel) {
-            return Err(Error::state("the cluster was already left"));
-        }
         let inner = &self.inner;
-        // No new outgoing traffic from here on.
-        let topics: Vec<SharedTopic> = inner.topics.write().drain().map(|(_, v)| v).collect();
+        // No new outgoing traffic from here on. `left` is set under the map's lock: a
+        // share waiting for it then finds the cluster left (`topics_write`).
+        let topics: Vec<SharedTopic> = {
+            let mut map = inner.topics.write();
+            if self.left.swap(true, Ordering::AcqRel) {
+                return Err(Error::state("the cluster was already left"));
+            }
+            map.drain().map(|(_, v)| v).collect()
+        };
         for st in &topics {
             tap::set_tap(&st.topic, None);
             if let Some(ct) = &st.caching {
