@@ -8,9 +8,14 @@
  *    is never called again;
  *  - a handler may replace itself from inside its call without deadlock; the next line
  *    goes to the new handler;
- *  - sb_log_dropped() is a count (0 here: nothing overflowed).
+ *  - sb_log_dropped() is a count (0 here: nothing overflowed);
+ *  - with no handler, a line goes to stderr, and a stderr that can no longer be written
+ *    (a pipe whose reader went, SIGPIPE ignored, as a daemon's) changes nothing else;
+ *  - a process may fork while an alert handler runs and calls the library.
  */
 #include "test_util.h"
+#include <signal.h>
+#include <sys/wait.h>
 
 static sb_message_type *ptype;
 
@@ -165,10 +170,72 @@ static void test_handler_replaces_itself(void)
     CHECK_EQ_INT(sb_log_dropped(), 0);
 }
 
+/* In a child, so that the test's own stderr stays: stderr becomes a pipe nobody reads
+ * any more. The warning's write fails (EPIPE); the publish that logged it, and the
+ * subscription, go on as ever (before: the failed write panicked, the publish failed
+ * with SB_E_INTERNAL, and the panic's own log line aborted the process). */
+static void test_stderr_closed(void)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        int fds[2];
+        signal(SIGPIPE, SIG_IGN);
+        if (pipe(fds) != 0 || dup2(fds[1], 2) < 0)
+            _exit(3);
+        close(fds[0]);
+        close(fds[1]);
+        provoke_warning("log.stderr.closed");
+        _exit(atomic_load(&tu_failed) > 0 ? 1 : 0);
+    }
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    CHECK_EQ_INT(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
+}
+
+/* An alert handler that calls the library (the alert registry's lock, through
+ * sb_stats_json) a while after it was entered; the process forks meanwhile (a PBX's
+ * System() does, at any time). Before: the fork's preparation took the alert registry's
+ * lock, then waited for the handler to return, while the handler waited for that lock. */
+static atomic_int alert_entered;
+
+static void alert_then_stats(void *data, int in_alert, const char *subsystem)
+{
+    (void)data;
+    (void)in_alert;
+    (void)subsystem;
+    if (atomic_fetch_add(&alert_entered, 1) != 0)
+        return;
+    tu_sleep_ms(200);
+    char *j = sb_stats_json();
+    CHECK(j != NULL);
+    sb_string_free(j);
+}
+
+static void test_fork_while_alert_handler_runs(void)
+{
+    sb_set_alert_handler(alert_then_stats, NULL);
+    provoke_warning("alertfork/t"); /* its subsystem enters alert, then leaves it */
+    WAIT_UNTIL(atomic_load(&alert_entered) >= 1);
+    fflush(NULL); /* a deadlocked fork hangs: TEST_INIT's alarm ends the test then */
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0)
+        _exit(0);
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    sb_set_alert_handler(NULL, NULL);
+}
+
 int main(void)
 {
     TEST_INIT();
     CHECK_EQ_INT(sb_message_type_create("log.payload", NULL, &ptype), SB_OK);
+    test_stderr_closed();
+    test_fork_while_alert_handler_runs();
     test_removal_waits_for_the_call_in_flight();
     test_handler_replaces_itself();
     sb_message_type_unref(ptype);

@@ -38,9 +38,12 @@ pub(crate) fn install() {
 }
 
 extern "C" fn prepare() {
-    // Before the log's locks: an alert change is queued to the log under the alert lock.
+    // The order every other path takes them in: a log or alert handler runs holding the
+    // first and may take the alert registry's; an alert change is queued to the log
+    // under the alert registry's lock.
+    crate::log::fork_lock_handlers();
     crate::stats::fork_lock();
-    crate::log::fork_lock();
+    crate::log::fork_lock_queue();
     crate::message_type::fork_lock();
     crate::topic::fork_lock();
     crate::forward::fork_lock();

@@ -89,8 +89,8 @@ static DROPPED_UNREPORTED: AtomicU64 = AtomicU64::new(0);
 thread_local! {
     /// This thread is inside a handler call (it holds `DELIVER`).
     static IN_HANDLER: Cell<bool> = const { Cell::new(false) };
-    static FORK_GUARDS: RefCell<Option<(MutexGuard<'static, Deliver>, MutexGuard<'static, Queue>)>> =
-        const { RefCell::new(None) };
+    static FORK_DELIVER: RefCell<Option<MutexGuard<'static, Deliver>>> = const { RefCell::new(None) };
+    static FORK_QUEUE: RefCell<Option<MutexGuard<'static, Queue>>> = const { RefCell::new(None) };
 }
 
 fn in_handler() -> bool {
@@ -190,7 +190,7 @@ pub fn log(level: Level, text: &str) {
         let mut q = QUEUE.lock();
         if !q.installed && q.lines.is_empty() {
             drop(q);
-            eprintln!("switchboard: {level:?}: {text}");
+            to_stderr(level, text);
             return;
         }
         if q.line_count >= QUEUE_CAPACITY {
@@ -213,6 +213,14 @@ pub fn log(level: Level, text: &str) {
     } else {
         READY.notify_one();
     }
+}
+
+/// A line on stderr, where a host gave no handler. Not `eprintln!`, which panics when
+/// the write fails: a host that ignores SIGPIPE and whose stderr pipe closed would have
+/// every later log line panic, in the middle of whatever the library was doing.
+fn to_stderr(level: Level, text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "switchboard: {level:?}: {text}");
 }
 
 pub fn warn(text: &str) {
@@ -279,7 +287,7 @@ fn drain(deliver: &mut Deliver) {
         };
         match (&entry, &deliver.handler, &deliver.alert) {
             (Entry::Line(level, text), Some(h), _) => call(&|| h(*level, text)),
-            (Entry::Line(level, text), None, _) => eprintln!("switchboard: {level:?}: {text}"),
+            (Entry::Line(level, text), None, _) => to_stderr(*level, text),
             (Entry::Alert(on, subsystem), _, Some(h)) => call(&|| h(*on, subsystem)),
             (Entry::Alert(..), _, None) => {}
         }
@@ -297,23 +305,31 @@ fn fork_install() {
     crate::fork::install();
 }
 
-/// Before a fork: no handler call and no queue operation may be in progress. Taken
-/// before the bus's other locks: a handler in flight may need those to finish.
-pub(crate) fn fork_lock() {
+/// Before a fork, first of the bus's locks: no handler call may be in progress. A handler
+/// in flight may take any other lock of the bus (the alert registry's, through
+/// `sb_stats_json` or a publish past a high-water mark), and finishes before this returns.
+pub(crate) fn fork_lock_handlers() {
     let deliver = DELIVER.lock();
+    let _ = FORK_DELIVER.try_with(|g| *g.borrow_mut() = Some(deliver));
+}
+
+/// Before a fork, after the alert registry's lock (an alert change is queued under it):
+/// no queue operation may be in progress.
+pub(crate) fn fork_lock_queue() {
     let queue = QUEUE.lock();
-    let _ = FORK_GUARDS.try_with(|g| *g.borrow_mut() = Some((deliver, queue)));
+    let _ = FORK_QUEUE.try_with(|g| *g.borrow_mut() = Some(queue));
 }
 
 /// After a fork, in the parent.
 pub(crate) fn fork_unlock() {
-    let _ = FORK_GUARDS.try_with(|g| drop(g.borrow_mut().take()));
+    let _ = FORK_QUEUE.try_with(|g| drop(g.borrow_mut().take()));
+    let _ = FORK_DELIVER.try_with(|g| drop(g.borrow_mut().take()));
 }
 
 /// After a fork, in the child: the log thread did not survive; the next line starts one.
 pub(crate) fn fork_reset_and_unlock() {
-    let _ = FORK_GUARDS.try_with(|g| {
-        if let Some((_, queue)) = g.borrow_mut().as_mut() {
+    let _ = FORK_QUEUE.try_with(|g| {
+        if let Some(queue) = g.borrow_mut().as_mut() {
             queue.thread = false;
         }
     });
