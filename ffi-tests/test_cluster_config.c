@@ -27,6 +27,10 @@ static void test_bad_config(void)
     CHECK(strstr(sb_last_error(), "heartbeat_ms") != NULL);
     CHECK_EQ_INT(sb_cluster_config_set(cfg, "heartbeat_ms", "0"), SB_E_INVAL);
     CHECK_EQ_INT(sb_cluster_config_set(cfg, "down_after_missed", "-1"), SB_E_INVAL);
+    /* allocated at join: past 10,000,000 an allocation might abort, so refused here */
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "out_queue_limit", "10000001"), SB_E_INVAL);
+    CHECK(strstr(sb_last_error(), "out_queue_limit") != NULL);
+    CHECK_EQ_INT(sb_cluster_config_set(cfg, "out_queue_limit", "10000000"), SB_OK);
     CHECK_EQ_INT(sb_cluster_config_set(cfg, "servers", "http://127.0.0.1:1"), SB_E_INVAL);
     CHECK(strstr(sb_last_error(), "servers") != NULL);
     CHECK_EQ_INT(sb_cluster_config_set(cfg, "prefix", "has.dot"), SB_E_INVAL);

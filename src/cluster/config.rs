@@ -4,6 +4,9 @@
 
 use crate::error::{Error, Result};
 
+/// Largest `out_queue_limit`.
+pub(crate) const MAX_OUT_QUEUE_LIMIT: u64 = 10_000_000;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub servers: Vec<String>,
@@ -141,8 +144,10 @@ impl Config {
             "connect_timeout_ms" => {
                 self.connect_timeout_ms = number(key, value, 1, 3_600_000)? as u32
             }
+            // The queue's room is allocated at join, all of it (about 50 bytes a message):
+            // a bound an allocation can still be expected to get, not one that aborts.
             "out_queue_limit" => {
-                self.out_queue_limit = number(key, value, 1, 100_000_000)? as usize
+                self.out_queue_limit = number(key, value, 1, MAX_OUT_QUEUE_LIMIT)? as usize
             }
             "store_replicas" => self.store_replicas = number(key, value, 1, 5)? as usize,
             "user" => self.user = text(key, value)?,
