@@ -96,16 +96,23 @@ static void test_codec_and_undecodable(void)
     CHECK_EQ_INT(count_of(&b, "chat", CT_TOTAL), before_total + 100);
     CHECK_EQ_INT(count_of(&b, "chat", CT_CODEC_OK), 100);
 
-    /* an aggregate (no eid) is never sent, even of a type with a codec */
+    /* an encoder that gives a length no buffer has: not sent, as an encoder's NULL */
     long long sent0 = stat_of(&a, ST_SENT);
+    CN_OK(&a, "pubc chat codechuge 3");
+    CN_OK(&a, "pub chat text 1 fence"); /* a bytes message still goes after them */
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before_total + 101);
+    CHECK_EQ_INT(stat_of(&a, ST_SENT), sent0 + 1);
+
+    /* an aggregate (no eid) is never sent, even of a type with a codec */
+    sent0 = stat_of(&a, ST_SENT);
     CN_OK(&a, "pubcagg chat codecv 10");
     /* a codec removed: that type is not sent any more */
     CN_OK(&a, "nocodec codecv");
     CN_OK(&a, "pubc chat codecv 10");
     CN_OK(&a, "pub chat text 1 marker"); /* a bytes message still goes: a fence */
-    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before_total + 101);
+    WAIT_UNTIL(count_of(&b, "chat", CT_TOTAL) == before_total + 102);
     cn_sleep_ms(200);
-    CHECK_EQ_INT(count_of(&b, "chat", CT_TOTAL), before_total + 101);
+    CHECK_EQ_INT(count_of(&b, "chat", CT_TOTAL), before_total + 102);
     CHECK_EQ_INT(count_of(&b, "chat", CT_CODEC_OK), 100);
     CHECK_EQ_INT(stat_of(&a, ST_SENT), sent0 + 1);
 }

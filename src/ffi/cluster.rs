@@ -208,7 +208,15 @@ mod imp {
                 if p.is_null() {
                     return None;
                 }
-                // SAFETY: the encoder promised `len` readable bytes at `p`.
+                if len > isize::MAX as usize {
+                    // No buffer is that long (a negative length cast, most likely): not
+                    // sent, as when the encoder returns NULL.
+                    // SAFETY: malloc()'d by the encoder, released once here (API.md).
+                    unsafe { libc::free(p.cast()) };
+                    return None;
+                }
+                // SAFETY: the encoder promised `len` readable bytes at `p`, and a slice of
+                // up to isize::MAX bytes is valid.
                 let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec();
                 // SAFETY: malloc()'d by the encoder, released once here (API.md).
                 unsafe { libc::free(p.cast()) };
