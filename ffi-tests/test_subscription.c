@@ -136,21 +136,6 @@ static void test_unsubscribe_then_join(int kind)
     sb_subscription_unref(extra);
     recorder_destroy(&rec);
 
-    /* unsubscribe_and_join after another reference unsubscribed: a join, a success */
-    recorder_init(&rec, ptype, t);
-    rec.work_yields = 20;
-    sub = subscribe_kind(kind, t, recorder_cb, &rec);
-    extra = sb_subscription_ref(sub);
-    for (int i = 0; i < 50; i++)
-        publish_payload(t, ptype, 0, i, 0);
-    CHECK(sb_unsubscribe(extra) == NULL);
-    CHECK(sb_unsubscribe_and_join(sub) == NULL);
-    CHECK_EQ_INT(sb_last_error_code(), 0);
-    CHECK_EQ_INT(atomic_load(&rec.finished), 1);
-    CHECK_EQ_INT(atomic_load(&rec.payloads), 50);
-    CHECK_RECORDER_LIFECYCLE(&rec);
-    recorder_destroy(&rec);
-
     /* unsubscribe_and_join with no extra reference at all */
     recorder_init(&rec, ptype, t);
     sub = subscribe_kind(kind, t, recorder_cb, &rec);

@@ -878,13 +878,11 @@ impl Subscription {
         Ok(())
     }
 
-    /// Unsubscribes (if still subscribed) and joins. Another reference's unsubscribe
-    /// first is no failure: the caller asked for the final message to be handled, and
-    /// a join that saw it through succeeded.
+    /// Unsubscribes (if still subscribed) and joins.
     pub fn unsubscribe_and_join(self: &Arc<Self>) -> Result<()> {
-        // Its only failure is "already unsubscribed".
-        let _ = self.unsubscribe();
-        self.join()
+        let unsub = self.unsubscribe();
+        self.join()?;
+        unsub
     }
 }
 
