@@ -33,6 +33,9 @@ static void test_create_get(void)
     CHECK(g == a);
     sb_topic_unref(g);
     CHECK(sb_topic_get("topic.nonexistent") == NULL);
+    CHECK_EQ_INT(sb_last_error_code(), 0); /* a lookup that found nothing: no failure */
+    CHECK(sb_topic_get("") == NULL);        /* a name no topic can have: a failure */
+    CHECK_EQ_INT(sb_last_error_code(), SB_E_INVAL);
 
     /* detail */
     sb_topic *b = sb_topic_create_with_detail("topic.b", "the b topic");

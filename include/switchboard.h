@@ -1332,7 +1332,8 @@ struct sb_router *sb_router_unsubscribe(struct sb_router *r);
 /**
  * As sb_router_unsubscribe, and waits until its final message was handled (from one of
  * its own routes it does not wait: last error SB_E_DEADLOCK). Returns NULL.
- * sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when refused.
+ * sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when refused,
+ * SB_E_STATE when another reference had unsubscribed it already (it still waited).
  * After a join no route runs again and the routes' data may be freed. Ownership: takes
  * ownership of the caller's reference to `r`.
  */
@@ -1456,8 +1457,9 @@ struct sb_subscription *sb_unsubscribe(struct sb_subscription *sub);
  * from the subscription's own callback, or from a callback while the subscription's
  * callback runs on a thread that waits for this one. Returns NULL.
  * sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when the wait
- * was refused (the subscription is unsubscribed either way). Ownership: takes
- * ownership of the caller's reference to `sub`.
+ * was refused (the subscription is unsubscribed either way), SB_E_STATE when another
+ * reference had unsubscribed it already (it still waited for the final message).
+ * Ownership: takes ownership of the caller's reference to `sub`.
  */
 struct sb_subscription *sb_unsubscribe_and_join(struct sb_subscription *sub);
 
@@ -1664,7 +1666,8 @@ struct sb_topic *sb_topic_create(const char *name);
 struct sb_topic *sb_topic_create_with_detail(const char *name, const char *detail);
 
 /**
- * The live topic `name` (new reference), or NULL.
+ * The live topic `name` (new reference), or NULL: a lookup, so no live topic of that
+ * name is a success (sb_last_error_code() 0); a NULL or malformed name is SB_E_INVAL.
  * Ownership: `name` is borrowed for the call.
  */
 struct sb_topic *sb_topic_get(const char *name);

@@ -203,7 +203,8 @@ pub extern "C" fn sb_router_unsubscribe(r: *mut sb_router) -> *mut sb_router {
 
 /// As sb_router_unsubscribe, and waits until its final message was handled (from one of
 /// its own routes it does not wait: last error SB_E_DEADLOCK). Returns NULL.
-/// sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when refused.
+/// sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when refused,
+/// SB_E_STATE when another reference had unsubscribed it already (it still waited).
 /// After a join no route runs again and the routes' data may be freed. Ownership: takes
 /// ownership of the caller's reference to `r`.
 #[no_mangle]

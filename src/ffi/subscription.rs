@@ -203,8 +203,9 @@ pub extern "C" fn sb_unsubscribe(sub: *mut sb_subscription) -> *mut sb_subscript
 /// from the subscription's own callback, or from a callback while the subscription's
 /// callback runs on a thread that waits for this one. Returns NULL.
 /// sb_last_error_code() tells the outcome: 0 after a join, SB_E_DEADLOCK when the wait
-/// was refused (the subscription is unsubscribed either way). Ownership: takes
-/// ownership of the caller's reference to `sub`.
+/// was refused (the subscription is unsubscribed either way), SB_E_STATE when another
+/// reference had unsubscribed it already (it still waited for the final message).
+/// Ownership: takes ownership of the caller's reference to `sub`.
 #[no_mangle]
 pub extern "C" fn sb_unsubscribe_and_join(sub: *mut sb_subscription) -> *mut sb_subscription {
     // Joins even if another reference unsubscribed first: the caller asked to wait for

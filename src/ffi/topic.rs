@@ -3,8 +3,9 @@
 use super::message::{sb_message, sb_message_type};
 use super::subscription::sb_subscription;
 use super::{boundary, fail_code, fail_null, str_arg, Handle};
-use crate::error::{set_last_error, Error};
+use crate::error::set_last_error;
 use crate::forward::Forward;
+use crate::names::check_name;
 use crate::topic::Topic;
 use crate::topic_pool::TopicPool;
 use std::ffi::{c_char, c_int};
@@ -91,16 +92,16 @@ pub extern "C" fn sb_topic_create_with_detail(
     })
 }
 
-/// The live topic `name` (new reference), or NULL.
+/// The live topic `name` (new reference), or NULL: a lookup, so no live topic of that
+/// name is a success (sb_last_error_code() 0); a NULL or malformed name is SB_E_INVAL.
 /// Ownership: `name` is borrowed for the call.
 #[no_mangle]
 pub extern "C" fn sb_topic_get(name: *const c_char) -> *mut sb_topic {
-    boundary(|| match str_arg("topic name", name) {
-        Ok(n) => match Topic::get(n) {
-            Some(t) => sb_topic::into_raw(t),
-            None => fail_null(Error::invalid(format!("no live topic named '{n}'"))),
-        },
-        Err(e) => fail_null(e),
+    boundary(|| {
+        match str_arg("topic name", name).and_then(|n| check_name("topic", n).map(|()| n)) {
+            Ok(n) => Topic::get(n).map_or(std::ptr::null_mut(), sb_topic::into_raw),
+            Err(e) => fail_null(e),
+        }
     })
 }
 
