@@ -804,8 +804,11 @@ struct sb_cluster *sb_cluster_join(const struct sb_cluster_config *cfg);
  * cluster's threads. Returns within about 6 s whatever the servers do: when none
  * answers, the cluster's thread is stopped where it waits (warned in the log) and the
  * other nodes take this one for down instead of left. In a forked child the handle is
- * only released (SB_E_STATE).
- * Ownership: takes ownership of `c` (released, even when the call fails).
+ * only released (SB_E_STATE). The leave waits for the cluster's delivery thread, which
+ * runs the synchronous callbacks of what arrives (and of the clears): do not call it
+ * holding a lock such a callback may wait for, as for sb_unsubscribe_and_join.
+ * Ownership: takes ownership of `c` (released, even when the call fails): no other
+ * thread may still be inside a call on `c`, or make one, once the leave starts.
  */
 struct sb_cluster *sb_cluster_leave(struct sb_cluster *c);
 

@@ -404,8 +404,11 @@ pub extern "C" fn sb_cluster_join(cfg: *const sb_cluster_config) -> *mut sb_clus
 /// cluster's threads. Returns within about 6 s whatever the servers do: when none
 /// answers, the cluster's thread is stopped where it waits (warned in the log) and the
 /// other nodes take this one for down instead of left. In a forked child the handle is
-/// only released (SB_E_STATE).
-/// Ownership: takes ownership of `c` (released, even when the call fails).
+/// only released (SB_E_STATE). The leave waits for the cluster's delivery thread, which
+/// runs the synchronous callbacks of what arrives (and of the clears): do not call it
+/// holding a lock such a callback may wait for, as for sb_unsubscribe_and_join.
+/// Ownership: takes ownership of `c` (released, even when the call fails): no other
+/// thread may still be inside a call on `c`, or make one, once the leave starts.
 #[no_mangle]
 pub extern "C" fn sb_cluster_leave(c: *mut sb_cluster) -> *mut sb_cluster {
     boundary(|| imp::leave(c))
