@@ -179,11 +179,6 @@ struct Routes {
 /// Subjects whose routes are kept at most; past that the routes start over.
 const ROUTES_KEPT: usize = 4096;
 
-/// The type named `name`, if one exists, uncounted (see `Route::ty`).
-fn find_type(name: &str) -> Option<TypeRef> {
-    MessageType::find(name)
-}
-
 /// The topic and type names in a message subject that parsed before (for warnings and
 /// a type not known yet, off the path of a delivery).
 fn names_of(rest: &str) -> (String, String) {
@@ -259,7 +254,7 @@ impl Delivery {
                 // Registered since? (Until then every arrival looks again.)
                 r.ty = wire::parse_message_subject(rest)
                     .ok()
-                    .and_then(|a| find_type(&a.type_name));
+                    .and_then(|a| MessageType::find(&a.type_name));
             }
             return Some(r.clone());
         }
@@ -279,7 +274,7 @@ impl Delivery {
                 .get(addr.topic.as_ref())
                 .filter(|st| st.shared)
                 .map(|st| Arc::clone(&st.topic)),
-            ty: find_type(&addr.type_name),
+            ty: MessageType::find(&addr.type_name),
         };
         self.routes.by_subject.insert(rest.into(), route.clone());
         Some(route)
@@ -294,7 +289,7 @@ impl Delivery {
         env: &Envelope,
         payload: &[u8],
     ) -> Option<MessageRef> {
-        let ty = ty.or_else(|| find_type(type_name));
+        let ty = ty.or_else(|| MessageType::find(type_name));
         let (ty, payload) = if env.flags & FLAG_BYTES != 0 {
             let ty = match ty {
                 Some(t) => t,
