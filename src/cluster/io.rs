@@ -8,7 +8,7 @@
 
 use super::catch_up::CatchUp;
 use super::inbound::{Inbound, InboundTx as InSender, StoredEntry};
-use super::nodes::{Event, STATE_DOWN, STATE_LEFT};
+use super::nodes::{Event, STATE_DOWN, STATE_LEFT, STATE_UP};
 use super::wire::{
     self, Envelope, Heartbeat, StoreMarks, FLAG_BYTES, FLAG_CLEAR, NODE_LEFT, NODE_UP,
 };
@@ -1912,30 +1912,44 @@ async fn share_cache(s: Arc<Shared>, topic: String, done: Reply) {
 
 async fn load_cache(s: &Arc<Shared>, topic: &str) -> Result<(Vec<StoredEntry>, HashMap<Eid, u64>)> {
     assert_own(s, &[topic.to_owned()]).await?;
-    let token = wire::escaped(topic);
-    let entries = parse_entries(read_keys(s, &format!("*.c.{token}.>")).await?, s);
-    let mut asserted = HashMap::new();
+    // Who has state in the store, read before the snapshots (as `reread` takes the
+    // assertion times first): a node that re-asserts in between has its new writes read
+    // but not yet its new assertion time, so nothing read is older than what the
+    // reconcile clears against, and its heartbeat then asks for its re-read. Read the
+    // other way round, a re-assertion in between had the reconcile clear what it wrote,
+    // and the record took the heartbeat's news (nothing re-read it).
+    let stored = presences(s).await?;
     let now = Instant::now();
     let mut events = Vec::new();
-    for p in presences(s).await? {
-        asserted.insert(p.eid, p.asserted_ns);
-        events.extend(
-            s.inner
-                .nodes
-                .lock()
-                .on_presence(&p, now, now_realtime_ns())
-                .into_iter()
-                .filter(|e| matches!(e, Event::StateChanged { .. })),
-        );
-    }
+    let asserted: HashMap<Eid, u64> = {
+        let mut nodes = s.inner.nodes.lock();
+        for p in &stored {
+            events.extend(nodes.on_presence(p, now, now_realtime_ns()));
+        }
+        // Only nodes up here: a node taken for down has its entries cleared here and its
+        // keys being removed from the store; loading them would leave them for good.
+        stored
+            .iter()
+            .filter_map(|p| nodes.get(&p.eid))
+            .filter(|n| n.state == STATE_UP)
+            .map(|n| (n.eid, n.asserted_ns))
+            .collect()
+    };
     for ev in events {
-        if let Event::StateChanged { eid, .. } = ev {
-            let node = s.inner.nodes.lock().get(&eid).cloned();
-            if let Some(node) = node {
-                s.in_tx.send(Inbound::Node(Box::new(node))).await;
+        match ev {
+            Event::StateChanged { eid, .. } => {
+                let node = s.inner.nodes.lock().get(&eid).cloned();
+                if let Some(node) = node {
+                    s.in_tx.send(Inbound::Node(Box::new(node))).await;
+                }
             }
+            // A node first known from its record: its snapshots of the caches shared
+            // before this one are read too.
+            Event::Reread { eid, .. } => request_reread(s, Some(eid)),
         }
     }
+    let token = wire::escaped(topic);
+    let entries = parse_entries(read_keys(s, &format!("*.c.{token}.>")).await?, s);
     Ok((entries, asserted))
 }
 
@@ -2172,7 +2186,7 @@ async fn reread(s: &Shared, eid: Option<Eid>) -> Result<()> {
         nodes
             .all()
             .into_iter()
-            .filter(|n| n.state == super::nodes::STATE_UP && eid.is_none_or(|e| e == n.eid))
+            .filter(|n| n.state == STATE_UP && eid.is_none_or(|e| e == n.eid))
             .map(|n| (n.eid, n.asserted_ns))
             .collect()
     };

@@ -111,10 +111,14 @@ impl NodeTable {
         events
     }
 
-    /// A presence record was read from the store: as a heartbeat, except that its store
-    /// marks are as old as the record.
+    /// A presence record was read from the store: a node not heard from yet is taken as
+    /// a heartbeat of it (its store marks do not count: they are as old as the record).
+    /// A node already known is left alone: its live heartbeats are newer than any record
+    /// (a record read before a heartbeat was handled would take its assertion time back,
+    /// or bring a node taken for down back up), and a new assertion or session of it
+    /// must come from the heartbeat that reports it, which asks for its re-read.
     pub fn on_presence(&mut self, hb: &Heartbeat, now: Instant, now_ns: u64) -> Vec<Event> {
-        if hb.eid == self.me {
+        if hb.eid == self.me || self.nodes.contains_key(&hb.eid) {
             return Vec::new();
         }
         self.apply(hb, now, now_ns)
@@ -309,6 +313,50 @@ mod tests {
         // our own heartbeats never count
         assert!(t.on_heartbeat(&hb(9, 1, 0, NODE_UP), t0, 0).is_empty());
         assert!(t.get(&me).is_none());
+    }
+
+    #[test]
+    fn presence_records_tell_only_of_nodes_not_heard_yet() {
+        let me = hb(9, 0, 0, NODE_UP).eid;
+        let mut t = NodeTable::new(me, 3);
+        let t0 = Instant::now();
+        let one = hb(1, 1, 0, NODE_UP).eid;
+        // unknown: up, and its stored snapshots to be read
+        let ev = t.on_presence(&hb(1, 1, 5, NODE_UP), t0, 0);
+        assert_eq!(
+            ev,
+            vec![
+                Event::StateChanged {
+                    eid: one,
+                    state: STATE_UP
+                },
+                Event::Reread {
+                    eid: one,
+                    restarted: false
+                }
+            ]
+        );
+        // a newer assertion heard live, then an older record read: kept, no event
+        assert_eq!(t.on_heartbeat(&hb(1, 1, 7, NODE_UP), t0, 0).len(), 1);
+        assert!(t.on_presence(&hb(1, 1, 5, NODE_UP), t0, 0).is_empty());
+        assert_eq!(t.get(&one).map(|n| n.asserted_ns), Some(7));
+        // a record newer than the heartbeats: the heartbeat that brings it asks for the
+        // re-read (a record that took it first would have swallowed that)
+        assert!(t.on_presence(&hb(1, 1, 9, NODE_UP), t0, 0).is_empty());
+        assert_eq!(
+            t.on_heartbeat(&hb(1, 1, 9, NODE_UP), t0, 0),
+            vec![Event::Reread {
+                eid: one,
+                restarted: false
+            }]
+        );
+        // a node taken for down stays down until it is heard again
+        t.tick(t0 + Duration::from_secs(1));
+        assert!(!t.is_up(&one));
+        assert!(t
+            .on_presence(&hb(1, 1, 9, NODE_UP), t0 + Duration::from_secs(1), 0)
+            .is_empty());
+        assert!(!t.is_up(&one));
     }
 
     #[test]
