@@ -46,11 +46,13 @@
  *   get T TYPE ID EID              ok VALUE | ok none    (get_by_eid)
  *   agg T TYPE ID                  ok VALUE | ok none    (the aggregate)
  *   updates T                      ok N                  (cache updates seen)
- *   shareonclear T U               a synchronous subscription to T's caching topic whose
+ *   shareonclear T U [V]           a synchronous subscription to T's caching topic whose
  *                                  callback, at the first clear of another node's entry,
  *                                  shares topic U (sb_cluster_share_topic from a callback
- *                                  on the cluster's delivery thread)
- *   cbshare                        ok RC   that share's result (1: not called yet, 2: running)
+ *                                  on the cluster's delivery thread), then V's cache
+ *   cbshare                        ok RC [RCV SAYS]   those shares' results (1: not called
+ *                                  yet, 2: running); SAYS: 1 when V's error names the
+ *                                  delivery thread
  *   fork SERVERS PREFIX            fork: the child checks the inherited handle is refused,
  *                                  joins on its own and publishes one message on topic
  *                                  "forked"; ok CHILD_EXIT_CODE
@@ -83,6 +85,7 @@ typedef struct cn_topic {
     atomic_long updates;
     sb_subscription *clear_sub; /* shareonclear */
     sb_topic *share_on_clear;
+    struct cn_topic *share_cache_on_clear;
 } cn_topic;
 
 /* Cluster tests also run their node processes instrumented under ThreadSanitizer (the
@@ -118,6 +121,7 @@ static struct {
     sb_eid last_event_eid;
     pthread_mutex_t lock;
     atomic_int cb_share_rc; /* shareonclear: 1 until called, 2 while running */
+    atomic_int cb_share_cache_rc, cb_share_cache_says;
 } cn;
 
 /* The node's log: every line goes to stderr as without a handler, and the first
@@ -368,7 +372,13 @@ static void cn_on_update_share(void *data, sb_subscription *sub, sb_message *msg
     int expected = 1;
     if (!atomic_compare_exchange_strong(&cn.cb_share_rc, &expected, 2))
         return; /* once */
-    atomic_store(&cn.cb_share_rc, sb_cluster_share_topic(cn.cluster, t->share_on_clear));
+    int rc = sb_cluster_share_topic(cn.cluster, t->share_on_clear);
+    if (t->share_cache_on_clear) {
+        atomic_store(&cn.cb_share_cache_rc,
+                     sb_cluster_share_cache(cn.cluster, t->share_cache_on_clear->ct));
+        atomic_store(&cn.cb_share_cache_says, strstr(sb_last_error(), "delivery thread") != NULL);
+    }
+    atomic_store(&cn.cb_share_rc, rc); /* last: the test waits for it */
 }
 
 static void cn_on_event(void *data, sb_subscription *sub, sb_message *msg)
@@ -712,17 +722,24 @@ static int cn_command(char *line)
         if (t->ct == NULL)
             return cn_reply_err(sb_last_error_code()), 0;
         t->updates_sub = sb_subscribe(sb_caching_get_topic(t->ct), cn_on_update, t);
-    } else if (strcmp(cmd, "shareonclear") == 0 && argc == 3 && t && t->ct && !t->clear_sub) {
+    } else if (strcmp(cmd, "shareonclear") == 0 && (argc == 3 || argc == 4) && t && t->ct &&
+               !t->clear_sub) {
         cn_topic *u = cn_find(argv[2]);
-        if (u == NULL)
+        cn_topic *v = argc == 4 ? cn_find(argv[3]) : NULL;
+        if (u == NULL || (argc == 4 && (v == NULL || v->ct == NULL)))
             return cn_reply_err(-1), 0;
         t->share_on_clear = u->topic;
+        t->share_cache_on_clear = v;
+        atomic_store(&cn.cb_share_cache_rc, 1);
         atomic_store(&cn.cb_share_rc, 1);
         t->clear_sub = sb_subscribe_synchronous(sb_caching_get_topic(t->ct), cn_on_update_share, t);
         if (t->clear_sub == NULL)
             return cn_reply_err(sb_last_error_code()), 0;
     } else if (strcmp(cmd, "cbshare") == 0) {
-        return nh_node_reply("ok %d", atomic_load(&cn.cb_share_rc)), 0;
+        return nh_node_reply("ok %d %d %d", atomic_load(&cn.cb_share_rc),
+                             atomic_load(&cn.cb_share_cache_rc),
+                             atomic_load(&cn.cb_share_cache_says)),
+               0;
     } else if (strcmp(cmd, "sharecache") == 0 && t && t->ct) {
         int rc = sb_cluster_share_cache(cn.cluster, t->ct);
         if (rc != SB_OK)

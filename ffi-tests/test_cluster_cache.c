@@ -39,12 +39,19 @@ static long long dump_of(nh_child *n, const char *type, int field)
 }
 enum { D_ALL, D_LOCAL, D_REMOTE };
 
-static long long get_of(nh_child *n, const char *type, const char *id, const char *eid)
+/* The value of eid's snapshot ID of TYPE in topic's cache; -1 when it has none. */
+static long long get_in(nh_child *n, const char *topic, const char *type, const char *id,
+                        const char *eid)
 {
-    const char *r = cn_cmd(n, "get reg %s %s %s", type, id, eid);
+    const char *r = cn_cmd(n, "get %s %s %s %s", topic, type, id, eid);
     if (r == NULL || strcmp(r, "ok none") == 0)
         return -1;
     return strtoll(r + 2, NULL, 10);
+}
+
+static long long get_of(nh_child *n, const char *type, const char *id, const char *eid)
+{
+    return get_in(n, "reg", type, id, eid);
 }
 
 static long long agg_of(nh_child *n, const char *type, const char *id)
@@ -130,20 +137,34 @@ static void test_late_join(nh_child *a, nh_child *b, nh_child *c)
     printf("late join of %d entries: %lld ms\n", 2 * n, took);
 }
 
-static void test_clean_leave(nh_child *b, nh_child *c)
+static void test_clean_leave(nh_child *a, nh_child *b, nh_child *c)
 {
     CN_OK(c, "put reg snapreg carol 3");
     WAIT_UNTIL(get_of(b, "snapreg", "carol", EID_C) == 3);
     /* A callback that the clears of c's entries run on b's delivery thread shares a
-     * topic: it returns (the clears once held the lock a share takes). */
+     * topic: it returns (the clears once held the lock a share takes). It then shares a
+     * cache, whose load ends on that very thread: SB_E_TIMEOUT at once, saying so (it
+     * used to hold every arrival for connect_timeout_ms first), and the load follows
+     * once the callback returned. */
+    CN_OK(a, "topic fromcb");
+    CN_OK(a, "cache fromcb");
+    CN_OK(a, "sharecache fromcb");
+    CN_OK(a, "put fromcb snapcb k 5");
     CN_OK(b, "topic fromcallback");
-    CN_OK(b, "shareonclear reg fromcallback");
+    CN_OK(b, "topic fromcb");
+    CN_OK(b, "cache fromcb");
+    CN_OK(b, "shareonclear reg fromcallback fromcb");
     long long t0 = nh_now_ms();
     CN_OK(c, "leave");
     WAIT_UNTIL(get_of(b, "snapreg", "carol", EID_C) == -1 &&
                dump_of(b, "snaplate", D_REMOTE) == cn_scale(10000, 1000));
     WAIT_UNTIL(cn_num(b, "cbshare") == SB_OK);
     long long took = nh_now_ms() - t0;
+    long long rc[3] = {-1, -1, -1};
+    CHECK_EQ_INT(cn_nums(b, rc, 3, "cbshare"), 3);
+    CHECK_EQ_INT(rc[1], SB_E_TIMEOUT);
+    CHECK_EQ_INT(rc[2], 1);
+    WAIT_UNTIL(get_in(b, "fromcb", "snapcb", "k", EID_A) == 5);
     if (!cn_slow())
         CHECK(took < 1000);
     printf("clean leave cleared in %lld ms\n", took);
@@ -430,7 +451,7 @@ int main(int argc, char **argv)
 
     test_shared_cache(&a, &b);
     test_late_join(&a, &b, &c);
-    test_clean_leave(&b, &c);
+    test_clean_leave(&a, &b, &c);
     test_kill9(&a, &b);
     test_new_session(&b);
     test_paused_node(&b);

@@ -279,6 +279,63 @@ static long long cluster_counter(const char *key)
 static long long store_errors(void) { return cluster_counter("\"store_errors\":"); }
 static long long server_errors(void) { return cluster_counter("\"server_errors\":"); }
 
+/* Two clusters joined at once (two prefixes) cannot both tap one topic: the second
+ * share, export or cache share is refused with SB_E_STATE (it used to take the first
+ * one's tap: the first stopped sending what it still listed as shared). Once the first
+ * gives the topic up (unshare, leave), the second may take it. */
+static void test_two_clusters_one_topic(void)
+{
+    nh_server s;
+    nh_server_opts o;
+    memset(&o, 0, sizeof o);
+    CHECK(nh_server_start(&s, &o) == 0);
+    sb_cluster *c1 = join_with(&s, "prefix", "one", NULL, NULL, NULL);
+    sb_cluster *c2 = join_with(&s, "prefix", "two", NULL, NULL, NULL);
+    CHECK(c1 != NULL && c2 != NULL);
+    if (!c1 || !c2) {
+        sb_cluster_leave(c1);
+        sb_cluster_leave(c2);
+        nh_server_free(&s);
+        return;
+    }
+    sb_topic *t = sb_topic_create("twice");
+    CHECK_EQ_INT(sb_cluster_share_topic(c1, t), SB_OK);
+    CHECK_EQ_INT(sb_cluster_share_topic(c2, t), SB_E_STATE);
+    CHECK(strstr(sb_last_error(), "another cluster handle") != NULL);
+    CHECK_EQ_INT(sb_cluster_export_json(c2, t), SB_E_STATE);
+    CHECK_EQ_INT(sb_cluster_unshare_topic(c2, t), SB_E_STATE); /* never its own */
+    CHECK_EQ_INT(sb_cluster_share_topic(c1, t), SB_OK);        /* again: still c1's */
+    /* given up by c1: c2 takes it */
+    CHECK_EQ_INT(sb_cluster_unshare_topic(c1, t), SB_OK);
+    CHECK_EQ_INT(sb_cluster_share_topic(c2, t), SB_OK);
+    CHECK_EQ_INT(sb_cluster_share_topic(c1, t), SB_E_STATE);
+    CHECK_EQ_INT(sb_cluster_unshare_topic(c2, t), SB_OK);
+
+    /* a shared cache: its topic and its caching topic are both claimed */
+    cached_topic x = cached_topic_new("twice_cached");
+    CHECK_EQ_INT(sb_cluster_share_cache(c1, x.ct), SB_OK);
+    CHECK_EQ_INT(sb_cluster_share_cache(c2, x.ct), SB_E_STATE);
+    CHECK_EQ_INT(sb_cluster_share_topic(c2, x.t), SB_E_STATE);
+    /* another cache fed by a topic c1 shares: refused, and its caching topic is not
+     * left claimed by c2 (c1 may share it once x is given up) */
+    sb_cache *cache2 = sb_cache_create(cache_id);
+    sb_caching_topic *ct2 = sb_caching_topic_create(x.t, cache2);
+    CHECK_EQ_INT(sb_cluster_share_cache(c2, ct2), SB_E_STATE);
+    /* c1 leaves: everything it held is free */
+    c1 = sb_cluster_leave(c1);
+    CHECK(c1 == NULL);
+    CHECK_EQ_INT(sb_cluster_share_cache(c2, x.ct), SB_OK);
+    CHECK_EQ_INT(sb_cluster_unshare_topic(c2, x.t), SB_OK);
+    CHECK_EQ_INT(sb_cluster_share_cache(c2, ct2), SB_OK);
+    c2 = sb_cluster_leave(c2);
+    CHECK(c2 == NULL);
+    ct2 = sb_caching_unsubscribe_and_join(ct2);
+    sb_cache_unref(cache2);
+    cached_topic_free(&x);
+    sb_topic_unref(t);
+    nh_server_free(&s);
+}
+
 static void on_msg(void *data, sb_subscription *sub, sb_message *msg)
 {
     (void)data;
@@ -502,6 +559,7 @@ int main(void)
         test_credentials();
         test_tls();
         test_leave_and_join_again();
+        test_two_clusters_one_topic();
         test_names_too_long();
         test_no_jetstream();
         test_permissions();

@@ -821,6 +821,8 @@ struct sb_cluster *sb_cluster_leave(struct sb_cluster *c);
  * server's words when it refused one, e.g. a permission the account lacks: the topic
  * stays shared as far as the server allows). SB_E_INVAL when the topic's name
  * is too long for a subject (over 1024 bytes once escaped, see README: Wire format).
+ * SB_E_STATE when another cluster handle of this process (another prefix) shares or
+ * exports the topic: one topic goes through one cluster at a time.
  * Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
  * `topic` while it is shared.
  */
@@ -859,7 +861,8 @@ int sb_cluster_publish_to(struct sb_cluster *c,
 /**
  * Also publishes local messages of `topic` whose type has to_json as JSON, for programs
  * outside the bus, on subject "<prefix>.json.<topic>.<type>" (README: Wire format).
- * SB_E_INVAL when the topic's name is too long for a subject (as sb_cluster_share_topic).
+ * SB_E_INVAL when the topic's name is too long for a subject (as sb_cluster_share_topic);
+ * SB_E_STATE when another cluster handle of this process shares or exports it.
  * Ownership: `c` and `topic` are borrowed; the cluster keeps its own reference to
  * `topic` until it leaves.
  */
@@ -874,7 +877,8 @@ int sb_cluster_export_json(struct sb_cluster *c, struct sb_topic *topic);
  * server refused the store's subjects (a permission the account lacks, README:
  * Permissions). Sharing goes on in the background either way (a read or write the store
  * stops answering in the middle of is tried again). SB_E_INVAL when the original topic's
- * name is too long for a subject (as sb_cluster_share_topic).
+ * name is too long for a subject (as sb_cluster_share_topic); SB_E_STATE when another
+ * cluster handle of this process shares the original topic or the caching topic.
  * Ownership: `c` and `ct` are borrowed; the cluster keeps its own reference to `ct`
  * (and so to its cache and original topic) until it leaves.
  */

@@ -11,6 +11,11 @@
 //! Topics without a tap pay one relaxed load of a flag they already share a cache line
 //! with; the taps themselves live in a global copy-on-write map keyed by topic number.
 //!
+//! A layer with several instances (two clusters joined at once) claims a topic before it
+//! taps it (`claim`), so that one instance never replaces another's tap: the first would
+//! go on listing the topic as its own while the second took its publishes. A claim made
+//! before a fork is void in the child (the instance that made it has no threads there).
+//!
 //! The interest epoch counts changes to who wants what (subscribe, unsubscribe, filter
 //! changes, forwards): a layer that mirrors `Topic::wants` elsewhere polls it to know
 //! when to look again.
@@ -33,13 +38,56 @@ pub trait Tap: Send + Sync {
 
 type TapMap = HashMap<u64, Arc<dyn Tap>>;
 static TAPS: LazyLock<ArcSwap<TapMap>> = LazyLock::new(Default::default);
-/// Serializes writers of `TAPS` (readers never lock).
-static TAPS_WRITE: Mutex<()> = Mutex::new(());
+/// Serializes writers of `TAPS` (readers never lock), and holds the claims: topic number
+/// -> (owner, fork generation of the claim).
+static TAPS_WRITE: Mutex<Option<HashMap<u64, (usize, u64)>>> = Mutex::new(None);
+
+/// What `claim` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The topic was free: it is the owner's now.
+    New,
+    /// The owner held it already.
+    Held,
+    /// Another owner holds it: the owner must not tap it.
+    Taken,
+}
+
+/// Claims `topic` for `owner` (any number unique among live owners, e.g. an address).
+pub fn claim(topic: &Topic, owner: usize) -> Claim {
+    let mut w = TAPS_WRITE.lock();
+    let claims = w.get_or_insert_with(HashMap::new);
+    let generation = crate::fork::generation();
+    match claims.get(&topic.number()) {
+        Some(&(o, g)) if g == generation && o == owner => Claim::Held,
+        Some(&(_, g)) if g == generation => Claim::Taken,
+        _ => {
+            claims.insert(topic.number(), (owner, generation));
+            Claim::New
+        }
+    }
+}
+
+/// Gives up `owner`'s claim of `topic` and removes its tap; nothing when another owner
+/// holds it.
+pub fn unclaim(topic: &Topic, owner: usize) {
+    let mut w = TAPS_WRITE.lock();
+    let claims = w.get_or_insert_with(HashMap::new);
+    if claims.get(&topic.number()).map(|&(o, _)| o) != Some(owner) {
+        return;
+    }
+    claims.remove(&topic.number());
+    let mut map = TapMap::clone(&TAPS.load());
+    map.remove(&topic.number());
+    topic.set_has_tap(false);
+    TAPS.store(Arc::new(map));
+}
 
 static INTEREST_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// Installs `tap` on `topic` (replacing any), or removes it with None. A publish that
-/// starts after this returns sees the change.
+/// starts after this returns sees the change. For the holder of the topic's claim, if
+/// someone claimed it.
 pub fn set_tap(topic: &Topic, tap: Option<Arc<dyn Tap>>) {
     let _w = TAPS_WRITE.lock();
     let mut map = TapMap::clone(&TAPS.load());
@@ -70,4 +118,23 @@ pub fn interest_epoch() -> u64 {
 /// Someone's interest changed.
 pub(crate) fn interest_changed() {
     INTEREST_EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{claim, unclaim, Claim};
+    use crate::topic::Topic;
+
+    #[test]
+    fn a_claimed_topic_is_refused_to_other_owners_until_given_up() {
+        let t = Topic::create("tap-claims").unwrap();
+        assert_eq!(claim(&t, 1), Claim::New);
+        assert_eq!(claim(&t, 1), Claim::Held);
+        assert_eq!(claim(&t, 2), Claim::Taken);
+        unclaim(&t, 2); // not its own: nothing
+        assert_eq!(claim(&t, 2), Claim::Taken);
+        unclaim(&t, 1);
+        assert_eq!(claim(&t, 2), Claim::New);
+        unclaim(&t, 2);
+    }
 }

@@ -79,18 +79,19 @@ impl InboundTx {
     pub fn send_blocking(&self, item: Inbound) {
         let _ = self.0.blocking_send(item);
     }
-    pub fn stop(&self) {
+    /// `owner`: the cluster's (`Inner::owner`), to tell its own delivery thread.
+    pub fn stop(&self, owner: usize) {
         // try_send: never block a leave on a full queue; a closed queue stops anyway.
         let _ = self.0.try_send(Inbound::Stop).or_else(|_| {
-            if is_delivery_thread() {
+            if is_delivery_thread_of(owner) {
                 Ok(())
             } else {
                 self.0.blocking_send(Inbound::Stop)
             }
         });
     }
-    pub fn clear_remote(&self, topics: Vec<SharedTopic>) {
-        if is_delivery_thread() {
+    pub fn clear_remote(&self, topics: Vec<SharedTopic>, owner: usize) {
+        if is_delivery_thread_of(owner) {
             // Called from a callback running on this very thread: do it now.
             clear_remote(&topics);
         } else {
@@ -100,18 +101,22 @@ impl InboundTx {
 }
 
 thread_local! {
-    static ON_DELIVERY_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// On a delivery thread, its cluster's `Inner::owner` (0 elsewhere): a thread never
+    /// waits for its own queue, while another cluster's delivery thread may.
+    static DELIVERY_OF: Cell<usize> = const { Cell::new(0) };
 }
 
-pub(crate) fn is_delivery_thread() -> bool {
-    ON_DELIVERY_THREAD.with(Cell::get)
+/// Whether the calling thread is the delivery thread of the cluster `owner`, which runs
+/// the synchronous callbacks of what arrives: it cannot wait for work of its own queue.
+pub(crate) fn is_delivery_thread_of(owner: usize) -> bool {
+    DELIVERY_OF.with(Cell::get) == owner
 }
 
 pub(crate) fn start(inner: Arc<Inner>, rx: InboundRx) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("sb-cluster-in".into())
         .spawn(move || {
-            ON_DELIVERY_THREAD.with(|c| c.set(true));
+            DELIVERY_OF.with(|c| c.set(inner.owner()));
             Delivery::new(inner).run(rx)
         })
         .map_err(|e| Error::new(ErrorKind::NoMemory, format!("cannot start a thread: {e}")))

@@ -191,6 +191,24 @@ pub(crate) struct SharedTopic {
     pub caching: Option<Arc<CachingTopic>>,
 }
 
+impl SharedTopic {
+    /// Removes the taps of this entry's topics and gives back their claims.
+    fn untap(&self, inner: &Arc<Inner>) {
+        tap::unclaim(&self.topic, inner.owner());
+        if let Some(ct) = &self.caching {
+            tap::unclaim(ct.topic(), inner.owner());
+        }
+    }
+}
+
+/// The error of a topic shared or exported by another cluster handle of this process.
+fn taken_by_another(topic: &Topic) -> Error {
+    Error::state(format!(
+        "topic '{}' is shared or exported through another cluster handle of this process",
+        topic.name()
+    ))
+}
+
 pub(crate) struct Inner {
     pub cfg: Config,
     pub me: Eid,
@@ -240,6 +258,12 @@ impl Inner {
 
     pub(crate) fn queued(&self) -> usize {
         self.out.len()
+    }
+
+    /// This cluster's name for its claims of topics (`tap::claim`): unique among live
+    /// clusters.
+    pub(crate) fn owner(self: &Arc<Inner>) -> usize {
+        Arc::as_ptr(self) as usize
     }
 
     fn in_this_process(&self) -> bool {
@@ -401,7 +425,7 @@ impl Cluster {
         let io_thread = match io_thread {
             Ok(t) => t,
             Err(e) => {
-                in_tx.stop();
+                in_tx.stop(inner.owner());
                 let _ = in_thread.join();
                 return Err(e);
             }
@@ -419,7 +443,7 @@ impl Cluster {
             let _ = inner.cmd.send(io::Cmd::Stop);
             // Stop notices only between steps of the loop; the abort, anywhere.
             abort.notify_one();
-            in_tx.stop();
+            in_tx.stop(inner.owner());
             let _ = io_thread.join();
             let _ = in_thread.join();
             return Err(e);
@@ -483,10 +507,7 @@ impl Cluster {
         let Some(st) = topics.get(name) else { return };
         if !st.shared && !st.export_json {
             let st = topics.remove(name).expect("present");
-            tap::set_tap(&st.topic, None);
-            if let Some(ct) = &st.caching {
-                tap::set_tap(ct.topic(), None);
-            }
+            st.untap(inner);
             return;
         }
         tap::set_tap(
@@ -501,20 +522,29 @@ impl Cluster {
         );
     }
 
+    /// `topic`'s entry, made (and the topic claimed from other clusters of this
+    /// process) when it has none.
     fn entry<'a>(
+        inner: &Arc<Inner>,
         topics: &'a mut HashMap<String, SharedTopic>,
         topic: &Arc<Topic>,
     ) -> Result<&'a mut SharedTopic> {
         check_subject_name("topic", topic.name())?;
-        let st = topics
-            .entry(topic.name().to_owned())
-            .or_insert_with(|| SharedTopic {
-                topic: Arc::clone(topic),
-                token: wire::escaped(topic.name()).into(),
-                shared: false,
-                export_json: false,
-                caching: None,
-            });
+        let st = match topics.entry(topic.name().to_owned()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                if tap::claim(topic, inner.owner()) == tap::Claim::Taken {
+                    return Err(taken_by_another(topic));
+                }
+                v.insert(SharedTopic {
+                    topic: Arc::clone(topic),
+                    token: wire::escaped(topic.name()).into(),
+                    shared: false,
+                    export_json: false,
+                    caching: None,
+                })
+            }
+        };
         if !Arc::ptr_eq(&st.topic, topic) {
             return Err(Error::invalid(format!(
                 "another topic named '{}' is already shared",
@@ -548,7 +578,7 @@ impl Cluster {
     pub fn share_topic(&self, topic: &Arc<Topic>) -> Result<()> {
         let (inner, token) = {
             let (inner, mut topics) = self.topics_write()?;
-            let st = Cluster::entry(&mut topics, topic)?;
+            let st = Cluster::entry(inner, &mut topics, topic)?;
             st.shared = true;
             let token = Arc::clone(&st.token);
             Cluster::retap(inner, &mut topics, topic.name());
@@ -564,7 +594,7 @@ impl Cluster {
                 Some(st) if st.shared && Arc::ptr_eq(&st.topic, topic) => {
                     st.shared = false;
                     if let Some(ct) = st.caching.take() {
-                        tap::set_tap(ct.topic(), None);
+                        tap::unclaim(ct.topic(), inner.owner());
                     }
                 }
                 _ => {
@@ -583,7 +613,7 @@ impl Cluster {
 
     pub fn export_json(&self, topic: &Arc<Topic>) -> Result<()> {
         let (inner, mut topics) = self.topics_write()?;
-        Cluster::entry(&mut topics, topic)?.export_json = true;
+        Cluster::entry(inner, &mut topics, topic)?.export_json = true;
         Cluster::retap(inner, &mut topics, topic.name());
         Ok(())
     }
@@ -592,13 +622,25 @@ impl Cluster {
         let original = Arc::clone(ct.subscription().topic());
         let (inner, token) = {
             let (inner, mut topics) = self.topics_write()?;
-            let st = Cluster::entry(&mut topics, &original)?;
+            // The caching topic is tapped too: claimed first, and given back when the
+            // share goes no further (unless it was ours already).
+            let claim = tap::claim(ct.topic(), inner.owner());
+            if claim == tap::Claim::Taken {
+                return Err(taken_by_another(ct.topic()));
+            }
+            let give_back = |e: Error| {
+                if claim == tap::Claim::New {
+                    tap::unclaim(ct.topic(), inner.owner());
+                }
+                e
+            };
+            let st = Cluster::entry(inner, &mut topics, &original).map_err(give_back)?;
             if let Some(existing) = &st.caching {
                 if !Arc::ptr_eq(existing, ct) {
-                    return Err(Error::invalid(format!(
+                    return Err(give_back(Error::invalid(format!(
                         "topic '{}' is already shared with another cache",
                         original.name()
-                    )));
+                    ))));
                 }
             }
             st.shared = true;
@@ -633,6 +675,14 @@ impl Cluster {
             return Err(Error::state("the cluster's io thread has stopped"));
         }
         interest?;
+        if inbound::is_delivery_thread_of(inner.owner()) {
+            // The load ends on this very thread: waiting for it here would only hold
+            // every arrival of the cluster for connect_timeout_ms, and then time out.
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "called on the cluster's delivery thread (a callback of what arrives): the other nodes' snapshots load once the callback returns (sharing goes on in the background)",
+            ));
+        }
         // The io side answers with its error once connect_timeout_ms has passed: wait a
         // little longer, so that a store that refuses at once (JetStream not enabled)
         // gives its reason rather than a timeout.
@@ -714,10 +764,7 @@ impl Cluster {
             map.drain().map(|(_, v)| v).collect()
         };
         for st in &topics {
-            tap::set_tap(&st.topic, None);
-            if let Some(ct) = &st.caching {
-                tap::set_tap(ct.topic(), None);
-            }
+            st.untap(inner);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let stuck = inner.cmd.send(io::Cmd::Leave(tx)).is_ok()
@@ -735,9 +782,10 @@ impl Cluster {
             self.abort.notify_one();
         }
         // Remote entries go from the caches this node shared.
-        self.in_tx.clear_remote(topics);
-        self.in_tx.stop();
-        let on_in_thread = inbound::is_delivery_thread();
+        let owner = inner.owner();
+        self.in_tx.clear_remote(topics, owner);
+        self.in_tx.stop(owner);
+        let on_in_thread = inbound::is_delivery_thread_of(owner);
         if let Some(t) = self.io_thread.lock().take() {
             let _ = t.join();
         }
