@@ -731,6 +731,7 @@ static int cn_command(char *line)
         t->share_on_clear = u->topic;
         t->share_cache_on_clear = v;
         atomic_store(&cn.cb_share_cache_rc, 1);
+        atomic_store(&cn.cb_share_cache_says, 0);
         atomic_store(&cn.cb_share_rc, 1);
         t->clear_sub = sb_subscribe_synchronous(sb_caching_get_topic(t->ct), cn_on_update_share, t);
         if (t->clear_sub == NULL)

@@ -314,13 +314,26 @@ static void test_two_clusters_one_topic(void)
     /* a shared cache: its topic and its caching topic are both claimed */
     cached_topic x = cached_topic_new("twice_cached");
     CHECK_EQ_INT(sb_cluster_share_cache(c1, x.ct), SB_OK);
+    CHECK_EQ_INT(sb_cluster_share_cache(c1, x.ct), SB_OK); /* twice: harmless */
     CHECK_EQ_INT(sb_cluster_share_cache(c2, x.ct), SB_E_STATE);
     CHECK_EQ_INT(sb_cluster_share_topic(c2, x.t), SB_E_STATE);
+    /* one topic has one tap: c1 cannot also share its caching topic as a topic */
+    CHECK_EQ_INT(sb_cluster_share_topic(c1, sb_caching_get_topic(x.ct)), SB_E_STATE);
+    CHECK_EQ_INT(sb_cluster_export_json(c1, sb_caching_get_topic(x.ct)), SB_E_STATE);
     /* another cache fed by a topic c1 shares: refused, and its caching topic is not
-     * left claimed by c2 (c1 may share it once x is given up) */
+     * left claimed by c2 (c1 may take it) */
     sb_cache *cache2 = sb_cache_create(cache_id);
     sb_caching_topic *ct2 = sb_caching_topic_create(x.t, cache2);
     CHECK_EQ_INT(sb_cluster_share_cache(c2, ct2), SB_E_STATE);
+    CHECK_EQ_INT(sb_cluster_share_topic(c1, sb_caching_get_topic(ct2)), SB_OK);
+    CHECK_EQ_INT(sb_cluster_unshare_topic(c1, sb_caching_get_topic(ct2)), SB_OK);
+    /* a cache whose caching topic c1 shares as a topic: not shared through it */
+    cached_topic y = cached_topic_new("twice_cached_y");
+    CHECK_EQ_INT(sb_cluster_share_topic(c1, sb_caching_get_topic(y.ct)), SB_OK);
+    CHECK_EQ_INT(sb_cluster_share_cache(c1, y.ct), SB_E_STATE);
+    CHECK_EQ_INT(sb_cluster_unshare_topic(c1, sb_caching_get_topic(y.ct)), SB_OK);
+    CHECK_EQ_INT(sb_cluster_unshare_topic(c1, y.t), SB_E_STATE); /* never shared */
+    cached_topic_free(&y);
     /* c1 leaves: everything it held is free */
     c1 = sb_cluster_leave(c1);
     CHECK(c1 == NULL);

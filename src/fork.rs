@@ -3,7 +3,7 @@
 //!
 //! Only the forking thread survives in a child, so:
 //! - the global locks are taken before the fork and released on both sides, so no child
-//!   inherits one in a held state (log queue, registries, forward graph, pool);
+//!   inherits one in a held state (log queue, registries, forward graph, pool, taps);
 //! - the log thread is started again by the child's first log line;
 //! - every worker group's pool forgets its workers and starts new ones on demand;
 //! - the timer thread is started again by the child's first timer; the parent's pending
@@ -44,6 +44,7 @@ extern "C" fn prepare() {
     crate::log::fork_lock_handlers();
     crate::stats::fork_lock();
     crate::log::fork_lock_queue();
+    crate::tap::fork_lock();
     crate::message_type::fork_lock();
     crate::topic::fork_lock();
     crate::forward::fork_lock();
@@ -60,6 +61,7 @@ extern "C" fn parent() {
         crate::topic::fork_unlock();
         crate::message_type::fork_unlock();
     }
+    crate::tap::fork_unlock();
     crate::log::fork_unlock();
     crate::stats::fork_unlock();
 }
@@ -76,6 +78,7 @@ extern "C" fn child() {
         crate::topic::fork_unlock();
         crate::message_type::fork_unlock();
     }
+    crate::tap::fork_unlock();
     crate::log::fork_reset_and_unlock();
     crate::stats::fork_unlock();
 }

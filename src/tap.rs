@@ -38,9 +38,28 @@ pub trait Tap: Send + Sync {
 
 type TapMap = HashMap<u64, Arc<dyn Tap>>;
 static TAPS: LazyLock<ArcSwap<TapMap>> = LazyLock::new(Default::default);
-/// Serializes writers of `TAPS` (readers never lock), and holds the claims: topic number
-/// -> (owner, fork generation of the claim).
-static TAPS_WRITE: Mutex<Option<HashMap<u64, (usize, u64)>>> = Mutex::new(None);
+/// Claims: topic number -> (owner, fork generation of the claim).
+type Claims = HashMap<u64, (usize, u64)>;
+/// Serializes writers of `TAPS` (readers never lock), and holds the claims.
+static TAPS_WRITE: Mutex<Option<Claims>> = Mutex::new(None);
+
+thread_local! {
+    /// The tap writers' lock, held across a fork by the thread that forks.
+    static FORK_GUARD: std::cell::RefCell<Option<parking_lot::MutexGuard<'static, Option<Claims>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before a fork: a child must not inherit the lock held by a thread it does not have
+/// (its first share would wait forever).
+pub(crate) fn fork_lock() {
+    let guard = TAPS_WRITE.lock();
+    let _ = FORK_GUARD.try_with(|g| *g.borrow_mut() = Some(guard));
+}
+
+/// After a fork, in the parent or the child (the thread that forked).
+pub(crate) fn fork_unlock() {
+    let _ = FORK_GUARD.try_with(|g| drop(g.borrow_mut().take()));
+}
 
 /// What `claim` found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +105,8 @@ pub fn unclaim(topic: &Topic, owner: usize) {
 static INTEREST_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// Installs `tap` on `topic` (replacing any), or removes it with None. A publish that
-/// starts after this returns sees the change. For the holder of the topic's claim, if
-/// someone claimed it.
+/// starts after this returns sees the change. A layer that claims topics (`claim`) calls
+/// it only for topics it holds.
 pub fn set_tap(topic: &Topic, tap: Option<Arc<dyn Tap>>) {
     let _w = TAPS_WRITE.lock();
     let mut map = TapMap::clone(&TAPS.load());

@@ -44,8 +44,9 @@ pub(crate) enum Inbound {
         entries: Vec<StoredEntry>,
         done: Option<std::sync::mpsc::Sender<Result<()>>>,
     },
-    /// Leaving: clear every remote entry of these topics' caches.
-    ClearRemote(Vec<SharedTopic>),
+    /// Leaving: clear every remote entry of these topics' caches, then give back the
+    /// claims of the cluster (its `Inner::owner`) on them.
+    ClearRemote(Vec<SharedTopic>, usize),
     Stop,
 }
 
@@ -75,27 +76,29 @@ impl InboundTx {
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(true),
         }
     }
-    /// From a plain thread (never the io thread).
-    pub fn send_blocking(&self, item: Inbound) {
-        let _ = self.0.blocking_send(item);
-    }
-    /// `owner`: the cluster's (`Inner::owner`), to tell its own delivery thread.
-    pub fn stop(&self, owner: usize) {
+    pub fn stop(&self) {
         // try_send: never block a leave on a full queue; a closed queue stops anyway.
         let _ = self.0.try_send(Inbound::Stop).or_else(|_| {
-            if is_delivery_thread_of(owner) {
+            if is_delivery_thread() {
                 Ok(())
             } else {
                 self.0.blocking_send(Inbound::Stop)
             }
         });
     }
+    /// The leave's last word: clears the remote entries of `topics`' caches, then gives
+    /// back their claims (`owner`'s; only then may another cluster take them, or these
+    /// clears would wipe its entries).
     pub fn clear_remote(&self, topics: Vec<SharedTopic>, owner: usize) {
-        if is_delivery_thread_of(owner) {
-            // Called from a callback running on this very thread: do it now.
-            clear_remote(&topics);
-        } else {
-            self.send_blocking(Inbound::ClearRemote(topics));
+        if is_delivery_thread() {
+            // Called from a callback running on a delivery thread (this one's, or
+            // another cluster's that may be waiting for us): do it now.
+            clear_remote_and_unclaim(&topics, owner);
+        } else if let Err(e) = self.0.blocking_send(Inbound::ClearRemote(topics, owner)) {
+            // The delivery thread is gone: no clears, but the claims must go.
+            if let Inbound::ClearRemote(topics, owner) = e.0 {
+                unclaim(&topics, owner);
+            }
         }
     }
 }
@@ -110,6 +113,12 @@ thread_local! {
 /// the synchronous callbacks of what arrives: it cannot wait for work of its own queue.
 pub(crate) fn is_delivery_thread_of(owner: usize) -> bool {
     DELIVERY_OF.with(Cell::get) == owner
+}
+
+/// Whether the calling thread is any cluster's delivery thread: it does not wait for
+/// another one (which may be waiting for it, each in a callback leaving the other).
+pub(crate) fn is_delivery_thread() -> bool {
+    DELIVERY_OF.with(Cell::get) != 0
 }
 
 pub(crate) fn start(inner: Arc<Inner>, rx: InboundRx) -> Result<JoinHandle<()>> {
@@ -229,7 +238,7 @@ impl Delivery {
                         let _ = done.send(Ok(()));
                     }
                 }
-                Inbound::ClearRemote(topics) => clear_remote(&topics),
+                Inbound::ClearRemote(topics, owner) => clear_remote_and_unclaim(&topics, owner),
                 Inbound::Stop => break,
             }
         }
@@ -484,12 +493,19 @@ fn clear_eid(topic: &Topic, ct: &CachingTopic, matches: impl Fn(&Eid) -> bool) {
     }
 }
 
-fn clear_remote(topics: &[SharedTopic]) {
+fn clear_remote_and_unclaim(topics: &[SharedTopic], owner: usize) {
     let me = Eid::default_eid();
     for st in topics {
         if let Some(ct) = &st.caching {
             clear_eid(&st.topic, ct, |eid| *eid != me);
         }
+    }
+    unclaim(topics, owner);
+}
+
+fn unclaim(topics: &[SharedTopic], owner: usize) {
+    for st in topics {
+        st.unclaim(owner);
     }
 }
 

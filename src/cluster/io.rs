@@ -1935,19 +1935,24 @@ async fn load_cache(s: &Arc<Shared>, topic: &str) -> Result<(Vec<StoredEntry>, H
             .map(|n| (n.eid, n.asserted_ns))
             .collect()
     };
-    for ev in events {
-        match ev {
-            Event::StateChanged { eid, .. } => {
-                let node = s.inner.nodes.lock().get(&eid).cloned();
-                if let Some(node) = node {
-                    s.in_tx.send(Inbound::Node(Box::new(node))).await;
+    // A task of its own: this load may be cut short at any await (a refusal), and the
+    // table already holds these nodes (their records will not tell of them again).
+    let s2 = Arc::clone(s);
+    tokio::spawn(async move {
+        for ev in events {
+            match ev {
+                Event::StateChanged { eid, .. } => {
+                    let node = s2.inner.nodes.lock().get(&eid).cloned();
+                    if let Some(node) = node {
+                        s2.in_tx.send(Inbound::Node(Box::new(node))).await;
+                    }
                 }
+                // A node first known from its record: its snapshots of the caches shared
+                // before this one are read too.
+                Event::Reread { eid, .. } => request_reread(&s2, Some(eid)),
             }
-            // A node first known from its record: its snapshots of the caches shared
-            // before this one are read too.
-            Event::Reread { eid, .. } => request_reread(s, Some(eid)),
         }
-    }
+    });
     let token = wire::escaped(topic);
     let entries = parse_entries(read_keys(s, &format!("*.c.{token}.>")).await?, s);
     Ok((entries, asserted))

@@ -192,11 +192,19 @@ pub(crate) struct SharedTopic {
 }
 
 impl SharedTopic {
-    /// Removes the taps of this entry's topics and gives back their claims.
-    fn untap(&self, inner: &Arc<Inner>) {
-        tap::unclaim(&self.topic, inner.owner());
+    /// Removes the taps of this entry's topics and gives back `owner`'s claims on them.
+    pub(crate) fn unclaim(&self, owner: usize) {
+        tap::unclaim(&self.topic, owner);
         if let Some(ct) = &self.caching {
-            tap::unclaim(ct.topic(), inner.owner());
+            tap::unclaim(ct.topic(), owner);
+        }
+    }
+
+    /// Removes the taps of this entry's topics, keeping the claims.
+    fn remove_taps(&self) {
+        tap::set_tap(&self.topic, None);
+        if let Some(ct) = &self.caching {
+            tap::set_tap(ct.topic(), None);
         }
     }
 }
@@ -425,7 +433,7 @@ impl Cluster {
         let io_thread = match io_thread {
             Ok(t) => t,
             Err(e) => {
-                in_tx.stop(inner.owner());
+                in_tx.stop();
                 let _ = in_thread.join();
                 return Err(e);
             }
@@ -443,7 +451,7 @@ impl Cluster {
             let _ = inner.cmd.send(io::Cmd::Stop);
             // Stop notices only between steps of the loop; the abort, anywhere.
             abort.notify_one();
-            in_tx.stop(inner.owner());
+            in_tx.stop();
             let _ = io_thread.join();
             let _ = in_thread.join();
             return Err(e);
@@ -507,7 +515,7 @@ impl Cluster {
         let Some(st) = topics.get(name) else { return };
         if !st.shared && !st.export_json {
             let st = topics.remove(name).expect("present");
-            st.untap(inner);
+            st.unclaim(inner.owner());
             return;
         }
         tap::set_tap(
@@ -533,8 +541,17 @@ impl Cluster {
         let st = match topics.entry(topic.name().to_owned()) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                if tap::claim(topic, inner.owner()) == tap::Claim::Taken {
-                    return Err(taken_by_another(topic));
+                match tap::claim(topic, inner.owner()) {
+                    tap::Claim::New => {}
+                    tap::Claim::Taken => return Err(taken_by_another(topic)),
+                    // Ours without an entry: the caching topic of a cache we share (one
+                    // topic has one tap).
+                    tap::Claim::Held => {
+                        return Err(Error::state(format!(
+                            "topic '{}' is the caching topic of a cache this cluster shares",
+                            topic.name()
+                        )))
+                    }
                 }
                 v.insert(SharedTopic {
                     topic: Arc::clone(topic),
@@ -627,6 +644,19 @@ impl Cluster {
             let claim = tap::claim(ct.topic(), inner.owner());
             if claim == tap::Claim::Taken {
                 return Err(taken_by_another(ct.topic()));
+            }
+            // Ours already: as this very cache's (a second share), or as a topic this
+            // cluster shares or exports (one topic has one tap).
+            if claim == tap::Claim::Held
+                && !topics
+                    .get(original.name())
+                    .and_then(|st| st.caching.as_ref())
+                    .is_some_and(|c| Arc::ptr_eq(c, ct))
+            {
+                return Err(Error::state(format!(
+                    "the caching topic '{}' is shared or exported through this cluster",
+                    ct.topic().name()
+                )));
             }
             let give_back = |e: Error| {
                 if claim == tap::Claim::New {
@@ -763,8 +793,10 @@ impl Cluster {
             }
             map.drain().map(|(_, v)| v).collect()
         };
+        // The claims stay until the remote entries are cleared (`clear_remote`): a
+        // cluster that took a topic before would have its entries cleared with ours.
         for st in &topics {
-            st.untap(inner);
+            st.remove_taps();
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let stuck = inner.cmd.send(io::Cmd::Leave(tx)).is_ok()
@@ -782,10 +814,11 @@ impl Cluster {
             self.abort.notify_one();
         }
         // Remote entries go from the caches this node shared.
-        let owner = inner.owner();
-        self.in_tx.clear_remote(topics, owner);
-        self.in_tx.stop(owner);
-        let on_in_thread = inbound::is_delivery_thread_of(owner);
+        self.in_tx.clear_remote(topics, inner.owner());
+        self.in_tx.stop();
+        // On a delivery thread (ours, or another cluster's whose callback another leave
+        // may wait for) the thread is not waited for: it ends on its own at the stop.
+        let on_in_thread = inbound::is_delivery_thread();
         if let Some(t) = self.io_thread.lock().take() {
             let _ = t.join();
         }
