@@ -829,7 +829,11 @@ struct sb_cluster *sb_cluster_leave(struct sb_cluster *c);
 int sb_cluster_share_topic(struct sb_cluster *c, struct sb_topic *topic);
 
 /**
- * Stops sharing `topic` (SB_E_STATE when it is not shared).
+ * Stops sharing `topic` (SB_E_STATE when it is not shared through `c`). Of a topic
+ * shared with its cache (sb_cluster_share_cache), the cache's changes are no longer
+ * stored nor sent, and nothing is undone: this node's stored snapshots and the other
+ * nodes' copies of them stay until it leaves or goes down, and the other nodes' entries
+ * stay in the local cache, no longer updated, until it leaves.
  * Ownership: `c` and `topic` are borrowed; the cluster drops its reference to `topic`.
  */
 int sb_cluster_unshare_topic(struct sb_cluster *c, struct sb_topic *topic);

@@ -422,6 +422,19 @@ impl Delivery {
         asserted: &HashMap<Eid, u64>,
         entries: &[StoredEntry],
     ) {
+        // Only nodes up now. A node taken for down (or gone) while the read was under way
+        // had its entries cleared here already (`on_node`, queued before this) and its
+        // keys are being removed from the store: applying the read would bring its
+        // entries back, and nothing would clear them again. Back up later, it is re-read.
+        let asserted: HashMap<Eid, u64> = {
+            let nodes = self.inner.nodes.lock();
+            asserted
+                .iter()
+                .filter(|(eid, _)| nodes.is_up(eid))
+                .map(|(eid, ns)| (*eid, *ns))
+                .collect()
+        };
+        let asserted = &asserted;
         let shared: Vec<(String, Arc<crate::topic::Topic>, Arc<crate::cache::Cache>)> = {
             let topics = self.inner.topics.read();
             topics

@@ -431,7 +431,11 @@ pub extern "C" fn sb_cluster_share_topic(c: *mut sb_cluster, topic: *mut sb_topi
     boundary(|| to_code(imp::share_topic(c, topic, true)))
 }
 
-/// Stops sharing `topic` (SB_E_STATE when it is not shared).
+/// Stops sharing `topic` (SB_E_STATE when it is not shared through `c`). Of a topic
+/// shared with its cache (sb_cluster_share_cache), the cache's changes are no longer
+/// stored nor sent, and nothing is undone: this node's stored snapshots and the other
+/// nodes' copies of them stay until it leaves or goes down, and the other nodes' entries
+/// stay in the local cache, no longer updated, until it leaves.
 /// Ownership: `c` and `topic` are borrowed; the cluster drops its reference to `topic`.
 #[no_mangle]
 pub extern "C" fn sb_cluster_unshare_topic(c: *mut sb_cluster, topic: *mut sb_topic) -> c_int {
