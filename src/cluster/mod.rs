@@ -793,8 +793,9 @@ impl Cluster {
             }
             map.drain().map(|(_, v)| v).collect()
         };
-        // The claims stay until the remote entries are cleared (`clear_remote`): a
-        // cluster that took a topic before would have its entries cleared with ours.
+        // The claims stay until the remote entries are cleared (`clear_remote`): another
+        // cluster that took one of these caches before those clears ran would lose its
+        // entries to them.
         for st in &topics {
             st.remove_taps();
         }
