@@ -139,6 +139,20 @@ pub fn deliver(arrivals: &[Arrival<'_>]) -> Outcome {
     }
     if !stored.is_empty() {
         let asserted: HashMap<Eid, u64> = stored.iter().map(|e| (e.key.eid, u64::MAX)).collect();
+        // A re-read applies the nodes up when it ends: those whose records were read.
+        let now = std::time::Instant::now();
+        for eid in asserted.keys() {
+            let hb = wire::Heartbeat {
+                state: wire::NODE_UP,
+                eid: *eid,
+                session: 0,
+                heartbeat_ms: 1000,
+                asserted_ns: u64::MAX,
+                name: String::new(),
+                store: None,
+            };
+            inner.nodes.lock().on_heartbeat(&hb, now, 0);
+        }
         delivery.reconcile(None, &asserted, &stored);
     }
     let out = Outcome {
